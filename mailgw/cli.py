@@ -1,0 +1,312 @@
+"""The `mailgw` admin command (O-4): set up, migrate and manage accounts.
+
+Non-interactive: every value comes from arguments (or standard input for a
+password), so it can run from scripts and configuration management.  Each
+command is an `async` function over the same Stores the server uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TextIO
+
+from twisted.internet import defer, task
+
+from mailgw import credentials
+from mailgw.config import Config, ConfigError, load_config
+from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
+from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
+from mailgw.gateway import embedded_cluster, open_database
+from mailgw.store import Stores
+from mailgw.tlscert import ensure_self_signed
+
+DEMO_ACCOUNT = "demo"
+DEMO_USER = "demo.free"
+DEMO_DOMAIN = "example.com"
+DEMO_SENDER = "demo@example.com"
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailgw", description="mailgw administration")
+    parser.add_argument("-c", "--config", help="TOML configuration file (default: built-in "
+                        "defaults, embedded database under ./var)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", help="create the state dir, TLS certificate and "
+                               "database, apply migrations")
+    init.add_argument("--demo", action="store_true", help="also create a demo account and "
+                      "write its credentials to <state_dir>/demo.json")
+    commands.add_parser("migrate", help="apply pending schema migrations")
+
+    account = commands.add_parser("account", help="accounts").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    create = account.add_parser("create", help="create an account")
+    create.add_argument("name")
+    create.add_argument("--plan", default="default")
+    create.add_argument("--timezone", default="America/Bogota",
+                        help="time zone of the account's webhook timestamps (default GMT-5)")
+    account.add_parser("list", help="list accounts")
+
+    user = commands.add_parser("user", help="SMTP users").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    create = user.add_parser("create", help="create a user (prints a generated password "
+                             "unless --password-stdin)")
+    create.add_argument("account")
+    create.add_argument("username", help="e.g. user.plan (Teenvio style)")
+    create.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+
+    apikey = commands.add_parser("apikey", help="API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    create = apikey.add_parser("create", help="create an API key (shown once)")
+    create.add_argument("account")
+    create.add_argument("--name", default="")
+
+    domain = commands.add_parser("domain", help="sender domains").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    add = domain.add_parser("add", help="register a domain, generate its DKIM key and print "
+                            "the DNS records to publish")
+    add.add_argument("account")
+    add.add_argument("domain")
+    add.add_argument("--algorithm", choices=DKIM_ALGORITHMS, default="rsa")
+    add.add_argument("--selector", default="mailgw")
+    add.add_argument("--return-path-domain", help="bounce domain (default bounces.<domain>)")
+    add.add_argument("--verified", action="store_true", help="mark verified at once")
+    verify = domain.add_parser("verify", help="mark a domain verified")
+    verify.add_argument("account")
+    verify.add_argument("domain")
+
+    sender = commands.add_parser("sender", help="sender addresses").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    add = sender.add_parser("add", help="register a sender address")
+    add.add_argument("account")
+    add.add_argument("address")
+    add.add_argument("--verified", action="store_true", help="mark verified at once")
+    verify = sender.add_parser("verify", help="mark a sender address verified")
+    verify.add_argument("account")
+    verify.add_argument("address")
+    return parser
+
+
+@asynccontextmanager
+async def cli_stores(config: Config, reactor) -> AsyncIterator[Stores]:
+    """Stores over the configured database; starts the embedded one for a while if needed."""
+    cluster = None
+    if not config.database.dsn:
+        cluster = embedded_cluster(config)
+        cluster.initialize()
+        if cluster.running_pid() is None:
+            cluster.start()
+        else:
+            cluster.ensure_database()
+            cluster = None  # a running mailgw owns it: leave it running
+    try:
+        database = await open_database(config, reactor)
+        try:
+            yield Stores.on(database)
+        finally:
+            database.close()
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+async def run_command(args: argparse.Namespace, config: Config, reactor, out: TextIO,
+                      stdin: TextIO = sys.stdin) -> None:
+    """Carry out one parsed command, printing to `out`."""
+    if args.command == "init":
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        if not config.tls.certificate and ensure_self_signed(
+                config.certificate_path, config.private_key_path, config.hostname):
+            print(f"created a self-signed TLS certificate: {config.certificate_path}", file=out)
+    async with cli_stores(config, reactor) as stores:
+        if args.command == "init":
+            print("database ready, migrations applied", file=out)
+            if args.demo:
+                await _create_demo(stores, config, out)
+        elif args.command == "migrate":
+            print("migrations applied", file=out)
+        else:
+            await COMMANDS[args.command, args.action](stores, args, config, out, stdin)
+
+
+async def _account_create(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.create_account(args.name, args.plan, args.timezone)
+    print(f"account {account.name} created (id {account.id})", file=out)
+
+
+async def _account_list(stores, args, config, out, stdin) -> None:
+    for account in await stores.accounts.list_accounts():
+        state = "active" if account.active else "inactive"
+        print(f"{account.id}\t{account.name}\t{account.plan}\t{account.timezone}\t{state}",
+              file=out)
+
+
+async def _user_create(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    if args.password_stdin:
+        password = stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CommandError("no password on standard input")
+    else:
+        password = credentials.new_password()
+    await stores.accounts.create_user(account.id, args.username,
+                                      credentials.hash_password(password))
+    print(f"user {args.username} created for account {account.name}", file=out)
+    if not args.password_stdin:
+        print(f"password: {password}", file=out)
+
+
+async def _apikey_create(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    key = credentials.new_api_key()
+    await stores.accounts.create_api_key(account.id, args.name, credentials.hash_api_key(key),
+                                         key[:8])
+    print(f"API key for account {account.name} (shown only now, stored hashed):", file=out)
+    print(key, file=out)
+
+
+async def _domain_add(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    domain = args.domain.lower()
+    return_path = (args.return_path_domain or f"bounces.{domain}").lower()
+    key = generate_dkim_key(args.algorithm)
+    await stores.senders.add_domain(account.id, domain, args.selector, key.algorithm,
+                                    key.private_key_pem, key.public_key, return_path)
+    if args.verified:
+        await stores.senders.verify_domain(account.id, domain)
+    print(f"domain {domain} added to account {account.name}"
+          f"{' (verified)' if args.verified else ''}; publish these DNS records:", file=out)
+    for record in domain_dns_records(domain, args.selector, key.algorithm, key.public_key,
+                                     return_path, config.hostname):
+        print(record.zone_line(), file=out)
+
+
+async def _domain_verify(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    domain = await stores.senders.verify_domain(account.id, args.domain)
+    print(f"domain {domain.domain} verified", file=out)
+
+
+async def _sender_add(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    if not _looks_like_address(args.address):
+        raise CommandError(f"not an email address: {args.address}")
+    sender = await stores.senders.add_sender(account.id, args.address, args.verified)
+    print(f"sender {sender.address} added to account {account.name}"
+          f"{' (verified)' if args.verified else ''}", file=out)
+
+
+async def _sender_verify(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    sender = await stores.senders.verify_sender(account.id, args.address)
+    print(f"sender {sender.address} verified", file=out)
+
+
+COMMANDS = {
+    ("account", "create"): _account_create,
+    ("account", "list"): _account_list,
+    ("user", "create"): _user_create,
+    ("apikey", "create"): _apikey_create,
+    ("domain", "add"): _domain_add,
+    ("domain", "verify"): _domain_verify,
+    ("sender", "add"): _sender_add,
+    ("sender", "verify"): _sender_verify,
+}
+
+
+def _looks_like_address(address: str) -> bool:
+    return re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", address) is not None
+
+
+async def _create_demo(stores: Stores, config: Config, out: TextIO) -> None:
+    """A ready-to-use account for trying mailgw; its secrets go to demo.json once."""
+    demo_file = config.state_path / "demo.json"
+    if demo_file.exists():
+        print(f"demo account ready; its credentials are in {demo_file}", file=out)
+        return
+    try:
+        account = await stores.accounts.create_account(DEMO_ACCOUNT)
+    except AlreadyExists:
+        account = await stores.accounts.get_account(DEMO_ACCOUNT)
+    password = credentials.new_password()
+    await stores.accounts.set_password(account.id, DEMO_USER,
+                                       credentials.hash_password(password))
+    try:
+        key = generate_dkim_key("rsa")
+        await stores.senders.add_domain(account.id, DEMO_DOMAIN, "mailgw", key.algorithm,
+                                        key.private_key_pem, key.public_key,
+                                        f"bounces.{DEMO_DOMAIN}")
+    except AlreadyExists:
+        pass
+    await stores.senders.verify_domain(account.id, DEMO_DOMAIN)
+    try:
+        await stores.senders.add_sender(account.id, DEMO_SENDER, verified=True)
+    except AlreadyExists:
+        await stores.senders.verify_sender(account.id, DEMO_SENDER)
+    api_key = credentials.new_api_key()
+    await stores.accounts.create_api_key(account.id, "demo", credentials.hash_api_key(api_key),
+                                         api_key[:8])
+    demo = {"user": DEMO_USER, "password": password, "sender": DEMO_SENDER,
+            "api_key": api_key}
+    demo_file.write_text(json.dumps(demo, indent=2) + "\n")
+    demo_file.chmod(0o600)
+    smtp_port = _port_of(config.smtp.starttls_listeners[-1:], 58700)
+    http_port = _port_of([config.http.listener], 8080)
+    print(f"""
+demo account created; credentials saved in {demo_file} (shown only now):
+  SMTP user     {DEMO_USER}
+  SMTP password {password}
+  sender        {DEMO_SENDER}
+  API key       {api_key}
+
+send a test message over SMTP (STARTTLS, AUTH LOGIN):
+  swaks --server localhost:{smtp_port} --tls --auth LOGIN --auth-user {DEMO_USER} \\
+    --auth-password '{password}' --from {DEMO_SENDER} --to someone@example.net
+
+send one over HTTP (Aldeamo dialect):
+  curl -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\
+    -d '{{"from":{{"email":"{DEMO_SENDER}","name":"Demo"}},'\\
+'"to":[{{"email":"someone@example.net"}}],"subject":"Hello","body":"<p>Hello</p>"}}' \\
+    http://localhost:{http_port}/v1/email
+""", file=out)
+
+
+def _port_of(descriptions: list[str], default: int) -> int:
+    for description in descriptions:
+        match = re.match(r"^(?:tcp|ssl)?:?(\d+)", description)
+        if match:
+            return int(match[1])
+    return default
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        sys.exit(f"mailgw: {e}")
+
+    async def run(reactor) -> None:
+        try:
+            await run_command(args, config, reactor, sys.stdout)
+        except (CommandError, StartupError, AlreadyExists, NotFound, DatabaseUnavailable) as e:
+            print(f"mailgw: {_describe(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, DatabaseUnavailable):
+        return f"the database is unavailable ({error})"
+    return str(error)

@@ -1,0 +1,229 @@
+"""TOML configuration read into typed, validated sections.
+
+Every key has a default, so an empty file (or no file) is a working
+configuration.  Unknown keys and values of the wrong type stop start-up with
+a `ConfigError` that names the key, because a typo in a mail server's config
+should never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    # Plain listeners that offer STARTTLS (S-1): legacy 2500 and submission 58700.
+    starttls_listeners: list[str] = field(default_factory=lambda: ["tcp:2500", "tcp:58700"])
+    # Listeners that speak TLS from the first byte (S-1): 46500.
+    implicit_tls_listeners: list[str] = field(default_factory=lambda: ["tcp:46500"])
+    max_message_size: int = 512000
+    # Seconds an idle session may stay open before it is closed.
+    idle_timeout: int = 300
+    # Allow AUTH on a plain connection from anywhere (S-2); loopback always may.
+    allow_plaintext_auth: bool = False
+    # Networks that may relay without AUTH (like Postfix's mynetworks).
+    trusted_networks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    listener: str = "tcp:8080"
+    # Base of every tracking, unsubscribe and web-version link (T-).
+    public_base_url: str = "http://localhost:8080"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    # Empty: <state_dir>/tls/cert.pem and key.pem (created by `mailgw init`).
+    certificate: str = ""
+    private_key: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # libpq connection string; empty runs the embedded cluster under state_dir (O-2).
+    dsn: str = ""
+    pool_size: int = 5
+    # Unprivileged system user that runs the embedded cluster when mailgw runs as root.
+    embedded_user: str = "mailgw"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    enabled: bool = True
+    # Rows claimed per queue query (D-1).
+    batch_size: int = 100
+    lease_seconds: int = 300
+    retry_base_seconds: int = 300
+    max_age_seconds: int = 5 * 24 * 3600
+    # DNS servers as "host:port"; empty uses /etc/resolv.conf (D-3).
+    dns_servers: list[str] = field(default_factory=list)
+    remote_smtp_port: int = 25
+    # "host:port" of an upstream that relays everything; empty delivers by MX.
+    smarthost: str = ""
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+    max_connections: int = 200
+    per_domain_connections: int = 10
+    connect_timeout: int = 30
+    reply_timeout: int = 300
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    timeout_seconds: int = 5
+    max_queue_per_endpoint: int = 10000
+    max_retry_seconds: int = 24 * 3600
+    # Hosts that may receive webhooks over plain http (W-2).
+    allow_http_hosts: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = "localhost"
+    state_dir: str = "var"
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).resolve()
+
+    @property
+    def certificate_path(self) -> Path:
+        if self.tls.certificate:
+            return Path(self.tls.certificate)
+        return self.state_path / "tls" / "cert.pem"
+
+    @property
+    def private_key_path(self) -> Path:
+        if self.tls.private_key:
+            return Path(self.tls.private_key)
+        return self.state_path / "tls" / "key.pem"
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with top-level keys changed (tests and the CLI use it)."""
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate the TOML file at `path`; None gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return parse_config(data)
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Build a Config from parsed TOML, naming the first bad key."""
+    config = _build(Config, data, "")
+    _check_values(config)
+    return config
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    values = {}
+    for name in known & data.keys():
+        values[name] = _convert(hints[name], data[name], prefix + name)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if typing.get_origin(hint) is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_type.__name__}")
+        return [_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    # bool is a subclass of int: `port = true` must not pass as an integer.
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint in (str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {'a string' if hint is str else 'true or false'}, "
+                          f"got {value!r}")
+    return value
+
+
+def _check_values(config: Config) -> None:
+    positive = {
+        "smtp.max_message_size": config.smtp.max_message_size,
+        "smtp.idle_timeout": config.smtp.idle_timeout,
+        "database.pool_size": config.database.pool_size,
+        "delivery.batch_size": config.delivery.batch_size,
+        "delivery.lease_seconds": config.delivery.lease_seconds,
+        "delivery.retry_base_seconds": config.delivery.retry_base_seconds,
+        "delivery.max_age_seconds": config.delivery.max_age_seconds,
+        "delivery.max_connections": config.delivery.max_connections,
+        "delivery.per_domain_connections": config.delivery.per_domain_connections,
+        "delivery.connect_timeout": config.delivery.connect_timeout,
+        "delivery.reply_timeout": config.delivery.reply_timeout,
+        "webhooks.timeout_seconds": config.webhooks.timeout_seconds,
+        "webhooks.max_queue_per_endpoint": config.webhooks.max_queue_per_endpoint,
+        "webhooks.max_retry_seconds": config.webhooks.max_retry_seconds,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if not 0 < config.delivery.remote_smtp_port < 65536:
+        raise ConfigError(f"delivery.remote_smtp_port: not a port number: "
+                          f"{config.delivery.remote_smtp_port}")
+    if not config.hostname or any(c.isspace() for c in config.hostname):
+        raise ConfigError(f"hostname: not a host name: {config.hostname!r}")
+    if not config.state_dir:
+        raise ConfigError("state_dir: must not be empty")
+    if not config.http.public_base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"http.public_base_url: must start with http:// or https://, got "
+                          f"{config.http.public_base_url!r}")
+    if bool(config.tls.certificate) != bool(config.tls.private_key):
+        raise ConfigError("tls.certificate and tls.private_key: set both or neither")
+    _check_networks("smtp.trusted_networks", config.smtp.trusted_networks)
+    _check_host_ports("delivery.dns_servers", config.delivery.dns_servers)
+    if config.delivery.smarthost:
+        _check_host_ports("delivery.smarthost", [config.delivery.smarthost])
+
+
+def _check_networks(key: str, networks: list[str]) -> None:
+    for i, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]: not an IP network: {network!r}") from None
+
+
+def _check_host_ports(key: str, values: list[str]) -> None:
+    for value in values:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{key}: expected host:port, got {value!r}")

@@ -1,0 +1,61 @@
+"""Secrets at rest (R-5): passwords as slow salted hashes, API keys as digests.
+
+Passwords are short and guessable, so they get scrypt (memory-hard, in the
+standard library).  API keys are 256-bit random strings: a single SHA-256 is
+enough and lets the key be found by an indexed lookup of its digest.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+# ~50 ms and 16 MiB per hash on this class of machine (OWASP's scrypt minimum is n=2**17
+# with r=8 for interactive logins at 128 MiB; 2**14 keeps SMTP AUTH bursts affordable).
+_SCRYPT_N = 2**14
+_SCRYPT_R = 8
+_SCRYPT_P = 1
+API_KEY_PREFIX = "mgw_"
+
+
+def hash_password(password: str) -> str:
+    """`scrypt$n$r$p$salt$hash`, all parameters kept so they can grow later."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+    return "$".join(["scrypt", str(_SCRYPT_N), str(_SCRYPT_R), str(_SCRYPT_P),
+                     _b64(salt), _b64(digest)])
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = _scrypt(password, base64.b64decode(salt), int(n), int(r), int(p))
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p,
+                          maxmem=256 * 1024 * 1024, dklen=32)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()

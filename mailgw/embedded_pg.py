@@ -1,0 +1,297 @@
+"""The embedded default database (O-2): a PostgreSQL cluster under the state dir.
+
+With no DSN configured, mailgw creates a cluster in `<state_dir>/pg` the first
+time, and runs it listening only on a Unix socket in that directory.  initdb
+and postgres refuse to run as root, so when mailgw runs as root the cluster
+belongs to an unprivileged system user (`database.embedded_user`), created on
+first use.
+
+Two ways to run it: `EmbeddedPostgresService` runs `postgres` as a child of
+the twistd process (stopped with it); `Cluster.start()`/`stop()` use pg_ctl
+for the admin CLI and the test harness, which need it only for a while.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet import defer, error, protocol, task
+from twisted.logger import Logger
+
+from mailgw.errors import StartupError
+
+DATABASE_NAME = "mailgw"
+ROLE_NAME = "mailgw"
+PG_PORT = 5432
+# Unix socket paths are limited to 107 bytes; ".s.PGSQL.5432" takes 14 of them.
+MAX_SOCKET_DIR_LENGTH = 107 - 14
+INSTALL_HINT = "install PostgreSQL with: apt-get install -y postgresql"
+
+
+def find_pg_bin() -> Path:
+    """The newest installed PostgreSQL server's bin directory."""
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1].parent
+    on_path = shutil.which("postgres") or shutil.which("pg_ctl")
+    if on_path:
+        return Path(on_path).parent
+    raise StartupError(f"PostgreSQL server binaries not found; {INSTALL_HINT}")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The OS user the cluster's processes run as."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def current(cls) -> RunAs:
+        entry = pwd.getpwuid(os.geteuid())
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+    @classmethod
+    def for_cluster(cls, system_user: str) -> RunAs:
+        """Ourselves, or `system_user` (created if missing) when we are root."""
+        if os.geteuid() != 0:
+            return cls.current()
+        try:
+            entry = pwd.getpwnam(system_user)
+        except KeyError:
+            _create_system_user(system_user)
+            entry = pwd.getpwnam(system_user)
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def _create_system_user(name: str) -> None:
+    result = subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home",
+         "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise StartupError(f"cannot create system user {name!r} for the embedded database: "
+                           f"{result.stderr.strip()}")
+
+
+class Cluster:
+    """A PostgreSQL cluster in `root`: data in root/data, socket in root."""
+
+    def __init__(self, root: Path, run_as: RunAs, pg_bin: Path | None = None,
+                 settings: dict[str, str] | None = None) -> None:
+        self.root = root.resolve()
+        self.data_dir = self.root / "data"
+        self.log_file = self.root / "postgres.log"
+        self.run_as = run_as
+        self.pg_bin = pg_bin or find_pg_bin()
+        self.settings = settings or {}
+
+    @property
+    def dsn(self) -> str:
+        return self.dsn_for(DATABASE_NAME)
+
+    def dsn_for(self, database: str) -> str:
+        return f"host={self.root} port={PG_PORT} dbname={database} user={ROLE_NAME}"
+
+    def initialize(self) -> None:
+        """Create the cluster on first use; later calls only check it."""
+        if len(str(self.root)) > MAX_SOCKET_DIR_LENGTH:
+            raise StartupError(f"state directory path too long for a Unix socket: {self.root}")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.chown(self.root, self.run_as.uid, self.run_as.gid)
+            self.root.chmod(0o700)
+        except OSError as e:
+            raise StartupError(f"cannot create the database directory {self.root}: "
+                               f"{e.strerror}") from None
+        self._check_reachable()
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self._run([str(self.pg_bin / "initdb"), "-D", str(self.data_dir), "-U", ROLE_NAME,
+                   "-A", "trust", "-E", "UTF8", "--no-locale"], "initdb")
+        conf = {
+            "listen_addresses": "''",
+            "unix_socket_directories": f"'{self.root}'",
+            "port": str(PG_PORT),
+            **self.settings,
+        }
+        with open(self.data_dir / "postgresql.conf", "a") as f:
+            f.write("\n# mailgw embedded cluster\n")
+            for key, value in conf.items():
+                f.write(f"{key} = {value}\n")
+
+    def _check_reachable(self) -> None:
+        """postgres runs as another user: every parent directory must let it through."""
+        if self.run_as.uid == os.geteuid():
+            return
+        result = subprocess.run(["test", "-w", str(self.root)], user=self.run_as.uid,
+                                group=self.run_as.gid, extra_groups=[])
+        if result.returncode != 0:
+            raise StartupError(
+                f"user {self.run_as.name} cannot reach {self.root} (a parent directory is "
+                f"closed to it); choose a state_dir it can reach, e.g. under /var/lib")
+
+    def _run(self, argv: list[str], what: str) -> None:
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=self.root,
+                                **self._user_kwargs())
+        if result.returncode != 0:
+            raise StartupError(f"{what} failed: {(result.stderr or result.stdout).strip()}")
+
+    def _user_kwargs(self) -> dict:
+        if self.run_as.uid == os.geteuid():
+            return {}
+        return {"user": self.run_as.uid, "group": self.run_as.gid, "extra_groups": []}
+
+    def running_pid(self) -> int | None:
+        """The pid of a live postmaster for this data dir, removing a stale pid file."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+        except (FileNotFoundError, ValueError):
+            return None
+        if _is_postgres(pid):
+            return pid
+        # Left by a crash (or the pid was reused by another program): postgres
+        # would refuse to start while it exists.
+        pid_file.unlink(missing_ok=True)
+        (self.root / f".s.PGSQL.{PG_PORT}.lock").unlink(missing_ok=True)
+        return None
+
+    def is_ready(self) -> bool:
+        """postmaster.pid says "ready" once connections are accepted (PG 10+)."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
+
+    def postgres_argv(self) -> list[str]:
+        """postgres in a session of its own: a Ctrl-C meant for mailgw must not reach it
+        before mailgw has closed its connections; mailgw stops it last."""
+        return ["setsid", str(self.pg_bin / "postgres"), "-D", str(self.data_dir)]
+
+    def start(self, timeout: int = 60) -> None:
+        """Start with pg_ctl and wait until it accepts connections (CLI, tests)."""
+        if self.running_pid() is not None:
+            return
+        self._run([str(self.pg_bin / "pg_ctl"), "-D", str(self.data_dir), "-l",
+                   str(self.log_file), "-w", "-t", str(timeout), "start"], "starting PostgreSQL")
+        self.ensure_database()
+
+    def stop(self) -> None:
+        if self.running_pid() is None:
+            return
+        self._run([str(self.pg_bin / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
+                   "stop"], "stopping PostgreSQL")
+
+    def ensure_database(self) -> None:
+        """Create the mailgw database once; the role exists from initdb -U."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.dsn_for("postgres"))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,))
+                if cur.fetchone() is None:
+                    cur.execute(f"CREATE DATABASE {DATABASE_NAME}")
+        finally:
+            conn.close()
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return os.path.basename(argv0).startswith((b"postgres", b"postmaster"))
+
+
+class _PostgresProcess(protocol.ProcessProtocol):
+    log = Logger(namespace="mailgw.postgres")
+
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            self.log.info("{line}", line=line)
+
+    outReceived = errReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+
+
+class EmbeddedPostgresService:
+    """Runs the cluster's postmaster as a child process of mailgw.
+
+    `start()` fires once the cluster accepts connections; `stop()` asks for a
+    fast shutdown (open transactions roll back, nothing committed is lost)
+    and fires when the postmaster has exited.
+    """
+
+    log = Logger()
+
+    def __init__(self, cluster: Cluster, reactor, poll_interval: float = 0.05,
+                 start_timeout: float = 60.0) -> None:
+        self.cluster = cluster
+        self.reactor = reactor
+        self.poll_interval = poll_interval
+        self.start_timeout = start_timeout
+        self._process = None
+        self._protocol: _PostgresProcess | None = None
+
+    async def start(self) -> None:
+        self.cluster.initialize()
+        orphan = self.cluster.running_pid()
+        if orphan is not None:
+            # A postmaster left behind by a mailgw that was killed: stop it so
+            # that the cluster is ours again.
+            self.log.warn("stopping a PostgreSQL left running (pid {pid})", pid=orphan)
+            self.cluster.stop()
+        self._protocol = _PostgresProcess()
+        kwargs = {}
+        if self.cluster.run_as.uid != os.geteuid():
+            kwargs = {"uid": self.cluster.run_as.uid, "gid": self.cluster.run_as.gid}
+        argv = self.cluster.postgres_argv()
+        self._process = self.reactor.spawnProcess(
+            self._protocol, shutil.which(argv[0]) or argv[0], argv,
+            env={"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            path=str(self.cluster.root), **kwargs)
+        waited = 0.0
+        while not self.cluster.is_ready():
+            if self._protocol.ended.called:
+                raise StartupError(f"PostgreSQL exited during start-up; see the log lines "
+                                   f"above and {self.cluster.data_dir}")
+            if waited >= self.start_timeout:
+                raise StartupError("PostgreSQL did not become ready in time")
+            await _sleep(self.reactor, self.poll_interval)
+            waited += self.poll_interval
+        self.cluster.ensure_database()
+        self.log.info("embedded PostgreSQL ready in {dir}", dir=self.cluster.root)
+
+    async def stop(self) -> None:
+        if self._protocol is None or self._protocol.ended.called:
+            return
+        try:
+            self._process.signalProcess(signal.SIGINT)  # fast shutdown
+        except error.ProcessExitedAlready:
+            return
+        await self._protocol.ended
+
+
+def _sleep(reactor, seconds: float) -> defer.Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)

@@ -1,0 +1,159 @@
+"""The container: the one place where config, pool, stores and services are wired.
+
+`Gateway` is the MultiService that `twistd mailgw` runs.  Its start-up is a
+sequence that has to wait (embedded PostgreSQL ready, pool connected,
+migrations applied) before the listeners open, so it runs as one coroutine;
+`ready` fires when everything listens, or fails with a `StartupError` whose
+message is the one line the operator sees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web import server
+
+from mailgw.config import Config
+from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
+from mailgw.errors import StartupError
+from mailgw.http.ops import OperationsApp
+from mailgw.smtp.protocol import SubmissionFactory
+from mailgw.store import Stores
+from mailgw.store.database import Database
+from mailgw.store.migrations import available_migrations, migrate_txn
+from mailgw.tlscert import ensure_self_signed, server_tls_options
+
+
+@dataclass(frozen=True)
+class Listener:
+    """An open listening port and the config key that asked for it."""
+
+    key: str
+    description: str
+    port: object  # IListeningPort
+
+    @property
+    def port_number(self) -> int:
+        return self.port.getHost().port
+
+
+def embedded_cluster(config: Config) -> Cluster:
+    return Cluster(config.state_path / "pg", RunAs.for_cluster(config.database.embedded_user))
+
+
+async def open_database(config: Config, reactor) -> Database:
+    """Connect the pool and bring the schema up to date."""
+    database = Database(config.database.dsn or embedded_cluster(config).dsn,
+                        config.database.pool_size, reactor)
+    await database.start()
+    try:
+        await database.run_interaction("migrate", migrate_txn, available_migrations())
+    except BaseException:
+        database.close()
+        raise
+    return database
+
+
+class Gateway(service.MultiService):
+    log = Logger()
+
+    def __init__(self, config: Config, reactor, clock=None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.embedded: EmbeddedPostgresService | None = None
+        self.database: Database | None = None
+        self.stores: Stores | None = None
+        self.listeners: list[Listener] = []
+        self.ready: defer.Deferred[Gateway] = defer.Deferred()
+
+    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addCallbacks(lambda _: self.ready.callback(self), self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        # Leave nothing half-open behind (ports, pool, a child postgres).
+        d = defer.ensureDeferred(self._stop())
+        d.addBoth(lambda _: self.ready.errback(failure))
+
+    async def _start(self) -> None:
+        self._prepare_state_dir()
+        tls_options = self._tls_options()
+        if not self.config.database.dsn:
+            self.embedded = EmbeddedPostgresService(embedded_cluster(self.config), self.reactor)
+            await self.embedded.start()
+        self.database = await open_database(self.config, self.reactor)
+        self.stores = Stores.on(self.database)
+
+        smtp_factory = SubmissionFactory(self.config.hostname, tls_options, self.clock,
+                                         self.config.smtp.idle_timeout)
+        tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
+        site = server.Site(OperationsApp(self.database).app.resource())
+        site.displayTracebacks = False
+        wanted = (
+            [(f"smtp.starttls_listeners[{i}]", d, smtp_factory)
+             for i, d in enumerate(self.config.smtp.starttls_listeners)]
+            + [(f"smtp.implicit_tls_listeners[{i}]", d, tls_factory)
+               for i, d in enumerate(self.config.smtp.implicit_tls_listeners)]
+            + [("http.listener", self.config.http.listener, site)])
+        for key, description, factory in wanted:
+            await self._listen(key, description, factory)
+        self.log.info("mailgw ready: {listeners}", listeners=", ".join(
+            f"{listener.key}={listener.port_number}" for listener in self.listeners))
+
+    def _prepare_state_dir(self) -> None:
+        state = self.config.state_path
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"state_dir {state} cannot be created: {e.strerror}") from None
+        if not os.access(state, os.W_OK | os.X_OK):
+            raise StartupError(f"state_dir {state} is not writable")
+
+    def _tls_options(self):
+        cert, key = self.config.certificate_path, self.config.private_key_path
+        if not self.config.tls.certificate and ensure_self_signed(cert, key,
+                                                                  self.config.hostname):
+            self.log.info("created a self-signed TLS certificate in {path}", path=cert)
+        return server_tls_options(cert, key)
+
+    async def _listen(self, key: str, description: str, factory) -> None:
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise StartupError(f"{key}: not a valid endpoint {description!r} ({e})") from None
+        try:
+            port = await endpoint.listen(factory)
+        except CannotListenError as e:
+            raise StartupError(f"{key}: cannot listen on {description!r} "
+                               f"({e.socketError})") from None
+        self.listeners.append(Listener(key, description, port))
+
+    def port_for(self, key: str) -> int:
+        """The port number a listener got (tests listen on port 0)."""
+        return next(listener.port_number for listener in self.listeners if listener.key == key)
+
+    async def _stop(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        await defer.gatherResults([defer.maybeDeferred(listener.port.stopListening)
+                                   for listener in listeners])
+        if self.database is not None:
+            self.database.close()
+            self.database = None
+        if self.embedded is not None:
+            await self.embedded.stop()
+            self.embedded = None
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802 (Twisted's name)
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: defer.ensureDeferred(self._stop()))
+        return d

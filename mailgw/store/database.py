@@ -1,0 +1,101 @@
+"""The one txpostgres pool of the process and `run_interaction`.
+
+Every database interaction in mailgw is an `async def *_txn(cursor, ...)`
+function run through `Database.run_interaction(desc, fn, ...)`, inside one
+transaction on a pooled connection.  Connection trouble becomes
+`DatabaseUnavailable` (SMTP 451, HTTP 503), and the pool reconnects by
+itself when PostgreSQL comes back (R-2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg2
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import reconnection, retrying, txpostgres
+
+from mailgw.errors import DatabaseUnavailable, StartupError
+
+T = TypeVar("T")
+Interaction = Callable[..., Awaitable[T]]
+
+CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError,
+                     reconnection.ConnectionDead, txpostgres.RollbackFailed)
+
+
+def _reconnect_delays():
+    """Quick first retry, then at most 2 s apart, forever."""
+    return retrying.simpleBackoffIterator(initialDelay=0.2, maxDelay=2.0, factor=2.0,
+                                          maxRetries=0, now=True)
+
+
+class Database:
+    """A started pool plus the helper every store goes through."""
+
+    log = Logger()
+
+    def __init__(self, dsn: str, pool_size: int, reactor) -> None:
+        self.dsn = dsn
+        self.reactor = reactor
+        self._pool = _ReconnectingPool(reactor, dsn, min=pool_size)
+
+    async def start(self) -> None:
+        try:
+            await self._pool.start()
+        except CONNECTION_ERRORS as e:
+            self._pool.close()
+            raise StartupError(f"cannot connect to the database ({_one_line(e)})") from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    async def run_interaction(self, desc: str, fn: Interaction[T], *args: Any,
+                              **kwargs: Any) -> T:
+        """Run `fn(cursor, *args, **kwargs)` in one transaction; `desc` names it in logs."""
+        try:
+            result = await self._pool.runInteraction(
+                lambda cursor: defer.ensureDeferred(fn(cursor, *args, **kwargs)))
+        except CONNECTION_ERRORS as e:
+            self.log.warn("database unavailable during {desc}: {error}", desc=desc,
+                          error=_one_line(e))
+            self._pool.reconnect_idle(Failure(e))
+            raise DatabaseUnavailable(desc) from e
+        return result
+
+    async def is_reachable(self) -> bool:
+        try:
+            await self.run_interaction("health_check", _select_one_txn)
+        except DatabaseUnavailable:
+            return False
+        return True
+
+
+async def _select_one_txn(cursor) -> None:
+    await cursor.execute("SELECT 1")
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())
+
+
+class _ReconnectingPool(txpostgres.ConnectionPool):
+    """A txpostgres pool whose connections reconnect when PostgreSQL returns."""
+
+    def __init__(self, reactor, *connargs, **connkw) -> None:
+        self.reactor = reactor
+        super().__init__(None, *connargs, **connkw)
+
+    def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
+        detector = reconnection.DeadConnectionDetector(
+            reconnectionIterator=_reconnect_delays, reactor=reactor)
+        return txpostgres.Connection(reactor, cooperator, detector=detector)
+
+    def reconnect_idle(self, failure: Failure) -> None:
+        """One dead connection means a restart: renew the idle ones too, now."""
+        for connection in list(self.connections):
+            connection.detector.checkForDeadConnection(failure)

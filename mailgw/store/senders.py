@@ -1,0 +1,119 @@
+"""Sender domains (DKIM key, return-path) and verified sender addresses (S-6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg2 import errors as pg_errors
+
+from mailgw.errors import AlreadyExists, NotFound
+from mailgw.store.database import Database
+
+
+@dataclass(frozen=True)
+class SenderDomain:
+    id: int
+    account_id: int
+    domain: str
+    dkim_selector: str
+    dkim_algorithm: str
+    dkim_public_key: str
+    return_path_domain: str
+    verified_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Sender:
+    id: int
+    account_id: int
+    address: str
+    verified_at: datetime | None
+
+
+_DOMAIN_COLUMNS = ("id, account_id, domain, dkim_selector, dkim_algorithm, dkim_public_key,"
+                   " return_path_domain, verified_at")
+_SENDER_COLUMNS = "id, account_id, address, verified_at"
+
+
+class SenderStore:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    async def add_domain(self, account_id: int, domain: str, selector: str, algorithm: str,
+                         private_key_pem: str, public_key: str,
+                         return_path_domain: str) -> SenderDomain:
+        try:
+            return await self.db.run_interaction(
+                "add_domain", _insert_domain_txn, account_id, domain.lower(), selector,
+                algorithm, private_key_pem, public_key, return_path_domain.lower())
+        except pg_errors.UniqueViolation:
+            raise AlreadyExists(f"domain {domain} is already registered") from None
+
+    async def verify_domain(self, account_id: int, domain: str) -> SenderDomain:
+        row = await self.db.run_interaction("verify_domain", _verify_domain_txn, account_id,
+                                            domain.lower())
+        if row is None:
+            raise NotFound(f"domain {domain} is not registered for this account")
+        return row
+
+    async def add_sender(self, account_id: int, address: str, verified: bool) -> Sender:
+        try:
+            return await self.db.run_interaction("add_sender", _insert_sender_txn, account_id,
+                                                 address.lower(), verified)
+        except pg_errors.UniqueViolation:
+            raise AlreadyExists(f"sender {address} is already registered") from None
+
+    async def verify_sender(self, account_id: int, address: str) -> Sender:
+        row = await self.db.run_interaction("verify_sender", _verify_sender_txn, account_id,
+                                            address.lower())
+        if row is None:
+            raise NotFound(f"sender {address} is not registered for this account")
+        return row
+
+    async def list_senders(self, account_id: int) -> list[Sender]:
+        return await self.db.run_interaction("list_senders", _select_senders_txn, account_id)
+
+
+async def _insert_domain_txn(cursor, account_id, domain, selector, algorithm, private_key_pem,
+                             public_key, return_path_domain) -> SenderDomain:
+    await cursor.execute(
+        "INSERT INTO sender_domains (account_id, domain, dkim_selector, dkim_algorithm,"
+        " dkim_private_key, dkim_public_key, return_path_domain)"
+        f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_DOMAIN_COLUMNS}",
+        (account_id, domain, selector, algorithm, private_key_pem, public_key,
+         return_path_domain))
+    return SenderDomain(*cursor.fetchone())
+
+
+async def _verify_domain_txn(cursor, account_id: int, domain: str) -> SenderDomain | None:
+    await cursor.execute(
+        "UPDATE sender_domains SET verified_at = coalesce(verified_at, now())"
+        f" WHERE account_id = %s AND domain = %s RETURNING {_DOMAIN_COLUMNS}",
+        (account_id, domain))
+    row = cursor.fetchone()
+    return SenderDomain(*row) if row else None
+
+
+async def _insert_sender_txn(cursor, account_id: int, address: str, verified: bool) -> Sender:
+    await cursor.execute(
+        "INSERT INTO senders (account_id, address, verified_at)"
+        " VALUES (%s, %s, CASE WHEN %s THEN now() END)"
+        f" RETURNING {_SENDER_COLUMNS}", (account_id, address, verified))
+    return Sender(*cursor.fetchone())
+
+
+async def _verify_sender_txn(cursor, account_id: int, address: str) -> Sender | None:
+    await cursor.execute(
+        "UPDATE senders SET verified_at = coalesce(verified_at, now())"
+        f" WHERE account_id = %s AND address = %s RETURNING {_SENDER_COLUMNS}",
+        (account_id, address))
+    row = cursor.fetchone()
+    return Sender(*row) if row else None
+
+
+async def _select_senders_txn(cursor, account_id: int) -> list[Sender]:
+    await cursor.execute(
+        f"SELECT {_SENDER_COLUMNS} FROM senders WHERE account_id = %s ORDER BY address",
+        (account_id,))
+    return [Sender(*row) for row in cursor.fetchall()]

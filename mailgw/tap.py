@@ -1,0 +1,57 @@
+"""`twistd mailgw`: options and makeService (O-1)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mailgw.config import ConfigError, load_config
+from mailgw.errors import StartupError
+from mailgw.gateway import Gateway
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = ("Run the mailgw mail gateway: SMTP submission, HTTP API, tracking and "
+                "delivery. Without --config, every setting has its default "
+                "(see etc/mailgw.toml).")
+    optParameters = [
+        ["config", "c", None, "Path to the TOML configuration file."],
+    ]
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
+        try:
+            self["config_object"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> Gateway:  # noqa: N802 (Twisted's name)
+    from twisted.internet import reactor
+
+    gateway = Gateway(options["config_object"], reactor)
+    gateway.ready.addErrback(_stop_on_startup_failure, reactor)
+    return gateway
+
+
+def _stop_on_startup_failure(failure, reactor) -> None:
+    """One clear line, then exit 1 so that systemd sees the failure (O-1)."""
+    if failure.check(StartupError):
+        log.critical("mailgw cannot start: {reason}", reason=failure.value)
+    else:
+        log.failure("mailgw cannot start", failure)
+    # twistd always exits 0 once the reactor has run; exit 1 after it has cleaned up.
+    atexit.register(_exit_failed)
+    reactor.callWhenRunning(reactor.stop)
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -1,0 +1,96 @@
+"""Config: defaults, the annotated example, and errors that name the key."""
+
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from mailgw.config import Config, ConfigError, load_config, parse_config
+
+EXAMPLE = Path(__file__).parent.parent / "etc" / "mailgw.toml"
+
+
+class DefaultsTests(unittest.TestCase):
+    def test_no_file_gives_defaults(self):
+        config = load_config(None)
+        self.assertEqual(config, Config())
+        self.assertEqual(config.smtp.starttls_listeners, ["tcp:2500", "tcp:58700"])
+        self.assertEqual(config.smtp.implicit_tls_listeners, ["tcp:46500"])
+        self.assertEqual(config.http.listener, "tcp:8080")
+        self.assertEqual(config.smtp.max_message_size, 512000)
+        self.assertEqual(config.database.dsn, "")
+
+    def test_annotated_example_lists_every_default(self):
+        """etc/mailgw.toml shows the defaults: parsing it changes nothing."""
+        self.assertEqual(load_config(EXAMPLE), Config())
+        text = EXAMPLE.read_text()
+        for section in ("smtp", "http", "tls", "database", "delivery", "webhooks"):
+            fields = Config.__dataclass_fields__[section].default_factory().__dataclass_fields__
+            for key in fields:
+                self.assertIn(f"\n{key} = ", text, f"{section}.{key} missing from the example")
+
+    def test_values_are_read(self):
+        config = parse_config({"hostname": "mx.example.org",
+                                "smtp": {"starttls_listeners": ["tcp:587"]},
+                                "database": {"dsn": "host=db", "pool_size": 9}})
+        self.assertEqual(config.hostname, "mx.example.org")
+        self.assertEqual(config.smtp.starttls_listeners, ["tcp:587"])
+        self.assertEqual(config.smtp.implicit_tls_listeners, ["tcp:46500"])
+        self.assertEqual(config.database.pool_size, 9)
+
+    def test_default_tls_paths_are_under_state_dir(self):
+        config = parse_config({"state_dir": "/srv/mailgw"})
+        self.assertEqual(config.certificate_path, Path("/srv/mailgw/tls/cert.pem"))
+        self.assertEqual(config.private_key_path, Path("/srv/mailgw/tls/key.pem"))
+
+
+class ErrorTests(unittest.TestCase):
+    def assertConfigError(self, data, *words):
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(data)
+        for word in words:
+            self.assertIn(word, str(caught.exception))
+
+    def test_unknown_top_level_key(self):
+        self.assertConfigError({"hostnme": "x"}, "hostnme", "unknown key")
+
+    def test_unknown_section_key(self):
+        self.assertConfigError({"smtp": {"max_size": 1}}, "smtp.max_size", "unknown key")
+
+    def test_wrong_type(self):
+        self.assertConfigError({"smtp": {"max_message_size": "big"}}, "smtp.max_message_size",
+                               "integer")
+
+    def test_bool_is_not_an_integer(self):
+        self.assertConfigError({"database": {"pool_size": True}}, "database.pool_size")
+
+    def test_list_items_checked(self):
+        self.assertConfigError({"smtp": {"starttls_listeners": ["tcp:25", 25]}},
+                               "smtp.starttls_listeners[1]")
+
+    def test_section_must_be_a_table(self):
+        self.assertConfigError({"smtp": 3}, "smtp", "table")
+
+    def test_bad_values(self):
+        self.assertConfigError({"database": {"pool_size": 0}}, "database.pool_size")
+        self.assertConfigError({"http": {"public_base_url": "example.org"}},
+                               "http.public_base_url")
+        self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/33"]}},
+                               "smtp.trusted_networks[0]")
+        self.assertConfigError({"delivery": {"dns_servers": ["127.0.0.1"]}},
+                               "delivery.dns_servers")
+        self.assertConfigError({"delivery": {"remote_smtp_port": 70000}},
+                               "delivery.remote_smtp_port")
+        self.assertConfigError({"tls": {"certificate": "/c.pem"}}, "tls.private_key")
+        self.assertConfigError({"hostname": "two words"}, "hostname")
+
+    def test_missing_file(self):
+        with self.assertRaises(ConfigError) as caught:
+            load_config("/nonexistent/mailgw.toml")
+        self.assertIn("does not exist", str(caught.exception))
+
+    def test_invalid_toml(self):
+        path = Path(self.mktemp())
+        path.write_text("hostname = \n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertIn("not valid TOML", str(caught.exception))
