@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
 from mailgw.errors import StartupError
@@ -52,7 +52,7 @@ def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOption
     except OSError as e:
         raise StartupError(f"cannot read the TLS certificate or key: {e.filename}: "
                            f"{e.strerror}") from None
-    except SSL.Error:
+    except (SSL.Error, crypto.Error):
         raise StartupError(f"{cert_path} / {key_path} are not a PEM certificate and its "
                            f"private key") from None
     return ssl.CertificateOptions(privateKey=certificate.privateKey.original,

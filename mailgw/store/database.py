@@ -46,9 +46,10 @@ class Database:
     async def start(self) -> None:
         try:
             await self._pool.start()
-        except CONNECTION_ERRORS as e:
+        except defer.FirstError as e:
             self._pool.close()
-            raise StartupError(f"cannot connect to the database ({_one_line(e)})") from None
+            reason = _one_line(e.subFailure.value)
+            raise StartupError(f"cannot connect to the database ({reason})") from None
 
     def close(self) -> None:
         self._pool.close()
@@ -93,9 +94,23 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
     def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
         detector = reconnection.DeadConnectionDetector(
             reconnectionIterator=_reconnect_delays, reactor=reactor)
-        return txpostgres.Connection(reactor, cooperator, detector=detector)
+        return _Connection(reactor, cooperator, detector=detector)
 
     def reconnect_idle(self, failure: Failure) -> None:
         """One dead connection means a restart: renew the idle ones too, now."""
         for connection in list(self.connections):
             connection.detector.checkForDeadConnection(failure)
+
+
+class _Connection(txpostgres.Connection):
+    def close(self) -> None:
+        if self._connection is not None:  # never connected: nothing to close
+            super().close()
+
+    def doRead(self) -> None:  # noqa: N802 (Twisted's name)
+        """An idle connection that the server closes (a restart) is a lost
+        connection to reconnect, not an unhandled error in the reactor."""
+        try:
+            super().doRead()
+        except CONNECTION_ERRORS:
+            self.connectionLost(Failure())

@@ -1,0 +1,44 @@
+# mailgw — `make run` starts a working gateway, `make test` runs the test suite.
+# Both install what is missing first: PostgreSQL's server binaries (apt-get) and
+# a .venv with mailgw and its dependencies.
+
+PYTHON ?= python3
+VENV := .venv
+CONFIG ?= etc/mailgw.toml
+TRIAL_ARGS ?=
+# twistd finds twisted/plugins/mailgw_plugin.py on this path.
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test lint postgres venv clean
+
+run: venv postgres
+	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
+	exec $(VENV)/bin/twistd -n --pidfile= mailgw --config $(CONFIG)
+
+test: venv postgres
+	$(VENV)/bin/trial $(TRIAL_ARGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check mailgw tests twisted
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.cfg
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(call apt_install,python3-venv)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# PostgreSQL's server binaries (initdb, postgres, pg_ctl); no server is started here.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null \
+	  || $(call apt_install,postgresql)
+
+clean:
+	rm -rf $(VENV) _trial_temp *.egg-info
+
+define apt_install
+{ echo "installing $(1) with apt-get"; \
+  [ "$$(id -u)" = 0 ] || { echo "need root to install $(1): sudo apt-get install -y $(1)"; exit 1; }; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; }
+endef

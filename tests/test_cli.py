@@ -1,0 +1,182 @@
+"""The `mailgw` admin command (O-4): each command, in-process and as a real program."""
+
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from mailgw import credentials
+from mailgw.cli import CommandError, build_parser, run_command
+from mailgw.config import Config, DatabaseConfig
+from mailgw.errors import AlreadyExists, NotFound
+from mailgw.store import Stores
+from mailgw.store.database import Database
+from tests.harness import fresh_database
+
+MAILGW = str(Path(sys.executable).parent / "mailgw")
+
+
+class CommandTests(unittest.TestCase):
+    async def setUp(self):
+        dsn = fresh_database()
+        self.config = Config(state_dir=self.mktemp(), hostname="mx.gw.example",
+                             database=DatabaseConfig(dsn=dsn, pool_size=1))
+        database = Database(dsn, 1, reactor)
+        await database.start()
+        self.addCleanup(database.close)
+        self.stores = Stores.on(database)
+
+    async def run(self, *argv: str, stdin: str = "") -> str:
+        out = io.StringIO()
+        args = build_parser().parse_args(list(argv))
+        await run_command(args, self.config, reactor, out, io.StringIO(stdin))
+        return out.getvalue()
+
+    async def test_init_creates_certificate_and_applies_migrations(self):
+        output = await self.run("init")
+        self.assertIn("self-signed TLS certificate", output)
+        self.assertTrue(self.config.certificate_path.exists())
+        self.assertIn("migrations applied", output)
+        self.assertNotIn("certificate", await self.run("init"))
+
+    async def test_init_demo_writes_demo_json_once(self):
+        output = await self.run("init", "--demo")
+        demo = json.loads((self.config.state_path / "demo.json").read_text())
+        self.assertEqual(set(demo), {"user", "password", "sender", "api_key"})
+        for value in demo.values():
+            self.assertIn(value, output)
+        self.assertIn("swaks --server localhost:58700 --tls --auth LOGIN", output)
+        self.assertIn("curl -H 'Authorization: Bearer " + demo["api_key"], output)
+        account_id, stored = await self.stores.accounts.password_hash_for(demo["user"])
+        self.assertTrue(credentials.verify_password(demo["password"], stored))
+        found = await self.stores.accounts.account_for_api_key(
+            credentials.hash_api_key(demo["api_key"]))
+        self.assertEqual(found.id, account_id)
+        senders = await self.stores.senders.list_senders(account_id)
+        self.assertEqual([(s.address, s.verified_at is not None) for s in senders],
+                         [(demo["sender"], True)])
+        again = await self.run("init", "--demo")
+        self.assertNotIn(demo["password"], again)
+        self.assertIn("demo.json", again)
+
+    async def test_migrate(self):
+        self.assertIn("migrations applied", await self.run("migrate"))
+
+    async def test_account_create_and_list(self):
+        self.assertIn("account acme created", await self.run("account", "create", "acme",
+                                                             "--plan", "pro"))
+        await self.run("account", "create", "beta")
+        lines = (await self.run("account", "list")).splitlines()
+        self.assertEqual([line.split("\t")[1:3] for line in lines],
+                         [["acme", "pro"], ["beta", "default"]])
+        with self.assertRaises(AlreadyExists):
+            await self.run("account", "create", "acme")
+
+    async def test_user_create_generates_a_password(self):
+        await self.run("account", "create", "acme")
+        output = await self.run("user", "create", "acme", "acme.pro")
+        password = output.split("password: ")[1].strip()
+        _, stored = await self.stores.accounts.password_hash_for("acme.pro")
+        self.assertTrue(stored.startswith("scrypt$"))
+        self.assertTrue(credentials.verify_password(password, stored))
+
+    async def test_user_create_password_from_stdin(self):
+        await self.run("account", "create", "acme")
+        output = await self.run("user", "create", "acme", "u", "--password-stdin",
+                                stdin="chosen secret\n")
+        self.assertNotIn("chosen secret", output)
+        _, stored = await self.stores.accounts.password_hash_for("u")
+        self.assertTrue(credentials.verify_password("chosen secret", stored))
+        with self.assertRaises(CommandError):
+            await self.run("user", "create", "acme", "v", "--password-stdin", stdin="\n")
+
+    async def test_user_for_unknown_account(self):
+        with self.assertRaises(NotFound):
+            await self.run("user", "create", "nobody", "u")
+
+    async def test_apikey_shown_once_stored_hashed(self):
+        await self.run("account", "create", "acme")
+        key = (await self.run("apikey", "create", "acme", "--name", "ci")).splitlines()[-1]
+        self.assertTrue(key.startswith(credentials.API_KEY_PREFIX))
+        account = await self.stores.accounts.account_for_api_key(
+            credentials.hash_api_key(key))
+        self.assertEqual(account.name, "acme")
+
+    async def test_domain_add_prints_dns_records(self):
+        await self.run("account", "create", "acme")
+        output = await self.run("domain", "add", "acme", "Example.org", "--selector", "s1")
+        self.assertIn('s1._domainkey.example.org. IN TXT "v=DKIM1; k=rsa; p=', output)
+        self.assertIn("include:_spf.mx.gw.example", output)
+        self.assertIn("bounces.example.org. IN MX 10 mx.gw.example.", output)
+        output = await self.run("domain", "add", "acme", "ed.example.org", "--algorithm",
+                                "ed25519", "--return-path-domain", "rp.example.org")
+        self.assertIn("k=ed25519", output)
+        self.assertIn("rp.example.org. IN MX", output)
+        self.assertIn("verified", await self.run("domain", "verify", "acme", "example.org"))
+        with self.assertRaises(NotFound):
+            await self.run("domain", "verify", "acme", "nowhere.example")
+
+    async def test_sender_add_and_verify(self):
+        await self.run("account", "create", "acme")
+        self.assertIn("(verified)", await self.run("sender", "add", "acme", "a@example.org",
+                                                   "--verified"))
+        await self.run("sender", "add", "acme", "b@example.org")
+        await self.run("sender", "verify", "acme", "b@example.org")
+        account = await self.stores.accounts.get_account("acme")
+        senders = await self.stores.senders.list_senders(account.id)
+        self.assertTrue(all(s.verified_at for s in senders))
+        with self.assertRaises(CommandError):
+            await self.run("sender", "add", "acme", "not-an-address")
+
+
+class ProgramTests(unittest.TestCase):
+    """The installed `mailgw` program, as an operator runs it."""
+
+    async def mailgw(self, *argv: str, env=None):
+        out, err, code = await getProcessOutputAndValue(
+            MAILGW, list(argv), env=env or dict(os.environ))
+        return out.decode(), err.decode(), code
+
+    async def test_help(self):
+        out, _, code = await self.mailgw("--help")
+        self.assertEqual(code, 0)
+        for command in ("init", "migrate", "account", "user", "apikey", "domain", "sender"):
+            self.assertIn(command, out)
+
+    async def test_bad_config_names_the_key(self):
+        path = Path(self.mktemp())
+        path.write_text("[smtp]\nmax_size = 3\n")
+        _, err, code = await self.mailgw("-c", str(path), "account", "list")
+        self.assertEqual(code, 1)
+        self.assertIn("smtp.max_size: unknown key", err)
+        self.assertNotIn("Traceback", err)
+
+    async def test_unreachable_database_is_one_line(self):
+        path = Path(self.mktemp())
+        path.write_text('[database]\ndsn = "host=/nonexistent dbname=x"\n')
+        _, err, code = await self.mailgw("-c", str(path), "account", "list")
+        self.assertEqual(code, 1)
+        self.assertIn("cannot connect to the database", err)
+        self.assertNotIn("Traceback", err)
+
+    async def test_embedded_database_started_for_the_command(self):
+        state = tempfile.mkdtemp(prefix="mailgw-test-cli-")
+        os.chmod(state, 0o755)
+        self.addCleanup(shutil.rmtree, state, True)
+        path = Path(self.mktemp())
+        path.write_text(f'state_dir = "{state}"\n')
+        out, err, code = await self.mailgw("-c", str(path), "init", "--demo")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(Path(state, "demo.json").exists())
+        out, err, code = await self.mailgw("-c", str(path), "account", "list")
+        self.assertEqual(code, 0, err)
+        self.assertIn("\tdemo\t", out)
+        self.assertFalse(Path(state, "pg", "data", "postmaster.pid").exists(),
+                         "the command stops the cluster it started")

@@ -1,0 +1,164 @@
+"""The running Gateway: listeners, /healthz, database outages, start-up errors."""
+
+import smtplib
+import ssl
+
+import treq
+from twisted.internet import reactor, task
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
+from mailgw.errors import StartupError
+from tests.harness import (
+    LOOPBACK_PORT,
+    fresh_database,
+    gateway_config,
+    new_cluster,
+    start_gateway,
+)
+
+BANNER = "mx.test.example ESMTP mailgw"
+
+
+def _client_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _connect(port: int, smtp_class=smtplib.SMTP, **options) -> tuple[smtplib.SMTP, str]:
+    """A connected smtplib client and the banner it read."""
+    client = smtp_class(timeout=10, **options)
+    client._host = "127.0.0.1"  # TLS's server_hostname; smtplib sets it only in __init__
+    return client, client.connect("127.0.0.1", port)[1].decode()
+
+
+def _plain_session(port: int) -> dict:
+    """Banner, EHLO, STARTTLS, EHLO again and QUIT, as a real client does them."""
+    client, banner = _connect(port)
+    client.ehlo("client.example")
+    before_tls = dict(client.esmtp_features)
+    client.starttls(context=_client_tls())
+    client.ehlo("client.example")
+    after_tls = dict(client.esmtp_features)
+    quit_code = client.quit()[0]
+    return {"banner": banner, "before": before_tls, "after": after_tls, "quit": quit_code}
+
+
+def _implicit_tls_session(port: int, context: ssl.SSLContext) -> tuple[str, int]:
+    client, banner = _connect(port, smtplib.SMTP_SSL, context=context)
+    return banner, client.quit()[0]
+
+
+async def _get(url: str):
+    response = await treq.get(url, persistent=False)
+    return response.code, await response.json()
+
+
+class ListenerTests(unittest.TestCase):
+    async def setUp(self):
+        self.gateway = await start_gateway(self, gateway_config(self, fresh_database()))
+
+    async def test_starttls_listeners_greet_and_quit(self):
+        for key in ("smtp.starttls_listeners[0]", "smtp.starttls_listeners[1]"):
+            session = await deferToThread(_plain_session, self.gateway.port_for(key))
+            self.assertEqual(session["banner"], BANNER)
+            self.assertIn("starttls", session["before"])
+            self.assertNotIn("starttls", session["after"])
+            self.assertEqual(session["quit"], 221)
+
+    async def test_implicit_tls_listener_greets_and_quits(self):
+        port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
+        banner, quit_code = await deferToThread(_implicit_tls_session, port, _client_tls())
+        self.assertEqual(banner, BANNER)
+        self.assertEqual(quit_code, 221)
+
+    async def test_healthz_reports_the_database(self):
+        port = self.gateway.port_for("http.listener")
+        code, body = await _get(f"http://127.0.0.1:{port}/healthz")
+        self.assertEqual(code, 200)
+        self.assertEqual(body, {"status": "ok", "database": "ok"})
+
+    async def test_stop_closes_the_listeners(self):
+        port = self.gateway.port_for("smtp.starttls_listeners[0]")
+        await self.gateway.stopService()
+        with self.assertRaises(OSError):
+            await deferToThread(smtplib.SMTP, "127.0.0.1", port, timeout=5)
+
+
+class DatabaseOutageTests(unittest.TestCase):
+    """R-2 and Foundation point 6: PostgreSQL restarts under a running Gateway."""
+
+    async def test_healthz_503_while_down_and_pool_recovers(self):
+        cluster = new_cluster("mailgw-test-outage-")
+        gateway = await start_gateway(self, gateway_config(self, cluster.dsn))
+        url = f"http://127.0.0.1:{gateway.port_for('http.listener')}/healthz"
+        self.assertEqual((await _get(url))[0], 200)
+
+        cluster.stop()
+        code, body = await _get(url)
+        self.assertEqual(code, 503)
+        self.assertEqual(body["database"], "unreachable")
+
+        cluster.start()
+        for _ in range(100):  # reconnection backs off to 2 s at most
+            if (await _get(url))[0] == 200:
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((await _get(url))[0], 200)
+        accounts = await gateway.stores.accounts.list_accounts()
+        self.assertEqual(accounts, [])
+
+
+class StartupErrorTests(unittest.TestCase):
+    async def assertStartupError(self, config, *words):
+        with self.assertRaises(StartupError) as caught:
+            await start_gateway(self, config)
+        message = str(caught.exception)
+        self.assertEqual(len(message.splitlines()), 1)
+        for word in words:
+            self.assertIn(word, message)
+
+    async def test_port_in_use(self):
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        config = gateway_config(self, fresh_database(), smtp=SMTPConfig(
+            starttls_listeners=[f"tcp:{port}:interface=127.0.0.1"],
+            implicit_tls_listeners=[LOOPBACK_PORT]))
+        await self.assertStartupError(config, "smtp.starttls_listeners[0]", "cannot listen",
+                                      "in use")
+
+    async def test_bad_endpoint(self):
+        config = gateway_config(self, fresh_database(), http=HTTPConfig(listener="bogus:80"))
+        await self.assertStartupError(config, "http.listener", "bogus:80")
+
+    async def test_unreachable_dsn(self):
+        config = gateway_config(self, "host=/nonexistent dbname=mailgw user=mailgw")
+        await self.assertStartupError(config, "cannot connect to the database")
+
+    async def test_state_dir_cannot_be_created(self):
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        config = gateway_config(self, fresh_database()).replace(state_dir=f"{blocker}/state")
+        await self.assertStartupError(config, "state_dir", "cannot be created")
+
+    async def test_missing_certificate(self):
+        config = gateway_config(self, fresh_database(), tls=TLSConfig(
+            certificate="/nonexistent/cert.pem", private_key="/nonexistent/key.pem"))
+        await self.assertStartupError(config, "/nonexistent/cert.pem")
+
+    async def test_failed_start_leaves_no_port_open(self):
+        config = gateway_config(self, fresh_database(), http=HTTPConfig(listener="bogus:80"))
+        gateway_ports = []
+        with self.assertRaises(StartupError):
+            gateway = await start_gateway(self, config)
+            gateway_ports.append(gateway)
+        self.assertEqual(gateway_ports, [])
+
+    def test_database_config_default_is_embedded(self):
+        self.assertEqual(DatabaseConfig().dsn, "")
