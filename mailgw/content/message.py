@@ -1,0 +1,447 @@
+"""What a submitted message says: bodies, attachments and control headers (S-8, S-9, S-10).
+
+Pure functions over bytes and strings, called by the SMTP submission path after DATA. Mail
+from real clients is often malformed, so parsing is lenient and the only exception that ever
+leaves this module is ContentRefused, whose text becomes the 554 reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import html
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from email import message_from_bytes
+from email.message import Message
+from email.policy import Compat32
+from email.utils import getaddresses
+from urllib.parse import unquote
+
+import html2text
+
+
+class ContentRefused(Exception):
+    """The message cannot be accepted; str(e) is the reason shown after
+    '554 5.6.0 Transaction failed: '."""
+
+
+LANGUAGES = frozenset({3, 4, 5, 6, 7, 8, 11, 13, 14, 15, 16, 17, 18})
+MULTIPART_MODES = ("generate", "strict")
+ATTACHMENT_MODES = ("keep", "links", "reject")
+
+
+@dataclass(frozen=True)
+class MessageOptions:
+    """The S-9 switches a message may set through its control headers."""
+
+    show_cab: bool = True
+    social_links: bool = False
+    language: int = 3
+    track_opens: bool = True
+    track_clicks: bool = True
+
+
+@dataclass(frozen=True)
+class ContentPolicy:
+    """What an account accepts (S-8), kept in accounts.settings."""
+
+    multipart: str = "generate"
+    attachments: str = "keep"
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> ContentPolicy:
+        """Unknown or missing values mean the defaults, so a typo never blocks an account."""
+        multipart = settings.get("multipart")
+        attachments = settings.get("attachments")
+        return cls(multipart=multipart if multipart in MULTIPART_MODES else cls.multipart,
+                   attachments=attachments if attachments in ATTACHMENT_MODES
+                   else cls.attachments)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+    content_id: str | None  # without <>
+    inline: bool  # an image the HTML shows through cid:, not a file for the reader
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    subject: str
+    from_address: str | None
+    from_name: str | None
+    reply_to: list[str]
+    text: str | None
+    html: str | None
+    attachments: tuple[Attachment, ...]
+    options: MessageOptions
+    # Other X- headers, decoded, reported with events (Aldeamo custom_headers).
+    custom_headers: dict[str, str]
+    # Headers delivered with the message, as written (RFC 2047 words kept so that address
+    # lists re-parse the same way), unfolded, 8-bit bytes decoded.
+    headers: tuple[tuple[str, str], ...]
+
+
+class _HeadersAsWritten(Compat32):
+    """compat32 is the most forgiving parser; we only want header values untouched, since
+    compat32 would wrap 8-bit ones in Header objects and we decode them ourselves."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value
+
+
+_POLICY = _HeadersAsWritten()
+
+_CONTROL_PREFIXES = ("x-teenvio-", "x-mailgw-")
+_CONTROL_SWITCHES = {
+    "showcab": "show_cab",
+    "sociallinks": "social_links",
+    "language": "language",
+    "trackingopening": "track_opens",
+    "trackingclicks": "track_clicks",
+}
+_YES = frozenset({"yes", "si", "sí", "true", "1"})
+_NO = frozenset({"no", "false", "0"})
+# Everything else (Received, DKIM-Signature, Bcc, Content-*, ...) is rebuilt or must not leak.
+_DELIVERY_HEADERS = frozenset({
+    "message-id", "date", "to", "cc", "in-reply-to", "references", "keywords", "comments",
+    "importance", "priority", "sensitivity", "auto-submitted", "precedence", "organization",
+    "feedback-id",
+})
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?(.*?)\?=")
+_DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70})[ \t]*\r?$", re.MULTILINE)
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_MARKDOWN_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
+_TRAILING_SPACES = re.compile(r"[ \t]+$", re.MULTILINE)
+_CID_SRC = re.compile(r"""(\bsrc\s*=\s*)(["'])cid:(.*?)\2""", re.IGNORECASE)
+_TEMPLATE_TAG = re.compile(r"\s*\*\|tid:([^|\s]+)\|\*[ \t]?")
+
+
+def parse_message(raw: bytes) -> ParsedMessage:
+    """Everything mailgw needs from a submitted message, read as far as broken MIME allows."""
+    try:
+        return _parse(message_from_bytes(raw, policy=_POLICY))
+    except ContentRefused:
+        raise
+    except Exception as error:  # the email package has many ways to choke; none may escape
+        raise ContentRefused("message could not be parsed") from error
+
+
+def _parse(message: Message) -> ParsedMessage:
+    options, custom_headers, headers = _read_headers(message)
+    bodies, attachments = _read_parts(message)
+    senders = _addresses(message.get_all("From", []))
+    from_name, from_address = senders[0] if senders else (None, None)
+    return ParsedMessage(
+        subject=_decode_header(message.get("Subject", "")),
+        from_address=from_address,
+        from_name=from_name,
+        reply_to=[address for _, address in _addresses(message.get_all("Reply-To", []))],
+        text=bodies.get("text/plain"),
+        html=bodies.get("text/html"),
+        attachments=attachments,
+        options=options,
+        custom_headers=custom_headers,
+        headers=headers,
+    )
+
+
+def _read_headers(message: Message
+                  ) -> tuple[MessageOptions, dict[str, str], tuple[tuple[str, str], ...]]:
+    switches: dict[str, bool | int] = {}
+    custom_headers: dict[str, str] = {}
+    kept: list[tuple[str, str]] = []
+    for name, value in message.items():
+        lowered = name.lower()
+        prefix = next((p for p in _CONTROL_PREFIXES if lowered.startswith(p)), None)
+        if prefix is not None:
+            # Unknown X-Teenvio-* / X-Mailgw-* headers are dropped too: they are ours.
+            switch = _CONTROL_SWITCHES.get(lowered[len(prefix):])
+            if switch is not None:
+                switches[switch] = _switch_value(name, switch, _decode_header(value))
+        elif lowered.startswith("x-"):
+            custom_headers[name] = _decode_header(value)
+            kept.append((name, _one_line(value)))
+        elif lowered in _DELIVERY_HEADERS or lowered.startswith("list-"):
+            kept.append((name, _one_line(value)))
+    return MessageOptions(**switches), custom_headers, tuple(kept)
+
+
+def _switch_value(header: str, switch: str, value: str) -> bool | int:
+    """A value a client got wrong is refused, so it learns at once rather than from a
+    campaign sent with tracking it meant to turn off."""
+    word = value.strip().lower()
+    if switch == "language":
+        if word.isascii() and word.isdigit() and int(word) in LANGUAGES:
+            return int(word)
+        known = ", ".join(str(language) for language in sorted(LANGUAGES))
+        raise ContentRefused(f"{header} must be one of {known}, not {value[:40]!a}")
+    if word in _YES:
+        return True
+    if word in _NO:
+        return False
+    raise ContentRefused(f"{header} must be yes or no, not {value[:40]!a}")
+
+
+def _leaves(part: Message, in_alternative: bool = False) -> Iterator[tuple[Message, bool]]:
+    """Non-multipart parts in order, each with whether it is one of several alternatives."""
+    if part.get_content_maintype() != "multipart":
+        yield part, in_alternative
+        return
+    alternative = part.get_content_subtype() == "alternative"
+    children = part.get_payload() if part.is_multipart() else _guess_boundary(part)
+    for child in children:
+        yield from _leaves(child, alternative)
+
+
+def _guess_boundary(part: Message) -> list[Message]:
+    """A multipart whose boundary is missing or wrong: take the first delimiter-looking line
+    as the boundary rather than refuse the message or send its MIME as text."""
+    body = part.get_payload(decode=True) or b""
+    found = _DELIMITER_LINE.search(body)
+    if found is None:
+        return []
+    content_type = part.get_content_type().encode("utf-8", "surrogateescape")
+    header = b'Content-Type: %s; boundary="%s"\r\n\r\n' % (content_type, found.group(1))
+    rebuilt = message_from_bytes(header + body, policy=_POLICY)
+    return rebuilt.get_payload() if rebuilt.is_multipart() else []
+
+
+def _read_parts(message: Message) -> tuple[dict[str, str], tuple[Attachment, ...]]:
+    bodies: dict[str, str] = {}
+    attachments: list[Attachment] = []
+    for part, in_alternative in _leaves(message):
+        content_type = part.get_content_type()
+        readable = (part.get_content_maintype() == "text"
+                    and part.get_content_disposition() != "attachment")
+        if readable and content_type in ("text/plain", "text/html") and content_type not in bodies:
+            body = _decode_bytes(part.get_payload(decode=True) or b"", part.get_content_charset())
+            body = body.replace("\r\n", "\n").removeprefix("\ufeff")
+            if body.strip():  # a blank body is no body: the other one gets generated
+                bodies[content_type] = body
+            continue
+        if readable and in_alternative:
+            continue  # another rendering: text/x-amp-html, text/watch-html, a second text/html
+        attachments.append(_attachment(part, len(attachments) + 1))
+    return bodies, tuple(attachments)
+
+
+def _attachment(part: Message, number: int) -> Attachment:
+    content_id = _one_line(part.get("Content-ID", "")).strip("<> ") or None
+    if part.is_multipart():  # an attached message (message/rfc822) is kept as written
+        data = b"".join(child.as_bytes() for child in part.get_payload())
+    else:
+        data = part.get_payload(decode=True) or b""
+    return Attachment(
+        filename=_filename(part) or f"attachment-{number}",
+        content_type=part.get_content_type(),
+        data=data,
+        content_id=content_id,
+        inline=(content_id is not None and part.get_content_maintype() == "image"
+                and part.get_content_disposition() != "attachment"),
+    )
+
+
+def _filename(part: Message) -> str:
+    """The base name only: recipients must not see, nor storage use, a client's paths."""
+    name = part.get_filename()
+    if not name:
+        return ""
+    name = _decode_header(name).replace("\\", "/").rpartition("/")[2]
+    return "".join(char for char in name if char.isprintable()).strip()
+
+
+def _addresses(values: list[str]) -> list[tuple[str | None, str]]:
+    """(display name, addr-spec with its domain lowercased) for each address in the headers."""
+    found = []
+    for name, address in getaddresses([_one_line(value) for value in values]):
+        local, at, domain = address.rpartition("@")
+        if local and at and domain:
+            display = _decode_header(name)
+            if len(display) >= 2 and display[0] == display[-1] == '"':
+                display = display[1:-1]  # Thunderbird puts the quotes inside the encoded word
+            found.append((display or None, f"{local}@{domain.lower()}"))
+    return found
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    """The declared charset, else UTF-8, else Latin-1, which decodes anything."""
+    for codec in (_codec(charset), "utf-8"):
+        if codec is not None:
+            try:
+                return data.decode(codec)
+            except (LookupError, UnicodeError):
+                pass
+    return data.decode("latin-1")
+
+
+def _codec(charset: str | None) -> str | None:
+    if not charset:
+        return None
+    try:
+        name = codecs.lookup(charset).name
+    except (LookupError, ValueError):
+        return None
+    # As browsers do: mail labelled ISO-8859-1 is usually Windows-1252 (curly quotes, euro).
+    return "cp1252" if name == "iso8859-1" else name
+
+
+def _one_line(value: str) -> str:
+    """A header value unfolded, with raw 8-bit bytes (surrogate-escaped by the parser) decoded."""
+    if not value.isascii():
+        value = _decode_bytes(value.encode("utf-8", "surrogateescape"), None)
+    return _LINE_BREAKS.sub(" ", _FOLD.sub("", value)).strip()
+
+
+def _decode_header(value: str) -> str:
+    """RFC 2047 decoding that, unlike the email package's, survives unknown charsets and
+    8-bit headers; whitespace between adjacent encoded words is dropped (RFC 2047 6.2)."""
+    value = _one_line(value)
+    pieces: list[str] = []
+    end = 0
+    for match in _ENCODED_WORD.finditer(value):
+        between = value[end:match.start()]
+        if not (pieces and between.isspace()):
+            pieces.append(between)
+        pieces.append(_decode_word(match))
+        end = match.end()
+    pieces.append(value[end:])
+    return _LINE_BREAKS.sub(" ", "".join(pieces)).strip()
+
+
+def _decode_word(word: re.Match[str]) -> str:
+    charset, encoding, encoded = word.groups()
+    if not encoded.isascii():
+        return word.group(0)
+    try:
+        if encoding in "Qq":
+            data = binascii.a2b_qp(encoded.encode("ascii"), header=True)
+        else:
+            data = base64.b64decode(encoded + "=" * (-len(encoded) % 4))
+    except binascii.Error:
+        return word.group(0)
+    return _decode_bytes(data, charset.partition("*")[0])  # drop an RFC 2231 language
+
+
+def apply_policy(message: ParsedMessage, policy: ContentPolicy) -> ParsedMessage:
+    """S-8: refuse what the account does not accept, generate the body it lets us generate."""
+    if message.text is None and message.html is None:
+        raise ContentRefused("message has no text or HTML body")
+    if policy.attachments == "reject":
+        for attachment in message.attachments:
+            if not attachment.inline:
+                raise ContentRefused(f"Not allowed attachment type {_extension(attachment)}")
+    if message.text is not None and message.html is not None:
+        return message
+    if policy.multipart == "strict":
+        raise ContentRefused("message needs a text/plain and a text/html part")
+    if message.html is None:
+        return replace(message, html=_html_from_text(message.text))
+    return replace(message, text=_text_from_html(message.html))
+
+
+def _extension(attachment: Attachment) -> str:
+    """Devino names the refused type by file extension; without a usable one, the MIME
+    subtype. Either is safe to put in an SMTP reply."""
+    stem, dot, extension = attachment.filename.rpartition(".")
+    if stem and extension.isascii() and extension.isalnum():
+        return extension.lower()
+    return attachment.content_type.partition("/")[2] or attachment.content_type
+
+
+def _html_from_text(text: str) -> str:
+    paragraphs = (html.escape(p.strip("\n"), quote=False).replace("\n", "<br>\n")
+                  for p in _PARAGRAPH_BREAK.split(text.strip()) if p.strip())
+    body = "\n".join(f"<p>{paragraph}</p>" for paragraph in paragraphs)
+    return ('<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n</head>\n'
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _text_from_html(document: str) -> str:
+    converter = html2text.HTML2Text()
+    converter.body_width = 0  # no wrapping: recipients' clients wrap
+    converter.ignore_images = True
+    converter.unicode_snob = True
+    # Entities decoded by the parser: html2text alone turns <u>V&iacute;ctor</u> into "V íctor".
+    converter.convert_charrefs = True
+    # html2text writes Markdown; people reading text/plain need no backslash escapes, and
+    # an escaped href="[Unsubscribe]" would no longer be a merge tag. Nor do they need the
+    # two trailing spaces of Markdown's line breaks.
+    text = _MARKDOWN_ESCAPE.sub(r"\1", converter.handle(document))
+    return _TRAILING_SPACES.sub("", text).strip() + "\n"
+
+
+def replace_cid_references(html_document: str, urls: dict[str, str]) -> str:
+    """Teenvio: images embedded with cid: become images hosted at the given URLs."""
+
+    def hosted(match: re.Match[str]) -> str:
+        content_id = match.group(3)
+        url = urls.get(content_id) or urls.get(unquote(content_id))  # RFC 2392 %-encodes
+        if url is None:
+            return match.group(0)
+        return f"{match.group(1)}{match.group(2)}{html.escape(url)}{match.group(2)}"
+
+    return _CID_SRC.sub(hosted, html_document)
+
+
+def append_attachment_links(message: ParsedMessage,
+                            links: list[tuple[str, str]]) -> ParsedMessage:
+    """S-8 `links`: files reach the reader as download links instead of attachments."""
+    inline = tuple(attachment for attachment in message.attachments if attachment.inline)
+    if not links:
+        return replace(message, attachments=inline)
+    items = "".join(f'<li><a href="{html.escape(url)}">{html.escape(name)}</a></li>\n'
+                    for name, url in links)
+    block = f'<ul class="mailgw-attachments">\n{items}</ul>\n'
+    listing = "\n".join(f"{name}: {url}" for name, url in links)
+    document = message.html
+    if document is not None:
+        body_end = document.lower().rfind("</body>")
+        document = (document + block if body_end < 0
+                    else document[:body_end] + block + document[body_end:])
+    text = None if message.text is None else f"{message.text.rstrip()}\n\n{listing}\n"
+    return replace(message, attachments=inline, html=document, text=text)
+
+
+def split_template_tag(subject: str) -> tuple[str | None, str]:
+    """S-10 (Aldeamo): '*|tid:ID|* rest' selects stored template ID; the tag is not sent."""
+    match = _TEMPLATE_TAG.match(subject)
+    if match is None:
+        return None, subject
+    return match.group(1), subject[match.end():]
+
+
+def template_variables(body: str | None) -> dict[str, str]:
+    """S-10: the text body carries the template's variables as a flat JSON object; 'null'
+    means none. Numbers are kept exactly as written (a price stays '1.50')."""
+    if body is None or body.strip() in ("", "null"):
+        return {}
+    try:
+        value = json.loads(body, parse_int=str, parse_float=str, parse_constant=str)
+    except json.JSONDecodeError as error:
+        raise _bad_variables(f"{error.msg} at line {error.lineno} column {error.colno}") from None
+    except RecursionError:
+        raise _bad_variables("nested too deeply") from None
+    if not isinstance(value, dict):
+        raise _bad_variables('expected an object like {"name": "value"}')
+    variables = {}
+    for name, item in value.items():
+        if isinstance(item, dict | list):
+            raise _bad_variables(f"value of {name[:40]!a} is not a string or number")
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        variables[name] = "" if item is None else item
+    return variables
+
+
+def _bad_variables(detail: str) -> ContentRefused:
+    return ContentRefused(f"template variables are not a valid JSON object: {detail}")

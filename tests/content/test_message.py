@@ -1,0 +1,527 @@
+"""Parsing submitted messages, the S-8 content policy and S-10 template input."""
+
+import contextlib
+import random
+from dataclasses import replace
+
+from twisted.trial import unittest
+
+from mailgw.content.message import (
+    Attachment,
+    ContentPolicy,
+    ContentRefused,
+    MessageOptions,
+    append_attachment_links,
+    apply_policy,
+    parse_message,
+    replace_cid_references,
+    split_template_tag,
+    template_variables,
+)
+
+# The conversation of Teenvio's SMTP-API document, section 3.2.2, lines 022-069.
+TEENVIO_SAMPLE = b"\r\n".join([
+    b"Message-ID: <5231AC96.9010208@dominio.com>",
+    b"Date: Thu, 12 Sep 2013 13:59:18 +0200",
+    b"From: =?ISO-8859-1?Q?=22V=EDctor J=2E Chamorro=22?= <victor@dominio.com>",
+    b"X-Teenvio-SocialLinks: yes",
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86 64; rv:10.0.12) Gecko/20130116",
+    b" Thunderbird/10",
+    b"MIME-Version: 1.0",
+    b"To: usuario@dominio.com",
+    b"Subject: prueba correo simple",
+    b"Content-Type: multipart/alternative;",
+    b' boundary="-----050004090406000109090608"',
+    b"",
+    b"This is a multi-part message in MIME format.",
+    b"-------050004090406000109090608",
+    b"Content-Type: text/plain; charset=ISO-8859-1; format=flowed",
+    b"Content-Transfer-Encoding: 8bit",
+    b"",
+    b"Buenas,",
+    b"",
+    b"Esto es un email *html* para probar el servidor smtp-api de teenvio",
+    b"Un saludo,",
+    b"",
+    b"_Victor J. Chamorro_ - teenvio.com",
+    b"",
+    b"",
+    b"-------050004090406000109090608",
+    b"Content-Type: text/html; charset=ISO-8859-1",
+    b"Content-Transfer-Encoding: 7bit",
+    b"",
+    b"<html>",
+    b"<head>",
+    b'<meta http-equiv="content-type" content="text/html; charset=ISO-8859-1">',
+    b"</head>",
+    b'<body bgcolor="#FFFFFF" text="#000000">',
+    b"Buenas,<br>",
+    b"Esto es un email <b>html</b> para probar el servidor smtp-api de teenvio<br>",
+    b"<u>V&iacute;ctor J. Chamorro</u> - teenvio.com<br>",
+    b"</body>",
+    b"</html>",
+    b"",
+    b"-------050004090406000109090608--",
+    b"",
+])
+
+
+def message(*headers: bytes, body: bytes = b"Hola") -> bytes:
+    """The given headers and body, with a From, Subject and Content-Type unless given."""
+    lines = list(headers)
+    for default in (b"From: a@example.com", b"Subject: s",
+                    b"Content-Type: text/plain; charset=utf-8"):
+        name = default.partition(b":")[0].lower() + b":"
+        if not any(header.lower().startswith(name) for header in headers):
+            lines.append(default)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def multipart(subtype: bytes, *parts: bytes, boundary: bytes = b"b0") -> bytes:
+    """A multipart body built from parts given as 'headers\\r\\n\\r\\nbody'."""
+    delimited = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
+    return b"Content-Type: multipart/%s; boundary=\"%s\"\r\n\r\n%s--%s--\r\n" % (
+        subtype, boundary, delimited, boundary)
+
+
+def top(body: bytes, *headers: bytes) -> bytes:
+    """A whole message whose top-level part is body (which starts with its Content-Type)."""
+    return b"\r\n".join([b"From: a@example.com", b"Subject: s", *headers]) + b"\r\n" + body
+
+
+TEXT = b"Content-Type: text/plain; charset=utf-8\r\n\r\nplain body"
+HTML = b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>html body</p>"
+PDF = (b'Content-Type: application/pdf\r\nContent-Disposition: attachment; filename="Factura.PDF"'
+       b"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=")
+LOGO = (b"Content-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Disposition: inline\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\niVBORw==")
+
+
+def parsed(text="t", html="<p>h</p>", attachments=()):
+    """A ParsedMessage for policy tests, without going through MIME."""
+    base = parse_message(message())
+    return replace(base, text=text, html=html, attachments=tuple(attachments))
+
+
+def attachment(filename, content_type="application/pdf", inline=False, content_id=None):
+    return Attachment(filename, content_type, b"data", content_id, inline)
+
+
+class TeenvioSampleTests(unittest.TestCase):
+    def setUp(self):
+        self.message = parse_message(TEENVIO_SAMPLE)
+
+    def test_subject_and_sender(self):
+        self.assertEqual(self.message.subject, "prueba correo simple")
+        self.assertEqual(self.message.from_address, "victor@dominio.com")
+        self.assertEqual(self.message.from_name, "Víctor J. Chamorro")
+
+    def test_bodies(self):
+        self.assertIn("Buenas,", self.message.text)
+        self.assertNotIn("\r", self.message.text)
+        self.assertIn("<b>html</b>", self.message.html)
+        self.assertIn("V&iacute;ctor", self.message.html)
+        self.assertEqual(self.message.attachments, ())
+
+    def test_control_header_read_and_removed(self):
+        self.assertEqual(self.message.options, MessageOptions(social_links=True))
+        names = [name.lower() for name, _ in self.message.headers]
+        self.assertNotIn("x-teenvio-sociallinks", names)
+        self.assertEqual(self.message.custom_headers, {})
+
+    def test_headers_kept_for_delivery(self):
+        self.assertEqual(self.message.headers, (
+            ("Message-ID", "<5231AC96.9010208@dominio.com>"),
+            ("Date", "Thu, 12 Sep 2013 13:59:18 +0200"),
+            ("To", "usuario@dominio.com")))
+
+    def test_generated_text_decodes_entities(self):
+        generated = apply_policy(replace(self.message, text=None), ContentPolicy())
+        self.assertIn("Víctor J. Chamorro", generated.text)
+        self.assertIn("**html**", generated.text)
+
+
+class CharsetTests(unittest.TestCase):
+    def body(self, content_type: bytes, data: bytes, *headers: bytes) -> str:
+        return parse_message(message(b"Content-Type: " + content_type, *headers, body=data)).text
+
+    def test_declared_latin1(self):
+        self.assertEqual(self.body(b"text/plain; charset=ISO-8859-1", b"V\xedctor"), "Víctor")
+
+    def test_latin1_label_read_as_windows_1252(self):
+        self.assertEqual(self.body(b"text/plain; charset=iso-8859-1", b"\x93hola\x94 5\x80"),
+                         "\u201chola\u201d 5\u20ac")
+
+    def test_koi8r(self):
+        self.assertEqual(self.body(b"text/plain; charset=koi8-r", "Привет".encode("koi8-r")),
+                         "Привет")
+
+    def test_undeclared_8bit_utf8(self):
+        self.assertEqual(self.body(b"text/plain", "Víctor ñ".encode()), "Víctor ñ")
+
+    def test_unknown_charset_falls_back_to_utf8_then_latin1(self):
+        self.assertEqual(self.body(b"text/plain; charset=x-nonsense", "ñ".encode()), "ñ")
+        self.assertEqual(self.body(b"text/plain; charset=x-nonsense", b"\xf1"), "ñ")
+
+    def test_wrong_charset_falls_back(self):
+        self.assertEqual(self.body(b"text/plain; charset=utf-8", b"caf\xe9"), "café")
+        self.assertEqual(self.body(b"text/plain; charset=base64", b"caf\xe9"), "café")
+
+    def test_transfer_encodings(self):
+        self.assertEqual(self.body(b"text/plain; charset=utf-8", b"caf=C3=A9 =\r\nok",
+                                   b"Content-Transfer-Encoding: quoted-printable"), "café ok")
+        self.assertEqual(self.body(b"text/plain; charset=utf-8", b"Y2Fmw6k=",
+                                   b"Content-Transfer-Encoding: base64"), "café")
+
+    def test_byte_order_mark_dropped(self):
+        self.assertEqual(self.body(b"text/plain; charset=utf-8", b"\xef\xbb\xbfhi"), "hi")
+
+    def test_single_part_html(self):
+        result = parse_message(message(b"Content-Type: text/html", body=b"<p>hi</p>"))
+        self.assertEqual((result.text, result.html), (None, "<p>hi</p>"))
+
+    def test_blank_body_counts_as_missing(self):
+        self.assertIsNone(parse_message(message(body=b"  \r\n")).text)
+
+
+class HeaderDecodingTests(unittest.TestCase):
+    def test_encoded_words_folded_and_joined(self):
+        raw = message(b"Subject: =?utf-8?q?Hola_se=C3=B1or?=\r\n =?iso-8859-1?b?IOFiY2Q=?= fin")
+        self.assertEqual(parse_message(raw).subject, "Hola señor ábcd fin")
+
+    def test_plain_subject_unfolded(self):
+        self.assertEqual(parse_message(message(b"Subject: one\r\n two")).subject, "one two")
+
+    def test_8bit_subject(self):
+        self.assertEqual(parse_message(message("Subject: Año ñ".encode())).subject, "Año ñ")
+        self.assertEqual(parse_message(message(b"Subject: A\xf1o")).subject, "Año")
+
+    def test_broken_encoded_words(self):
+        for encoded, decoded in [(b"=?x-unknown?q?caf=E9?=", "café"),
+                                 (b"a =?utf-8?b?Q?= b", "a =?utf-8?b?Q?= b"),
+                                 (b"=?utf-8?q?one=0D=0ABcc:_x?=", "one Bcc: x")]:
+            self.assertEqual(parse_message(message(b"Subject: " + encoded)).subject, decoded)
+
+    def test_first_subject_wins_and_missing_subject_is_empty(self):
+        self.assertEqual(parse_message(b"Subject: a\r\nSubject: b\r\n\r\nx").subject, "a")
+        self.assertEqual(parse_message(b"\r\nx").subject, "")
+
+    def test_addresses(self):
+        raw = message(b"Reply-To: One <One@Example.COM>, two@Example.org",
+                      b'From: "Doe, Jane" <Jane@EXAMPLE.com>')
+        result = parse_message(raw)
+        self.assertEqual(result.reply_to, ["One@example.com", "two@example.org"])
+        self.assertEqual((result.from_name, result.from_address),
+                         ("Doe, Jane", "Jane@example.com"))
+
+    def test_missing_or_bad_from(self):
+        self.assertIsNone(parse_message(b"Subject: x\r\n\r\nbody").from_address)
+        result = parse_message(b"From: nobody\r\n\r\nbody")
+        self.assertEqual((result.from_address, result.from_name), (None, None))
+
+    def test_huge_header(self):
+        result = parse_message(message(b"Subject: " + b"x" * 200_000))
+        self.assertEqual(len(result.subject), 200_000)
+
+
+class ControlHeaderTests(unittest.TestCase):
+    def options(self, *headers: bytes) -> MessageOptions:
+        return parse_message(message(*headers)).options
+
+    def test_defaults(self):
+        self.assertEqual(self.options(), MessageOptions(True, False, 3, True, True))
+
+    def test_each_switch_under_both_names(self):
+        cases = [(b"ShowCab: no", "show_cab", False), (b"SocialLinks: yes", "social_links", True),
+                 (b"Language: 4", "language", 4), (b"TrackingOpening: no", "track_opens", False),
+                 (b"TrackingClicks: no", "track_clicks", False)]
+        for prefix in (b"X-Teenvio-", b"X-Mailgw-"):
+            for header, field, expected in cases:
+                options = self.options(prefix + header)
+                self.assertEqual(getattr(options, field), expected, prefix + header)
+
+    def test_names_and_values_case_insensitive(self):
+        self.assertFalse(self.options(b"x-teenvio-showcab: NO").show_cab)
+        self.assertTrue(self.options("X-MAILGW-SOCIALLINKS: Sí".encode()).social_links)
+        for value in (b"si", b"TRUE", b"1", b" yes "):
+            self.assertTrue(self.options(b"X-Teenvio-SocialLinks: " + value).social_links)
+        for value in (b"false", b"0"):
+            self.assertFalse(self.options(b"X-Teenvio-TrackingClicks: " + value).track_clicks)
+
+    def test_every_language(self):
+        for language in (3, 4, 5, 6, 7, 8, 11, 13, 14, 15, 16, 17, 18):
+            header = b"X-Teenvio-Language: %d" % language
+            self.assertEqual(self.options(header).language, language)
+
+    def test_unknown_language_refused(self):
+        for value in (b"9", b"es", b"", b"\xd9\xa3"):
+            error = self.assertRaises(ContentRefused, parse_message,
+                                      message(b"X-Teenvio-Language: " + value))
+            self.assertIn("X-Teenvio-Language must be one of 3, 4, 5", str(error))
+
+    def test_bad_switch_refused(self):
+        error = self.assertRaises(ContentRefused, parse_message,
+                                  message(b"X-Mailgw-ShowCab: maybe"))
+        self.assertEqual(str(error), "X-Mailgw-ShowCab must be yes or no, not 'maybe'")
+
+    def test_control_headers_never_kept(self):
+        result = parse_message(message(b"X-Teenvio-ShowCab: no", b"X-Mailgw-TrackingClicks: no",
+                                       b"X-Teenvio-Unknown: 1", b"X-Campaign: verano"))
+        self.assertEqual(result.custom_headers, {"X-Campaign": "verano"})
+        self.assertEqual(result.headers, (("X-Campaign", "verano"),))
+
+
+class KeptHeaderTests(unittest.TestCase):
+    def test_custom_headers_decoded_and_kept_as_written(self):
+        result = parse_message(message(b"X-Tag: =?utf-8?q?ni=C3=B1o?=", b"x-order-ID: 42"))
+        self.assertEqual(result.custom_headers, {"X-Tag": "niño", "x-order-ID": "42"})
+        self.assertIn(("X-Tag", "=?utf-8?q?ni=C3=B1o?="), result.headers)
+
+    def test_delivery_headers_only(self):
+        result = parse_message(message(
+            b"Received: from x", b"DKIM-Signature: v=1", b"Bcc: secret@example.com",
+            b"MIME-Version: 1.0", b"In-Reply-To: <a@b>", b"List-Unsubscribe: <mailto:u@x>",
+            b"Cc: c@example.com"))
+        self.assertEqual(result.headers, (("In-Reply-To", "<a@b>"),
+                                          ("List-Unsubscribe", "<mailto:u@x>"),
+                                          ("Cc", "c@example.com")))
+
+
+class StructureTests(unittest.TestCase):
+    def test_mixed_alternative_with_attachment(self):
+        raw = top(multipart(b"mixed", multipart(b"alternative", TEXT, HTML, boundary=b"b1"), PDF))
+        result = parse_message(raw)
+        self.assertEqual((result.text, result.html), ("plain body", "<p>html body</p>"))
+        self.assertEqual(result.attachments, (
+            Attachment("Factura.PDF", "application/pdf", b"%PDF-", None, False),))
+
+    def test_related_inline_image(self):
+        related = multipart(b"related", HTML, LOGO, boundary=b"b2")
+        result = parse_message(top(multipart(b"alternative", TEXT, related)))
+        self.assertEqual(result.html, "<p>html body</p>")
+        [logo] = result.attachments
+        self.assertEqual((logo.content_id, logo.inline, logo.filename),
+                         ("logo@x", True, "attachment-1"))
+
+    def test_image_attached_with_content_id_is_not_inline(self):
+        image = LOGO.replace(b"inline", b'attachment; filename="logo.png"')
+        [logo] = parse_message(top(multipart(b"mixed", HTML, image))).attachments
+        self.assertEqual((logo.inline, logo.content_id, logo.filename),
+                         (False, "logo@x", "logo.png"))
+
+    def test_file_with_content_id_is_not_inline(self):
+        exe = b"Content-Type: application/octet-stream\r\nContent-ID: <x@y>\r\n\r\nMZ"
+        [part] = parse_message(top(multipart(b"related", HTML, exe))).attachments
+        self.assertFalse(part.inline)
+
+    def test_text_attachment_is_not_the_body(self):
+        notes = b'Content-Type: text/plain\r\nContent-Disposition: attachment; filename="a.txt"'
+        result = parse_message(top(multipart(b"mixed", HTML, notes + b"\r\n\r\nnotes")))
+        self.assertIsNone(result.text)
+        self.assertEqual(result.attachments[0].filename, "a.txt")
+
+    def test_first_bodies_win_and_other_alternatives_dropped(self):
+        watch = b"Content-Type: text/watch-html\r\n\r\n<b>watch</b>"
+        second = b"Content-Type: text/plain\r\n\r\nsecond"
+        result = parse_message(top(multipart(b"alternative", TEXT, second, watch, HTML)))
+        self.assertEqual((result.text, result.html, result.attachments),
+                         ("plain body", "<p>html body</p>", ()))
+
+    def test_attached_message_is_an_attachment(self):
+        forwarded = b"Content-Type: message/rfc822\r\n\r\nSubject: old\r\n\r\nold body"
+        result = parse_message(top(multipart(b"mixed", TEXT, forwarded)))
+        self.assertEqual(result.text, "plain body")
+        [part] = result.attachments
+        self.assertEqual(part.content_type, "message/rfc822")
+        self.assertIn(b"old body", part.data)
+
+    def test_filenames_decoded_and_without_paths(self):
+        names = [b'filename="=?utf-8?q?ma=C3=B1ana.pdf?="',
+                 b"filename*=utf-8''r%C3%A9sum%C3%A9.pdf",
+                 b'filename="C:\\\\Users\\\\me\\\\secret.pdf"',
+                 b'filename="../../etc/passwd"']
+        parts = [b"Content-Type: application/pdf\r\nContent-Disposition: attachment; " + name
+                 + b"\r\n\r\nx" for name in names]
+        result = parse_message(top(multipart(b"mixed", TEXT, *parts)))
+        self.assertEqual([a.filename for a in result.attachments],
+                         ["mañana.pdf", "résumé.pdf", "secret.pdf", "passwd"])
+
+
+class BrokenMessageTests(unittest.TestCase):
+    def assertParsesOrRefuses(self, raw: bytes) -> None:
+        with contextlib.suppress(ContentRefused):
+            parse_message(raw)
+
+    def test_binary_garbage(self):
+        generator = random.Random(8)
+        for _ in range(200):
+            garbage = bytes(generator.getrandbits(8) for _ in range(generator.randrange(300)))
+            self.assertParsesOrRefuses(garbage)
+            self.assertParsesOrRefuses(TEENVIO_SAMPLE[:700] + garbage + TEENVIO_SAMPLE[700:])
+
+    def test_empty_and_headers_only(self):
+        self.assertIsNone(parse_message(b"").text)
+        self.assertIsNone(parse_message(b"Subject: only headers\r\n").text)
+
+    def test_missing_boundary_is_guessed(self):
+        raw = top(multipart(b"alternative", TEXT, HTML).replace(b'; boundary="b0"', b""))
+        result = parse_message(raw)
+        self.assertEqual((result.text, result.html), ("plain body", "<p>html body</p>"))
+
+    def test_wrong_boundary_is_guessed(self):
+        raw = top(multipart(b"mixed", TEXT, PDF).replace(b'boundary="b0"', b'boundary="zz"'))
+        result = parse_message(raw)
+        self.assertEqual((result.text, len(result.attachments)), ("plain body", 1))
+
+    def test_multipart_without_any_delimiter(self):
+        result = parse_message(top(b"Content-Type: multipart/mixed\r\n\r\njust text"))
+        self.assertEqual((result.text, result.html, result.attachments), (None, None, ()))
+
+    def test_truncated_message(self):
+        raw = top(multipart(b"mixed", TEXT, PDF))
+        for end in range(0, len(raw), 7):
+            self.assertParsesOrRefuses(raw[:end])
+
+    def test_bad_base64_and_bad_content_type(self):
+        raw = message(b"Content-Type: text/plain; charset=utf-8; ;;",
+                      b"Content-Transfer-Encoding: base64", body=b"Y2Fm!!!w6k")
+        self.assertEqual(parse_message(raw).text, "café")
+        self.assertEqual(parse_message(message(b"Content-Type: ???", body=b"x")).text, "x")
+
+    def test_absurd_nesting_refused(self):
+        depth = 3000
+        raw = b"".join(b'Content-Type: multipart/mixed; boundary="%d"\r\n\r\n--%d\r\n' % (i, i)
+                       for i in range(depth))
+        self.assertParsesOrRefuses(top(raw + TEXT))
+
+
+class PolicyTests(unittest.TestCase):
+    def test_from_settings(self):
+        policy = ContentPolicy.from_settings({"multipart": "strict", "attachments": "links"})
+        self.assertEqual(policy, ContentPolicy("strict", "links"))
+        self.assertEqual(ContentPolicy.from_settings({}), ContentPolicy("generate", "keep"))
+        unknown = {"multipart": "lenient", "attachments": ["reject"]}
+        self.assertEqual(ContentPolicy.from_settings(unknown), ContentPolicy())
+
+    def test_no_body_refused_in_both_modes(self):
+        for mode in ("strict", "generate"):
+            error = self.assertRaises(ContentRefused, apply_policy,
+                                      parsed(text=None, html=None), ContentPolicy(mode))
+            self.assertEqual(str(error), "message has no text or HTML body")
+
+    def test_strict(self):
+        for missing in ({"text": None}, {"html": None}):
+            error = self.assertRaises(ContentRefused, apply_policy, parsed(**missing),
+                                      ContentPolicy("strict"))
+            self.assertEqual(str(error), "message needs a text/plain and a text/html part")
+        complete = parsed()
+        self.assertIs(apply_policy(complete, ContentPolicy("strict")), complete)
+
+    def test_generate_html_from_text(self):
+        result = apply_policy(parsed(text="Hola <amigo> & co\nline 2\n\n\nPara 2", html=None),
+                              ContentPolicy())
+        self.assertIn('<meta charset="utf-8">', result.html)
+        self.assertIn("<p>Hola &lt;amigo&gt; &amp; co<br>\nline 2</p>\n<p>Para 2</p>",
+                      result.html)
+        self.assertEqual(result.text, "Hola <amigo> & co\nline 2\n\n\nPara 2")
+
+    def test_generate_text_from_html(self):
+        long_line = "palabra " * 40
+        document = (f'<html><head><style>p {{ color: red; }}</style></head><body><p>{long_line}'
+                    '</p><p>1. Baja <a href="[Unsubscribe]">aqu&iacute;</a> '
+                    '<a href="https://x.example/a?b=1&amp;c=2">web</a> {nombre}</p></body></html>')
+        text = apply_policy(parsed(text=None, html=document), ContentPolicy()).text
+        self.assertIn(long_line.strip() + "\n", text)
+        self.assertIn("1. Baja [aquí]([Unsubscribe]) [web](https://x.example/a?b=1&c=2) {nombre}",
+                      text)
+        self.assertNotIn("color", text)
+
+    def test_reject_names_the_extension(self):
+        for name, content_type, extension in [("Factura.PDF", "application/pdf", "pdf"),
+                                              ("a.tar.gz", "application/gzip", "gz"),
+                                              ("attachment-1", "application/zip", "zip"),
+                                              ("x.ñ", "image/png", "png")]:
+            message = parsed(attachments=[attachment(name, content_type)])
+            error = self.assertRaises(ContentRefused, apply_policy, message,
+                                      ContentPolicy(attachments="reject"))
+            self.assertEqual(str(error), f"Not allowed attachment type {extension}")
+
+    def test_reject_allows_inline_images(self):
+        message = parsed(attachments=[attachment("logo.png", "image/png", True, "logo")])
+        self.assertIs(apply_policy(message, ContentPolicy(attachments="reject")), message)
+
+    def test_keep_and_links_leave_attachments(self):
+        message = parsed(attachments=[attachment("a.pdf")])
+        for mode in ("keep", "links"):
+            self.assertIs(apply_policy(message, ContentPolicy(attachments=mode)), message)
+
+
+class CidTests(unittest.TestCase):
+    def test_both_quotes_and_any_case(self):
+        html = """<img src="cid:logo@x"><IMG SRC = 'CID:logo@x'>"""
+        self.assertEqual(replace_cid_references(html, {"logo@x": "https://h/l.png"}),
+                         """<img src="https://h/l.png"><IMG SRC = 'https://h/l.png'>""")
+
+    def test_unknown_left_alone_and_url_escaped(self):
+        html = '<img src="cid:other"><img src="cid:a%40b">'
+        self.assertEqual(replace_cid_references(html, {"a@b": "https://h/i?x=1&y=2"}),
+                         '<img src="cid:other"><img src="https://h/i?x=1&amp;y=2">')
+
+
+class AttachmentLinkTests(unittest.TestCase):
+    def setUp(self):
+        logo = attachment("logo.png", "image/png", True, "logo")
+        self.message = parsed(text="Hola\n", html="<html><body><p>Hola</p></BODY></html>",
+                              attachments=[attachment("a.pdf"), logo])
+        self.links = [("a<1>.pdf", "https://h/a?x=1&y=2")]
+
+    def test_links_before_body_end(self):
+        result = append_attachment_links(self.message, self.links)
+        self.assertEqual(result.html, '<html><body><p>Hola</p><ul class="mailgw-attachments">\n'
+                         '<li><a href="https://h/a?x=1&amp;y=2">a&lt;1&gt;.pdf</a></li>\n'
+                         "</ul>\n</BODY></html>")
+        self.assertEqual(result.text, "Hola\n\na<1>.pdf: https://h/a?x=1&y=2\n")
+        self.assertEqual([a.filename for a in result.attachments], ["logo.png"])
+
+    def test_fragment_without_body(self):
+        result = append_attachment_links(replace(self.message, html="<p>x</p>"), self.links)
+        self.assertTrue(result.html.startswith("<p>x</p><ul"))
+
+    def test_no_links(self):
+        result = append_attachment_links(self.message, [])
+        self.assertEqual((result.html, result.text), (self.message.html, self.message.text))
+        self.assertEqual(len(result.attachments), 1)
+
+
+class TemplateTests(unittest.TestCase):
+    def test_split_template_tag(self):
+        self.assertEqual(split_template_tag("*|tid:42eqy7oaigql|* Hola {nombre}"),
+                         ("42eqy7oaigql", "Hola {nombre}"))
+        self.assertEqual(split_template_tag("  *|tid:t1|*  two spaces"), ("t1", " two spaces"))
+        self.assertEqual(split_template_tag("*|tid:t1|*"), ("t1", ""))
+
+    def test_no_tag(self):
+        for subject in ("Hola", "Re: *|tid:t1|* x", "*|tid:|* x", ""):
+            self.assertEqual(split_template_tag(subject), (None, subject))
+
+    def test_variables(self):
+        body = '{"nombre": "Ana", "var 3": "x", "precio": 1.50, "n": 2, "ok": true, "no": null}'
+        self.assertEqual(template_variables(body), {"nombre": "Ana", "var 3": "x", "precio": "1.50",
+                                                    "n": "2", "ok": "true", "no": ""})
+
+    def test_no_variables(self):
+        for body in (None, "", "null", " null\n", "\n"):
+            self.assertEqual(template_variables(body), {})
+
+    def test_bad_variables(self):
+        for body, detail in [('{"a": ', "Expecting value at line 1 column 7"),
+                             ("nul", "Expecting value"),
+                             ('["a"]', "expected an object"),
+                             ('"a"', "expected an object"),
+                             ('{"a": {"b": 1}}', "value of 'a' is not a string or number"),
+                             ('{"a": [1]}', "value of 'a'"),
+                             ("[" * 100_000, "")]:
+            error = self.assertRaises(ContentRefused, template_variables, body)
+            self.assertTrue(str(error).startswith(
+                "template variables are not a valid JSON object: "), str(error))
+            self.assertIn(detail, str(error))
