@@ -29,6 +29,8 @@ class SMTPConfig:
     # Listeners that speak TLS from the first byte (S-1): 46500.
     implicit_tls_listeners: list[str] = field(default_factory=lambda: ["tcp:46500"])
     max_message_size: int = 512000
+    # Recipients accepted in one transaction (more get 452 4.5.3).
+    max_recipients: int = 1000
     # Seconds an idle session may stay open before it is closed.
     idle_timeout: int = 300
     # Allow AUTH on a plain connection from anywhere (S-2); loopback always may.
@@ -179,6 +181,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
 def _check_values(config: Config) -> None:
     positive = {
         "smtp.max_message_size": config.smtp.max_message_size,
+        "smtp.max_recipients": config.smtp.max_recipients,
         "smtp.idle_timeout": config.smtp.idle_timeout,
         "database.pool_size": config.database.pool_size,
         "delivery.batch_size": config.delivery.batch_size,

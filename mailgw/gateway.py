@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.cred.portal import Portal
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -24,11 +25,16 @@ from mailgw.config import Config
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
 from mailgw.errors import StartupError
 from mailgw.http.ops import OperationsApp
+from mailgw.smtp.auth import AccountCredentialsChecker, AuthThrottle, SubmissionRealm
 from mailgw.smtp.protocol import SubmissionFactory
 from mailgw.store import Stores
 from mailgw.store.database import Database
 from mailgw.store.migrations import available_migrations, migrate_txn
+from mailgw.submit.service import SubmissionService
 from mailgw.tlscert import ensure_self_signed, server_tls_options
+
+# How long a stop waits for SMTP sessions in the middle of a command.
+SHUTDOWN_GRACE_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Gateway(service.MultiService):
         self.database: Database | None = None
         self.stores: Stores | None = None
         self.listeners: list[Listener] = []
+        self.smtp_factory: SubmissionFactory | None = None
         self.ready: defer.Deferred[Gateway] = defer.Deferred()
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
@@ -94,8 +101,7 @@ class Gateway(service.MultiService):
         self.database = await open_database(self.config, self.reactor)
         self.stores = Stores.on(self.database)
 
-        smtp_factory = SubmissionFactory(self.config.hostname, tls_options, self.clock,
-                                         self.config.smtp.idle_timeout)
+        smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
         site = server.Site(OperationsApp(self.database).app.resource())
         site.displayTracebacks = False
@@ -109,6 +115,20 @@ class Gateway(service.MultiService):
             await self._listen(key, description, factory)
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
+
+    def _smtp_factory(self, tls_options) -> SubmissionFactory:
+        smtp = self.config.smtp
+        checker = AccountCredentialsChecker(self.stores.accounts, self._run_in_thread)
+        return SubmissionFactory(
+            self.config.hostname, tls_options, self.clock, smtp.idle_timeout,
+            portal=Portal(SubmissionRealm(self.stores.accounts), [checker]),
+            service=SubmissionService(self.stores, self.config.http.public_base_url),
+            throttle=AuthThrottle(self.clock), max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth)
+
+    def _run_in_thread(self, fn, *args):
+        """CPU-heavy work (password hashing) off the reactor thread."""
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def _prepare_state_dir(self) -> None:
         state = self.config.state_path
@@ -146,6 +166,9 @@ class Gateway(service.MultiService):
         listeners, self.listeners = self.listeners, []
         await defer.gatherResults([defer.maybeDeferred(listener.port.stopListening)
                                    for listener in listeners])
+        if self.smtp_factory is not None:
+            await self.smtp_factory.shutdown(SHUTDOWN_GRACE_SECONDS)
+            self.smtp_factory = None
         if self.database is not None:
             self.database.close()
             self.database = None

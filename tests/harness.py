@@ -133,9 +133,9 @@ def gateway_config(test: unittest.TestCase, dsn: str, **changes: Any) -> Config:
     ).replace(**changes)
 
 
-async def start_gateway(test: unittest.TestCase, config: Config) -> Gateway:
-    """A running Gateway, stopped when the test ends."""
-    gateway = Gateway(config, reactor)
+async def start_gateway(test: unittest.TestCase, config: Config, clock=None) -> Gateway:
+    """A running Gateway, stopped when the test ends; `clock` drives its timers."""
+    gateway = Gateway(config, reactor, clock)
     gateway.startService()
     test.addCleanup(gateway.stopService)
     await gateway.ready

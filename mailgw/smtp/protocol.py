@@ -1,32 +1,574 @@
-"""The ESMTP submission server: one factory serves every listener (S-1)."""
+"""The ESMTP submission server (S-1 to S-15): one factory serves every listener.
+
+`SubmissionProtocol` keeps twisted.mail's ESMTP for the greeting, replies,
+STARTTLS and the idle timeout, and replaces the command handling:
+
+- a command that waits for the database (AUTH, MAIL, RCPT, end of DATA)
+  pauses the input until its reply is sent, so pipelined commands are
+  answered in order (PIPELINING);
+- DATA is read in raw mode and scanned for the final dot in whole chunks,
+  never kept past the size limit (S-5), instead of one Python call per line;
+- every reply comes from `replies`, and the end of DATA answers with the
+  send id (S-12) only after the submission is committed.
+"""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import ipaddress
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+
+from twisted.cred import error as cred_error
+from twisted.internet import defer, interfaces
+from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols import basic
+from twisted.python.failure import Failure
 
+from mailgw.content.message import (
+    ContentRefused,
+    parse_message,
+    split_template_tag,
+    template_variables,
+)
+from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp import replies
+from mailgw.smtp.auth import (
+    MECHANISMS,
+    AuthThrottle,
+    ISubmissionAccount,
+    SubmissionAccount,
+    decode_response,
+)
+from mailgw.store.contacts import ContactLimitReached
+from mailgw.store.submissions import QueuedRecipient, QuotaExceeded
+from mailgw.submit.addresses import InvalidAddress
+from mailgw.submit.service import DisallowedSender, Submission, SubmissionService
+
+_PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
+                   rb"(?P<params>(?:\s+\S+)*)\s*$", re.IGNORECASE)
+_DATA_END = re.compile(rb"\n\.\r?\n")
+_DOT_STUFFED = re.compile(rb"(^|\n)\.")
+_COMMAND, _AUTH = "COMMAND", "AUTH"
 
 
-class SubmissionProtocol(smtp.ESMTP):
-    """One SMTP session.  The reactor's callLater comes from the factory's clock."""
+class DataCollector:
+    """The message text of one DATA: up to the line holding only a dot.
+
+    Lines may end in CRLF or a bare LF.  Past `limit` bytes the text is
+    dropped (the reply will be 552) but the final dot is still looked for.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._chunks: list[bytes] = []
+        # The last byte kept: the terminator "\n.\n" starts with the end of the previous
+        # line, and the start of DATA counts as one.
+        self._last = b"\n"
+        # Received but not kept yet: "." or ".\r" that may begin the terminator.
+        self._pending = b""
+
+    @property
+    def overflowed(self) -> bool:
+        return self.size > self.limit
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take more data; once the final dot is seen, returns what follows it."""
+        region = self._last + self._pending + data
+        match = _DATA_END.search(region)
+        if match is not None:
+            self._keep(region[1:match.start() + 1])
+            return region[match.end():]
+        hold = 2 if region.endswith(b"\n.\r") else 1 if region.endswith(b"\n.") else 0
+        self._keep(region[1:len(region) - hold])
+        self._pending = region[len(region) - hold:]
+        self._last = region[len(region) - hold - 1:len(region) - hold]
+        return None
+
+    def _keep(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.overflowed:
+            self._chunks = []
+        elif data:
+            self._chunks.append(data)
+
+    def message(self) -> bytes:
+        return _DOT_STUFFED.sub(rb"\1", b"".join(self._chunks))
+
+
+class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
+    """twisted.mail's SMTP reads with LineOnlyReceiver; LineReceiver adds the raw
+    mode that DATA uses and the pausing that keeps pipelined replies in order."""
+
+    log = Logger()
+    # Bare LF ends a command as well as CRLF (clients such as the Teenvio PHP example).
+    delimiter = b"\n"
+    MAX_LENGTH = 4096
+    max_errors = 20
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = _COMMAND
+        self.account: SubmissionAccount | None = None
+        self.errors = 0
+        self.messages = 0
+        self.recipients_total = 0
+        self._exchange = None
+        self._collector: DataCollector | None = None
+        self._started = time.monotonic()
+        self._closing = False
+        self._busy = False
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._reset_transaction()
+
+    # -- connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        super().connectionMade()
+        self.peer_ip = getattr(self.transport.getPeer(), "host", "")
+        self.factory.sessions.add(self)
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        self.setTimeout(None)
+        self.factory.sessions.discard(self)
+        self.closed.callback(None)
+        self.log.info(
+            "smtp session from {ip}: user={user} messages={messages} recipients={recipients}"
+            " errors={errors} {seconds:.1f}s", ip=self.peer_ip,
+            user=self.account.username if self.account else "-", messages=self.messages,
+            recipients=self.recipients_total, errors=self.errors,
+            seconds=time.monotonic() - self._started)
 
     def greeting(self) -> bytes:
         return self.host + b" " + replies.BANNER
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        self.reply(replies.IDLE_TIMEOUT)
+        self.transport.loseConnection()
+
+    @property
+    def secure(self) -> bool:
+        return self.startedTLS or interfaces.ISSLTransport.providedBy(self.transport)
+
+    def _auth_allowed(self) -> bool:
+        """S-2: AUTH only over TLS, unless on loopback or allowed by the operator."""
+        return self.secure or self.factory.allow_plaintext_auth or _is_loopback(self.peer_ip)
+
+    def reply(self, reply: replies.Reply) -> None:
+        self.sendCode(*reply)
+
+    def sendLine(self, line: bytes) -> None:  # noqa: N802
+        """Replies always end in CRLF, whatever ends the client's lines."""
+        self.transport.write(line + b"\r\n")
+
+    def shutdown(self) -> None:
+        """Graceful stop: close now if idle, else right after the pending reply."""
+        self._closing = True
+        if not self._busy and self.mode == _COMMAND and self._collector is None:
+            self._close_for_shutdown()
+
+    def _close_for_shutdown(self) -> None:
+        self.reply(replies.SHUTTING_DOWN)
+        self.transport.loseConnection()
+
+    # -- input ------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
+        line = line.rstrip(b"\r")
+        if self.mode == _AUTH:
+            self._auth_response(line)
+            return
+        verb, _, rest = line.strip().partition(b" ")
+        if not verb:
+            self._error(replies.SYNTAX_ERROR)
+            return
+        handler = self._COMMANDS.get(verb.upper())
+        if handler is None:
+            self._error(replies.INVALID_COMMAND)
+            return
+        handler(self, rest.strip())
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        self._error(replies.LINE_TOO_LONG)
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
+        rest = self._collector.feed(data)
+        if rest is not None:
+            collector, self._collector = self._collector, None
+            # Inside dataReceived this only queues `rest`; it is read once the reply is out.
+            self.setLineMode(rest)
+            self._run(self._end_of_data(collector))
+
+    def _error(self, reply: replies.Reply) -> None:
+        self.errors += 1
+        if self.errors > self.max_errors:
+            self.reply(replies.TOO_MANY_ERRORS)
+            self.transport.loseConnection()
+        else:
+            self.reply(reply)
+
+    def _run(self, work) -> None:
+        """Run a command that waits: no further input is read until it has replied."""
+        self._busy = True
+        self.pauseProducing()
+        d = defer.ensureDeferred(work)
+        d.addErrback(self._unexpected)
+        d.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self._busy = False
+        if not self.transport or self.transport.disconnecting:
+            return
+        if self._closing and self.mode == _COMMAND:
+            self._close_for_shutdown()
+            return
+        self.resumeProducing()
+
+    def _unexpected(self, failure: Failure) -> None:
+        if not failure.check(DatabaseUnavailable):
+            self.log.failure("unexpected error in an SMTP session", failure)
+        self.mode = _COMMAND
+        self.reply(replies.TEMPORARY_FAILURE)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._sender: str | None = None
+        self._recipients: list[QueuedRecipient] = []
+        self._group_id: int | None = None
+        self._group_name = ""
+
+    def do_HELO(self, rest: bytes) -> None:  # noqa: N802
+        if not rest:
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        self._reset_transaction()
+        self.reply((250, self.host + b" Hello " + rest[:100]))
+
+    def do_EHLO(self, rest: bytes) -> None:  # noqa: N802
+        if not rest:
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        self._reset_transaction()
+        lines = [self.host + b" Hello " + rest[:100], b"PIPELINING",
+                 b"SIZE %d" % self.factory.max_message_size, b"8BITMIME",
+                 b"ENHANCEDSTATUSCODES"]
+        if self.canStartTLS and not self.secure:
+            lines.append(b"STARTTLS")
+        if self._auth_allowed() and self.account is None:
+            lines.append(b"AUTH LOGIN PLAIN")
+        lines.append(b"HELP")
+        self.reply((250, b"\n".join(lines)))
+
+    def ext_STARTTLS(self, rest: bytes) -> None:  # noqa: N802
+        if rest:
+            self._error(replies.BAD_ARGUMENTS)
+        elif self.secure:
+            self._error(replies.TLS_ALREADY_ACTIVE)
+        elif not self.canStartTLS:
+            self.reply(replies.TLS_NOT_AVAILABLE)
+        else:
+            self.reply(replies.READY_FOR_TLS)
+            # Nothing sent before the handshake may count as a command (RFC 3207 5.2).
+            self.clearLineBuffer()
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = True
+            self._reset_transaction()
+
+    def ext_AUTH(self, rest: bytes) -> None:  # noqa: N802
+        if self.account is not None:
+            self._error(replies.ALREADY_AUTHENTICATED)
+            return
+        if self._sender is not None:
+            self._error(replies.AUTH_IN_TRANSACTION)
+            return
+        if not self._auth_allowed():
+            self._error(replies.ENCRYPTION_REQUIRED)
+            return
+        if self.factory.throttle.ip_blocked(self.peer_ip):
+            self.reply(replies.TOO_MANY_FAILURES)
+            self.transport.loseConnection()
+            return
+        mechanism, _, initial = rest.partition(b" ")
+        exchange_class = MECHANISMS.get(mechanism.upper())
+        if exchange_class is None:
+            self._error(replies.UNKNOWN_MECHANISM)
+            return
+        decoded = None
+        if initial:
+            decoded = decode_response(initial.strip())
+            if decoded is None:
+                self._error(replies.BAD_ARGUMENTS)
+                return
+        self._exchange = exchange_class(decoded)
+        self._next_auth_step()
+
+    def _auth_response(self, line: bytes) -> None:
+        if line == b"*":
+            self.mode = _COMMAND
+            self.reply(replies.AUTH_ABORTED)
+            return
+        decoded = decode_response(line.strip())
+        if decoded is None:
+            self.mode = _COMMAND
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        self._exchange.answer(decoded)
+        self._next_auth_step()
+
+    def _next_auth_step(self) -> None:
+        prompt = self._exchange.next_prompt()
+        if prompt is not None:
+            self.mode = _AUTH
+            self.reply((334, base64.b64encode(prompt)))
+            return
+        self.mode = _COMMAND
+        try:
+            creds = self._exchange.credentials()
+        except ValueError:
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        self._run(self._authenticate(creds))
+
+    async def _authenticate(self, creds) -> None:
+        username = creds.username.decode("utf-8", "replace")
+        throttle: AuthThrottle = self.factory.throttle
+        if throttle.user_blocked(username):
+            self.reply(replies.AUTH_THROTTLED)
+            return
+        try:
+            _, account, _ = await self.factory.portal.login(creds, None, ISubmissionAccount)
+        except cred_error.UnauthorizedLogin:
+            account, reply = None, replies.BAD_CREDENTIALS
+        else:
+            reply = replies.not_allowed_from(self.peer_ip)
+        if account is not None and account.allows_client(self.peer_ip):
+            throttle.record_success(self.peer_ip, username)
+            self.account = account
+            self.reply(replies.AUTH_OK)
+            return
+        delay = throttle.record_failure(self.peer_ip, username)
+        if delay:
+            await _sleep(self.factory.clock, delay)
+        self.reply(reply)
+
+    def do_MAIL(self, rest: bytes) -> None:  # noqa: N802
+        if self.account is None:
+            self._error(replies.AUTH_REQUIRED)
+            return
+        if self._sender is not None:
+            self._error(replies.SENDER_ALREADY_GIVEN)
+            return
+        parsed = _parse_path(rest, b"FROM")
+        if parsed is None:
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        address, params = parsed
+        for name, value in params:
+            if name == b"SIZE":
+                if not value.isdigit():
+                    self._error(replies.BAD_ARGUMENTS)
+                    return
+                if int(value) > self.factory.max_message_size:
+                    self.reply(replies.too_big(self.factory.max_message_size))
+                    return
+            elif name == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    self._error(replies.BAD_ARGUMENTS)
+                    return
+            else:
+                self._error(replies.PARAMETER_NOT_IMPLEMENTED)
+                return
+        self._run(self._check_sender(address))
+
+    async def _check_sender(self, address: str) -> None:
+        try:
+            self._sender = await self.factory.service.check_sender(self.account, address)
+        except DisallowedSender:
+            self.reply(replies.disallowed_sender(address))
+            return
+        self._group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {uuid.uuid4().hex[:8]}"
+        self.reply(replies.SENDER_OK)
+
+    def do_RCPT(self, rest: bytes) -> None:  # noqa: N802
+        if self.account is None:
+            self._error(replies.AUTH_REQUIRED)
+            return
+        if self._sender is None:
+            self._error(replies.NEED_MAIL)
+            return
+        parsed = _parse_path(rest, b"TO")
+        if parsed is None:
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        address, params = parsed
+        if params:
+            self._error(replies.PARAMETER_NOT_IMPLEMENTED)
+            return
+        if len(self._recipients) >= self.factory.max_recipients:
+            self.reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        self._run(self._import_recipient(address))
+
+    async def _import_recipient(self, address: str) -> None:
+        try:
+            email, imported = await self.factory.service.import_recipient(
+                self.account, self._group_id, self._group_name, "smtp", address, self._sender)
+        except InvalidAddress:
+            self._error(replies.invalid_recipient(address))
+            return
+        except ContactLimitReached:
+            self.reply(replies.transaction_failed("contact limit reached"))
+            return
+        self._group_id = imported.group_id
+        self._recipients.append(QueuedRecipient(email, imported.contact_id, "to",
+                                                imported.suppressed))
+        self.reply(replies.RECIPIENT_OK)
+
+    def do_DATA(self, rest: bytes) -> None:  # noqa: N802
+        if self.account is None:
+            self._error(replies.AUTH_REQUIRED)
+            return
+        if self._sender is None or not self._recipients:
+            self._error(replies.NEED_MAIL_RCPT)
+            return
+        if rest:
+            self._error(replies.BAD_ARGUMENTS)
+            return
+        self._collector = DataCollector(self.factory.max_message_size)
+        self.reply(replies.START_DATA)
+        self.setRawMode()
+
+    async def _end_of_data(self, collector: DataCollector) -> None:
+        sender, recipients, group_id = self._sender, self._recipients, self._group_id
+        self._reset_transaction()
+        if collector.overflowed:
+            self.reply(replies.too_big(self.factory.max_message_size))
+            return
+        raw = collector.message()
+        if not raw:
+            self.reply(replies.imported(len(recipients)))
+            return
+        try:
+            content = parse_message(raw)
+            template_id, subject = split_template_tag(content.subject)
+            variables = {}
+            if template_id is not None:
+                variables = template_variables(content.text)
+                content = dataclasses.replace(content, subject=subject)
+            stored = await self.factory.service.submit(Submission(
+                account=self.account, origin="smtp", sender=sender,
+                recipients=tuple(recipients), content=content, group_id=group_id, raw=raw,
+                client_ip=self.peer_ip, template_id=template_id, variables=variables))
+        except ContentRefused as e:
+            self.reply(replies.transaction_failed(str(e)))
+        except DisallowedSender as e:
+            self.reply(replies.disallowed_sender(str(e.args[0])))
+        except QuotaExceeded:
+            self.reply(replies.transaction_failed("no sends left"))
+        else:
+            self.messages += 1
+            self.recipients_total += len(recipients)
+            self.reply(replies.accepted(stored.send_id, stored.message_uid))
+
+    def do_RSET(self, rest: bytes) -> None:  # noqa: N802
+        self._reset_transaction()
+        self.reply(replies.OK)
+
+    def do_NOOP(self, rest: bytes) -> None:  # noqa: N802
+        self.reply(replies.OK)
+
+    def do_HELP(self, rest: bytes) -> None:  # noqa: N802
+        self.reply(replies.HELP)
+
+    def do_VRFY(self, rest: bytes) -> None:  # noqa: N802
+        self.reply(replies.CANNOT_VRFY)
+
+    def do_QUIT(self, rest: bytes) -> None:  # noqa: N802
+        self.reply(replies.CLOSING)
+        self.transport.loseConnection()
+
+    _COMMANDS = {
+        b"HELO": do_HELO, b"EHLO": do_EHLO, b"STARTTLS": ext_STARTTLS, b"AUTH": ext_AUTH,
+        b"MAIL": do_MAIL, b"RCPT": do_RCPT, b"DATA": do_DATA, b"RSET": do_RSET,
+        b"NOOP": do_NOOP, b"HELP": do_HELP, b"VRFY": do_VRFY, b"QUIT": do_QUIT,
+    }
+
+
+def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:
+    """`FROM:<addr> SIZE=1307` -> ("addr", [(b"SIZE", b"1307")]); None if malformed."""
+    match = _PATH.match(rest)
+    if match is None or match["verb"].upper() != verb:
+        return None
+    path = match["bracketed"] if match["bracketed"] is not None else match["bare"]
+    try:
+        address = path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    params = []
+    for param in match["params"].split():
+        name, _, value = param.partition(b"=")
+        params.append((name.upper(), value))
+    return address, params
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _sleep(clock, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
 
 
 class SubmissionFactory(smtp.SMTPFactory):
     protocol = SubmissionProtocol
 
-    def __init__(self, hostname: str, tls_options, clock, idle_timeout: int) -> None:
-        super().__init__(portal=None)
+    def __init__(self, hostname: str, tls_options, clock, idle_timeout: int,
+                 portal=None, service: SubmissionService | None = None,
+                 throttle: AuthThrottle | None = None, max_message_size: int = 512000,
+                 max_recipients: int = 1000, allow_plaintext_auth: bool = False) -> None:
+        super().__init__(portal=portal)
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
         self.clock = clock
         self.timeout = idle_timeout
+        self.service = service
+        self.throttle = throttle or AuthThrottle(clock)
+        self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.allow_plaintext_auth = allow_plaintext_auth
+        self.sessions: set[SubmissionProtocol] = set()
 
     def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
         p = super().buildProtocol(addr)
+        p.factory = self
         p.ctx = self.tls_options
         p.timeout = self.timeout
         p.callLater = self.clock.callLater
         return p
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Graceful stop (O-5): idle sessions close now, busy ones after their reply;
+        any still open after `grace_seconds` are cut."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.shutdown()
+        waiting = defer.DeferredList([s.closed for s in sessions])
+        waiting.addTimeout(grace_seconds, self.clock)
+        try:
+            await waiting
+        except defer.TimeoutError:
+            for session in list(self.sessions):
+                session.transport.abortConnection()

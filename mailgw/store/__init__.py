@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailgw.store.accounts import AccountStore
+from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
+from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.senders import SenderStore
+from mailgw.store.submissions import SubmissionStore
 
 
 @dataclass(frozen=True)
@@ -16,8 +19,12 @@ class Stores:
     database: Database
     accounts: AccountStore
     senders: SenderStore
+    contacts: ContactStore
+    submissions: SubmissionStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
+        committer = GroupCommitter(database)
         return cls(database=database, accounts=AccountStore(database),
-                   senders=SenderStore(database))
+                   senders=SenderStore(database), contacts=ContactStore(committer),
+                   submissions=SubmissionStore(database, committer))

@@ -64,6 +64,17 @@ class AccountStore:
         return await self.db.run_interaction("password_hash_for", _select_user_hash_txn,
                                              username)
 
+    async def campaign_key_hash(self, numid: int) -> tuple[int, str] | None:
+        """(account id, API key digest) of a DMDS campaign, for `dmdsid-<numid>` logins."""
+        return await self.db.run_interaction("campaign_key_hash", _select_campaign_key_txn,
+                                             numid)
+
+    async def submission_settings(self, account_id: int):
+        """(name, settings, allowed networks, max contacts, sends per month) of an active
+        account, or None."""
+        return await self.db.run_interaction("submission_settings", _select_submission_txn,
+                                             account_id)
+
     async def create_api_key(self, account_id: int, name: str, key_hash: str,
                              key_prefix: str) -> int:
         return await self.db.run_interaction("create_api_key", _insert_api_key_txn, account_id,
@@ -132,3 +143,20 @@ async def _select_key_account_txn(cursor, key_hash: str) -> Account | None:
         " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (key_hash,))
     row = cursor.fetchone()
     return Account(*row) if row else None
+
+
+async def _select_campaign_key_txn(cursor, numid: int) -> tuple[int, str] | None:
+    await cursor.execute(
+        "SELECT c.account_id, c.api_key_hash FROM campaigns c"
+        " JOIN accounts a ON a.id = c.account_id"
+        " WHERE c.numid = %s AND c.api_key_hash IS NOT NULL AND a.active", (numid,))
+    row = cursor.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+async def _select_submission_txn(cursor, account_id: int):
+    await cursor.execute(
+        "SELECT name, settings, allowed_networks::text[], max_contacts, sends_per_month"
+        " FROM accounts"
+        " WHERE id = %s AND active", (account_id,))
+    return cursor.fetchone()

@@ -92,14 +92,35 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
         super().__init__(None, *connargs, **connkw)
 
     def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
-        detector = reconnection.DeadConnectionDetector(
-            reconnectionIterator=_reconnect_delays, reactor=reactor)
+        detector = _Detector(reconnectionIterator=_reconnect_delays, reactor=reactor)
         return _Connection(reactor, cooperator, detector=detector)
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.detector.stop()
+        super().close()
 
     def reconnect_idle(self, failure: Failure) -> None:
         """One dead connection means a restart: renew the idle ones too, now."""
         for connection in list(self.connections):
             connection.detector.checkForDeadConnection(failure)
+
+
+class _Detector(reconnection.DeadConnectionDetector):
+    """txpostgres' detector, with reconnection attempts that a closing pool can stop."""
+
+    _retrying: defer.Deferred | None = None
+
+    def startReconnecting(self, f: Failure) -> None:  # noqa: N802 (txpostgres' name)
+        call = retrying.RetryingCall(self.reconnect)
+        call.reactor = self.reactor
+        self._retrying = call.start(self.reconnectionIterator())
+        self._retrying.addCallbacks(lambda _: self.connectionRecovered(),
+                                    lambda failure: failure.trap(defer.CancelledError))
+
+    def stop(self) -> None:
+        if self._retrying is not None and not self._retrying.called:
+            self._retrying.cancel()
 
 
 class _Connection(txpostgres.Connection):

@@ -71,6 +71,11 @@ class SenderStore:
             raise NotFound(f"sender {address} is not registered for this account")
         return row
 
+    async def sender_allowed(self, account_id: int, address: str) -> bool:
+        """S-6: a verified sender address, or any address in a verified domain."""
+        return await self.db.run_interaction("sender_allowed", _sender_allowed_txn, account_id,
+                                             address.lower())
+
     async def list_senders(self, account_id: int) -> list[Sender]:
         return await self.db.run_interaction("list_senders", _select_senders_txn, account_id)
 
@@ -117,3 +122,13 @@ async def _select_senders_txn(cursor, account_id: int) -> list[Sender]:
         f"SELECT {_SENDER_COLUMNS} FROM senders WHERE account_id = %s ORDER BY address",
         (account_id,))
     return [Sender(*row) for row in cursor.fetchall()]
+
+
+async def _sender_allowed_txn(cursor, account_id: int, address: str) -> bool:
+    domain = address.rpartition("@")[2]
+    await cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM senders WHERE account_id = %s AND address = %s"
+        "               AND verified_at IS NOT NULL)"
+        " OR EXISTS (SELECT 1 FROM sender_domains WHERE account_id = %s AND domain = %s"
+        "            AND verified_at IS NOT NULL)", (account_id, address, account_id, domain))
+    return cursor.fetchone()[0]

@@ -1,45 +1,535 @@
-"""The SMTP session on a StringTransport and task.Clock: no sockets, no database."""
+"""The SMTP session on a StringTransport and task.Clock: no sockets, no database.
 
+The submission service is a stand-in that records what the session hands
+it; the cred portal is real, with an in-memory checker.  One test class per
+verb (ARCHITECTURE: tests).
+"""
+
+import base64
+
+from twisted.cred import checkers, portal
 from twisted.internet import address, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
+from zope.interface import implementer
 
-from mailgw.smtp.protocol import SubmissionFactory
+from mailgw.content.message import ContentRefused
+from mailgw.smtp.auth import AuthThrottle, ISubmissionAccount, SubmissionAccount
+from mailgw.smtp.protocol import DataCollector, SubmissionFactory
+from mailgw.store.contacts import ContactLimitReached, ImportedRecipient
+from mailgw.store.submissions import QuotaExceeded, StoredSubmission
+from mailgw.submit.addresses import normalize_address
+from mailgw.submit.service import DisallowedSender
+
+UID = "fa8896c2351f8b7e73ac3a3d209c6ac5"
+MESSAGE = (b"From: Sender <sender@example.org>\r\nTo: rcpt@example.net\r\n"
+           b"Subject: hello\r\nContent-Type: text/plain\r\n\r\nHello there\r\n")
 
 
-def _session(clock: task.Clock, idle_timeout: int = 300):
-    factory = SubmissionFactory("mx.example.org", tls_options=None, clock=clock,
-                                idle_timeout=idle_timeout)
-    peer = address.IPv4Address("TCP", "192.0.2.1", 40000)
-    protocol = factory.buildProtocol(peer)
-    transport = StringTransport(peerAddress=peer)
-    protocol.makeConnection(transport)
-    return protocol, transport
+class StubService:
+    """Stands in for SubmissionService: records calls, answers like the real one."""
+
+    def __init__(self):
+        self.allowed_senders = {"sender@example.org"}
+        self.submissions = []
+        self.imported = []
+        self.refuse = None
+        self.suppressed = {}
+
+    async def check_sender(self, account, address):
+        if address.lower() not in self.allowed_senders:
+            raise DisallowedSender(address)
+        return address.lower()
+
+    async def import_recipient(self, account, group_id, group_name, origin, address, sender):
+        email = normalize_address(address)
+        if email.startswith("limit@"):
+            raise ContactLimitReached()
+        self.imported.append(email)
+        return email, ImportedRecipient(group_id or 7, len(self.imported),
+                                        self.suppressed.get(email))
+
+    async def submit(self, submission):
+        if self.refuse is not None:
+            raise self.refuse
+        self.submissions.append(submission)
+        return StoredSubmission(1166, 1, UID, len(submission.recipients), 0)
+
+
+@implementer(portal.IRealm)
+class StubRealm:
+    def __init__(self, networks=None):
+        self.networks = networks
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+        account = SubmissionAccount(1, "acme", avatar_id.decode(), {}, self.networks)
+        return ISubmissionAccount, account, lambda: None
+
+
+class Session:
+    """A session on a StringTransport; `send` returns the replies it caused."""
+
+    def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
+                 max_recipients=1000, allow_plaintext_auth=False):
+        self.clock = task.Clock()
+        self.service = StubService()
+        users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
+        self.throttle = AuthThrottle(self.clock)
+        self.factory = SubmissionFactory(
+            "mx.example.org", tls_options=None, clock=self.clock, idle_timeout=300,
+            portal=portal.Portal(StubRealm(networks), [users]), service=self.service,
+            throttle=self.throttle, max_message_size=max_size, max_recipients=max_recipients,
+            allow_plaintext_auth=allow_plaintext_auth)
+        peer_address = address.IPv4Address("TCP", peer, 40000)
+        self.protocol = self.factory.buildProtocol(peer_address)
+        self.transport = StringTransport(peerAddress=peer_address)
+        self.protocol.makeConnection(self.transport)
+        self.protocol.startedTLS = secure
+        self.banner = self.take()
+
+    def take(self) -> list[bytes]:
+        data = self.transport.value()
+        self.transport.clear()
+        return data.split(b"\r\n")[:-1]
+
+    def send(self, *lines: bytes, end=b"\r\n") -> list[bytes]:
+        self.protocol.dataReceived(b"".join(line + end for line in lines))
+        return self.take()
+
+    def login(self):
+        self.send(b"EHLO client")
+        reply = self.send(b"AUTH PLAIN " + base64.b64encode(b"\0user.plan\0secret"))
+        assert reply == [b"235 2.7.0 Authentication Succeeded"], reply
+
+    def envelope(self, *recipients: bytes):
+        self.login()
+        self.send(b"MAIL FROM:<sender@example.org>")
+        for rcpt in recipients or (b"rcpt@example.net",):
+            self.send(b"RCPT TO:<" + rcpt + b">")
+
+
+def b64(text: bytes) -> bytes:
+    return base64.b64encode(text)
 
 
 class GreetingTests(unittest.TestCase):
     def test_banner(self):
-        _, transport = _session(task.Clock())
-        self.assertEqual(transport.value(), b"220 mx.example.org ESMTP mailgw\r\n")
+        self.assertEqual(Session().banner, [b"220 mx.example.org ESMTP mailgw"])
 
 
-class QuitTests(unittest.TestCase):
+class EHLOTests(unittest.TestCase):
+    def test_capabilities_on_loopback(self):
+        replies = Session().send(b"EHLO client.example")
+        self.assertEqual(replies, [
+            b"250-mx.example.org Hello client.example", b"250-PIPELINING", b"250-SIZE 512000",
+            b"250-8BITMIME", b"250-ENHANCEDSTATUSCODES", b"250-AUTH LOGIN PLAIN",
+            b"250 HELP"])
+
+    def test_no_auth_on_plain_connection_from_elsewhere(self):
+        replies = Session(peer="192.0.2.1").send(b"EHLO client")
+        self.assertNotIn(b"250-AUTH LOGIN PLAIN", replies)
+
+    def test_auth_once_tls_is_on(self):
+        replies = Session(peer="192.0.2.1", secure=True).send(b"EHLO client")
+        self.assertIn(b"250-AUTH LOGIN PLAIN", replies)
+
+    def test_operator_may_allow_plaintext_auth(self):
+        replies = Session(peer="192.0.2.1", allow_plaintext_auth=True).send(b"EHLO client")
+        self.assertIn(b"250-AUTH LOGIN PLAIN", replies)
+
+    def test_missing_argument(self):
+        self.assertEqual(Session().send(b"EHLO"), [b"501 5.5.4 Syntax error in parameters"])
+
+    def test_bare_lf_commands(self):
+        replies = Session().send(b"EHLO client", end=b"\n")
+        self.assertEqual(replies[-1], b"250 HELP")
+
+
+class HELOTests(unittest.TestCase):
+    def test_helo(self):
+        self.assertEqual(Session().send(b"HELO client"),
+                         [b"250 mx.example.org Hello client"])
+
+
+class STARTTLSTests(unittest.TestCase):
+    def test_not_available_without_tls_transport(self):
+        self.assertEqual(Session().send(b"STARTTLS"), [b"454 4.7.0 TLS not available"])
+
+    def test_already_active(self):
+        self.assertEqual(Session(secure=True).send(b"STARTTLS"),
+                         [b"503 5.5.1 TLS already active"])
+
+
+class AUTHTests(unittest.TestCase):
+    def test_login_with_teenvio_prompts(self):
+        session = Session()
+        session.send(b"EHLO client")
+        self.assertEqual(session.send(b"AUTH LOGIN"), [b"334 VXNlcm5hbWU6"])
+        self.assertEqual(session.send(b64(b"user.plan")), [b"334 UGFzc3dvcmQ6"])
+        self.assertEqual(session.send(b64(b"secret")), [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_login_initial_response(self):
+        session = Session()
+        self.assertEqual(session.send(b"AUTH LOGIN " + b64(b"user.plan")),
+                         [b"334 UGFzc3dvcmQ6"])
+        self.assertEqual(session.send(b64(b"secret")), [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_plain_with_and_without_initial_response(self):
+        session = Session()
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
+                         [b"235 2.7.0 Authentication Succeeded"])
+        session = Session()
+        self.assertEqual(session.send(b"AUTH PLAIN"), [b"334 "])
+        self.assertEqual(session.send(b64(b"\0user.plan\0secret")),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_wrong_password(self):
+        self.assertEqual(Session().send(b"AUTH PLAIN " + b64(b"\0user.plan\0wrong")),
+                         [b"535 5.7.8 Authentication credentials invalid"])
+
+    def test_encryption_required(self):
+        self.assertEqual(Session(peer="192.0.2.1").send(b"AUTH LOGIN"),
+                         [b"538 5.7.11 Encryption required for requested authentication"
+                          b" mechanism"])
+
+    def test_unknown_mechanism(self):
+        self.assertEqual(Session().send(b"AUTH CRAM-MD5"),
+                         [b"504 5.5.4 Unrecognized authentication type"])
+
+    def test_abort_and_bad_base64(self):
+        session = Session()
+        session.send(b"AUTH LOGIN")
+        self.assertEqual(session.send(b"*"), [b"501 5.0.0 Authentication aborted"])
+        session.send(b"AUTH LOGIN")
+        self.assertEqual(session.send(b"!!!"), [b"501 5.5.4 Syntax error in parameters"])
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"no-nuls")),
+                         [b"501 5.5.4 Syntax error in parameters"])
+
+    def test_already_authenticated(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
+                         [b"503 5.5.1 Already authenticated"])
+
+    def test_network_allow_list(self):
+        import ipaddress
+
+        outside = Session(networks=(ipaddress.ip_network("10.0.0.0/8"),))
+        self.assertEqual(outside.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
+                         [b"535 5.7.8 Authentication credentials invalid: not allowed from"
+                          b" 127.0.0.1"])
+        inside = Session(networks=(ipaddress.ip_network("127.0.0.0/8"),))
+        self.assertEqual(inside.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_failures_are_slowed_then_refused(self):
+        session = Session()
+        bad = b"AUTH PLAIN " + b64(b"\0user.plan\0wrong")
+        for _ in range(3):  # free tries: answered at once
+            self.assertEqual(session.send(bad)[0][:3], b"535")
+        self.assertEqual(session.send(bad), [])  # the 4th failure waits 1 s
+        session.clock.advance(1)
+        self.assertEqual(session.take()[0][:3], b"535")
+        for seconds in (2, 4, 8, 16, 30, 30):
+            session.send(bad)
+            session.clock.advance(seconds)
+            self.assertEqual(session.take()[0][:3], b"535")
+        # Ten failures: this user is refused even with the right password.
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
+                         [b"454 4.7.0 Too many authentication failures, try again later"])
+
+    def test_client_address_cut_off(self):
+        session = Session()
+        for attempt in range(30):
+            session.throttle.record_failure("127.0.0.1", f"guess{attempt}")
+        self.assertEqual(session.send(b"AUTH LOGIN"),
+                         [b"421 4.7.0 Too many failed attempts, closing connection"])
+        self.assertTrue(session.transport.disconnecting)
+
+    def test_failures_forgotten_after_a_quiet_while(self):
+        session = Session()
+        clock = task.Clock()  # the throttle's own clock: the session must not time out
+        session.factory.throttle = AuthThrottle(clock)
+        for _ in range(30):
+            session.factory.throttle.record_failure("127.0.0.1", "user.plan")
+        clock.advance(901)
+        self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
+
+class MAILTests(unittest.TestCase):
+    def test_requires_auth(self):
+        self.assertEqual(Session().send(b"MAIL FROM:<sender@example.org>"),
+                         [b"530 5.7.0 Authentication required"])
+
+    def test_accepted_with_size(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"MAIL FROM: <sender@example.org> SIZE=1307"),
+                         [b"250 2.1.0 OK"])
+
+    def test_size_above_limit(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org> SIZE=512001"),
+                         [b"552 5.3.4 message size exceeds fixed maximum message size"
+                          b" (512000) bytes"])
+
+    def test_unsupported_parameter(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org> SMTPUTF8"),
+                         [b"504 5.5.4 A command parameter is not implemented"])
+
+    def test_bad_syntax(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"MAIL sender@example.org"),
+                         [b"501 5.5.4 Syntax error in parameters"])
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org> SIZE=big"),
+                         [b"501 5.5.4 Syntax error in parameters"])
+
+    def test_sender_not_verified(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"MAIL FROM:<other@example.org>"),
+                         [b"553 5.7.1 Disallowed source address: other@example.org"])
+
+    def test_second_sender(self):
+        session = Session()
+        session.login()
+        session.send(b"MAIL FROM:<sender@example.org>")
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org>"),
+                         [b"503 5.5.1 Sender already specified"])
+
+
+class RCPTTests(unittest.TestCase):
+    def test_requires_auth_and_mail(self):
+        session = Session()
+        self.assertEqual(session.send(b"RCPT TO:<a@example.net>"),
+                         [b"530 5.7.0 Authentication required"])
+        session.login()
+        self.assertEqual(session.send(b"RCPT TO:<a@example.net>"),
+                         [b"503 5.5.1 valid MAIL command must precede RCPT"])
+
+    def test_accepted_and_imported(self):
+        session = Session()
+        session.envelope(b"A@Example.net", b"b@example.net")
+        self.assertEqual(session.service.imported, ["a@example.net", "b@example.net"])
+        self.assertEqual(len(session.protocol._recipients), 2)
+
+    def test_invalid_recipient(self):
+        session = Session()
+        session.envelope()
+        self.assertEqual(session.send(b"RCPT TO:<gmail>"),
+                         [b"553 5.1.3 Invalid recipient address: gmail"])
+
+    def test_too_many_recipients(self):
+        session = Session(max_recipients=1)
+        session.envelope(b"a@example.net")
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>"),
+                         [b"452 4.5.3 Too many recipients"])
+
+    def test_parameter_not_implemented(self):
+        session = Session()
+        session.envelope()
+        self.assertEqual(session.send(b"RCPT TO:<a@example.net> NOTIFY=NEVER"),
+                         [b"504 5.5.4 A command parameter is not implemented"])
+
+    def test_contact_limit(self):
+        session = Session()
+        session.envelope()
+        self.assertEqual(session.send(b"RCPT TO:<limit@example.net>"),
+                         [b"554 5.6.0 Transaction failed: contact limit reached"])
+
+
+class DATATests(unittest.TestCase):
+    def test_requires_mail_and_rcpt(self):
+        session = Session()
+        session.login()
+        self.assertEqual(session.send(b"DATA"),
+                         [b"503 5.5.1 valid RCPT and MAIL command must precede DATA"])
+
+    def test_message_accepted_with_send_id(self):
+        session = Session()
+        session.envelope()
+        self.assertEqual(session.send(b"DATA"),
+                         [b'354 Enter message, ending with "." on a line by itself'])
+        replies = session.send(MESSAGE + b"..leading dot\r\n.", end=b"\r\n")
+        self.assertEqual(replies, [b"250 OK id=1166 " + UID.encode()])
+        (submission,) = session.service.submissions
+        self.assertEqual(submission.sender, "sender@example.org")
+        self.assertEqual([r.email for r in submission.recipients], ["rcpt@example.net"])
+        self.assertEqual(submission.origin, "smtp")
+        self.assertTrue(submission.raw.endswith(b"Hello there\r\n.leading dot\r\n"))
+        self.assertEqual(submission.content.subject, "hello")
+
+    def test_empty_data_imports_only(self):
+        session = Session()
+        session.envelope(b"a@example.net", b"b@example.net")
+        session.send(b"DATA")
+        self.assertEqual(session.send(b"."), [b"250 OK imported 2"])
+        self.assertEqual(session.service.submissions, [])
+
+    def test_too_big_refused_and_not_kept(self):
+        session = Session(max_size=1000)
+        session.envelope()
+        session.send(b"DATA")
+        for _ in range(100):
+            session.protocol.dataReceived(b"x" * 99 + b"\r\n")
+        self.assertLess(sum(map(len, session.protocol._collector._chunks)), 1100)
+        self.assertEqual(session.send(b"."),
+                         [b"552 5.3.4 message size exceeds fixed maximum message size (1000)"
+                          b" bytes"])
+        self.assertEqual(session.service.submissions, [])
+
+    def test_content_refused(self):
+        session = Session()
+        session.service.refuse = ContentRefused("Not allowed attachment type exe")
+        session.envelope()
+        session.send(b"DATA")
+        self.assertEqual(session.send(MESSAGE + b"."),
+                         [b"554 5.6.0 Transaction failed: Not allowed attachment type exe"])
+
+    def test_quota(self):
+        session = Session()
+        session.service.refuse = QuotaExceeded()
+        session.envelope()
+        session.send(b"DATA")
+        self.assertEqual(session.send(MESSAGE + b"."),
+                         [b"554 5.6.0 Transaction failed: no sends left"])
+
+    def test_template_tag_and_variables(self):
+        session = Session()
+        session.envelope()
+        session.send(b"DATA")
+        message = (b"Subject: *|tid:42eqy7oaigql|* Hola {nombre}\r\n"
+                   b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana\"}\r\n.")
+        self.assertEqual(session.send(message)[0][:3], b"250")
+        (submission,) = session.service.submissions
+        self.assertEqual(submission.template_id, "42eqy7oaigql")
+        self.assertEqual(submission.variables, {"nombre": "Ana"})
+        self.assertEqual(submission.content.subject, "Hola {nombre}")
+
+    def test_pipelined_transaction(self):
+        session = Session()
+        session.login()
+        replies = session.send(b"MAIL FROM:<sender@example.org>", b"RCPT TO:<a@example.net>",
+                               b"DATA", MESSAGE + b".", b"QUIT")
+        self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"354", b"250", b"221"])
+
+    def test_bare_lf_message(self):
+        session = Session()
+        session.envelope()
+        session.send(b"DATA")
+        reply = session.send(MESSAGE.replace(b"\r\n", b"\n") + b".", end=b"\n")
+        self.assertEqual(reply[0][:3], b"250")
+
+    def test_transaction_reset_after_data(self):
+        session = Session()
+        session.envelope()
+        session.send(b"DATA")
+        session.send(MESSAGE + b".")
+        self.assertEqual(session.send(b"DATA"),
+                         [b"503 5.5.1 valid RCPT and MAIL command must precede DATA"])
+
+
+class RSETTests(unittest.TestCase):
+    def test_forgets_the_transaction_not_the_login(self):
+        session = Session()
+        session.envelope()
+        self.assertEqual(session.send(b"RSET"), [b"250 2.0.0 OK"])
+        self.assertEqual(session.send(b"DATA"),
+                         [b"503 5.5.1 valid RCPT and MAIL command must precede DATA"])
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org>"), [b"250 2.1.0 OK"])
+
+
+class NOOPTests(unittest.TestCase):
+    def test_noop(self):
+        self.assertEqual(Session().send(b"NOOP"), [b"250 2.0.0 OK"])
+
+
+class HELPTests(unittest.TestCase):
+    def test_help(self):
+        self.assertEqual(Session().send(b"HELP")[0][:4], b"214 ")
+
+
+class VRFYTests(unittest.TestCase):
+    def test_vrfy(self):
+        self.assertEqual(Session().send(b"VRFY someone")[0][:4], b"252 ")
+
+
+class QUITTests(unittest.TestCase):
     def test_quit_closes(self):
-        protocol, transport = _session(task.Clock())
-        transport.clear()
-        protocol.dataReceived(b"QUIT\r\n")
-        self.assertTrue(transport.value().startswith(b"221 "))
-        self.assertTrue(transport.disconnecting)
+        session = Session()
+        self.assertEqual(session.send(b"QUIT"), [b"221 2.0.0 Closing connection."])
+        self.assertTrue(session.transport.disconnecting)
+
+
+class BadInputTests(unittest.TestCase):
+    def test_unknown_command(self):
+        self.assertEqual(Session().send(b"FROB"), [b"500 5.5.1 Invalid command"])
+
+    def test_empty_line(self):
+        self.assertEqual(Session().send(b""), [b"500 5.5.2 Syntax error"])
+
+    def test_binary_garbage(self):
+        replies = Session().send(bytes(range(256)).replace(b"\n", b""))
+        self.assertEqual(replies, [b"500 5.5.1 Invalid command"])
+
+    def test_endless_line_then_too_many_errors(self):
+        session = Session()
+        for _ in range(30):
+            session.protocol.dataReceived(b"x" * 5000)
+        replies = session.take()
+        self.assertIn(b"500 5.5.2 Syntax error: line too long", replies)
+        self.assertEqual(replies[-1], b"421 4.7.0 Too many errors, closing connection")
+        self.assertTrue(session.transport.disconnecting)
 
 
 class IdleTimeoutTests(unittest.TestCase):
     def test_idle_session_is_closed_after_the_configured_time(self):
-        clock = task.Clock()
-        protocol, transport = _session(clock, idle_timeout=60)
-        clock.advance(59)
-        self.assertFalse(transport.disconnecting)
-        protocol.dataReceived(b"NOOP\r\n")  # activity restarts the count
-        clock.advance(59)
-        self.assertFalse(transport.disconnecting)
-        clock.advance(1)
-        self.assertTrue(transport.disconnecting)
+        session = Session()
+        session.clock.advance(299)
+        session.send(b"NOOP")  # activity restarts the count
+        session.clock.advance(299)
+        self.assertFalse(session.transport.disconnecting)
+        session.clock.advance(1)
+        self.assertEqual(session.take(), [b"421 4.4.2 Idle timeout, closing connection"])
+        self.assertTrue(session.transport.disconnecting)
+
+
+class ShutdownTests(unittest.TestCase):
+    def test_idle_session_told_and_closed(self):
+        session = Session()
+        session.protocol.shutdown()
+        self.assertEqual(session.take(), [b"421 4.3.2 Service shutting down, closing connection"])
+        self.assertTrue(session.transport.disconnecting)
+
+
+class DataCollectorTests(unittest.TestCase):
+    def feed_all(self, *chunks: bytes, limit=1000):
+        collector = DataCollector(limit)
+        for chunk in chunks:
+            rest = collector.feed(chunk)
+            if rest is not None:
+                return collector, rest
+        return collector, None
+
+    def test_terminator_split_across_chunks(self):
+        collector, rest = self.feed_all(b"line one\r\n", b".", b"\r", b"\nQUIT\r\n")
+        self.assertEqual(collector.message(), b"line one\r\n")
+        self.assertEqual(rest, b"QUIT\r\n")
+
+    def test_dot_alone_is_empty(self):
+        collector, rest = self.feed_all(b".\r\n")
+        self.assertEqual(collector.message(), b"")
+        self.assertEqual(rest, b"")
+
+    def test_dot_unstuffing(self):
+        collector, _ = self.feed_all(b"..one\r\n...\r\nx.y\r\n.\r\n")
+        self.assertEqual(collector.message(), b".one\r\n..\r\nx.y\r\n")
+
+    def test_dot_inside_a_line_is_not_the_end(self):
+        collector, rest = self.feed_all(b"a\r\n.b\r\n", b"c.\r\n")
+        self.assertIsNone(rest)

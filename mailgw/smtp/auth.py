@@ -1,0 +1,233 @@
+"""SMTP authentication through twisted.cred (S-3, S-4).
+
+One checker takes both kinds of credential: an account user with a password
+(Teenvio's `user.plan`), and a DMDS campaign credential `dmdsid-<numid>`
+whose password is the campaign's API key.  The realm turns the account id
+into a `SubmissionAccount` avatar.  `AuthThrottle` slows down and then
+refuses clients that keep guessing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+from mailgw.credentials import hash_api_key, verify_password
+from mailgw.store.accounts import AccountStore
+
+CAMPAIGN_USER_PREFIX = "dmdsid-"
+
+
+class ISubmissionAccount(Interface):
+    account_id = Attribute("the account's id")
+
+
+@implementer(ISubmissionAccount)
+@dataclass(frozen=True)
+class SubmissionAccount:
+    """Who is sending: what the submission path needs to know about the account."""
+
+    account_id: int
+    name: str
+    username: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    max_contacts: int | None = None
+    sends_per_month: int | None = None
+
+    def allows_client(self, address: str) -> bool:
+        """S-4: an account with an allow-list accepts only clients inside it."""
+        if self.allowed_networks is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.allowed_networks)
+
+
+@implementer(ICredentialsChecker)
+class AccountCredentialsChecker:
+    """Checks users' passwords (scrypt, off the reactor) and campaign API keys."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, accounts: AccountStore,
+                 run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
+        self.accounts = accounts
+        self.run_in_thread = run_in_thread
+
+    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:  # noqa: N802
+        return defer.ensureDeferred(self._check(creds))
+
+    async def _check(self, creds) -> tuple[int, str]:
+        username = _text(creds.username)
+        password = _text(creds.password)
+        if username is None or password is None:
+            raise error.UnauthorizedLogin()
+        if username.startswith(CAMPAIGN_USER_PREFIX):
+            numid = username[len(CAMPAIGN_USER_PREFIX):]
+            found = await self.accounts.campaign_key_hash(int(numid)) if numid.isdigit() \
+                else None
+            if found and hmac.compare_digest(found[1], hash_api_key(password)):
+                return found[0], username
+            raise error.UnauthorizedLogin()
+        found = await self.accounts.password_hash_for(username)
+        stored = found[1] if found else _DUMMY_HASH  # same work for unknown users
+        if await self.run_in_thread(verify_password, password, stored) and found:
+            return found[0], username
+        raise error.UnauthorizedLogin()
+
+
+# A real scrypt hash of a random password: unknown users cost as much as known ones.
+_DUMMY_HASH = ("scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$"
+               "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8") if value is not None else None
+    except UnicodeDecodeError:
+        return None
+
+
+@implementer(portal.IRealm)
+class SubmissionRealm:
+    def __init__(self, accounts: AccountStore) -> None:
+        self.accounts = accounts
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+        if ISubmissionAccount not in interfaces:
+            raise NotImplementedError("only ISubmissionAccount avatars")
+        return defer.ensureDeferred(self._avatar(*avatar_id))
+
+    async def _avatar(self, account_id: int, username: str):
+        account = await self.accounts.submission_settings(account_id)
+        if account is None:
+            raise error.UnauthorizedLogin()
+        name, settings, networks, max_contacts, sends_per_month = account
+        allowed = None if networks is None else tuple(
+            ipaddress.ip_network(n, strict=False) for n in networks)
+        avatar = SubmissionAccount(account_id, name, username, settings or {}, allowed,
+                                   max_contacts, sends_per_month)
+        return ISubmissionAccount, avatar, lambda: None
+
+
+class LoginExchange:
+    """AUTH LOGIN: the username and the password asked for in turn (Teenvio's prompts)."""
+
+    PROMPTS = (b"Username:", b"Password:")
+
+    def __init__(self, initial: bytes | None) -> None:
+        self.answers: list[bytes] = [] if initial is None else [initial]
+
+    def next_prompt(self) -> bytes | None:
+        return self.PROMPTS[len(self.answers)] if len(self.answers) < 2 else None
+
+    def answer(self, decoded: bytes) -> None:
+        self.answers.append(decoded)
+
+    def credentials(self) -> credentials.UsernamePassword:
+        return credentials.UsernamePassword(self.answers[0], self.answers[1])
+
+
+class PlainExchange:
+    """AUTH PLAIN: one response, `authzid NUL authcid NUL password` (RFC 4616)."""
+
+    def __init__(self, initial: bytes | None) -> None:
+        self.response = initial
+
+    def next_prompt(self) -> bytes | None:
+        return b"" if self.response is None else None
+
+    def answer(self, decoded: bytes) -> None:
+        self.response = decoded
+
+    def credentials(self) -> credentials.UsernamePassword:
+        parts = (self.response or b"").split(b"\0")
+        if len(parts) != 3:
+            raise ValueError("PLAIN response needs three NUL-separated parts")
+        return credentials.UsernamePassword(parts[1], parts[2])
+
+
+MECHANISMS = {b"LOGIN": LoginExchange, b"PLAIN": PlainExchange}
+
+
+def decode_response(line: bytes) -> bytes | None:
+    """A base64 SASL response; `=` is the empty response (RFC 4954); None if not base64."""
+    if line == b"=":
+        return b""
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client IP and per username (S-3).
+
+    A few failures are free; after that each failure's reply waits longer
+    (1, 2, 4 ... seconds, at most `max_delay`).  A username is then refused
+    (454) after `max_user_failures`, and a client address cut off (421) after
+    `max_ip_failures` (higher: one address may serve many users behind NAT),
+    until `forget_after` seconds pass without failures.
+    """
+
+    def __init__(self, clock, free_attempts: int = 3, max_user_failures: int = 10,
+                 max_ip_failures: int = 30, max_delay: float = 30.0,
+                 forget_after: float = 900.0, max_entries: int = 100_000) -> None:
+        self.clock = clock
+        self.free_attempts = free_attempts
+        self.max_user_failures = max_user_failures
+        self.max_ip_failures = max_ip_failures
+        self.max_delay = max_delay
+        self.forget_after = forget_after
+        self.max_entries = max_entries
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def _count(self, key: str) -> int:
+        entry = self._failures.get(key)
+        if entry is None:
+            return 0
+        count, last = entry
+        if self.clock.seconds() - last > self.forget_after:
+            del self._failures[key]
+            return 0
+        return count
+
+    def ip_blocked(self, ip: str) -> bool:
+        return self._count("ip:" + ip) >= self.max_ip_failures
+
+    def user_blocked(self, username: str) -> bool:
+        return self._count("user:" + username.lower()) >= self.max_user_failures
+
+    def record_failure(self, ip: str, username: str) -> float:
+        """Count a failure; returns how long to wait before answering it."""
+        worst = 0
+        for key in ("ip:" + ip, "user:" + username.lower()):
+            count = self._count(key) + 1
+            self._failures[key] = (count, self.clock.seconds())
+            self._failures.move_to_end(key)
+            worst = max(worst, count)
+        while len(self._failures) > self.max_entries:
+            self._failures.popitem(last=False)
+        if worst <= self.free_attempts:
+            return 0.0
+        return min(2.0 ** (worst - self.free_attempts - 1), self.max_delay)
+
+    def record_success(self, ip: str, username: str) -> None:
+        self._failures.pop("ip:" + ip, None)
+        self._failures.pop("user:" + username.lower(), None)

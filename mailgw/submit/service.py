@@ -1,0 +1,165 @@
+"""Validate, prepare and store a submission in one transaction (S-6 to S-15).
+
+Doors (SMTP DATA, the HTTP dialects) translate their input into a
+`Submission` and call `SubmissionService.submit`; the refusals it raises are
+mapped by each door to its own reply codes or error names.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mailgw.content.merge import escape_for_html, merge
+from mailgw.content.message import (
+    ContentPolicy,
+    ContentRefused,
+    ParsedMessage,
+    append_attachment_links,
+    apply_policy,
+    replace_cid_references,
+)
+from mailgw.smtp.auth import SubmissionAccount
+from mailgw.store import Stores
+from mailgw.store.contacts import ImportedRecipient
+from mailgw.store.submissions import (
+    QueuedRecipient,
+    StoredAttachment,
+    StoredSubmission,
+    SubmissionRecord,
+)
+from mailgw.submit.addresses import normalize_address
+
+
+class DisallowedSender(Exception):
+    """S-6: the sender or a Reply-To is not a verified address of the account."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    account: SubmissionAccount
+    origin: str
+    sender: str
+    recipients: tuple[QueuedRecipient, ...]
+    content: ParsedMessage
+    group_id: int | None = None
+    raw: bytes | None = None
+    client_ip: str | None = None
+    template_id: str | None = None
+    variables: Mapping[str, str] = field(default_factory=dict)
+
+
+class SubmissionService:
+    def __init__(self, stores: Stores, public_base_url: str) -> None:
+        self.stores = stores
+        self.public_base_url = public_base_url.rstrip("/")
+
+    async def check_sender(self, account: SubmissionAccount, address: str) -> str:
+        """The normalized sender, or DisallowedSender (S-6)."""
+        try:
+            normalized = normalize_address(address)
+        except Exception:
+            raise DisallowedSender(address) from None
+        if not await self.stores.senders.sender_allowed(account.account_id, normalized):
+            raise DisallowedSender(address)
+        return normalized
+
+    async def import_recipient(self, account: SubmissionAccount, group_id: int | None,
+                               group_name: str, origin: str, address: str,
+                               sender: str) -> tuple[str, ImportedRecipient]:
+        """S-7: validate, upsert as a contact and group it, committed now."""
+        email = normalize_address(address)
+        imported = await self.stores.contacts.import_recipient(
+            account.account_id, group_id, group_name, origin, email,
+            sender.rpartition("@")[2], account.max_contacts)
+        return email, imported
+
+    async def submit(self, submission: Submission) -> StoredSubmission:
+        account = submission.account
+        content = submission.content
+        if submission.template_id is not None:
+            content = await self._expand_template(submission)
+        content = apply_policy(content, ContentPolicy.from_settings(account.settings))
+        for address in content.reply_to:
+            await self.check_sender(account, address)
+        attachments: tuple[StoredAttachment, ...] = ()
+        if ContentPolicy.from_settings(account.settings).attachments == "links":
+            content, attachments = self._link_attachments(content)
+        settings = account.settings
+        record = SubmissionRecord(
+            account_id=account.account_id,
+            origin=submission.origin,
+            message_uid=uuid.uuid4().hex,
+            sender=submission.sender,
+            subject=content.subject,
+            html=content.html,
+            body=_prepared_body(content),
+            recipients=submission.recipients,
+            group_id=submission.group_id,
+            reply_to=content.reply_to[0] if content.reply_to else None,
+            headers=dict(content.headers),
+            custom_headers=content.custom_headers,
+            options=dataclasses.asdict(content.options),
+            client_ip=submission.client_ip,
+            raw=submission.raw,
+            size=len(submission.raw or b""),
+            archive=bool(settings.get("archive", False)),
+            sends_per_month=account.sends_per_month,
+            attachments=attachments,
+        )
+        return await self.stores.submissions.store(record)
+
+    async def _expand_template(self, submission: Submission) -> ParsedMessage:
+        """S-10: the stored template with the submission's variables merged in."""
+        found = await self.stores.submissions.template(submission.account.account_id,
+                                                       submission.template_id)
+        if found is None:
+            raise ContentRefused(f"unknown template {submission.template_id}")
+        subject, html, text = found
+        variables = submission.variables
+        return dataclasses.replace(
+            submission.content,
+            subject=merge(submission.content.subject or subject, variables, {}, {}),
+            html=merge(html, escape_for_html(variables), {}, {}) if html else None,
+            text=merge(text, variables, {}, {}) if text else None)
+
+    def _link_attachments(self, content: ParsedMessage
+                          ) -> tuple[ParsedMessage, tuple[StoredAttachment, ...]]:
+        """S-8 `links`: files become download links, cid: images become hosted images."""
+        stored, links, hosted = [], [], {}
+        for attachment in content.attachments:
+            token = secrets.token_urlsafe(18)
+            url = f"{self.public_base_url}/a/{token}"
+            stored.append(StoredAttachment(token, attachment.filename, attachment.content_type,
+                                           attachment.data))
+            if attachment.inline and attachment.content_id:
+                hosted[attachment.content_id] = url
+            else:
+                links.append((attachment.filename, url))
+        if hosted and content.html:
+            content = dataclasses.replace(
+                content, html=replace_cid_references(content.html, hosted),
+                attachments=tuple(a for a in content.attachments
+                                  if not (a.inline and a.content_id in hosted)))
+        return append_attachment_links(content, links), tuple(stored)
+
+
+def _prepared_body(content: ParsedMessage) -> dict:
+    """What the delivery engine renders each recipient's copy from."""
+    return {
+        "subject": content.subject,
+        "from_name": content.from_name,
+        "html": content.html,
+        "text": content.text,
+        "headers": [list(h) for h in content.headers],
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type,
+             "content_id": a.content_id, "inline": a.inline,
+             "data": base64.b64encode(a.data).decode("ascii")}
+            for a in content.attachments],
+    }
+

@@ -1,0 +1,353 @@
+"""SMTP submission end to end: a running Gateway, real clients, a real PostgreSQL."""
+
+import base64
+import json
+import smtplib
+import ssl
+
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from mailgw import credentials
+from mailgw.config import DatabaseConfig
+from tests.harness import fresh_database, gateway_config, new_cluster, start_gateway
+
+USER, PASSWORD, SENDER = "acme.pro", "s3cret-pass", "remitente@dominio.com"
+
+# The DATA of the Teenvio seed's conversation (section 3.2.2), lines 022-069.
+SEED_MESSAGE = """\
+Message-ID: <5231AC96.9010208@dominio.com>
+Date: Thu, 12 Sep 2013 13:59:18 +0200
+From: =?ISO-8859-1?Q?=22V=EDctor J=2E Chamorro=22?= <remitente@dominio.com>
+X-Teenvio-SocialLinks: yes
+User-Agent: Mozilla/5.0 (X11; Linux x86 64; rv:10.0.12) Gecko/20130116 Thunderbird/10
+MIME-Version: 1.0
+To: usuario@dominio.com
+Subject: prueba correo simple
+Content-Type: multipart/alternative;
+ boundary="-----050004090406000109090608"
+
+This is a multi-part message in MIME format.
+-------050004090406000109090608
+Content-Type: text/plain; charset=ISO-8859-1; format=flowed
+Content-Transfer-Encoding: 8bit
+
+Buenas,
+
+Esto es un email *html* para probar el servidor smtp-api de teenvio
+
+Un saludo,
+
+_V\xedctor J. Chamorro_ - teenvio.com
+
+
+-------050004090406000109090608
+Content-Type: text/html; charset=ISO-8859-1
+Content-Transfer-Encoding: 7bit
+
+<html>
+<head>
+<meta http-equiv="content-type" content="text/html; charset=ISO-8859-1">
+</head>
+<body bgcolor="#FFFFFF" text="#000000">
+Buenas, <br>
+<br>
+Esto es un email <b>html</b> para probar el servidor smtp-api de teenvio<br>
+<br>
+Un saludo,<br>
+<br>
+<u>V&iacute;ctor J. Chamorro</u> - teenvio.com<br>
+<br>
+</body>
+</html>
+
+-------050004090406000109090608--
+""".replace("\n", "\r\n").encode("latin-1")
+
+SIMPLE = (b"From: remitente@dominio.com\r\nTo: a@example.net\r\nSubject: hi\r\n"
+          b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>Hi <a href=\"https://x.example\">x"
+          b"</a></p>\r\n")
+
+
+def _tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _client(port: int, implicit_tls: bool = False) -> smtplib.SMTP:
+    if implicit_tls:
+        client = smtplib.SMTP_SSL(timeout=10, context=_tls())
+    else:
+        client = smtplib.SMTP(timeout=10)
+    client._host = "127.0.0.1"  # TLS's server_hostname; smtplib sets it only in __init__
+    client.connect("127.0.0.1", port)
+    return client
+
+
+def _seed_conversation(port: int) -> list[tuple[int, bytes]]:
+    """Seed 000, section 3.2.2, after STARTTLS; every reply (code, text) in order."""
+    client = _client(port)
+    seen = [client.ehlo("MaquinaPrueba")]
+    seen.append(client.starttls(context=_tls()))
+    seen.append(client.ehlo("MaquinaPrueba"))
+    seen.append(client.docmd("AUTH LOGIN"))
+    seen.append(client.docmd(base64.b64encode(USER.encode()).decode()))
+    seen.append(client.docmd(base64.b64encode(PASSWORD.encode()).decode()))
+    seen.append(client.docmd(f"MAIL FROM: <{SENDER}> SIZE=1307"))
+    seen.append(client.docmd("RCPT TO:<usuario@dominio.com>"))
+    seen.append(client.docmd("DATA"))
+    client.send(SEED_MESSAGE + b".\r\n")
+    seen.append(client.getreply())
+    seen.append(client.docmd("QUIT"))
+    client.close()
+    return seen
+
+
+def _sendmail(port: int, implicit_tls: bool, message: bytes, recipients: list[str],
+              sender: str = SENDER, user: str = USER, password: str = PASSWORD):
+    client = _client(port, implicit_tls)
+    try:
+        client.ehlo("client.example")
+        if not implicit_tls:
+            client.starttls(context=_tls())
+            client.ehlo("client.example")
+        client.login(user, password)
+        client.sendmail(sender, recipients, message)
+    finally:
+        client.close()
+
+
+def _dialogue(port: int, *commands: str | bytes) -> list[tuple[int, bytes]]:
+    """AUTH over STARTTLS, then each command (bytes: raw DATA text ending with '.')."""
+    client = _client(port)
+    client.ehlo("c")
+    client.starttls(context=_tls())
+    client.ehlo("c")
+    client.login(USER, PASSWORD)
+    replies = []
+    for command in commands:
+        if isinstance(command, bytes):
+            client.send(command)
+            replies.append(client.getreply())
+        else:
+            replies.append(client.docmd(command))
+    client.close()
+    return replies
+
+
+async def _rows(gateway, sql: str, *params):
+    async def txn(cursor):
+        await cursor.execute(sql, params)
+        return cursor.fetchall()
+    return await gateway.database.run_interaction("test_query", txn)
+
+
+class SubmissionFlowTests(unittest.TestCase):
+    async def setUp(self):
+        self.gateway = await start_gateway(self, gateway_config(self, fresh_database()))
+        stores = self.gateway.stores
+        self.account = await stores.accounts.create_account("acme")
+        await stores.accounts.create_user(self.account.id, USER,
+                                          credentials.hash_password(PASSWORD))
+        await stores.senders.add_sender(self.account.id, SENDER, verified=True)
+        self.port = self.gateway.port_for("smtp.starttls_listeners[1]")
+
+    async def set_account(self, **columns):
+        for column, value in columns.items():
+            await _rows(self.gateway, f"UPDATE accounts SET {column} = %s WHERE id = %s"
+                        " RETURNING id", value, self.account.id)
+
+    async def test_teenvio_seed_conversation(self):
+        replies = await deferToThread(_seed_conversation, self.port)
+        codes = [code for code, _ in replies]
+        self.assertEqual(codes, [250, 220, 250, 334, 334, 235, 250, 250, 354, 250, 221])
+        self.assertIn(b"AUTH LOGIN PLAIN", replies[2][1])
+        self.assertIn(b"SIZE 512000", replies[2][1])
+        self.assertEqual(replies[3][1], b"VXNlcm5hbWU6")
+        self.assertEqual(replies[4][1], b"UGFzc3dvcmQ6")
+        text = replies[9][1].decode()
+        self.assertRegex(text, r"^OK id=\d+ [0-9a-f]{32}$")
+        send_id, message_uid = int(text.split()[1][3:]), text.split()[2]
+        self.assertEqual(replies[10][1], b"2.0.0 Closing connection.")
+
+        (send,) = await _rows(self.gateway, "SELECT id, origin, subject, content_id, group_id"
+                              " FROM sends")
+        self.assertEqual(send[:3], (send_id, "smtp", "prueba correo simple"))
+        (message,) = await _rows(self.gateway, "SELECT message_uid, sender, options, body"
+                                 " FROM messages WHERE send_id = %s", send_id)
+        self.assertEqual(message[:2], (message_uid, SENDER))
+        self.assertTrue(message[2]["social_links"])
+        body = json.loads(bytes(message[3]))
+        self.assertIn("<b>html</b>", body["html"])
+        self.assertIn("Víctor J. Chamorro", body["text"])
+        deliveries = await _rows(self.gateway, "SELECT recipient, state FROM deliveries")
+        self.assertEqual(deliveries, [("usuario@dominio.com", "queued")])
+        (content,) = await _rows(self.gateway, "SELECT html FROM contents WHERE id = %s",
+                                 send[3])
+        self.assertIn("<b>html</b>", content[0])
+        members = await _rows(self.gateway, "SELECT c.email, g.origin FROM group_members m"
+                              " JOIN contacts c ON c.id = m.contact_id"
+                              " JOIN groups g ON g.id = m.group_id WHERE g.id = %s", send[4])
+        self.assertEqual(members, [("usuario@dominio.com", "smtp")])
+        events = await _rows(self.gateway, "SELECT type, send_id FROM events")
+        self.assertEqual(events, [("queued", send_id)])
+
+    async def test_every_port_accepts_mail(self):
+        ports = [(self.gateway.port_for("smtp.starttls_listeners[0]"), False),
+                 (self.gateway.port_for("smtp.starttls_listeners[1]"), False),
+                 (self.gateway.port_for("smtp.implicit_tls_listeners[0]"), True)]
+        for port, implicit in ports:
+            await deferToThread(_sendmail, port, implicit, SIMPLE, ["a@example.net"])
+        (count,) = await _rows(self.gateway, "SELECT count(*) FROM messages")
+        self.assertEqual(count, (3,))
+
+    async def test_unverified_sender_and_reply_to(self):
+        replies = await deferToThread(_dialogue, self.port, "MAIL FROM:<x@elsewhere.org>")
+        self.assertEqual(replies, [(553, b"5.7.1 Disallowed source address: x@elsewhere.org")])
+        message = b"Reply-To: boss@elsewhere.org\r\n" + SIMPLE + b".\r\n"
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "DATA", message)
+        self.assertEqual(replies[-1],
+                         (553, b"5.7.1 Disallowed source address: boss@elsewhere.org"))
+
+    async def test_verified_domain_allows_any_address_in_it(self):
+        await self.gateway.stores.senders.add_domain(self.account.id, "news.example", "s", "rsa",
+                                                     "PEM", "PUB", "b.news.example")
+        await self.gateway.stores.senders.verify_domain(self.account.id, "news.example")
+        replies = await deferToThread(_dialogue, self.port, "MAIL FROM:<any@news.example>")
+        self.assertEqual(replies[0][0], 250)
+
+    async def test_recipients_imported_without_data(self):
+        await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                            "RCPT TO:<kept@example.net>")
+        contacts = await _rows(self.gateway, "SELECT email FROM contacts")
+        self.assertEqual(contacts, [("kept@example.net",)])
+        (groups,) = await _rows(self.gateway, "SELECT count(*) FROM group_members")
+        self.assertEqual(groups, (1,))
+
+    async def test_empty_data_imports_and_sends_nothing(self):
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "RCPT TO:<b@example.net>",
+                                      "DATA", b".\r\n")
+        self.assertEqual(replies[-1], (250, b"OK imported 2"))
+        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM sends"), [(0,)])
+        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM contacts"), [(2,)])
+
+    async def test_suppressed_recipient_recorded_as_not_sent(self):
+        await _rows(self.gateway, "INSERT INTO suppressions (account_id, address, reason)"
+                    " VALUES (%s, 'gone@example.net', 'unsubscribed') RETURNING id",
+                    self.account.id)
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<gone@example.net>", "RCPT TO:<ok@example.net>",
+                                      "DATA", SIMPLE + b".\r\n")
+        self.assertEqual(replies[-1][0], 250)
+        rows = await _rows(self.gateway, "SELECT recipient, state, last_reply FROM deliveries"
+                           " ORDER BY recipient")
+        self.assertEqual(rows, [("gone@example.net", "not_sent", "unsubscribed"),
+                                ("ok@example.net", "queued", None)])
+        events = await _rows(self.gateway, "SELECT recipient, type, details FROM events"
+                             " ORDER BY recipient")
+        self.assertEqual(events, [("gone@example.net", "not_sent", {"reason": "unsubscribed"}),
+                                  ("ok@example.net", "queued", {})])
+
+    async def test_monthly_quota(self):
+        await self.set_account(sends_per_month=1)
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "RCPT TO:<b@example.net>",
+                                      "DATA", SIMPLE + b".\r\n")
+        self.assertEqual(replies[-1], (554, b"5.6.0 Transaction failed: no sends left"))
+        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM sends"), [(0,)])
+
+    async def test_contact_quota(self):
+        await self.set_account(max_contacts=1)
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "RCPT TO:<b@example.net>",
+                                      "RCPT TO:<a@example.net>")
+        self.assertEqual([r[0] for r in replies], [250, 250, 554, 250])
+
+    async def test_attachment_policy_reject(self):
+        await self.set_account(settings=json.dumps({"attachments": "reject"}))
+        message = (b"From: remitente@dominio.com\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+                   b"Content-Type: text/plain\r\n\r\nsee file\r\n--XX\r\n"
+                   b"Content-Type: application/pdf\r\nContent-Disposition: attachment;"
+                   b" filename=report.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                   b"JVBERi0=\r\n--XX--\r\n.\r\n")
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "DATA", message)
+        self.assertEqual(replies[-1],
+                         (554, b"5.6.0 Transaction failed: Not allowed attachment type pdf"))
+
+    async def test_stored_template_with_variables(self):
+        await _rows(self.gateway, "INSERT INTO templates (account_id, template_id, subject,"
+                    " html, text) VALUES (%s, 'welcome1', 'Welcome', '<p>Hola {nombre}</p>',"
+                    " 'Hola {nombre}') RETURNING id", self.account.id)
+        message = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* Para {nombre}\r\n"
+                   b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana <3\"}\r\n.\r\n")
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "DATA", message)
+        self.assertEqual(replies[-1][0], 250)
+        (row,) = await _rows(self.gateway, "SELECT subject, body FROM messages")
+        self.assertEqual(row[0], "Para Ana <3")
+        body = json.loads(bytes(row[1]))
+        self.assertEqual(body["html"], "<p>Hola Ana &lt;3</p>")
+        self.assertEqual(body["text"], "Hola Ana <3")
+
+    async def test_unknown_template_and_bad_variables(self):
+        unknown = (b"Subject: *|tid:nope|* x\r\nContent-Type: text/plain\r\n\r\nnull\r\n.\r\n")
+        bad = (b"Subject: *|tid:nope|* x\r\nContent-Type: text/plain\r\n\r\n{oops\r\n.\r\n")
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "DATA", unknown,
+                                      f"MAIL FROM:<{SENDER}>", "RCPT TO:<a@example.net>",
+                                      "DATA", bad)
+        self.assertEqual(replies[3], (554, b"5.6.0 Transaction failed: unknown template nope"))
+        self.assertEqual(replies[-1][0], 554)
+        self.assertIn(b"not a valid JSON object", replies[-1][1])
+
+    async def test_campaign_credential(self):
+        key = credentials.new_api_key()
+        (row,) = await _rows(self.gateway, "INSERT INTO campaigns (account_id, type, name,"
+                             " api_key_hash) VALUES (%s, 'api', 'c', %s) RETURNING numid",
+                             self.account.id, credentials.hash_api_key(key))
+        port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
+        await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
+                            user=f"dmdsid-{row[0]}", password=key)
+        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM messages"), [(1,)])
+        with self.assertRaises(smtplib.SMTPAuthenticationError):
+            await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
+                                user=f"dmdsid-{row[0]}", password="wrong")
+
+
+class DatabaseTroubleTests(unittest.TestCase):
+    async def test_451_never_250_when_postgresql_goes_away(self):
+        cluster = new_cluster("mailgw-test-smtp-outage-")
+        config = gateway_config(self, cluster.dsn).replace(
+            database=DatabaseConfig(dsn=cluster.dsn, pool_size=2))
+        gateway = await start_gateway(self, config)
+        account = await gateway.stores.accounts.create_account("acme")
+        await gateway.stores.accounts.create_user(account.id, USER,
+                                                  credentials.hash_password(PASSWORD))
+        await gateway.stores.senders.add_sender(account.id, SENDER, verified=True)
+        port = gateway.port_for("smtp.starttls_listeners[0]")
+
+        def conversation():
+            client = _client(port)
+            client.ehlo("c")
+            client.starttls(context=_tls())
+            client.ehlo("c")
+            client.login(USER, PASSWORD)
+            replies = [client.docmd(f"MAIL FROM:<{SENDER}>"),
+                       client.docmd("RCPT TO:<a@example.net>"), client.docmd("DATA")]
+            cluster.stop()  # PostgreSQL goes away before the end of DATA
+            client.send(SIMPLE + b".\r\n")
+            replies.append(client.getreply())
+            replies.append(client.docmd(f"MAIL FROM:<{SENDER}>"))
+            client.close()
+            return replies
+
+        replies = await deferToThread(conversation)
+        self.assertEqual([r[0] for r in replies], [250, 250, 354, 451, 451])
+        self.assertEqual(replies[3][1], b"4.3.0 Temporary failure, try again later")
+        cluster.start()
