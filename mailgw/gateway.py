@@ -25,6 +25,8 @@ from mailgw.config import Config
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
 from mailgw.errors import StartupError
 from mailgw.http.ops import OperationsApp
+from mailgw.http.root import HTTPRoot
+from mailgw.http.tracking import TrackingApp
 from mailgw.smtp.auth import AccountCredentialsChecker, AuthThrottle, SubmissionRealm
 from mailgw.smtp.protocol import SubmissionFactory
 from mailgw.store import Stores
@@ -103,7 +105,9 @@ class Gateway(service.MultiService):
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
-        site = server.Site(OperationsApp(self.database).app.resource())
+        tracking = TrackingApp(self.stores.submissions).app.resource()
+        root = HTTPRoot({b"a": tracking}, OperationsApp(self.database).app.resource())
+        site = server.Site(root)
         site.displayTracebacks = False
         wanted = (
             [(f"smtp.starttls_listeners[{i}]", d, smtp_factory)

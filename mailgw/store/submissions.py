@@ -75,6 +75,10 @@ class SubmissionStore:
     async def store(self, record: SubmissionRecord) -> StoredSubmission:
         return await self.committer.run("store_submission", _store_submission_txn, record)
 
+    async def attachment(self, token: str) -> tuple[str, str, bytes] | None:
+        """(filename, content type, data) of a linked attachment (S-8 `links`)."""
+        return await self.db.run_interaction("attachment", _select_attachment_txn, token)
+
     async def template(self, account_id: int, template_id: str):
         """(subject, html, text) of a stored template (S-10), or None."""
         return await self.db.run_interaction("template", _select_template_txn, account_id,
@@ -148,3 +152,10 @@ async def _select_template_txn(cursor, account_id: int, template_id: str):
         "SELECT subject, html, text FROM templates WHERE account_id = %s AND template_id = %s",
         (account_id, template_id))
     return cursor.fetchone()
+
+
+async def _select_attachment_txn(cursor, token: str) -> tuple[str, str, bytes] | None:
+    await cursor.execute(
+        "SELECT filename, content_type, data FROM attachments WHERE token = %s", (token,))
+    row = cursor.fetchone()
+    return (row[0], row[1], bytes(row[2])) if row else None

@@ -2,9 +2,11 @@
 
 import base64
 import json
+import re
 import smtplib
 import ssl
 
+import treq
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -279,6 +281,43 @@ class SubmissionFlowTests(unittest.TestCase):
                                       "RCPT TO:<a@example.net>", "DATA", message)
         self.assertEqual(replies[-1],
                          (554, b"5.6.0 Transaction failed: Not allowed attachment type pdf"))
+
+    async def test_attachment_policy_links(self):
+        """Teenvio: files become download links, cid: images become hosted images."""
+        await self.set_account(settings=json.dumps({"attachments": "links"}))
+        message = (b"From: remitente@dominio.com\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+                   b"Content-Type: multipart/related; boundary=YY\r\n\r\n--YY\r\n"
+                   b"Content-Type: text/html\r\n\r\n<html><body><img src=\"cid:logo@x\">"
+                   b"</body></html>\r\n--YY\r\nContent-Type: image/png\r\n"
+                   b"Content-ID: <logo@x>\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                   b"iVBORw0K\r\n--YY--\r\n--XX\r\n"
+                   b"Content-Type: application/pdf\r\nContent-Disposition: attachment;"
+                   b" filename=report.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                   b"JVBERi0=\r\n--XX--\r\n.\r\n")
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "DATA", message)
+        self.assertEqual(replies[-1][0], 250)
+        (row,) = await _rows(self.gateway, "SELECT body FROM messages")
+        body = json.loads(bytes(row[0]))
+        self.assertEqual(body["attachments"], [])
+        tokens = re.findall(r"http://localhost:8080/a/([\w-]+)", body["html"])
+        self.assertEqual(len(tokens), 2)  # the hosted image and the download link
+        self.assertNotIn("cid:", body["html"])
+        self.assertIn("report.pdf", body["text"])
+        http = self.gateway.port_for("http.listener")
+        downloads = {}
+        for token in tokens:
+            response = await treq.get(f"http://127.0.0.1:{http}/a/{token}", persistent=False)
+            self.assertEqual(response.code, 200)
+            downloads[response.headers.getRawHeaders("content-type")[0]] = (
+                await response.content(), response.headers.getRawHeaders("content-disposition"))
+        self.assertEqual(downloads["application/pdf"],
+                         (b"%PDF-", ["attachment; filename*=UTF-8''report.pdf"]))
+        self.assertEqual(downloads["image/png"][0], base64.b64decode(b"iVBORw0K"))
+        missing = await treq.get(f"http://127.0.0.1:{http}/a/nope", persistent=False)
+        self.assertEqual(missing.code, 404)
+        await missing.content()
 
     async def test_stored_template_with_variables(self):
         await _rows(self.gateway, "INSERT INTO templates (account_id, template_id, subject,"
