@@ -35,8 +35,9 @@ class SMTPConfig:
     idle_timeout: int = 300
     # Allow AUTH on a plain connection from anywhere (S-2); loopback always may.
     allow_plaintext_auth: bool = False
-    # Networks that may relay without AUTH (like Postfix's mynetworks).
+    # Networks that may submit without AUTH (like Postfix's mynetworks), as this account.
     trusted_networks: list[str] = field(default_factory=list)
+    trusted_account: str = ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,9 @@ def _check_values(config: Config) -> None:
     if bool(config.tls.certificate) != bool(config.tls.private_key):
         raise ConfigError("tls.certificate and tls.private_key: set both or neither")
     _check_networks("smtp.trusted_networks", config.smtp.trusted_networks)
+    if config.smtp.trusted_networks and not config.smtp.trusted_account:
+        raise ConfigError("smtp.trusted_account: required when smtp.trusted_networks is set "
+                          "(the account their mail is sent as)")
     _check_host_ports("delivery.dns_servers", config.delivery.dns_servers)
     if config.delivery.smarthost:
         _check_host_ports("delivery.smarthost", [config.delivery.smarthost])

@@ -23,7 +23,7 @@ from twisted.web import server
 
 from mailgw.config import Config
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
-from mailgw.errors import StartupError
+from mailgw.errors import NotFound, StartupError
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot
 from mailgw.http.tracking import TrackingApp
@@ -102,6 +102,7 @@ class Gateway(service.MultiService):
             await self.embedded.start()
         self.database = await open_database(self.config, self.reactor)
         self.stores = Stores.on(self.database)
+        await self._check_trusted_account()
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
@@ -120,15 +121,27 @@ class Gateway(service.MultiService):
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
 
+    async def _check_trusted_account(self) -> None:
+        name = self.config.smtp.trusted_account
+        if self.config.smtp.trusted_networks:
+            try:
+                await self.stores.accounts.get_account(name)
+            except NotFound:
+                raise StartupError(f"smtp.trusted_account: no account named {name!r}") from None
+
     def _smtp_factory(self, tls_options) -> SubmissionFactory:
         smtp = self.config.smtp
         checker = AccountCredentialsChecker(self.stores.accounts, self._run_in_thread)
+        realm = SubmissionRealm(self.stores.accounts)
         return SubmissionFactory(
             self.config.hostname, tls_options, self.clock, smtp.idle_timeout,
-            portal=Portal(SubmissionRealm(self.stores.accounts), [checker]),
+            portal=Portal(realm, [checker]),
             service=SubmissionService(self.stores, self.config.http.public_base_url),
             throttle=AuthThrottle(self.clock), max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth)
+            max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth,
+            trusted_networks=tuple(smtp.trusted_networks),
+            trusted_account=lambda username: realm.account_named(smtp.trusted_account,
+                                                                 username))
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing) off the reactor thread."""

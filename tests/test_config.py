@@ -82,6 +82,8 @@ class ErrorTests(unittest.TestCase):
                                "delivery.remote_smtp_port")
         self.assertConfigError({"tls": {"certificate": "/c.pem"}}, "tls.private_key")
         self.assertConfigError({"hostname": "two words"}, "hostname")
+        self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/8"]}},
+                               "smtp.trusted_account")
 
     def test_missing_file(self):
         with self.assertRaises(ConfigError) as caught:

@@ -152,6 +152,12 @@ class StartupErrorTests(unittest.TestCase):
             certificate="/nonexistent/cert.pem", private_key="/nonexistent/key.pem"))
         await self.assertStartupError(config, "/nonexistent/cert.pem")
 
+    async def test_unknown_trusted_account(self):
+        config = gateway_config(self, fresh_database(), smtp=SMTPConfig(
+            starttls_listeners=[LOOPBACK_PORT], implicit_tls_listeners=[],
+            trusted_networks=["10.0.0.0/8"], trusted_account="relay"))
+        await self.assertStartupError(config, "smtp.trusted_account", "relay")
+
     async def test_failed_start_leaves_no_port_open(self):
         config = gateway_config(self, fresh_database(), http=HTTPConfig(listener="bogus:80"))
         gateway_ports = []

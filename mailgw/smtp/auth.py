@@ -114,6 +114,12 @@ class SubmissionRealm:
             raise NotImplementedError("only ISubmissionAccount avatars")
         return defer.ensureDeferred(self._avatar(*avatar_id))
 
+    async def account_named(self, name: str, username: str) -> SubmissionAccount:
+        """The avatar of a named account, for clients on trusted networks (S-4)."""
+        account = await self.accounts.get_account(name)
+        _, avatar, _ = await self._avatar(account.id, username)
+        return avatar
+
     async def _avatar(self, account_id: int, username: str):
         account = await self.accounts.submission_settings(account_id)
         if account is None:

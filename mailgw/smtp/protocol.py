@@ -360,7 +360,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self.reply(reply)
 
     def do_MAIL(self, rest: bytes) -> None:  # noqa: N802
-        if self.account is None:
+        if self.account is None and not self.factory.is_trusted(self.peer_ip):
             self._error(replies.AUTH_REQUIRED)
             return
         if self._sender is not None:
@@ -389,6 +389,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._run(self._check_sender(address))
 
     async def _check_sender(self, address: str) -> None:
+        if self.account is None:  # a trusted network's client (S-4)
+            self.account = await self.factory.trusted_account(f"trusted:{self.peer_ip}")
         try:
             self._sender = await self.factory.service.check_sender(self.account, address)
         except DisallowedSender:
@@ -538,7 +540,8 @@ class SubmissionFactory(smtp.SMTPFactory):
     def __init__(self, hostname: str, tls_options, clock, idle_timeout: int,
                  portal=None, service: SubmissionService | None = None,
                  throttle: AuthThrottle | None = None, max_message_size: int = 512000,
-                 max_recipients: int = 1000, allow_plaintext_auth: bool = False) -> None:
+                 max_recipients: int = 1000, allow_plaintext_auth: bool = False,
+                 trusted_networks: tuple = (), trusted_account=None) -> None:
         super().__init__(portal=portal)
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
@@ -549,7 +552,19 @@ class SubmissionFactory(smtp.SMTPFactory):
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
         self.allow_plaintext_auth = allow_plaintext_auth
+        self.trusted_networks = tuple(ipaddress.ip_network(n, strict=False)
+                                      for n in trusted_networks)
+        # Loads the account that trusted networks' mail is sent as: (username) -> avatar.
+        self.trusted_account = trusted_account
         self.sessions: set[SubmissionProtocol] = set()
+
+    def is_trusted(self, address: str) -> bool:
+        """S-4: no AUTH needed from the operator's trusted networks (Postfix's mynetworks)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_networks)
 
     def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
         p = super().buildProtocol(addr)

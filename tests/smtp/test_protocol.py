@@ -70,7 +70,7 @@ class Session:
     """A session on a StringTransport; `send` returns the replies it caused."""
 
     def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
-                 max_recipients=1000, allow_plaintext_auth=False):
+                 max_recipients=1000, allow_plaintext_auth=False, trusted_networks=()):
         self.clock = task.Clock()
         self.service = StubService()
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
@@ -79,13 +79,17 @@ class Session:
             "mx.example.org", tls_options=None, clock=self.clock, idle_timeout=300,
             portal=portal.Portal(StubRealm(networks), [users]), service=self.service,
             throttle=self.throttle, max_message_size=max_size, max_recipients=max_recipients,
-            allow_plaintext_auth=allow_plaintext_auth)
+            allow_plaintext_auth=allow_plaintext_auth, trusted_networks=trusted_networks,
+            trusted_account=self.trusted_account)
         peer_address = address.IPv4Address("TCP", peer, 40000)
         self.protocol = self.factory.buildProtocol(peer_address)
         self.transport = StringTransport(peerAddress=peer_address)
         self.protocol.makeConnection(self.transport)
         self.protocol.startedTLS = secure
         self.banner = self.take()
+
+    async def trusted_account(self, username):
+        return SubmissionAccount(2, "relay", username)
 
     def take(self) -> list[bytes]:
         data = self.transport.value()
@@ -260,6 +264,15 @@ class AUTHTests(unittest.TestCase):
 class MAILTests(unittest.TestCase):
     def test_requires_auth(self):
         self.assertEqual(Session().send(b"MAIL FROM:<sender@example.org>"),
+                         [b"530 5.7.0 Authentication required"])
+
+    def test_trusted_network_needs_no_auth(self):
+        session = Session(peer="10.1.2.3", trusted_networks=("10.0.0.0/8",))
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org>"), [b"250 2.1.0 OK"])
+        self.assertEqual(session.protocol.account.username, "trusted:10.1.2.3")
+        self.assertEqual(session.send(b"RCPT TO:<a@example.net>"), [b"250 2.1.5 Accepted"])
+        other = Session(peer="192.0.2.1", trusted_networks=("10.0.0.0/8",))
+        self.assertEqual(other.send(b"MAIL FROM:<sender@example.org>"),
                          [b"530 5.7.0 Authentication required"])
 
     def test_accepted_with_size(self):

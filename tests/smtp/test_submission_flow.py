@@ -1,6 +1,7 @@
 """SMTP submission end to end: a running Gateway, real clients, a real PostgreSQL."""
 
 import base64
+import dataclasses
 import json
 import re
 import smtplib
@@ -390,3 +391,28 @@ class DatabaseTroubleTests(unittest.TestCase):
         self.assertEqual([r[0] for r in replies], [250, 250, 354, 451, 451])
         self.assertEqual(replies[3][1], b"4.3.0 Temporary failure, try again later")
         cluster.start()
+
+
+class TrustedNetworkTests(unittest.TestCase):
+    async def test_trusted_client_submits_without_auth(self):
+        dsn = fresh_database()
+        config = gateway_config(self, dsn)
+        config = config.replace(smtp=dataclasses.replace(
+            config.smtp, trusted_networks=["127.0.0.0/8"], trusted_account="acme"))
+        setup = await start_gateway(self, gateway_config(self, dsn))
+        account = await setup.stores.accounts.create_account("acme")
+        await setup.stores.senders.add_sender(account.id, SENDER, verified=True)
+        await setup.stopService()
+        gateway = await start_gateway(self, config)
+
+        def send():
+            client = _client(gateway.port_for("smtp.starttls_listeners[0]"))
+            try:
+                client.sendmail(SENDER, ["a@example.net"], SIMPLE)
+            finally:
+                client.close()
+
+        await deferToThread(send)
+        rows = await _rows(gateway, "SELECT s.account_id, m.sender FROM messages m"
+                           " JOIN sends s ON s.id = m.send_id")
+        self.assertEqual(rows, [(account.id, SENDER)])
