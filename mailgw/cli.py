@@ -8,6 +8,7 @@ command is an `async` function over the same Stores the server uses.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 import sys
@@ -20,9 +21,11 @@ from twisted.internet import defer, task
 from mailgw import credentials
 from mailgw.config import Config, ConfigError, load_config
 from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
+from mailgw.content.message import ATTACHMENT_MODES, MULTIPART_MODES
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
 from mailgw.gateway import embedded_cluster, open_database
 from mailgw.store import Stores
+from mailgw.store.templates import Template
 from mailgw.tlscert import ensure_self_signed
 
 DEMO_ACCOUNT = "demo"
@@ -33,6 +36,27 @@ DEMO_SENDER = "demo@example.com"
 
 class CommandError(Exception):
     """A command cannot do what was asked; the message says why."""
+
+
+# An option not given (as opposed to one given as "none", which clears the value).
+_UNSET = object()
+
+
+def _limit(value: str) -> int | None:
+    if value == "none":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number or 'none', not {value!r}")
+    return int(value)
+
+
+def _networks(value: str) -> list[str] | None:
+    if value == "any":
+        return None
+    try:
+        return [str(ipaddress.ip_network(n.strip(), strict=False)) for n in value.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--timezone", default="America/Bogota",
                         help="time zone of the account's webhook timestamps (default GMT-5)")
     account.add_parser("list", help="list accounts")
+    update = account.add_parser("set", help="change an account's policies and limits")
+    update.add_argument("name")
+    update.add_argument("--multipart", choices=MULTIPART_MODES,
+                        help="a message without text or HTML: generate the missing part "
+                        "(default) or refuse it (strict, as Teenvio)")
+    update.add_argument("--attachments", choices=ATTACHMENT_MODES,
+                        help="keep (default), links (stored, replaced by download links) or "
+                        "reject (Devino)")
+    update.add_argument("--archive", choices=("yes", "no"), help="keep raw messages")
+    update.add_argument("--sends-per-month", type=_limit, metavar="N|none", default=_UNSET,
+                        help="recipients that may be queued per calendar month")
+    update.add_argument("--max-contacts", type=_limit, metavar="N|none", default=_UNSET)
+    update.add_argument("--allowed-networks", type=_networks, metavar="CIDR,...|any",
+                        default=_UNSET,
+                        help="client networks allowed to AUTH (Devino); any = everywhere")
+    update.add_argument("--active", choices=("yes", "no"))
+    update.add_argument("--timezone")
 
     user = commands.add_parser("user", help="SMTP users").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -84,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify = domain.add_parser("verify", help="mark a domain verified")
     verify.add_argument("account")
     verify.add_argument("domain")
+
+    template = commands.add_parser("template", help="stored templates (Aldeamo template_id)"
+                                   ).add_subparsers(dest="action", required=True,
+                                                    metavar="ACTION")
+    put = template.add_parser("set", help="create or replace a template")
+    put.add_argument("account")
+    put.add_argument("template_id")
+    put.add_argument("--name", default="")
+    put.add_argument("--subject", default="")
+    put.add_argument("--html-file", type=argparse.FileType("r", encoding="utf-8"))
+    put.add_argument("--text-file", type=argparse.FileType("r", encoding="utf-8"))
+    listing = template.add_parser("list", help="list an account's templates")
+    listing.add_argument("account")
 
     sender = commands.add_parser("sender", help="sender addresses").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -151,6 +205,42 @@ async def _account_list(stores, args, config, out, stdin) -> None:
               file=out)
 
 
+async def _account_set(stores, args, config, out, stdin) -> None:
+    settings = {}
+    if args.multipart is not None:
+        settings["multipart"] = args.multipart
+    if args.attachments is not None:
+        settings["attachments"] = args.attachments
+    if args.archive is not None:
+        settings["archive"] = args.archive == "yes"
+    columns = {column: getattr(args, column)
+               for column in ("sends_per_month", "max_contacts", "allowed_networks")
+               if getattr(args, column) is not _UNSET}
+    if args.timezone is not None:
+        columns["timezone"] = args.timezone
+    if args.active is not None:
+        columns["active"] = args.active == "yes"
+    await stores.accounts.update_account(args.name, settings, columns)
+    print(f"account {args.name} updated", file=out)
+
+
+async def _template_set(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    html = args.html_file.read() if args.html_file else None
+    text = args.text_file.read() if args.text_file else None
+    if html is None and text is None:
+        raise CommandError("a template needs --html-file or --text-file")
+    await stores.templates.put(account.id, Template(args.template_id, args.name, args.subject,
+                                                    html, text))
+    print(f"template {args.template_id} saved for account {account.name}", file=out)
+
+
+async def _template_list(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    for template in await stores.templates.list(account.id):
+        print(f"{template.template_id}\t{template.name}\t{template.subject}", file=out)
+
+
 async def _user_create(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
     if args.password_stdin:
@@ -215,6 +305,9 @@ async def _sender_verify(stores, args, config, out, stdin) -> None:
 COMMANDS = {
     ("account", "create"): _account_create,
     ("account", "list"): _account_list,
+    ("account", "set"): _account_set,
+    ("template", "set"): _template_set,
+    ("template", "list"): _template_list,
     ("user", "create"): _user_create,
     ("apikey", "create"): _apikey_create,
     ("domain", "add"): _domain_add,

@@ -79,6 +79,51 @@ class CommandTests(unittest.TestCase):
         with self.assertRaises(AlreadyExists):
             await self.run("account", "create", "acme")
 
+    async def test_account_set_policies_and_limits(self):
+        await self.run("account", "create", "acme")
+        output = await self.run("account", "set", "acme", "--multipart", "strict",
+                                "--attachments", "links", "--archive", "yes",
+                                "--sends-per-month", "1000", "--max-contacts", "50",
+                                "--allowed-networks", "10.0.0.0/8,192.0.2.7", "--active", "no")
+        self.assertIn("account acme updated", output)
+        account = await self.stores.accounts.get_account("acme")
+        self.assertFalse(account.active)
+        await self.run("account", "set", "acme", "--active", "yes")
+        name, settings, networks, max_contacts, sends = \
+            await self.stores.accounts.submission_settings(account.id)
+        self.assertEqual(settings, {"multipart": "strict", "attachments": "links",
+                                    "archive": True})
+        self.assertEqual(networks, ["10.0.0.0/8", "192.0.2.7/32"])
+        self.assertEqual((max_contacts, sends), (50, 1000))
+        await self.run("account", "set", "acme", "--sends-per-month", "none",
+                       "--allowed-networks", "any")
+        _, settings, networks, max_contacts, sends = \
+            await self.stores.accounts.submission_settings(account.id)
+        self.assertEqual((networks, max_contacts, sends), (None, 50, None))
+        self.assertEqual(settings["attachments"], "links")
+        with self.assertRaises(NotFound):
+            await self.run("account", "set", "nobody", "--archive", "no")
+
+    def test_account_set_refuses_bad_values(self):
+        for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
+                     ["--attachments", "drop"]):
+            with self.assertRaises(SystemExit):
+                build_parser().parse_args(["account", "set", "acme", *argv])
+
+    async def test_template_set_and_list(self):
+        await self.run("account", "create", "acme")
+        html = Path(self.mktemp())
+        html.write_text("<p>Hola {nombre}</p>")
+        output = await self.run("template", "set", "acme", "welcome1", "--name", "Welcome",
+                                "--subject", "Hi", "--html-file", str(html))
+        self.assertIn("template welcome1 saved", output)
+        self.assertEqual(await self.run("template", "list", "acme"), "welcome1\tWelcome\tHi\n")
+        account = await self.stores.accounts.get_account("acme")
+        template = await self.stores.templates.get(account.id, "welcome1")
+        self.assertEqual((template.html, template.text), ("<p>Hola {nombre}</p>", None))
+        with self.assertRaises(CommandError):
+            await self.run("template", "set", "acme", "empty")
+
     async def test_user_create_generates_a_password(self):
         await self.run("account", "create", "acme")
         output = await self.run("user", "create", "acme", "acme.pro")

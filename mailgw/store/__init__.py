@@ -10,6 +10,7 @@ from mailgw.store.database import Database
 from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.senders import SenderStore
 from mailgw.store.submissions import SubmissionStore
+from mailgw.store.templates import TemplateStore
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,12 @@ class Stores:
     senders: SenderStore
     contacts: ContactStore
     submissions: SubmissionStore
+    templates: TemplateStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
         committer = GroupCommitter(database)
         return cls(database=database, accounts=AccountStore(database),
                    senders=SenderStore(database), contacts=ContactStore(committer),
-                   submissions=SubmissionStore(database, committer))
+                   submissions=SubmissionStore(database, committer),
+                   templates=TemplateStore(database))

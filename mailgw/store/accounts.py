@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg2 import errors as pg_errors
+from psycopg2.extras import Json
 
 from mailgw.errors import AlreadyExists, NotFound
 from mailgw.store.database import Database
@@ -22,6 +23,9 @@ class Account:
 
 
 _ACCOUNT_COLUMNS = "id, name, plan, timezone, active, created_at"
+# Columns an operator may change (S-4 allow-list, S-15 quotas, H-1 active).
+ACCOUNT_COLUMNS = frozenset({"plan", "timezone", "active", "allowed_networks",
+                             "sends_per_month", "max_contacts"})
 
 
 class AccountStore:
@@ -41,6 +45,17 @@ class AccountStore:
         if account is None:
             raise NotFound(f"no account named {name!r}")
         return account
+
+    async def update_account(self, name: str, settings: dict, columns: dict) -> None:
+        """Merge `settings` into the account's settings and set the given columns
+        (from `ACCOUNT_COLUMNS` only)."""
+        unknown = set(columns) - ACCOUNT_COLUMNS
+        if unknown:
+            raise ValueError(f"not account columns: {sorted(unknown)}")
+        found = await self.db.run_interaction("update_account", _update_account_txn, name,
+                                              settings, columns)
+        if not found:
+            raise NotFound(f"no account named {name!r}")
 
     async def list_accounts(self) -> list[Account]:
         return await self.db.run_interaction("list_accounts", _select_accounts_txn)
@@ -90,6 +105,16 @@ async def _insert_account_txn(cursor, name: str, plan: str, timezone: str) -> Ac
         f"INSERT INTO accounts (name, plan, timezone) VALUES (%s, %s, %s)"
         f" RETURNING {_ACCOUNT_COLUMNS}", (name, plan, timezone))
     return Account(*cursor.fetchone())
+
+
+async def _update_account_txn(cursor, name: str, settings: dict, columns: dict) -> bool:
+    assignments = ["settings = settings || %s"] + [
+        f"{column} = %s{'::cidr[]' if column == 'allowed_networks' else ''}"
+        for column in columns]
+    await cursor.execute(
+        f"UPDATE accounts SET {', '.join(assignments)} WHERE name = %s RETURNING id",
+        (Json(settings), *columns.values(), name))
+    return cursor.fetchone() is not None
 
 
 async def _select_account_txn(cursor, name: str) -> Account | None:

@@ -79,10 +79,6 @@ class SubmissionStore:
         """(filename, content type, data) of a linked attachment (S-8 `links`)."""
         return await self.db.run_interaction("attachment", _select_attachment_txn, token)
 
-    async def template(self, account_id: int, template_id: str):
-        """(subject, html, text) of a stored template (S-10), or None."""
-        return await self.db.run_interaction("template", _select_template_txn, account_id,
-                                             template_id)
 
 
 async def _store_submission_txn(cursor, record: SubmissionRecord) -> StoredSubmission:
@@ -145,13 +141,6 @@ async def _store_submission_txn(cursor, record: SubmissionRecord) -> StoredSubmi
              attachment.content_type, attachment.data))
     return StoredSubmission(send_id, message_id, record.message_uid, queued,
                             len(recipients) - queued)
-
-
-async def _select_template_txn(cursor, account_id: int, template_id: str):
-    await cursor.execute(
-        "SELECT subject, html, text FROM templates WHERE account_id = %s AND template_id = %s",
-        (account_id, template_id))
-    return cursor.fetchone()
 
 
 async def _select_attachment_txn(cursor, token: str) -> tuple[str, str, bytes] | None:

@@ -115,11 +115,11 @@ class SubmissionService:
 
     async def _expand_template(self, submission: Submission) -> ParsedMessage:
         """S-10: the stored template with the submission's variables merged in."""
-        found = await self.stores.submissions.template(submission.account.account_id,
-                                                       submission.template_id)
-        if found is None:
+        template = await self.stores.templates.get(submission.account.account_id,
+                                                   submission.template_id)
+        if template is None:
             raise ContentRefused(f"unknown template {submission.template_id}")
-        subject, html, text = found
+        subject, html, text = template.subject, template.html, template.text
         variables = submission.variables
         return dataclasses.replace(
             submission.content,

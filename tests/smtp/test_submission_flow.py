@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from mailgw import credentials
 from mailgw.config import DatabaseConfig
+from mailgw.store.templates import Template
 from tests.harness import fresh_database, gateway_config, new_cluster, start_gateway
 
 USER, PASSWORD, SENDER = "acme.pro", "s3cret-pass", "remitente@dominio.com"
@@ -321,9 +322,8 @@ class SubmissionFlowTests(unittest.TestCase):
         await missing.content()
 
     async def test_stored_template_with_variables(self):
-        await _rows(self.gateway, "INSERT INTO templates (account_id, template_id, subject,"
-                    " html, text) VALUES (%s, 'welcome1', 'Welcome', '<p>Hola {nombre}</p>',"
-                    " 'Hola {nombre}') RETURNING id", self.account.id)
+        await self.gateway.stores.templates.put(self.account.id, Template(
+            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
         message = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* Para {nombre}\r\n"
                    b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana <3\"}\r\n.\r\n")
         replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
