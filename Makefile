@@ -9,7 +9,7 @@ TRIAL_ARGS ?=
 # twistd finds twisted/plugins/mailgw_plugin.py on this path.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint postgres venv clean
+.PHONY: run test lint postgres venv clean bench-smtp
 
 run: venv postgres
 	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
@@ -20,6 +20,10 @@ test: venv postgres
 
 lint: venv
 	$(VENV)/bin/ruff check mailgw tests twisted
+
+# SMTP ingest benchmark against a private Postfix (installed when missing); see bench/README.md.
+bench-smtp: venv postgres
+	$(VENV)/bin/python bench/smtp_ingest.py
 
 venv: $(VENV)/.installed
 
