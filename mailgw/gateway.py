@@ -136,7 +136,8 @@ class Gateway(service.MultiService):
         return SubmissionFactory(
             self.config.hostname, tls_options, self.clock, smtp.idle_timeout,
             portal=Portal(realm, [checker]),
-            service=SubmissionService(self.stores, self.config.http.public_base_url),
+            service=SubmissionService(self.stores, self.config.http.public_base_url,
+                                      self.clock),
             throttle=AuthThrottle(self.clock), max_message_size=smtp.max_message_size,
             max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth,
             trusted_networks=tuple(smtp.trusted_networks),

@@ -130,6 +130,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         super().connectionMade()
+        # Pipelined replies go out one by one as the database answers: without
+        # NODELAY, Nagle holds each behind the client's delayed ACK (40 ms).
+        if interfaces.ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
         self.factory.sessions.add(self)
 

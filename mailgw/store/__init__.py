@@ -26,7 +26,8 @@ class Stores:
 
     @classmethod
     def on(cls, database: Database) -> Stores:
-        committer = GroupCommitter(database)
+        # Batches in flight at once: all connections but one, kept for other queries.
+        committer = GroupCommitter(database, max_in_flight=max(1, database.pool_size - 1))
         return cls(database=database, accounts=AccountStore(database),
                    senders=SenderStore(database), contacts=ContactStore(committer),
                    submissions=SubmissionStore(database, committer),

@@ -47,21 +47,23 @@ async def _import_recipient_txn(cursor, account_id, group_id, group_name, group_
             "INSERT INTO groups (account_id, name, origin) VALUES (%s, %s, %s) RETURNING id",
             (account_id, group_name, group_origin))
         group_id = cursor.fetchone()[0]
-    # DO UPDATE (not DO NOTHING) so that RETURNING gives the id of an existing contact too.
+    # One round trip: upsert (DO UPDATE, so that RETURNING also gives an existing
+    # contact's id), group membership, and the suppression that applies to this sender
+    # domain, the broadest scope first.
     await cursor.execute(
-        "INSERT INTO contacts (account_id, email) VALUES (%s, %s)"
-        " ON CONFLICT (account_id, email) DO UPDATE SET updated_at = now()"
-        " RETURNING id, invalid", (account_id, email))
-    contact_id, invalid = cursor.fetchone()
-    await cursor.execute(
-        "INSERT INTO group_members (group_id, contact_id) VALUES (%s, %s)"
-        " ON CONFLICT DO NOTHING", (group_id, contact_id))
-    suppressed = "invalid" if invalid else None
-    if suppressed is None:
-        await cursor.execute(
-            "SELECT reason FROM suppressions WHERE account_id = %s AND address = %s"
-            " AND (scope_domain IS NULL OR scope_domain = %s) AND category IS NULL"
-            " ORDER BY scope_domain NULLS FIRST LIMIT 1", (account_id, email, sender_domain))
-        row = cursor.fetchone()
-        suppressed = row[0] if row else None
+        "WITH contact AS ("
+        "  INSERT INTO contacts (account_id, email) VALUES (%(account)s, %(email)s)"
+        "  ON CONFLICT (account_id, email) DO UPDATE SET updated_at = now()"
+        "  RETURNING id, invalid),"
+        " member AS ("
+        "  INSERT INTO group_members (group_id, contact_id)"
+        "  SELECT %(group)s, id FROM contact ON CONFLICT DO NOTHING)"
+        " SELECT id, CASE WHEN invalid THEN 'invalid' ELSE ("
+        "  SELECT reason FROM suppressions WHERE account_id = %(account)s"
+        "  AND address = %(email)s AND category IS NULL"
+        "  AND (scope_domain IS NULL OR scope_domain = %(domain)s)"
+        "  ORDER BY scope_domain NULLS FIRST LIMIT 1) END"
+        " FROM contact",
+        {"account": account_id, "email": email, "group": group_id, "domain": sender_domain})
+    contact_id, suppressed = cursor.fetchone()
     return ImportedRecipient(group_id, contact_id, suppressed)

@@ -40,6 +40,7 @@ class Database:
 
     def __init__(self, dsn: str, pool_size: int, reactor) -> None:
         self.dsn = dsn
+        self.pool_size = pool_size
         self.reactor = reactor
         self._pool = _ReconnectingPool(reactor, dsn, min=pool_size)
 
@@ -90,15 +91,17 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
     def __init__(self, reactor, *connargs, **connkw) -> None:
         self.reactor = reactor
         super().__init__(None, *connargs, **connkw)
+        # `connections` holds only the idle ones; closing must reach busy ones too.
+        self._every_connection = frozenset(self.connections)
 
     def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
         detector = _Detector(reconnectionIterator=_reconnect_delays, reactor=reactor)
         return _Connection(reactor, cooperator, detector=detector)
 
     def close(self) -> None:
-        for connection in self.connections:
+        for connection in self._every_connection:
             connection.detector.stop()
-        super().close()
+            connection.close()
 
     def reconnect_idle(self, failure: Failure) -> None:
         """One dead connection means a restart: renew the idle ones too, now."""

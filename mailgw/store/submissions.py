@@ -90,49 +90,56 @@ async def _store_submission_txn(cursor, record: SubmissionRecord) -> StoredSubmi
             (record.account_id,))
         if cursor.fetchone()[0] + queued > record.sends_per_month:
             raise QuotaExceeded()
-    content_id = None
-    if record.html is not None:
-        await cursor.execute(
-            "INSERT INTO contents (account_id, name, html) VALUES (%s, %s, %s) RETURNING id",
-            (record.account_id, f"{record.origin.upper()}: {record.subject}"[:200],
-             record.html))
-        content_id = cursor.fetchone()[0]
-    await cursor.execute(
-        "INSERT INTO sends (account_id, origin, subject, sender, group_id, content_id, archive)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        (record.account_id, record.origin, record.subject, record.sender, record.group_id,
-         content_id, record.archive))
-    send_id = cursor.fetchone()[0]
-    body = json.dumps(record.body, separators=(",", ":")).encode("utf-8")
-    await cursor.execute(
-        "INSERT INTO messages (account_id, send_id, message_uid, sender, reply_to, subject,"
-        " headers, custom_headers, options, client_ip, body, raw, size)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        (record.account_id, send_id, record.message_uid, record.sender, record.reply_to,
-         record.subject, Json(record.headers), Json(record.custom_headers),
-         Json(record.options), record.client_ip, body,
-         record.raw if record.archive else None, record.size))
-    message_id = cursor.fetchone()[0]
     recipients = record.recipients
-    # One statement for all queue rows and one for all their events, however many recipients.
+    # One round trip for the whole submission: content piece, send, message, a
+    # queue row per recipient and its first event, however many recipients.
     await cursor.execute(
-        "INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
-        " last_reply)"
-        " SELECT %s, %s, r.contact_id, r.email, r.kind,"
-        "  CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason"
-        " FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[])"
-        "  AS r(email, contact_id, kind, reason)",
-        (message_id, record.account_id, [r.email for r in recipients],
-         [r.contact_id for r in recipients], [r.kind for r in recipients],
-         [r.suppressed for r in recipients]))
-    await cursor.execute(
-        "INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
-        " recipient, type, details)"
-        " SELECT account_id, %s, message_id, id, contact_id, recipient,"
-        "  CASE WHEN state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
-        "  CASE WHEN state = 'queued' THEN '{}'::jsonb"
-        "   ELSE jsonb_build_object('reason', last_reply) END"
-        " FROM deliveries WHERE message_id = %s", (send_id, message_id))
+        "WITH content AS ("
+        "  INSERT INTO contents (account_id, name, html)"
+        "  SELECT %(account)s, %(content_name)s, %(html)s WHERE %(html)s IS NOT NULL"
+        "  RETURNING id),"
+        " send AS ("
+        "  INSERT INTO sends (account_id, origin, subject, sender, group_id, content_id,"
+        "   archive)"
+        "  VALUES (%(account)s, %(origin)s, %(subject)s, %(sender)s, %(group)s,"
+        "   (SELECT id FROM content), %(archive)s)"
+        "  RETURNING id),"
+        " message AS ("
+        "  INSERT INTO messages (account_id, send_id, message_uid, sender, reply_to, subject,"
+        "   headers, custom_headers, options, client_ip, body, raw, size)"
+        "  SELECT %(account)s, send.id, %(uid)s, %(sender)s, %(reply_to)s, %(subject)s,"
+        "   %(headers)s, %(custom_headers)s, %(options)s, %(client_ip)s, %(body)s, %(raw)s,"
+        "   %(size)s FROM send"
+        "  RETURNING id, send_id),"
+        " delivery AS ("
+        "  INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
+        "   last_reply)"
+        "  SELECT message.id, %(account)s, r.contact_id, r.email, r.kind,"
+        "   CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason"
+        "  FROM message, unnest(%(emails)s::text[], %(contacts)s::bigint[], %(kinds)s::text[],"
+        "   %(reasons)s::text[]) AS r(email, contact_id, kind, reason)"
+        "  RETURNING id, message_id, contact_id, recipient, state, last_reply),"
+        " event AS ("
+        "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
+        "   recipient, type, details)"
+        "  SELECT %(account)s, message.send_id, delivery.message_id, delivery.id,"
+        "   delivery.contact_id, delivery.recipient,"
+        "   CASE WHEN delivery.state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
+        "   CASE WHEN delivery.state = 'queued' THEN '{}'::jsonb"
+        "    ELSE jsonb_build_object('reason', delivery.last_reply) END"
+        "  FROM delivery, message)"
+        " SELECT send_id, id FROM message",
+        {"account": record.account_id, "origin": record.origin, "html": record.html,
+         "content_name": f"{record.origin.upper()}: {record.subject}"[:200],
+         "subject": record.subject, "sender": record.sender, "group": record.group_id,
+         "archive": record.archive, "uid": record.message_uid, "reply_to": record.reply_to,
+         "headers": Json(record.headers), "custom_headers": Json(record.custom_headers),
+         "options": Json(record.options), "client_ip": record.client_ip,
+         "body": json.dumps(record.body, separators=(",", ":")).encode("utf-8"),
+         "raw": record.raw if record.archive else None, "size": record.size,
+         "emails": [r.email for r in recipients], "contacts": [r.contact_id for r in recipients],
+         "kinds": [r.kind for r in recipients], "reasons": [r.suppressed for r in recipients]})
+    send_id, message_id = cursor.fetchone()
     for attachment in record.attachments:
         await cursor.execute(
             "INSERT INTO attachments (account_id, message_id, token, filename, content_type,"

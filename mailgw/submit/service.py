@@ -53,10 +53,19 @@ class Submission:
     variables: Mapping[str, str] = field(default_factory=dict)
 
 
+# How long a verified sender is trusted without asking the database again: one
+# query per MAIL FROM would cost a round trip per message; withdrawing a
+# verification takes effect within this time.
+SENDER_CACHE_SECONDS = 30
+SENDER_CACHE_SIZE = 10_000
+
+
 class SubmissionService:
-    def __init__(self, stores: Stores, public_base_url: str) -> None:
+    def __init__(self, stores: Stores, public_base_url: str, clock) -> None:
         self.stores = stores
         self.public_base_url = public_base_url.rstrip("/")
+        self.clock = clock
+        self._verified_senders: dict[tuple[int, str], float] = {}
 
     async def check_sender(self, account: SubmissionAccount, address: str) -> str:
         """The normalized sender, or DisallowedSender (S-6)."""
@@ -64,8 +73,14 @@ class SubmissionService:
             normalized = normalize_address(address)
         except Exception:
             raise DisallowedSender(address) from None
+        key = (account.account_id, normalized)
+        if self._verified_senders.get(key, 0.0) > self.clock.seconds():
+            return normalized
         if not await self.stores.senders.sender_allowed(account.account_id, normalized):
             raise DisallowedSender(address)
+        if len(self._verified_senders) >= SENDER_CACHE_SIZE:
+            self._verified_senders.clear()
+        self._verified_senders[key] = self.clock.seconds() + SENDER_CACHE_SECONDS
         return normalized
 
     async def import_recipient(self, account: SubmissionAccount, group_id: int | None,

@@ -383,12 +383,13 @@ class DatabaseTroubleTests(unittest.TestCase):
             cluster.stop()  # PostgreSQL goes away before the end of DATA
             client.send(SIMPLE + b".\r\n")
             replies.append(client.getreply())
-            replies.append(client.docmd(f"MAIL FROM:<{SENDER}>"))
+            replies.append(client.docmd(f"MAIL FROM:<{SENDER}>"))  # a cached sender
+            replies.append(client.docmd("RCPT TO:<a@example.net>"))
             client.close()
             return replies
 
         replies = await deferToThread(conversation)
-        self.assertEqual([r[0] for r in replies], [250, 250, 354, 451, 451])
+        self.assertEqual([r[0] for r in replies], [250, 250, 354, 451, 250, 451])
         self.assertEqual(replies[3][1], b"4.3.0 Temporary failure, try again later")
         cluster.start()
 
