@@ -1,0 +1,749 @@
+"""Each recipient's copy of a message, ready to send (D-2, S-9, S-11, T-1 to T-5).
+
+Pure code: no I/O, no database, no reactor. The delivery engine prepares a stored message
+once (`PreparedMessage.from_body`: parse the body JSON, insert the S-9 texts, split the HTML
+at its links, build every header and MIME part that is the same for all recipients) and then
+renders it per recipient (`PreparedMessage.render`): one merge pass per part, the signed
+tracking links joined in, the parts encoded, and the DKIM signature on top (ARCHITECTURE
+principle 4).
+
+Tracking URLs (`LinkSigner`) carry what they point at, signed: the tracking endpoints need
+no database lookup to redirect and cannot be turned into an open redirect (T-2).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import html
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email import policy as email_policy
+from email.headerregistry import Address
+from email.message import MIMEPart
+from email.utils import format_datetime
+from functools import cached_property
+from types import SimpleNamespace
+
+import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from mailgw.content.dkim import DKIM_ALGORITHMS
+from mailgw.content.footer_texts import header_footer_texts
+from mailgw.content.merge import merge
+
+__all__ = ["DKIMSigner", "LinkSigner", "PreparedMessage", "RecipientContext", "SenderContext"]
+
+
+# --- Signed tracking URLs and VERP bounce addresses (T-1 to T-4, D-2, D-7) ---
+
+LINK_KINDS = frozenset({"c", "o", "u", "w"})  # click, open, unsubscribe, web version
+# Truncated HMAC-SHA256: forging a token takes 2**96 tries per guess, each one a request.
+_LINK_TAG_BYTES = 12
+# Bounce addresses carry 80 bits: short enough for a local part, too many to guess.
+_BOUNCE_TAG_BYTES = 10
+_MAX_TOKEN_LENGTH = 16_384
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_BOUNCE_LOCAL_PART = re.compile(r"b-(0|[1-9][0-9]{0,19})-([a-z2-7]{16})")
+
+
+class LinkSigner:
+    """Signed, unguessable tracking URLs under the public base URL (T-1 to T-4).
+
+    A token is the urlsafe base64 (unpadded) of a payload — the delivery id as a varint,
+    then for clicks the destination URL in UTF-8 — followed by a 96-bit truncated
+    HMAC-SHA256 over the link kind and the payload, so a token of one kind is worthless as
+    another. Tokens are deterministic: the same delivery always gets the same URLs, so the
+    web version (T-4) shows exactly the HTML that was sent.
+    """
+
+    def __init__(self, secret: bytes, base_url: str) -> None:
+        if not secret:
+            raise ValueError("LinkSigner needs a non-empty secret")
+        self.base_url = base_url.rstrip("/")
+        # Keyed once; each token copies the state instead of keying HMAC again.
+        self._links = hmac.new(secret, b"mailgw link v1\x00", hashlib.sha256)
+        self._bounces = hmac.new(secret, b"mailgw bounce v1\x00", hashlib.sha256)
+
+    def click_url(self, delivery_id: int, url: str) -> str:
+        return f"{self.base_url}/t/c/{self._token('c', delivery_id, url)}"
+
+    def open_url(self, delivery_id: int) -> str:
+        return f"{self.base_url}/t/o/{self._token('o', delivery_id)}.gif"
+
+    def unsubscribe_url(self, delivery_id: int) -> str:
+        return f"{self.base_url}/t/u/{self._token('u', delivery_id)}"
+
+    def web_version_url(self, delivery_id: int) -> str:
+        return f"{self.base_url}/t/w/{self._token('w', delivery_id)}"
+
+    def verify(self, kind: str, token: str) -> tuple[int, str | None] | None:
+        """(delivery id, destination URL for clicks else None), or None for anything that is
+        not a token of this kind signed with our secret. Never raises."""
+        try:
+            return self._verify(kind, token)
+        except Exception:  # garbage in any shape is a 404, not a crash
+            return None
+
+    def bounce_address(self, delivery_id: int, domain: str) -> str:
+        """The VERP envelope sender (Return-Path) of one delivery: b-<id>-<mac>@domain."""
+        return f"b-{delivery_id}-{self._bounce_tag(delivery_id)}@{domain.strip().lower()}"
+
+    def parse_bounce_address(self, address: str) -> int | None:
+        """The delivery id of a bounce address we made (with or without <> and domain)."""
+        try:
+            local = address.strip().strip("<>").rpartition("@")
+            found = _BOUNCE_LOCAL_PART.fullmatch((local[0] if local[1] else local[2]).lower())
+            if found is None:
+                return None
+            delivery_id = int(found.group(1))
+            if hmac.compare_digest(self._bounce_tag(delivery_id), found.group(2)):
+                return delivery_id
+        except Exception:
+            pass
+        return None
+
+    def _token(self, kind: str, delivery_id: int, url: str | None = None) -> str:
+        payload = _varint(delivery_id)
+        if url is not None:
+            payload += url.encode("utf-8", "replace")
+        mac = self._links.copy()
+        mac.update(kind.encode("ascii"))
+        mac.update(payload)
+        token = base64.urlsafe_b64encode(payload + mac.digest()[:_LINK_TAG_BYTES])
+        return token.rstrip(b"=").decode("ascii")
+
+    def _verify(self, kind: str, token: str) -> tuple[int, str | None] | None:
+        if not isinstance(kind, str) or kind not in LINK_KINDS or not isinstance(token, str):
+            return None
+        if kind == "o":
+            token = token.removesuffix(".gif")
+        if len(token) > _MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
+            return None
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload, tag = raw[:-_LINK_TAG_BYTES], raw[-_LINK_TAG_BYTES:]
+        if not payload:
+            return None
+        mac = self._links.copy()
+        mac.update(kind.encode("ascii"))
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest()[:_LINK_TAG_BYTES], tag):
+            return None
+        delivery_id, end = _read_varint(payload)
+        rest = payload[end:]
+        if kind == "c":
+            return (delivery_id, rest.decode("utf-8")) if rest else None
+        return None if rest else (delivery_id, None)
+
+    def _bounce_tag(self, delivery_id: int) -> str:
+        if delivery_id < 0:
+            raise ValueError("delivery ids are not negative")
+        mac = self._bounces.copy()
+        mac.update(str(delivery_id).encode("ascii"))
+        return base64.b32encode(mac.digest()[:_BOUNCE_TAG_BYTES]).decode("ascii").lower()
+
+
+def _varint(number: int) -> bytes:
+    if number < 0:
+        raise ValueError("delivery ids are not negative")
+    out = bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+def _read_varint(data: bytes) -> tuple[int, int]:
+    number = shift = 0
+    for index, byte in enumerate(data[:10]):
+        number |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return number, index + 1
+        shift += 7
+    raise ValueError("bad varint")
+
+
+# --- DKIM (D-2) ---
+
+# Signed when present (RFC 6376 5.4.1's list, narrowed to what mailgw writes); RFC 8058
+# requires List-Unsubscribe and List-Unsubscribe-Post to be signed for one-click.
+_DKIM_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version",
+                 b"content-type", b"reply-to", b"in-reply-to", b"references",
+                 b"list-unsubscribe", b"list-unsubscribe-post")
+_HEADER_NAMES = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class DKIMSigner:
+    """The DKIM key of a sender domain, parsed on first use and reused for every message."""
+
+    domain: str
+    selector: str
+    algorithm: str  # "rsa" or "ed25519"
+    private_key_pem: str  # PKCS#8 PEM, as made by mailgw.content.dkim.generate_dkim_key
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in DKIM_ALGORITHMS:
+            raise ValueError(f"DKIM algorithm must be one of {', '.join(DKIM_ALGORITHMS)}")
+
+    def sign(self, message: bytes) -> bytes:
+        """The `DKIM-Signature: ...\\r\\n` header field for `message` (CRLF line endings),
+        relaxed/relaxed, over the headers of _DKIM_HEADERS the message has."""
+        dkimpy_key, openssl_key = self._keys
+        head = message.partition(b"\r\n\r\n")[0]
+        present = {name.lower() for name in _HEADER_NAMES.findall(head)}
+        include = [name for name in _DKIM_HEADERS if name in present]
+        if self.algorithm == "rsa":
+            signer: dkim.DKIM = _OpenSSLRSA(message, openssl_key)
+        else:
+            signer = dkim.DKIM(message, signature_algorithm=b"ed25519-sha256")
+        return signer.sign(self.selector.encode("ascii"), self.domain.encode("idna"),
+                           dkimpy_key, canonicalize=(b"relaxed", b"relaxed"),
+                           include_headers=include)
+
+    @cached_property
+    def _keys(self) -> tuple[bytes, rsa.RSAPrivateKey | None]:
+        """(the key as dkimpy reads it, the OpenSSL key for RSA)."""
+        private = serialization.load_pem_private_key(self.private_key_pem.encode("ascii"), None)
+        if self.algorithm == "rsa":
+            if not isinstance(private, rsa.RSAPrivateKey):
+                raise ValueError(f"the DKIM key of {self.domain} is not an RSA key")
+            # PKCS#1, which dkimpy parses at its first try.
+            pem = private.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.TraditionalOpenSSL,
+                                        serialization.NoEncryption())
+            return pem, private
+        if not isinstance(private, ed25519.Ed25519PrivateKey):
+            raise ValueError(f"the DKIM key of {self.domain} is not an Ed25519 key")
+        # RFC 8463 keys: dkimpy (through PyNaCl) wants the base64 of the raw 32-byte seed.
+        seed = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption())
+        return base64.b64encode(seed), None
+
+
+class _OpenSSLRSA(dkim.DKIM):
+    """dkimpy, with the RSA private-key operation done by OpenSSL.
+
+    dkimpy computes RSA signatures in pure Python: about 8 ms for a 2048-bit key, most of a
+    recipient's rendering time, holding the GIL. OpenSSL takes a few hundred microseconds,
+    and RSASSA-PKCS1-v1_5 being deterministic, the signature is the same bytes. dkimpy
+    1.1's gen_header signs through `key.sign(digest).signature` when the algorithm is
+    ed25519-sha256 and uses the algorithm for nothing else (sign() has already written
+    a=rsa-sha256 and chosen SHA-256), so it is handed an object with that method. The tests
+    verify RSA signatures with dkimpy, so a dkimpy that changes this fails them.
+    """
+
+    def __init__(self, message: bytes, key: rsa.RSAPrivateKey) -> None:
+        super().__init__(message, signature_algorithm=b"rsa-sha256")
+        self._openssl_key = key
+
+    def gen_header(self, fields, include_headers, canon_policy, header_name, pk,
+                   standardize=False):
+        key = self._openssl_key
+
+        def sign(digest: bytes) -> SimpleNamespace:
+            return SimpleNamespace(signature=key.sign(digest, padding.PKCS1v15(),
+                                                      Prehashed(hashes.SHA256())))
+
+        self.signature_algorithm = b"ed25519-sha256"
+        try:
+            return super().gen_header(fields, include_headers, canon_policy, header_name,
+                                      SimpleNamespace(sign=sign), standardize)
+        finally:
+            self.signature_algorithm = b"rsa-sha256"
+
+
+# --- Contexts ---
+
+@dataclass(frozen=True)
+class SenderContext:
+    """What a message's sender (account, sender domain) brings; the same for all recipients."""
+
+    from_address: str
+    from_name: str | None
+    hostname: str  # the gateway's, for Message-ID
+    bounce_domain: str  # VERP Return-Path domain of the sender domain
+    unsubscribe_mailto: str  # List-Unsubscribe mailto: address
+    dkim: DKIMSigner | None
+    language: int = 3  # S-9, used when the message options carry none
+    show_cab: bool = True  # account switches: a feature is on only when the message's
+    social_links: Mapping[str, str] = field(default_factory=dict)  # network -> profile URL
+    track_opens: bool = True  # option (S-9) and the account's switch (T-5) are both on
+    track_clicks: bool = True
+    reply_to: str | None = None  # the message's Reply-To address, when it has one
+
+
+@dataclass(frozen=True)
+class RecipientContext:
+    delivery_id: int
+    email: str
+    fields: Mapping[str, str]  # contact fields (XYZ<FIELD>XYZ)
+    variables: Mapping[str, str]  # template/API variables ({name})
+
+
+# --- Headers ---
+
+_HEADER_POLICY = email_policy.SMTP  # CRLF, 78 columns, RFC 2047 for non-ASCII
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
+_HEADER_LINE = 78
+# Header fields that mailgw writes itself or that describe MIME structure: a kept copy
+# would duplicate or contradict ours.
+_OURS = frozenset({"from", "to", "subject", "date", "message-id", "mime-version", "bcc",
+                   "list-unsubscribe", "list-unsubscribe-post", "dkim-signature",
+                   "return-path", "content-type", "content-transfer-encoding"})
+# 42 bytes of UTF-8 are 56 base64 characters: "=?utf-8?b?...?=" stays within 68.
+_ENCODED_WORD_BYTES = 42
+_PLAIN_ADDRESS = re.compile(r"[!#-'*+\-/-9=?A-Z^-~.]{1,64}@[A-Za-z0-9.-]{1,255}")
+
+
+def _one_line(value: str) -> str:
+    """No CR, LF or other control character reaches a header: no header injection (R-5)."""
+    return _CONTROLS.sub(" ", value).strip()
+
+
+def _unstructured(name: str, value: str) -> bytes:
+    """A header of free text (Subject), folded, RFC 2047 encoded when not plain ASCII."""
+    value = _one_line(value)
+    if len(name) + 2 + len(value) <= _HEADER_LINE and value.isascii() and "=?" not in value:
+        return f"{name}: {value}\r\n".encode("ascii")
+    words = value.split(" ")
+    if value.isascii() and "=?" not in value and max(map(len, words)) <= 900:
+        lines, line = [], f"{name}:"
+        for word in words:
+            if len(line) + 1 + len(word) > _HEADER_LINE and line.strip() and word:
+                lines.append(line)
+                line = ""
+            line += " " + word
+        lines.append(line)
+        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    encoded, chunk, size = [], [], 0
+    for char in value:
+        length = len(char.encode("utf-8", "replace"))
+        if size + length > _ENCODED_WORD_BYTES:
+            encoded.append(_encoded_word("".join(chunk)))
+            chunk, size = [], 0
+        chunk.append(char)
+        size += length
+    if chunk:
+        encoded.append(_encoded_word("".join(chunk)))
+    return (f"{name}: " + "\r\n ".join(encoded) + "\r\n").encode("ascii")
+
+
+def _encoded_word(text: str) -> str:
+    return f"=?utf-8?b?{base64.b64encode(text.encode('utf-8', 'replace')).decode('ascii')}?="
+
+
+def _address_header(name: str, display_name: str | None, address: str) -> bytes:
+    address = _one_line(address)
+    try:
+        value = str(Address(display_name=_one_line(display_name or ""), addr_spec=address))
+        return _HEADER_POLICY.header_factory(name, value).fold(
+            policy=_HEADER_POLICY).encode("ascii")
+    except Exception:  # an address the email package cannot write; send it as it is
+        return f"{name}: {address}\r\n".encode("utf-8", "replace")
+
+
+def _kept_header(name: str, value: str) -> bytes | None:
+    """A header of the submitted message, as written when it is plain ASCII."""
+    if not _FIELD_NAME.fullmatch(name):
+        return None
+    value = _one_line(value)
+    line = f"{name}: {value}\r\n"
+    if value.isascii() and len(line) <= 998:
+        return line.encode("ascii")
+    try:
+        return _HEADER_POLICY.header_factory(name, value).fold(
+            policy=_HEADER_POLICY).encode("ascii")
+    except Exception:
+        return _unstructured(name, value)
+
+
+def _to_header(address: str) -> bytes:
+    address = _one_line(address)
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return f"To: {address}\r\n".encode("ascii")
+    return _address_header("To", None, address)
+
+
+def _ascii_domain(domain: str) -> str:
+    """A host or domain name as it may appear in a header (IDNA for a non-ASCII one)."""
+    domain = _one_line(domain)
+    try:
+        return domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "invalid"
+
+
+# --- Body parts ---
+
+# A boundary with "=_" never occurs in quoted-printable or base64 text, so the parts need
+# not be searched for it.
+_BOUNDARY_PREFIX = "=_mailgw_"
+_TEXT_HEADERS = {
+    "qp": b"Content-Transfer-Encoding: quoted-printable\r\n",
+    "b64": b"Content-Transfer-Encoding: base64\r\n",
+}
+_MIME_TOKEN = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}")
+
+
+def _encode_text(text: str) -> tuple[bytes, bytes]:
+    """(Content-Transfer-Encoding header, body) for a UTF-8 text part: quoted-printable
+    for mostly-ASCII text, base64 when that is shorter (Cyrillic, Greek, CJK...). Either
+    way the message is 7-bit clean and needs no 8BITMIME from the receiving server."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    data = text.encode("utf-8", "replace")
+    # Each non-ASCII character takes 2-4 bytes, each 3 characters in quoted-printable.
+    if (len(data) - len(text)) * 12 < len(data):
+        return _TEXT_HEADERS["qp"], binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
+    data = text.replace("\n", "\r\n").encode("utf-8", "replace")
+    return _TEXT_HEADERS["b64"], base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _attachment_part(attachment: Mapping) -> tuple[bytes, bool]:
+    """(the complete MIME part, whether it is an inline cid: image)."""
+    data = base64.b64decode(attachment.get("data") or "")
+    maintype, _, subtype = str(attachment.get("content_type") or "").lower().partition("/")
+    if not (_MIME_TOKEN.fullmatch(maintype) and _MIME_TOKEN.fullmatch(subtype)) or \
+            maintype == "multipart":
+        maintype, subtype = "application", "octet-stream"
+    filename = _one_line(str(attachment.get("filename") or "")) or "attachment"
+    content_id = _one_line(str(attachment.get("content_id") or "")).strip("<> ")
+    content_id = "".join(content_id.split())
+    inline = bool(attachment.get("inline")) and bool(content_id)
+    encoding, body = "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+    if maintype == "message":
+        # RFC 2046 5.2.1: message/* may not be base64. A 7-bit message goes as written;
+        # any other is sent as a file.
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if data.isascii() and all(len(line) <= 998 for line in data.split(b"\r\n")):
+            encoding, body = "7bit", data if data.endswith(b"\r\n") else data + b"\r\n"
+        else:
+            maintype, subtype = "application", "octet-stream"
+    headers = MIMEPart(policy=_HEADER_POLICY)
+    headers["Content-Type"] = f"{maintype}/{subtype}"
+    headers.set_param("name", filename)
+    headers["Content-Transfer-Encoding"] = encoding
+    headers["Content-Disposition"] = "inline" if inline else "attachment"
+    headers.set_param("filename", filename, header="Content-Disposition")
+    if content_id:
+        headers["Content-ID"] = f"<{content_id}>"
+    head = b"".join(_HEADER_POLICY.fold_binary(name, value) for name, value in headers.items())
+    return head + b"\r\n" + body, inline
+
+
+# Placeholders of the MIME layout filled per recipient.
+_TEXT, _HTML = object(), object()
+
+
+def _multipart(subtype: str, children: list, boundary: str, params: str = "") -> list:
+    """The chunks of a multipart: its Content-Type header, then each child between
+    delimiters; children are chunk lists themselves or placeholders."""
+    chunks: list = [f'Content-Type: multipart/{subtype};{params}\r\n boundary="{boundary}"\r\n'
+                    f"\r\n".encode("ascii")]
+    for child in children:
+        chunks.append(f"--{boundary}\r\n".encode("ascii"))
+        chunks.extend(child)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode("ascii"))
+    return chunks
+
+
+# --- HTML ---
+
+_ATTRIBUTES = r"""(?:[^>"']|"[^"]*"|'[^']*')*"""
+_LINK_TAG = re.compile(r"<(?:a|area)\b" + _ATTRIBUTES + ">", re.IGNORECASE)
+_HREF = re.compile(r"""(?<![\w:-])href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+))""",
+                   re.IGNORECASE)
+_BODY_OPEN = re.compile(r"<body\b" + _ATTRIBUTES + ">", re.IGNORECASE)
+_HEAD_CLOSE = re.compile(r"</head\s*>", re.IGNORECASE)
+_HTML_OPEN = re.compile(r"<html\b" + _ATTRIBUTES + ">", re.IGNORECASE)
+_BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
+_HTML_CLOSE = re.compile(r"</html\s*>", re.IGNORECASE)
+_HTTP = ("http://", "https://")
+_OUR_LINK_TAGS = frozenset({"[unsubscribe]", "[webversion]"})
+# Browsers drop tabs and line breaks from URLs (WHATWG URL); so do we, before signing.
+_URL_NOISE = re.compile(r"[\t\r\n]")
+# Marks the places of per-recipient URLs in the merged HTML. Merge tags cannot span it, and
+# it is removed from the content and from the values merged in, so it marks nothing else.
+_SLOT = "\x00"
+_CLICK, _MERGED_LINK, _OPEN = 0, 1, 2
+_SOCIAL_NAMES = {"facebook": "Facebook", "twitter": "Twitter", "x": "X",
+                 "instagram": "Instagram", "linkedin": "LinkedIn", "youtube": "YouTube",
+                 "tiktok": "TikTok", "pinterest": "Pinterest", "whatsapp": "WhatsApp",
+                 "telegram": "Telegram", "threads": "Threads", "mastodon": "Mastodon",
+                 "bluesky": "Bluesky"}
+_SMALL_PRINT = ("margin:0;padding:8px 0;font-family:Arial,Helvetica,sans-serif;"
+                "font-size:12px;line-height:16px;color:#666666;text-align:center")
+_PIXEL = '<img src="' + _SLOT + '" width="1" height="1" alt="" style="display:none">'
+
+
+def _insert_at_top(document: str, block: str) -> str:
+    """Right after <body>, else after </head> or <html>, else at the start."""
+    for pattern in (_BODY_OPEN, _HEAD_CLOSE, _HTML_OPEN):
+        found = pattern.search(document)
+        if found is not None:
+            return document[:found.end()] + "\n" + block + document[found.end():]
+    return block + "\n" + document
+
+
+def _end_position(document: str) -> int:
+    """Before the last </body>, else before </html>, else the end."""
+    for pattern in (_BODY_CLOSE, _HTML_CLOSE):
+        last = None
+        for last in pattern.finditer(document):  # noqa: B007 - the last match is wanted
+            pass
+        if last is not None:
+            return last.start()
+    return len(document)
+
+
+def _social_links(links: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(shown name, URL) of the sender's http(s) profile links."""
+    shown = []
+    for network, url in links.items():
+        url = _one_line(str(url))
+        if url.lower().startswith(_HTTP):
+            name = _one_line(str(network))
+            shown.append((_SOCIAL_NAMES.get(name.lower(), name), url))
+    return shown
+
+
+def _html_values(values: Mapping[str, str]) -> dict[str, str]:
+    """Values merged into HTML must not become markup nor slot marks."""
+    return {name: html.escape(value.replace(_SLOT, "")) for name, value in values.items()}
+
+
+def _may_hold_tag(value: str) -> bool:
+    """Whether a merge tag (S-11) may be in `value`; a superset, decided by merging."""
+    return "{" in value or "[" in value or "XYZ" in value
+
+
+# --- The message ---
+
+class PreparedMessage:
+    """A stored message prepared ONCE, then rendered cheaply per recipient (D-2)."""
+
+    @classmethod
+    def from_body(cls, body: dict, options: dict, sender: SenderContext,
+                  signer: LinkSigner) -> PreparedMessage:
+        """body: as stored by mailgw.submit.service._prepared_body; options: the message's
+        MessageOptions as a dict (S-9). A feature is on when the message options and the
+        sender's switch both say so (T-5)."""
+        self = cls.__new__(cls)
+        options = options or {}
+        self._signer = signer
+        self._dkim = sender.dkim
+        if self._dkim is not None:
+            self._dkim._keys  # noqa: B018 - a broken key fails here, once, not per recipient
+        self._tracking = f"{signer.base_url}/t/"
+        try:
+            language = int(options.get("language", sender.language))
+        except (TypeError, ValueError):
+            language = sender.language
+        texts = header_footer_texts(language)
+        show_cab = bool(options.get("show_cab", True)) and sender.show_cab
+        social = (_social_links(sender.social_links)
+                  if options.get("social_links", False) else [])
+        track_opens = bool(options.get("track_opens", True)) and sender.track_opens
+        track_clicks = bool(options.get("track_clicks", True)) and sender.track_clicks
+
+        self._subject = str(body.get("subject") or "")
+        self._subject_header = _unstructured("Subject", self._subject)
+        local, at, domain = _one_line(sender.unsubscribe_mailto).rpartition("@")
+        self._unsubscribe_mailto = f"{local}{at}{_ascii_domain(domain)}"
+        self._hostname = _ascii_domain(sender.hostname)
+        self._prepare_text(body.get("text"), texts, show_cab, social)
+        self._prepare_html(body.get("html"), texts, show_cab, social, track_opens,
+                           track_clicks)
+        self._prepare_layout(body.get("attachments") or [])
+        self._prepare_headers(body, sender)
+        return self
+
+    # Preparation.
+
+    def _prepare_text(self, text: str | None, texts, show_cab: bool,
+                      social: list[tuple[str, str]]) -> None:
+        if text is None:
+            self._text = None
+            return
+        if show_cab:
+            text = f"{texts.view_in_browser}: [WebVersion]\n\n{text}"
+        if social:
+            listing = "\n".join(f"{name}: {url}" for name, url in social)
+            text = f"{text.rstrip()}\n\n{texts.follow_us}:\n{listing}\n"
+        self._text = text
+
+    def _prepare_html(self, document: str | None, texts, show_cab: bool,
+                      social: list[tuple[str, str]], track_opens: bool,
+                      track_clicks: bool) -> None:
+        self._slots: list[tuple[int, str]] = []
+        if document is None:
+            self._html = None
+            return
+        document = document.replace(_SLOT, "")
+        if show_cab:
+            document = _insert_at_top(document, (
+                f'<p style="{_SMALL_PRINT}"><a href="[WebVersion]" '
+                f'style="color:#666666;text-decoration:underline">'
+                f"{html.escape(texts.view_in_browser, quote=False)}</a></p>"))
+        if social:
+            items = " &middot; ".join(
+                f'<a href="{html.escape(url)}" style="color:#666666">'
+                f"{html.escape(name, quote=False)}</a>"
+                for name, url in social)
+            block = (f'<p style="{_SMALL_PRINT}">{html.escape(texts.follow_us, quote=False)}: '
+                     f"{items}</p>\n")
+            end = _end_position(document)
+            document = document[:end] + block + document[end:]
+        # (start, end, replacement with one slot, slot) of every per-recipient URL.
+        spans: list[tuple[int, int, str, tuple[int, str]]] = []
+        if track_clicks:
+            for tag in _LINK_TAG.finditer(document):
+                href = _HREF.search(tag.group(0))
+                slot = href and self._link_slot(next(v for v in href.groups() if v is not None))
+                if slot is not None:
+                    spans.append((tag.start() + href.start(), tag.start() + href.end(),
+                                  f'href="{_SLOT}"', slot))
+        if track_opens:
+            end = _end_position(document)
+            spans.append((end, end, _PIXEL + "\n", (_OPEN, "")))
+        pieces, position = [], 0
+        for start, end, replacement, slot in sorted(spans, key=lambda span: span[0]):
+            pieces.append(document[position:start])
+            pieces.append(replacement)
+            self._slots.append(slot)
+            position = end
+        pieces.append(document[position:])
+        self._html = "".join(pieces)
+
+    def _link_slot(self, raw_href: str) -> tuple[int, str] | None:
+        """How a link is tracked: a fixed destination, one known per recipient (it holds
+        merge tags), or not at all (mailto:, anchors, [Unsubscribe], our own URLs)."""
+        href = _URL_NOISE.sub("", html.unescape(raw_href)).strip()
+        if href.lower() in _OUR_LINK_TAGS:
+            return None
+        if _may_hold_tag(href):
+            return (_MERGED_LINK, href)
+        if href.lower().startswith(_HTTP) and not href.startswith(self._tracking):
+            return (_CLICK, href)
+        return None
+
+    def _prepare_layout(self, attachments: list) -> None:
+        """The MIME tree as chunks, with _TEXT and _HTML where the per-recipient parts go."""
+        boundary = _BOUNDARY_PREFIX + uuid.uuid4().hex
+        inline, files = [], []
+        for attachment in attachments:
+            part, is_inline = _attachment_part(attachment)
+            (inline if is_inline and self._html is not None else files).append([part])
+        html_node: list = [_HTML]
+        if inline:
+            html_node = _multipart("related", [html_node, *inline], boundary + "_r",
+                                   ' type="text/html";')
+        bodies = ([[_TEXT]] if self._text is not None else []) + \
+                 ([html_node] if self._html is not None else [])
+        if not bodies:
+            self._text = ""
+            bodies = [[_TEXT]]
+        root = bodies[0] if len(bodies) == 1 else _multipart("alternative", bodies,
+                                                             boundary + "_a")
+        if files:
+            root = _multipart("mixed", [root, *files], boundary + "_m")
+        self._layout = root
+
+    def _prepare_headers(self, body: dict, sender: SenderContext) -> None:
+        from_name = sender.from_name if sender.from_name is not None else body.get("from_name")
+        self._from_header = _address_header("From", from_name, sender.from_address)
+        middle = [b"MIME-Version: 1.0\r\n"]
+        ours = set(_OURS)
+        if sender.reply_to:
+            middle.append(_address_header("Reply-To", None, sender.reply_to))
+            ours.add("reply-to")
+        for item in body.get("headers") or []:
+            name, value = str(item[0]), str(item[1])
+            if name.lower() not in ours and not name.lower().startswith("content-"):
+                kept = _kept_header(name, value)
+                if kept is not None:
+                    middle.append(kept)
+        self._middle_headers = b"".join(middle)
+
+    # Rendering.
+
+    def render(self, recipient: RecipientContext) -> bytes:
+        """The complete RFC 5322 message for one recipient: CRLF line endings, 7-bit, with
+        the DKIM-Signature on top when the sender domain has a key."""
+        delivery_id = recipient.delivery_id
+        unsubscribe = self._signer.unsubscribe_url(delivery_id)
+        links = {"unsubscribe": unsubscribe,
+                 "webversion": self._signer.web_version_url(delivery_id)}
+        text_part = html_part = b""
+        if self._text is not None:
+            text = merge(self._text, recipient.variables, recipient.fields, links)
+            encoding, encoded = _encode_text(text)
+            text_part = (b"Content-Type: text/plain; charset=utf-8\r\n" + encoding
+                         + b"\r\n" + encoded)
+        if self._html is not None:
+            encoding, encoded = _encode_text(self._merge_html(recipient, links))
+            html_part = (b"Content-Type: text/html; charset=utf-8\r\n" + encoding
+                         + b"\r\n" + encoded)
+        subject = merge(self._subject, recipient.variables, recipient.fields, links)
+        token = unsubscribe.rpartition("/")[2]
+        list_unsubscribe = (f"List-Unsubscribe: <{unsubscribe}>,\r\n <mailto:"
+                            f"{self._unsubscribe_mailto}?subject=unsubscribe-{token}>\r\n")
+        message = b"".join([
+            self._from_header,
+            _to_header(recipient.email),
+            self._subject_header if subject == self._subject
+            else _unstructured("Subject", subject),
+            f"Date: {format_datetime(datetime.now(UTC))}\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@{self._hostname}>\r\n".encode("ascii"),
+            self._middle_headers,
+            list_unsubscribe.encode("ascii"),
+            b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+            *(text_part if chunk is _TEXT else html_part if chunk is _HTML else chunk
+              for chunk in self._layout),
+        ])
+        if self._dkim is not None:
+            message = self._dkim.sign(message) + message
+        return message
+
+    def render_html(self, recipient: RecipientContext) -> str | None:
+        """The HTML exactly as this recipient receives it: the web version (T-4)."""
+        if self._html is None:
+            return None
+        delivery_id = recipient.delivery_id
+        return self._merge_html(recipient, {
+            "unsubscribe": self._signer.unsubscribe_url(delivery_id),
+            "webversion": self._signer.web_version_url(delivery_id)})
+
+    def _merge_html(self, recipient: RecipientContext, links: dict[str, str]) -> str:
+        merged = merge(self._html, _html_values(recipient.variables),
+                       _html_values(recipient.fields), links)
+        if not self._slots:
+            return merged
+        pieces = merged.split(_SLOT)
+        out = [pieces[0]]
+        signer, delivery_id = self._signer, recipient.delivery_id
+        for (kind, href), piece in zip(self._slots, pieces[1:], strict=True):
+            if kind == _CLICK:
+                url = signer.click_url(delivery_id, href)
+            elif kind == _OPEN:
+                url = signer.open_url(delivery_id)
+            else:
+                url = _URL_NOISE.sub("", merge(href, recipient.variables, recipient.fields,
+                                               links)).strip()
+                if url.lower().startswith(_HTTP) and not url.startswith(self._tracking):
+                    url = signer.click_url(delivery_id, url)
+            out.append(html.escape(url))
+            out.append(piece)
+        return "".join(out)

@@ -1,0 +1,577 @@
+"""Per-recipient rendering (D-2, S-9, S-11, T-1 to T-5): pure, so no reactor, no database."""
+
+import base64
+import dataclasses
+import random
+import re
+from email import message_from_bytes
+from email import policy as email_policy
+from urllib.parse import parse_qs, urlsplit
+
+import dkim
+from twisted.trial import unittest
+
+from mailgw.content.dkim import generate_dkim_key
+from mailgw.content.footer_texts import FooterTexts, header_footer_texts
+from mailgw.content.message import LANGUAGES, MessageOptions
+from mailgw.content.render import (
+    DKIMSigner,
+    LinkSigner,
+    PreparedMessage,
+    RecipientContext,
+    SenderContext,
+)
+
+BASE = "https://mx.example.org"
+SECRET = b"s" * 32
+SIGNER = LinkSigner(SECRET, BASE + "/")
+
+HTML = """<!DOCTYPE html>
+<html>
+<head><meta charset="utf-8"><title>XYZNOMBREXYZ</title></head>
+<body style="margin:0">
+<p>Hola {name}, XYZNOMBREXYZ {unknown} XYZNOPEXYZ [Nope]</p>
+<a href="https://shop.example.com/item?id=1&amp;ref=mail">Shop</a>
+<A class="x" HREF='http://example.net/plain'>Plain</A>
+<map><area shape="rect" coords="0,0,1,1" href="https://example.com/area"></map>
+<a href="https://example.com/u?name={name}">Personal</a>
+<a href="{landing}">Landing</a>
+<a href="mailto:info@example.org">Write</a>
+<a href="#top">Top</a>
+<a data-href="https://example.com/not-a-link" href="/relative">Relative</a>
+<a href="[Unsubscribe]">Darse de baja</a>
+<a href="[webversion]">Web</a>
+</body>
+</html>
+"""
+TEXT = "Hola {name}, XYZNOMBREXYZ.\nBaja: [Unsubscribe]\nWeb: [WebVersion]\n"
+
+
+def body(**changes):
+    value = {
+        "subject": "Oferta para {name} XYZNOMBREXYZ",
+        "from_name": "Tienda",
+        "html": HTML,
+        "text": TEXT,
+        "headers": [["X-Campaign", "spring-2024"], ["Cc", "Jörg Müller <jorg@example.org>"],
+                    ["To", "someone-else@example.org"], ["Message-ID", "<old@client>"],
+                    ["Date", "Mon, 1 Jan 2024 00:00:00 +0000"],
+                    ["List-Unsubscribe", "<https://evil.example/u>"],
+                    ["List-Id", "Offers <offers.example.org>"]],
+        "attachments": [],
+    }
+    value.update(changes)
+    return value
+
+
+def options(**changes):
+    return dataclasses.asdict(dataclasses.replace(MessageOptions(), **changes))
+
+
+def sender(**changes):
+    value = SenderContext(
+        from_address="news@example.org", from_name="Tienda Ñandú", hostname="gw.example.net",
+        bounce_domain="bounces.example.org",
+        unsubscribe_mailto="unsubscribe@bounces.example.org", dkim=None)
+    return dataclasses.replace(value, **changes)
+
+
+RECIPIENT = RecipientContext(
+    delivery_id=4242, email="juan@example.com", fields={"Nombre": "Juan <Pérez>"},
+    variables={"name": "Ana & Bea", "landing": "https://example.com/landing?a=1&b=2"})
+
+
+def render(body_=None, options_=None, sender_=None, recipient=RECIPIENT):
+    prepared = PreparedMessage.from_body(body_ or body(), options_ or options(),
+                                         sender_ or sender(), SIGNER)
+    raw = prepared.render(recipient)
+    return raw, message_from_bytes(raw, policy=email_policy.default)
+
+
+def text_of(message):
+    return message.get_body(("plain",)).get_content().replace("\r\n", "\n")
+
+
+def html_of(message):
+    return message.get_body(("html",)).get_content().replace("\r\n", "\n")
+
+
+def hrefs(document):
+    return re.findall(r'href="([^"]*)"', document)
+
+
+def one_line(value):
+    return " ".join(str(value).split())
+
+
+class LinkSignerTests(unittest.TestCase):
+    def test_round_trips(self):
+        click = SIGNER.click_url(7, "https://example.com/ñ?a=1&b=2#x")
+        self.assertTrue(click.startswith(BASE + "/t/c/"))
+        self.assertEqual(SIGNER.verify("c", click.rpartition("/")[2]),
+                         (7, "https://example.com/ñ?a=1&b=2#x"))
+        opened = SIGNER.open_url(2**63)
+        self.assertTrue(opened.startswith(BASE + "/t/o/") and opened.endswith(".gif"))
+        token = opened.rpartition("/")[2]
+        self.assertEqual(SIGNER.verify("o", token), (2**63, None))
+        self.assertEqual(SIGNER.verify("o", token.removesuffix(".gif")), (2**63, None))
+        for kind, url in (("u", SIGNER.unsubscribe_url(0)), ("w", SIGNER.web_version_url(0))):
+            self.assertTrue(url.startswith(f"{BASE}/t/{kind}/"))
+            self.assertEqual(SIGNER.verify(kind, url.rpartition("/")[2]), (0, None))
+
+    def test_tokens_are_deterministic_and_url_safe(self):
+        self.assertEqual(SIGNER.click_url(1, "https://a.example/"),
+                         LinkSigner(SECRET, BASE).click_url(1, "https://a.example/"))
+        self.assertNotEqual(SIGNER.unsubscribe_url(1), SIGNER.unsubscribe_url(2))
+        token = SIGNER.click_url(1, "https://a.example/?q=" + "x" * 500).rpartition("/")[2]
+        self.assertRegex(token, r"^[A-Za-z0-9_-]+$")
+
+    def test_wrong_kind(self):
+        token = SIGNER.unsubscribe_url(5).rpartition("/")[2]
+        self.assertEqual(SIGNER.verify("u", token), (5, None))
+        for kind in ("w", "o", "c", "x", "", "uu", None):
+            self.assertIsNone(SIGNER.verify(kind, token))
+        click = SIGNER.click_url(5, "https://a.example/").rpartition("/")[2]
+        self.assertIsNone(SIGNER.verify("u", click))
+        self.assertIsNone(SIGNER.verify("o", click))
+
+    def test_tampered(self):
+        token = SIGNER.click_url(9, "https://good.example/").rpartition("/")[2]
+        for index in range(len(token)):
+            changed = token[:index] + ("A" if token[index] != "A" else "B") + token[index + 1:]
+            verified = SIGNER.verify("c", changed)
+            self.assertTrue(verified is None or verified == (9, "https://good.example/"),
+                            changed)
+        self.assertIsNone(SIGNER.verify("c", token[:-1]))
+        self.assertIsNone(SIGNER.verify("c", token[1:]))
+        self.assertIsNone(LinkSigner(b"other", BASE).verify("c", token))
+        # A token for another destination with the signature of this one.
+        forged = SIGNER.click_url(9, "https://evil.example/").rpartition("/")[2]
+        self.assertIsNone(SIGNER.verify("c", forged[:-16] + token[-16:]))
+
+    def test_garbage_never_raises(self):
+        for garbage in ("", "=", "====", "a", "ab", "abc", "!!!!", "é", "a.gif", ".gif",
+                        "A" * 100_000, "AAAA" * 5, "\x00", "a b", None, b"abcd", 12, ["a"]):
+            for kind in ("c", "o", "u", "w"):
+                self.assertIsNone(SIGNER.verify(kind, garbage), (kind, garbage))
+        generator = random.Random(4)
+        alphabet = "ABCabc019_-=.é/+"
+        for _ in range(2000):
+            token = "".join(generator.choice(alphabet) for _ in range(generator.randrange(40)))
+            self.assertIsNone(SIGNER.verify(generator.choice("couw"), token))
+
+    def test_bounce_address(self):
+        address = SIGNER.bounce_address(12345, "Bounces.Example.ORG")
+        self.assertRegex(address, r"^b-12345-[a-z0-9]+@bounces\.example\.org$")
+        local = address.partition("@")[0]
+        self.assertRegex(local, r"^[a-z0-9-]+$")
+        self.assertLessEqual(len(local), 64)
+        self.assertEqual(SIGNER.parse_bounce_address(address), 12345)
+        self.assertEqual(SIGNER.parse_bounce_address(f"<{address.upper()}>"), 12345)
+        self.assertEqual(SIGNER.parse_bounce_address(local), 12345)
+        self.assertEqual(SIGNER.parse_bounce_address(SIGNER.bounce_address(0, "b.example")), 0)
+
+    def test_bounce_address_tampered(self):
+        address = SIGNER.bounce_address(12345, "bounces.example.org")
+        mac = address.split("-")[2].partition("@")[0]
+        other = SIGNER.bounce_address(12346, "bounces.example.org")
+        for bad in (address.replace("12345", "12346"), address.replace("12345", "012345"),
+                    f"b-12346-{mac}@bounces.example.org", other.replace("12346", "12345"),
+                    address.replace(mac, mac[:-1]), address.replace(mac, mac[:-1] + "x"),
+                    "", "@", "postmaster@example.org", "b--@x", "b-1-@x", "b-x-abc@x",
+                    "b-1-" + "a" * 16 + "@x", None, 5):
+            self.assertIsNone(SIGNER.parse_bounce_address(bad), bad)
+        self.assertIsNone(LinkSigner(b"other", BASE).parse_bounce_address(address))
+
+
+class FooterTextTests(unittest.TestCase):
+    def test_every_language(self):
+        seen = set()
+        for language in LANGUAGES:
+            texts = header_footer_texts(language)
+            self.assertIsInstance(texts, FooterTexts)
+            self.assertTrue(texts.view_in_browser and texts.follow_us)
+            seen.add(texts.view_in_browser)
+        self.assertEqual(len(seen), len(LANGUAGES))
+        self.assertEqual(header_footer_texts(4),
+                         FooterTexts("Can't see this email properly? View it in your browser",
+                                     "Follow us"))
+
+    def test_unknown_is_spanish(self):
+        self.assertEqual(header_footer_texts(99), header_footer_texts(3))
+        self.assertEqual(header_footer_texts(3).follow_us, "Síguenos")
+
+
+class RenderTests(unittest.TestCase):
+    def test_headers(self):
+        raw, message = render()
+        self.assertEqual(message["To"], "juan@example.com")
+        self.assertEqual(message["From"].addresses[0].display_name, "Tienda Ñandú")
+        self.assertEqual(message["From"].addresses[0].addr_spec, "news@example.org")
+        self.assertEqual(message["Subject"], "Oferta para Ana & Bea Juan <Pérez>")
+        self.assertRegex(message["Message-ID"], r"^<[0-9a-f]{32}@gw\.example\.net>$")
+        self.assertIsNotNone(message["Date"].datetime)
+        self.assertEqual(message["MIME-Version"], "1.0")
+        self.assertEqual(message["X-Campaign"], "spring-2024")
+        self.assertEqual(message["List-Id"], "Offers <offers.example.org>")
+        self.assertEqual(message["Cc"].addresses[0].display_name, "Jörg Müller")
+        for name in ("To", "Message-ID", "Date", "List-Unsubscribe", "From", "Subject",
+                     "MIME-Version", "Content-Type"):
+            self.assertEqual(len(message.get_all(name)), 1, name)
+        self.assertNotIn(b"someone-else", raw)
+        self.assertNotIn(b"old@client", raw)
+        self.assertNotIn(b"evil.example", raw)
+
+    def test_wire_format(self):
+        raw, message = render(body(subject="Ñ" * 200 + " {name}"))
+        self.assertTrue(raw.isascii())
+        self.assertIsNone(re.search(rb"(?<!\r)\n|\r(?!\n)", raw))
+        for line in raw.split(b"\r\n"):
+            self.assertLessEqual(len(line), 998)
+        head = raw.partition(b"\r\n\r\n")[0]
+        subject = re.search(rb"\r\nSubject:.*?\r\n(?=\S)", head, re.DOTALL).group(0)
+        for line in subject.split(b"\r\n"):
+            self.assertLessEqual(len(line), 78, line)
+        self.assertEqual(message["Subject"], "Ñ" * 200 + " Ana & Bea")
+        self.assertFalse(message.defects)
+
+    def test_long_ascii_subject_folds(self):
+        subject = " ".join(f"word{i}" for i in range(60))
+        raw, message = render(body(subject=subject))
+        self.assertEqual(message["Subject"], subject)
+        head = raw.partition(b"\r\n\r\n")[0]
+        folded = re.search(rb"\r\nSubject:.*?\r\n(?=\S)", head, re.DOTALL).group(0)
+        self.assertGreater(folded.count(b"\r\n "), 3)
+        for line in folded.split(b"\r\n"):
+            self.assertLessEqual(len(line), 78)
+
+    def test_message_id_per_recipient(self):
+        prepared = PreparedMessage.from_body(body(), options(), sender(), SIGNER)
+        ids = {message_from_bytes(prepared.render(RECIPIENT))["Message-ID"] for _ in range(3)}
+        self.assertEqual(len(ids), 3)
+
+    def test_parts_and_merge_tags(self):
+        _, message = render()
+        self.assertEqual(message.get_content_type(), "multipart/alternative")
+        text, document = text_of(message), html_of(message)
+        self.assertIn("Hola Ana & Bea, Juan <Pérez>.", text)
+        self.assertIn("<p>Hola Ana &amp; Bea, Juan &lt;Pérez&gt; {unknown} XYZNOPEXYZ [Nope]</p>",
+                      document)
+        self.assertIn("<title>Juan &lt;Pérez&gt;</title>", document)
+        for part in (message.get_body(("plain",)), message.get_body(("html",))):
+            self.assertEqual(part.get_content_charset(), "utf-8")
+
+    def test_unsubscribe_and_web_version_tags(self):
+        _, message = render()
+        text = text_of(message)
+        unsubscribe = re.search(r"Baja: (\S+)", text).group(1)
+        web = re.search(r"Web: (\S+)", text).group(1)
+        self.assertEqual(unsubscribe, SIGNER.unsubscribe_url(4242))
+        self.assertEqual(web, SIGNER.web_version_url(4242))
+        document_links = hrefs(html_of(message))
+        # Neither is wrapped in a click redirect.
+        self.assertIn(SIGNER.unsubscribe_url(4242), document_links)
+        self.assertIn(SIGNER.web_version_url(4242), document_links)
+
+    def test_click_tracking(self):
+        _, message = render()
+        destinations = []
+        for href in hrefs(html_of(message)):
+            if href.startswith(BASE + "/t/c/"):
+                delivery_id, url = SIGNER.verify("c", href.rpartition("/")[2])
+                self.assertEqual(delivery_id, 4242)
+                destinations.append(url)
+        self.assertEqual(destinations, [
+            "https://shop.example.com/item?id=1&ref=mail", "http://example.net/plain",
+            "https://example.com/area", "https://example.com/u?name=Ana & Bea",
+            "https://example.com/landing?a=1&b=2"])
+        links = hrefs(html_of(message))
+        for untouched in ("mailto:info@example.org", "#top", "/relative"):
+            self.assertIn(untouched, links)
+        self.assertIn('data-href="https://example.com/not-a-link"', html_of(message))
+
+    def test_link_with_line_breaks(self):
+        _, message = render(body(html='<a href="\thttps://a.example/x\r\n?y=1 ">l</a>'))
+        [href] = [href for href in hrefs(html_of(message)) if "/t/c/" in href]
+        self.assertEqual(SIGNER.verify("c", href.rpartition("/")[2]),
+                         (4242, "https://a.example/x?y=1"))
+
+    def test_click_tracking_off(self):
+        for options_, sender_ in ((options(track_clicks=False), sender()),
+                                  (options(), sender(track_clicks=False))):
+            _, message = render(options_=options_, sender_=sender_)
+            links = hrefs(html_of(message))
+            self.assertFalse([link for link in links if "/t/c/" in link])
+            self.assertIn("https://shop.example.com/item?id=1&amp;ref=mail", links)
+            self.assertIn("https://example.com/u?name=Ana &amp; Bea", links)
+            self.assertIn("https://example.com/landing?a=1&amp;b=2", links)
+
+    def test_open_pixel(self):
+        _, message = render()
+        document = html_of(message)
+        pixel = re.search(r'<img src="([^"]+)" width="1" height="1" alt="" '
+                          r'style="display:none">\s*</body>', document)
+        self.assertIsNotNone(pixel)
+        self.assertEqual(SIGNER.verify("o", pixel.group(1).rpartition("/")[2]), (4242, None))
+        for options_, sender_ in ((options(track_opens=False), sender()),
+                                  (options(), sender(track_opens=False))):
+            _, message = render(options_=options_, sender_=sender_)
+            self.assertNotIn("/t/o/", html_of(message))
+            self.assertNotIn("<img", html_of(message))
+
+    def test_pixel_without_body_tag(self):
+        _, message = render(body(html="<p>Hi</p>"))
+        self.assertRegex(html_of(message), r'<p>Hi</p><img src="[^"]+/t/o/[^"]+\.gif"')
+
+    def test_show_cab_spanish_by_default(self):
+        _, message = render()
+        spanish = header_footer_texts(3).view_in_browser
+        self.assertTrue(text_of(message).startswith(
+            f"{spanish}: {SIGNER.web_version_url(4242)}\n"))
+        document = html_of(message)
+        top = re.search(r'<body style="margin:0">\s*<p style="[^"]*text-align:center[^"]*">'
+                        r'<a href="([^"]+)"[^>]*>([^<]+)</a></p>', document)
+        self.assertIsNotNone(top)
+        self.assertEqual(top.group(1), SIGNER.web_version_url(4242))
+        self.assertEqual(top.group(2), spanish)
+
+    def test_show_cab_english(self):
+        _, message = render(options_=options(language=4))
+        english = "Can't see this email properly? View it in your browser"
+        self.assertTrue(text_of(message).startswith(english + ": "))
+        self.assertIn(">Can't see this email properly? View it in your browser</a>",
+                      html_of(message))
+
+    def test_show_cab_off(self):
+        for options_, sender_ in ((options(show_cab=False), sender()),
+                                  (options(), sender(show_cab=False))):
+            _, message = render(options_=options_, sender_=sender_)
+            self.assertTrue(text_of(message).startswith("Hola"))
+            self.assertNotIn(header_footer_texts(3).view_in_browser, html_of(message))
+
+    def test_social_links(self):
+        links = {"facebook": "https://facebook.com/tienda", "linkedin": "https://linkedin.com/t",
+                 "evil": "javascript:alert(1)"}
+        _, message = render(options_=options(social_links=True, language=4),
+                            sender_=sender(social_links=links))
+        document, text = html_of(message), text_of(message)
+        self.assertIn("Follow us:", document)
+        self.assertIn(">Facebook</a>", document)
+        self.assertIn(">LinkedIn</a>", document)
+        self.assertNotIn("javascript", document)
+        tracked = [SIGNER.verify("c", href.rpartition("/")[2])[1]
+                   for href in hrefs(document) if "/t/c/" in href]
+        self.assertIn("https://facebook.com/tienda", tracked)
+        self.assertIn("Follow us:\nFacebook: https://facebook.com/tienda\n", text)
+        # The footer comes before the pixel, both before </body>.
+        self.assertRegex(document, r"(?s)Follow us:.*<img src=.*</body>")
+        for options_, sender_ in ((options(social_links=False), sender(social_links=links)),
+                                  (options(social_links=True), sender())):
+            _, message = render(options_=options_, sender_=sender_)
+            self.assertNotIn(header_footer_texts(3).follow_us, html_of(message))
+            self.assertNotIn(header_footer_texts(3).follow_us, text_of(message))
+
+    def test_list_unsubscribe(self):
+        _, message = render()
+        value = one_line(message["List-Unsubscribe"])
+        found = re.fullmatch(r"<(https://[^>]+)>, <(mailto:[^>]+)>", value)
+        self.assertIsNotNone(found, value)
+        self.assertEqual(found.group(1), SIGNER.unsubscribe_url(4242))
+        self.assertEqual(SIGNER.verify("u", found.group(1).rpartition("/")[2]), (4242, None))
+        mailto = urlsplit(found.group(2))
+        self.assertEqual(mailto.path, "unsubscribe@bounces.example.org")
+        subject = parse_qs(mailto.query)["subject"][0]
+        self.assertTrue(subject.startswith("unsubscribe-"))
+        self.assertEqual(SIGNER.verify("u", subject.removeprefix("unsubscribe-")), (4242, None))
+        self.assertEqual(message["List-Unsubscribe-Post"], "List-Unsubscribe=One-Click")
+
+    def test_reply_to(self):
+        raw, message = render(sender_=sender(reply_to="help@example.org"))
+        self.assertEqual(message["Reply-To"], "help@example.org")
+        raw, message = render(body(headers=[["Reply-To", "other@example.org"]]))
+        self.assertEqual(message["Reply-To"], "other@example.org")
+
+    def test_header_injection(self):
+        recipient = dataclasses.replace(RECIPIENT, variables={"name": "x\r\nBcc: a@evil.example"},
+                                        fields={"Nombre": "y\nX-Evil: 1"})
+        evil_body = body(headers=[["X-Note", "ok\r\nBcc: b@evil.example"],
+                                  ["X-Bad\r\nBcc", "c@evil.example"]])
+        raw, message = render(evil_body, sender_=sender(from_name="Shop\r\nBcc: d@evil.example"),
+                              recipient=recipient)
+        head = raw.partition(b"\r\n\r\n")[0]
+        self.assertIsNone(re.search(rb"(?im)^(bcc|x-evil|x-bad)", head))
+        self.assertIsNone(message["Bcc"])
+        self.assertNotIn("\n", message["Subject"])
+        self.assertIn("Bcc: a@evil.example", message["Subject"])
+        raw, message = render(body(subject="Hi\r\nBcc: e@evil.example\n\nbody"))
+        self.assertIsNone(message["Bcc"])
+        self.assertEqual(message["Subject"], "Hi Bcc: e@evil.example body")
+
+    def test_recipient_address_is_one_line(self):
+        recipient = dataclasses.replace(RECIPIENT, email="juan@example.com\r\nBcc: x@evil.example")
+        raw, message = render(recipient=recipient)
+        self.assertIsNone(message["Bcc"])
+        self.assertEqual(len(message.get_all("To")), 1)
+
+    def test_attachments(self):
+        pdf = bytes(range(256)) * 10
+        logo = b"\x89PNG\r\n\x1a\n" + b"\x00" * 50
+        attachments = [
+            {"filename": "factura ñ.pdf", "content_type": "application/pdf",
+             "content_id": None, "inline": False, "data": base64.b64encode(pdf).decode()},
+            {"filename": "logo.png", "content_type": "image/png", "content_id": "logo@x",
+             "inline": True, "data": base64.b64encode(logo).decode()},
+        ]
+        document = '<html><body><img src="cid:logo@x"><a href="https://a.example/">a</a></body></html>'
+        raw, message = render(body(html=document, attachments=attachments))
+        self.assertEqual(message.get_content_type(), "multipart/mixed")
+        alternative, attached = message.get_payload()
+        self.assertEqual(alternative.get_content_type(), "multipart/alternative")
+        text, related = alternative.get_payload()
+        self.assertEqual(text.get_content_type(), "text/plain")
+        self.assertEqual(related.get_content_type(), "multipart/related")
+        html_part, image = related.get_payload()
+        self.assertIn('<img src="cid:logo@x">', html_part.get_content())
+        self.assertIn("/t/c/", html_part.get_content())
+        self.assertEqual(image["Content-ID"], "<logo@x>")
+        self.assertEqual(image.get_content_disposition(), "inline")
+        self.assertEqual(image.get_content(), logo)
+        self.assertEqual(attached.get_filename(), "factura ñ.pdf")
+        self.assertEqual(attached.get_content_disposition(), "attachment")
+        self.assertEqual(attached.get_content_type(), "application/pdf")
+        self.assertEqual(attached.get_content(), pdf)
+        self.assertEqual([a.get_filename() for a in message.iter_attachments()],
+                         ["factura ñ.pdf"])
+
+    def test_inline_image_without_html_is_attached(self):
+        attachments = [{"filename": "logo.png", "content_type": "image/png",
+                        "content_id": "logo@x", "inline": True, "data": "iVBORw=="}]
+        _, message = render(body(html=None, attachments=attachments))
+        self.assertEqual(message.get_content_type(), "multipart/mixed")
+        body_part, image = message.get_payload()
+        self.assertEqual(body_part.get_content_type(), "text/plain")
+        self.assertEqual(image.get_content_type(), "image/png")
+
+    def test_attached_message_and_odd_types(self):
+        forwarded = b"From: a@example.org\nSubject: old\n\nhello\n"
+        attachments = [
+            {"filename": "fwd.eml", "content_type": "message/rfc822", "content_id": None,
+             "inline": False, "data": base64.b64encode(forwarded).decode()},
+            {"filename": "x", "content_type": "garbage", "content_id": None, "inline": False,
+             "data": base64.b64encode(b"abc").decode()},
+        ]
+        raw, message = render(body(attachments=attachments))
+        _, eml, odd = message.get_payload()
+        self.assertEqual(eml.get_content_type(), "message/rfc822")
+        self.assertEqual(eml["Content-Transfer-Encoding"], "7bit")
+        self.assertEqual(eml.get_payload()[0]["Subject"], "old")
+        self.assertEqual(odd.get_content_type(), "application/octet-stream")
+        self.assertEqual(odd.get_content(), b"abc")
+
+    def test_text_only_and_html_only(self):
+        _, message = render(body(html=None))
+        self.assertEqual(message.get_content_type(), "text/plain")
+        self.assertIn("Hola Ana & Bea", message.get_content())
+        _, message = render(body(text=None))
+        self.assertEqual(message.get_content_type(), "text/html")
+        self.assertIn("/t/o/", message.get_content())
+
+    def test_non_latin_text(self):
+        russian = "Здравствуйте, {name}! " * 40
+        raw, message = render(body(text=russian, html=f"<p>{russian}</p>"))
+        self.assertIn(b"Content-Transfer-Encoding: base64", raw)
+        self.assertIn("Здравствуйте, Ana & Bea!", text_of(message))
+        self.assertIn("Здравствуйте, Ana &amp; Bea!", html_of(message))
+
+    def test_text_keeps_line_breaks_and_spaces(self):
+        text = "line one   \nline two\n.\n" + "x" * 300 + "\nend"
+        _, message = render(body(text=text), options_=options(show_cab=False))
+        self.assertEqual(text_of(message), text + "\n")
+
+    def test_web_version_is_the_html_sent(self):
+        prepared = PreparedMessage.from_body(body(), options(), sender(), SIGNER)
+        message = message_from_bytes(prepared.render(RECIPIENT), policy=email_policy.default)
+        web = prepared.render_html(RECIPIENT)
+        self.assertEqual(html_of(message), web.rstrip("\n") + "\n")
+        self.assertEqual(web, prepared.render_html(RECIPIENT))
+        self.assertIsNone(PreparedMessage.from_body(body(html=None), options(), sender(),
+                                                    SIGNER).render_html(RECIPIENT))
+
+    def test_recipients_do_not_leak_into_each_other(self):
+        prepared = PreparedMessage.from_body(body(), options(), sender(), SIGNER)
+        first = message_from_bytes(prepared.render(RECIPIENT), policy=email_policy.default)
+        other = RecipientContext(7, "eva@example.com", {}, {})
+        second = message_from_bytes(prepared.render(other), policy=email_policy.default)
+        self.assertEqual(second["To"], "eva@example.com")
+        self.assertEqual(second["Subject"], "Oferta para {name} XYZNOMBREXYZ")
+        self.assertNotIn("Ana", html_of(second))
+        self.assertIn("Ana", html_of(first))
+        for href in hrefs(html_of(second)):
+            if "/t/c/" in href:
+                self.assertEqual(SIGNER.verify("c", href.rpartition("/")[2])[0], 7)
+
+    def test_marker_character_in_content_and_values(self):
+        recipient = dataclasses.replace(RECIPIENT, variables={"name": "a\x00b"})
+        _, message = render(body(html='<p>x\x00y {name}</p><a href="https://a.example/">l</a>'),
+                            recipient=recipient)
+        document = html_of(message)
+        self.assertIn("<p>xy ab</p>", document)
+        self.assertEqual(len([h for h in hrefs(document) if "/t/c/" in h]), 1)
+
+
+def _dns(key):
+    def lookup(name, timeout=5):
+        if name == b"s1._domainkey.example.org.":
+            return f"v=DKIM1; k={key.algorithm}; p={key.public_key}".encode("ascii")
+        return None
+    return lookup
+
+
+class DKIMTests(unittest.TestCase):
+    def _check(self, algorithm):
+        key = generate_dkim_key(algorithm)
+        signer = DKIMSigner("example.org", "s1", algorithm, key.private_key_pem)
+        attachments = [{"filename": "a.bin", "content_type": "application/octet-stream",
+                        "content_id": None, "inline": False,
+                        "data": base64.b64encode(b"\x00" * 3000).decode()}]
+        prepared = PreparedMessage.from_body(
+            body(attachments=attachments, subject="Größe {name} " * 8), options(),
+            sender(dkim=signer), SIGNER)
+        for recipient in (RECIPIENT, RecipientContext(1, "b@example.com", {}, {})):
+            raw = prepared.render(recipient)
+            self.assertTrue(raw.startswith(b"DKIM-Signature: "))
+            self.assertTrue(dkim.verify(raw, dnsfunc=_dns(key)))
+            signature = message_from_bytes(raw)["DKIM-Signature"]
+            tags = {name.strip(): value for name, _, value in
+                    (tag.partition("=") for tag in "".join(signature.split()).split(";"))}
+            self.assertEqual(tags["d"], "example.org")
+            self.assertEqual(tags["c"], "relaxed/relaxed")
+            self.assertEqual(tags["a"], f"{algorithm}-sha256")
+            signed = set(tags["h"].split(":"))
+            self.assertTrue({"from", "to", "subject", "date", "message-id", "mime-version",
+                             "content-type", "list-unsubscribe", "list-unsubscribe-post",
+                             "cc"} <= signed, signed)
+            self.assertFalse(dkim.verify(raw.replace(b"Hola", b"Hole", 1), dnsfunc=_dns(key)))
+
+    def test_rsa(self):
+        self._check("rsa")
+
+    def test_ed25519(self):
+        self._check("ed25519")
+
+    def test_signer_is_reused(self):
+        key = generate_dkim_key("rsa")
+        signer = DKIMSigner("example.org", "s1", "rsa", key.private_key_pem)
+        message = (b"From: a@example.org\r\nTo: b@example.com\r\nSubject: x\r\n\r\nbody\r\n")
+        for _ in range(3):
+            self.assertTrue(dkim.verify(signer.sign(message) + message, dnsfunc=_dns(key)))
+
+    def test_bad_keys(self):
+        self.assertRaises(ValueError, DKIMSigner, "example.org", "s1", "dsa", "x")
+        rsa_key = generate_dkim_key("rsa")
+        wrong = DKIMSigner("example.org", "s1", "ed25519", rsa_key.private_key_pem)
+        self.assertRaises(ValueError, PreparedMessage.from_body, body(), options(),
+                          sender(dkim=wrong), SIGNER)
+        broken = DKIMSigner("example.org", "s1", "rsa", "not a key")
+        self.assertRaises(ValueError, PreparedMessage.from_body, body(), options(),
+                          sender(dkim=broken), SIGNER)
