@@ -450,6 +450,10 @@ implicit_tls_listeners = ["{listener}"]
 
 [http]
 listener = "{listener}"
+
+# Ingest only: nothing leaves this machine.
+[delivery]
+enabled = false
 """)
         log("mailgw init --demo (creates the embedded PostgreSQL cluster)")
         with _Interrupts.shield():  # it runs PostgreSQL for a while: let it stop it

@@ -82,6 +82,16 @@ class DeliveryConfig:
     per_domain_connections: int = 10
     connect_timeout: int = 30
     reply_timeout: int = 300
+    # STARTTLS to recipients' servers: "opportunistic" (when offered, certificate not
+    # checked) or "verify" (required, certificate checked against the MX name).
+    tls_policy: str = "opportunistic"
+    # Hard bounces after which a contact is invalidated (D-7; whitelisted ones never are).
+    hard_bounce_limit: int = 2
+    # Seconds between queue polls when nothing is due.
+    poll_interval: float = 1.0
+
+
+TLS_POLICIES = ("opportunistic", "verify")
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     # bool is a subclass of int: `port = true` must not pass as an integer.
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
     if hint in (str, bool) and not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {'a string' if hint is str else 'true or false'}, "
                           f"got {value!r}")
@@ -193,6 +207,8 @@ def _check_values(config: Config) -> None:
         "delivery.per_domain_connections": config.delivery.per_domain_connections,
         "delivery.connect_timeout": config.delivery.connect_timeout,
         "delivery.reply_timeout": config.delivery.reply_timeout,
+        "delivery.hard_bounce_limit": config.delivery.hard_bounce_limit,
+        "delivery.poll_interval": config.delivery.poll_interval,
         "webhooks.timeout_seconds": config.webhooks.timeout_seconds,
         "webhooks.max_queue_per_endpoint": config.webhooks.max_queue_per_endpoint,
         "webhooks.max_retry_seconds": config.webhooks.max_retry_seconds,
@@ -217,6 +233,15 @@ def _check_values(config: Config) -> None:
         raise ConfigError("smtp.trusted_account: required when smtp.trusted_networks is set "
                           "(the account their mail is sent as)")
     _check_host_ports("delivery.dns_servers", config.delivery.dns_servers)
+    for server in config.delivery.dns_servers:
+        try:  # twisted.names sends queries to addresses only
+            ipaddress.ip_address(server.rpartition(":")[0].strip("[]"))
+        except ValueError:
+            raise ConfigError(f"delivery.dns_servers: {server!r} is not an IP address and "
+                              "port") from None
+    if config.delivery.tls_policy not in TLS_POLICIES:
+        raise ConfigError(f"delivery.tls_policy: must be one of {', '.join(TLS_POLICIES)}, got "
+                          f"{config.delivery.tls_policy!r}")
     if config.delivery.smarthost:
         _check_host_ports("delivery.smarthost", [config.delivery.smarthost])
 

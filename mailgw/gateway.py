@@ -22,6 +22,10 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from mailgw.config import Config
+from mailgw.content.render import LinkSigner
+from mailgw.delivery.client import OutboundPool
+from mailgw.delivery.mx import MXResolver, Smarthost
+from mailgw.delivery.runner import QueueRunner, node_name
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
 from mailgw.errors import NotFound, StartupError
 from mailgw.http.ops import OperationsApp
@@ -82,6 +86,7 @@ class Gateway(service.MultiService):
         self.stores: Stores | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
+        self.runner: QueueRunner | None = None
         self.ready: defer.Deferred[Gateway] = defer.Deferred()
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
@@ -118,8 +123,35 @@ class Gateway(service.MultiService):
             + [("http.listener", self.config.http.listener, site)])
         for key, description, factory in wanted:
             await self._listen(key, description, factory)
+        if self.config.delivery.enabled:
+            self.runner = await self._queue_runner()
+            self.runner.start()
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
+
+    async def _queue_runner(self) -> QueueRunner:
+        delivery = self.config.delivery
+        authenticate = None
+        if delivery.smarthost:
+            host, _, port = delivery.smarthost.rpartition(":")
+            resolver = Smarthost(host, int(port))
+            if delivery.smarthost_username:
+                authenticate = (delivery.smarthost_username, delivery.smarthost_password)
+        else:
+            servers = [(h, int(p)) for h, _, p in
+                       (s.rpartition(":") for s in delivery.dns_servers)]
+            resolver = MXResolver(self.reactor, self.clock, servers,
+                                  port=delivery.remote_smtp_port)
+        pool = OutboundPool(self.reactor, self.clock, self.config.hostname,
+                            tls_policy=delivery.tls_policy,
+                            connect_timeout=delivery.connect_timeout,
+                            reply_timeout=delivery.reply_timeout,
+                            per_domain=delivery.per_domain_connections,
+                            max_connections=delivery.max_connections, authenticate=authenticate)
+        signer = LinkSigner(await self.stores.keys.signing_key("links"),
+                            self.config.http.public_base_url)
+        return QueueRunner(self.stores.queue, resolver, pool, signer, self.clock, delivery,
+                           self.config.hostname, node_name(self.config.hostname))
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
@@ -187,6 +219,9 @@ class Gateway(service.MultiService):
         if self.smtp_factory is not None:
             await self.smtp_factory.shutdown(SHUTDOWN_GRACE_SECONDS)
             self.smtp_factory = None
+        if self.runner is not None:
+            await self.runner.stop()
+            self.runner = None
         if self.database is not None:
             self.database.close()
             self.database = None

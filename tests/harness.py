@@ -22,7 +22,7 @@ import psycopg2
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from mailgw.config import Config, DatabaseConfig, HTTPConfig, SMTPConfig
+from mailgw.config import Config, DatabaseConfig, DeliveryConfig, HTTPConfig, SMTPConfig
 from mailgw.embedded_pg import Cluster, RunAs
 from mailgw.gateway import Gateway
 from mailgw.store import Stores
@@ -122,7 +122,8 @@ class DatabaseTestCase(unittest.TestCase):
 
 
 def gateway_config(test: unittest.TestCase, dsn: str, **changes: Any) -> Config:
-    """Every listener on an ephemeral loopback port, state in the test's temp dir."""
+    """Every listener on an ephemeral loopback port, state in the test's temp dir, and no
+    delivery (tests that deliver turn it on with their own DNS server and receiver)."""
     return Config(
         hostname="mx.test.example",
         state_dir=test.mktemp(),
@@ -130,6 +131,7 @@ def gateway_config(test: unittest.TestCase, dsn: str, **changes: Any) -> Config:
                         implicit_tls_listeners=[LOOPBACK_PORT]),
         http=HTTPConfig(listener=LOOPBACK_PORT),
         database=DatabaseConfig(dsn=dsn, pool_size=2),
+        delivery=DeliveryConfig(enabled=False),
     ).replace(**changes)
 
 

@@ -78,6 +78,9 @@ class ErrorTests(unittest.TestCase):
                                "smtp.trusted_networks[0]")
         self.assertConfigError({"delivery": {"dns_servers": ["127.0.0.1"]}},
                                "delivery.dns_servers")
+        self.assertConfigError({"delivery": {"dns_servers": ["ns.example.org:53"]}},
+                               "delivery.dns_servers", "not an IP address")
+        self.assertConfigError({"delivery": {"tls_policy": "maybe"}}, "delivery.tls_policy")
         self.assertConfigError({"delivery": {"remote_smtp_port": 70000}},
                                "delivery.remote_smtp_port")
         self.assertConfigError({"tls": {"certificate": "/c.pem"}}, "tls.private_key")

@@ -85,7 +85,8 @@ class CrashTests(unittest.TestCase):
         self.config.write_text(
             f'state_dir = "{self.state}"\n'
             '[smtp]\nstarttls_listeners = ["tcp:0:interface=127.0.0.1"]\n'
-            'implicit_tls_listeners = []\n[http]\nlistener = "tcp:0:interface=127.0.0.1"\n')
+            'implicit_tls_listeners = []\n[http]\nlistener = "tcp:0:interface=127.0.0.1"\n'
+            '[delivery]\nenabled = false\n')
         subprocess.run([str(BIN / "mailgw"), "-c", str(self.config), "init", "--demo"],
                        check=True, capture_output=True, cwd=REPO)
         self.demo = json.loads((self.state / "demo.json").read_text())

@@ -90,7 +90,8 @@ class DaemonTests(unittest.TestCase):
             f'state_dir = "{state}"\n'
             f'[smtp]\nstarttls_listeners = ["{listen["starttls"]}"]\n'
             f'implicit_tls_listeners = ["{listen["implicit"]}"]\n'
-            f'[http]\nlistener = "{listen["http"]}"\n')
+            f'[http]\nlistener = "{listen["http"]}"\n'
+            "[delivery]\nenabled = false\n")
         return path
 
     def state_dir(self) -> str:

@@ -8,6 +8,8 @@ from mailgw.store.accounts import AccountStore
 from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
 from mailgw.store.group_commit import GroupCommitter
+from mailgw.store.keys import KeyStore
+from mailgw.store.queue import QueueStore
 from mailgw.store.senders import SenderStore
 from mailgw.store.submissions import SubmissionStore
 from mailgw.store.templates import TemplateStore
@@ -23,6 +25,8 @@ class Stores:
     contacts: ContactStore
     submissions: SubmissionStore
     templates: TemplateStore
+    queue: QueueStore
+    keys: KeyStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -31,4 +35,5 @@ class Stores:
         return cls(database=database, accounts=AccountStore(database),
                    senders=SenderStore(database), contacts=ContactStore(committer),
                    submissions=SubmissionStore(database, committer),
-                   templates=TemplateStore(database))
+                   templates=TemplateStore(database), queue=QueueStore(database, committer),
+                   keys=KeyStore(database))

@@ -1,0 +1,193 @@
+"""The delivery queue (D-1): due rows claimed with FOR UPDATE SKIP LOCKED and a lease.
+
+Several mailgw nodes share one database: a row is worked on only by the node
+whose lease it holds, and an expired lease (a node that died) makes the row
+claimable again.  Outcomes are written with the lease checked, so a node that
+lost its lease cannot overwrite another's result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg2.extras import Json
+
+from mailgw.store.database import Database
+from mailgw.store.group_commit import GroupCommitter
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    id: int
+    message_id: int
+    account_id: int
+    send_id: int
+    contact_id: int | None
+    recipient: str
+    attempts: int
+    # Seconds since the first attempt (by the database's clock, shared by all nodes).
+    age: float
+    fields: dict[str, Any]
+    # Set when the recipient became suppressed after submission (D-6).
+    suppressed: str | None
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """What rendering needs of a message, loaded once per message."""
+
+    id: int
+    account_id: int
+    sender: str
+    reply_to: str | None
+    body: dict[str, Any]
+    options: dict[str, Any]
+    account_settings: dict[str, Any]
+    # The sender domain's DKIM key and bounce domain, when the domain is registered.
+    dkim_domain: str | None
+    dkim_selector: str | None
+    dkim_algorithm: str | None
+    dkim_private_key: str | None
+    return_path_domain: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one delivery attempt (D-5)."""
+
+    delivery_id: int
+    state: str  # sent, deferred, bounced or not_sent
+    reply: str
+    # When to try again (deferred only), in seconds from now.
+    retry_in: float | None = None
+    # "hard" or "soft" for bounces.
+    bounce_type: str | None = None
+
+
+class QueueStore:
+    def __init__(self, database: Database, committer: GroupCommitter) -> None:
+        self.db = database
+        self.committer = committer
+
+    async def claim(self, owner: str, limit: int, lease_seconds: int) -> list[ClaimedDelivery]:
+        """Lease up to `limit` due deliveries to `owner`, in one query."""
+        return await self.db.run_interaction("claim_deliveries", _claim_txn, owner, limit,
+                                             lease_seconds)
+
+    async def messages(self, message_ids: list[int]) -> dict[int, MessageContext]:
+        return await self.db.run_interaction("load_messages", _messages_txn, message_ids)
+
+    async def record(self, owner: str, outcome: Outcome, hard_bounce_limit: int) -> bool:
+        """Write an outcome and its event; False if the lease was lost meanwhile."""
+        return await self.committer.run("record_outcome", _record_txn, owner, outcome,
+                                        hard_bounce_limit)
+
+    async def release(self, owner: str) -> int:
+        """Give back the leases of deliveries not attempted (graceful stop)."""
+        return await self.db.run_interaction("release_leases", _release_txn, owner)
+
+
+async def _claim_txn(cursor, owner: str, limit: int, lease_seconds: int
+                     ) -> list[ClaimedDelivery]:
+    await cursor.execute(
+        "WITH due AS ("
+        "  SELECT id FROM deliveries"
+        "  WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()"
+        "  AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+        "  ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+        " claimed AS ("
+        "  UPDATE deliveries d SET lease_owner = %(owner)s,"
+        "   lease_expires_at = now() + make_interval(secs => %(lease)s),"
+        "   attempts = d.attempts + 1, first_attempt_at = coalesce(d.first_attempt_at, now()),"
+        "   last_attempt_at = now(), updated_at = now()"
+        "  FROM due WHERE d.id = due.id"
+        "  RETURNING d.id, d.message_id, d.account_id, d.contact_id, d.recipient, d.attempts,"
+        "   d.first_attempt_at)"
+        " SELECT c.id, c.message_id, c.account_id, m.send_id, c.contact_id, c.recipient,"
+        "  c.attempts, extract(epoch FROM now() - c.first_attempt_at)::float8,"
+        "  coalesce(ct.fields, '{}'::jsonb),"
+        "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
+        "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
+        "   AND s.address = c.recipient AND s.category IS NULL"
+        "   AND (s.scope_domain IS NULL OR s.scope_domain = split_part(m.sender, '@', 2))"
+        "   ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
+        " FROM claimed c JOIN messages m ON m.id = c.message_id"
+        " LEFT JOIN contacts ct ON ct.id = c.contact_id"
+        " ORDER BY c.message_id, c.id",
+        {"owner": owner, "limit": limit, "lease": lease_seconds})
+    return [ClaimedDelivery(*row) for row in cursor.fetchall()]
+
+
+async def _messages_txn(cursor, message_ids: list[int]) -> dict[int, MessageContext]:
+    await cursor.execute(
+        "SELECT m.id, m.account_id, m.sender, m.reply_to, m.body, m.options, a.settings,"
+        " sd.domain,"
+        " sd.dkim_selector, sd.dkim_algorithm, sd.dkim_private_key, sd.return_path_domain"
+        " FROM messages m JOIN accounts a ON a.id = m.account_id"
+        " LEFT JOIN sender_domains sd ON sd.account_id = m.account_id"
+        "  AND sd.domain = split_part(m.sender, '@', 2)"
+        " WHERE m.id = ANY(%s)", (message_ids,))
+    contexts = {}
+    for row in cursor.fetchall():
+        body = json.loads(bytes(row[4])) if row[4] is not None else {}
+        contexts[row[0]] = MessageContext(row[0], row[1], row[2], row[3], body, *row[5:])
+    return contexts
+
+
+async def _record_txn(cursor, owner: str, outcome: Outcome, hard_bounce_limit: int) -> bool:
+    await cursor.execute(
+        "UPDATE deliveries SET state = %(state)s, last_reply = %(reply)s,"
+        " next_attempt_at = CASE WHEN %(retry)s::float8 IS NULL THEN next_attempt_at"
+        "  ELSE now() + make_interval(secs => %(retry)s) END,"
+        " lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+        " WHERE id = %(id)s AND lease_owner = %(owner)s"
+        " RETURNING account_id, message_id, contact_id, recipient,"
+        "  (SELECT send_id FROM messages WHERE id = message_id)",
+        {"state": outcome.state, "reply": outcome.reply[:1000], "retry": outcome.retry_in,
+         "id": outcome.delivery_id, "owner": owner})
+    row = cursor.fetchone()
+    if row is None:
+        return False
+    account_id, message_id, contact_id, recipient, send_id = row
+    details: dict[str, Any] = {"reply": outcome.reply[:1000]}
+    if outcome.bounce_type:
+        details["type"] = outcome.bounce_type
+    if outcome.state == "not_sent":
+        details = {"reason": outcome.reply}
+    await cursor.execute(
+        "INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
+        " recipient, type, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (account_id, send_id, message_id, outcome.delivery_id, contact_id, recipient,
+         outcome.state, Json(details)))
+    if outcome.bounce_type == "hard" and contact_id is not None:
+        await _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,
+                                 hard_bounce_limit)
+    return True
+
+
+async def _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,
+                             limit: int) -> None:
+    """D-7: a contact is invalidated after `limit` hard bounces, unless whitelisted."""
+    await cursor.execute(
+        "UPDATE contacts SET hard_bounces = hard_bounces + 1,"
+        " invalid = invalid OR (NOT whitelisted AND hard_bounces + 1 >= %s),"
+        " updated_at = now()"
+        " WHERE id = %s RETURNING NOT whitelisted AND hard_bounces = %s",
+        (limit, contact_id, limit))
+    row = cursor.fetchone()
+    if row is not None and row[0]:  # reached the limit just now
+        await cursor.execute(
+            "INSERT INTO events (account_id, send_id, contact_id, recipient, type, details)"
+            " VALUES (%s, %s, %s, %s, 'invalidated', %s)",
+            (account_id, send_id, contact_id, recipient,
+             Json({"reason": f"{limit} hard bounces"})))
+
+
+async def _release_txn(cursor, owner: str) -> int:
+    await cursor.execute(
+        "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL,"
+        " attempts = greatest(attempts - 1, 0), updated_at = now()"
+        " WHERE lease_owner = %s AND state IN ('queued', 'deferred')", (owner,))
+    return cursor.rowcount

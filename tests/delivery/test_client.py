@@ -1,0 +1,117 @@
+"""The outbound client pool against a real receiving SMTP server on loopback."""
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailgw.delivery.client import OutboundPool, OutgoingMessage, classify, wire_format
+from mailgw.tlscert import ensure_self_signed, server_tls_options
+from tests.smtp_sink import SMTPSink
+
+DATA = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
+
+
+class PoolTests(unittest.TestCase):
+    def setUp(self):
+        self.sink = SMTPSink()
+        self.port = self.sink.start()
+        self.addCleanup(self.sink.stop)
+        self.pool = OutboundPool(reactor, reactor, "gw.example.org", connect_timeout=5,
+                                 reply_timeout=10)
+
+    def send(self, *recipients, servers=None, pool=None):
+        servers = servers or [("mx.example.net", "127.0.0.1", self.port)]
+        pool = pool or self.pool
+        self.addCleanup(pool.idle)
+        return defer.gatherResults([
+            pool.deliver("example.net", servers,
+                         OutgoingMessage(i, "b-1@bounces.example.org", rcpt, DATA))
+            for i, rcpt in enumerate(recipients)])
+
+    async def test_messages_share_one_connection(self):
+        pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        outcomes = await self.send(*[f"r{i}@example.net" for i in range(5)], pool=pool)
+        self.assertEqual([o.state for o in outcomes], ["sent"] * 5)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(len(self.sink.messages), 5)
+        self.assertIn(b"RSET", self.sink.commands)
+        self.assertEqual(self.sink.messages[0].sender, "b-1@bounces.example.org")
+        self.assertTrue(outcomes[0].reply.startswith("250 "))
+
+    async def test_per_domain_concurrency(self):
+        pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=2)
+        await self.send(*[f"r{i}@example.net" for i in range(6)], pool=pool)
+        self.assertEqual(self.sink.connections, 2)
+
+    async def test_refusals_classified(self):
+        outcomes = await self.send("bounce@example.net", "defer@example.net", "ok@example.net")
+        self.assertEqual([(o.state, o.bounce_type) for o in outcomes],
+                         [("bounced", "hard"), ("deferred", None), ("sent", None)])
+        self.assertIn("550 5.1.1 No such user here", outcomes[0].reply)
+
+    async def test_next_mx_when_first_refuses_connection(self):
+        servers = [("mx1.example.net", "127.0.0.1", 1), ("mx2.example.net", "127.0.0.1",
+                                                         self.port)]
+        (outcome,) = await self.send("ok@example.net", servers=servers)
+        self.assertEqual(outcome.state, "sent")
+
+    async def test_unreachable_domain_deferred(self):
+        (outcome,) = await self.send("ok@example.net",
+                                     servers=[("mx1.example.net", "127.0.0.1", 1)])
+        self.assertEqual(outcome.state, "deferred")
+        self.assertIn("cannot connect to mx1.example.net", outcome.reply)
+
+    async def test_starttls_used_when_offered(self):
+        base = self.mktemp()
+        cert, key = (f"{base}/cert.pem", f"{base}/key.pem")
+        from pathlib import Path
+        ensure_self_signed(Path(cert), Path(key), "sink.test")
+        sink = SMTPSink(tls_options=server_tls_options(Path(cert), Path(key)))
+        port = sink.start()
+        self.addCleanup(sink.stop)
+        (outcome,) = await self.send("ok@example.net",
+                                     servers=[("sink.test", "127.0.0.1", port)])
+        self.assertEqual(outcome.state, "sent")
+        self.assertIn(b"STARTTLS", sink.commands)
+
+    async def test_silent_server_times_out(self):
+        from twisted.internet import protocol
+
+        silent = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
+                                   interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        clock = task.Clock()
+        pool = OutboundPool(reactor, clock, "gw.example.org", reply_timeout=30)
+        d = self.send("ok@example.net", pool=pool,
+                      servers=[("mx.example.net", "127.0.0.1", silent.getHost().port)])
+        while pool.connections_made == 0:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        clock.advance(31)
+        (outcome,) = await d
+        self.assertEqual(outcome.state, "deferred")
+
+
+class ClassifyTests(unittest.TestCase):
+    def test_codes(self):
+        self.assertEqual(classify(1, 250, b"2.0.0 OK").state, "sent")
+        self.assertEqual(classify(1, 421, b"4.7.0 later").state, "deferred")
+        bounced = classify(1, 554, b"5.7.1 rejected\n  by policy")
+        self.assertEqual((bounced.state, bounced.bounce_type, bounced.reply),
+                         ("bounced", "hard", "554 5.7.1 rejected by policy"))
+        self.assertEqual(classify(1, -1, "connection lost").state, "deferred")
+
+
+class WireFormatTests(unittest.TestCase):
+    def test_line_ends_and_dots(self):
+        self.assertEqual(wire_format(b".first\nsecond\r\n.third\n..x"),
+                         b"..first\r\nsecond\r\n..third\r\n...x\r\n")
+
+    async def test_dot_lines_arrive_intact(self):
+        sink = SMTPSink()
+        port = sink.start()
+        self.addCleanup(sink.stop)
+        pool = OutboundPool(reactor, reactor, "gw.example.org")
+        self.addCleanup(pool.idle)
+        data = b"Subject: dots\r\n\r\n.\r\n..two\r\nend"
+        await pool.deliver("example.net", [("mx", "127.0.0.1", port)],
+                           OutgoingMessage(1, "a@example.org", "b@example.net", data))
+        self.assertEqual(sink.messages[0].data, b"Subject: dots\r\n\r\n.\r\n..two\r\nend")

@@ -1,0 +1,183 @@
+"""Delivery end to end: SMTP in, MX through a local DNS server, a local receiver out."""
+
+import email
+import email.policy
+import uuid
+
+import dkim
+from twisted.internet import reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from mailgw import credentials
+from mailgw.config import DeliveryConfig
+from mailgw.content.dkim import generate_dkim_key
+from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
+from tests.dns_server import LocalDNS
+from tests.harness import fresh_database, gateway_config, start_gateway
+from tests.smtp.test_submission_flow import PASSWORD, USER, _client, _rows, _tls
+from tests.smtp_sink import SMTPSink
+
+SENDER = "news@example.org"
+HTML_MESSAGE = (
+    b"From: News <news@example.org>\r\nTo: someone\r\nSubject: Hello {nombre}\r\n"
+    b"Reply-To: help@example.org\r\n"
+    b"X-Campaign: spring\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n\r\n"
+    b"<html><body><p>Hi, see <a href=\"https://shop.example.com/sale?x=1\">the sale</a>."
+    b" <a href=\"[Unsubscribe]\">unsubscribe</a></p></body></html>\r\n")
+
+
+def _send(port: int, recipients: list[str]) -> None:
+    client = _client(port)
+    try:
+        client.ehlo("app")
+        client.starttls(context=_tls())
+        client.ehlo("app")
+        client.login(USER, PASSWORD)
+        client.sendmail(SENDER, recipients, HTML_MESSAGE)
+    finally:
+        client.close()
+
+
+def _zone(sink_port: int) -> dict:
+    return {
+        "example.net": {"MX": [(10, "mx1.example.net"), (20, "mx2.example.net")]},
+        "mx1.example.net": {"A": ["127.0.0.1"]},
+        "mx2.example.net": {"A": ["127.0.0.1"]},
+        "nullmx.example": {"MX": [(0, ".")]},
+    }
+
+
+class DeliveryFlowTests(unittest.TestCase):
+    async def setUp(self):
+        self.sink = SMTPSink()
+        sink_port = self.sink.start()
+        self.addCleanup(self.sink.stop)
+        self.dns = LocalDNS(_zone(sink_port))
+        _, dns_port = self.dns.start(reactor)
+        self.addCleanup(self.dns.stop)
+        self.delivery = DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
+                                       remote_smtp_port=sink_port, poll_interval=0.05,
+                                       connect_timeout=5, reply_timeout=10)
+        self.dsn = fresh_database()
+        self.gateway = await start_gateway(self, gateway_config(self, self.dsn,
+                                                                delivery=self.delivery))
+        stores = self.gateway.stores
+        self.account = await stores.accounts.create_account("acme")
+        await stores.accounts.create_user(self.account.id, USER,
+                                          credentials.hash_password(PASSWORD))
+        self.key = generate_dkim_key("rsa")
+        await stores.senders.add_domain(self.account.id, "example.org", "mg1", "rsa",
+                                        self.key.private_key_pem, self.key.public_key,
+                                        "bounces.example.org")
+        await stores.senders.verify_domain(self.account.id, "example.org")
+
+    async def test_message_arrives_signed_with_tracking_and_unsubscribe(self):
+        port = self.gateway.port_for("smtp.starttls_listeners[0]")
+        await deferToThread(_send, port, ["ana@example.net"])
+        (received,) = await self.sink.wait_for(1)
+        self.assertEqual(received.recipient, "ana@example.net")
+        self.assertRegex(received.sender, r"^b-\d+-[a-z0-9]+@bounces\.example\.org$")
+
+        public = f"v=DKIM1; k=rsa; p={self.key.public_key}".encode()
+        self.assertTrue(dkim.verify(received.data, dnsfunc=lambda name, timeout=5: public))
+
+        message = email.message_from_bytes(received.data, policy=email.policy.default)
+        self.assertEqual(message["To"], "ana@example.net")
+        self.assertEqual(message["X-Campaign"], "spring")
+        self.assertEqual(message["Reply-To"], "help@example.org")
+        self.assertIn("<mailto:", message["List-Unsubscribe"])
+        self.assertIn("/t/u/", message["List-Unsubscribe"])
+        self.assertEqual(message["List-Unsubscribe-Post"], "List-Unsubscribe=One-Click")
+        html = message.get_body(("html",)).get_content()
+        self.assertIn("http://localhost:8080/t/c/", html)
+        self.assertNotIn("https://shop.example.com/sale", html)
+        self.assertIn("http://localhost:8080/t/o/", html)
+        self.assertNotIn("[Unsubscribe]", html)
+        self.assertIsNotNone(message.get_body(("plain",)))
+
+        await _settled(self.gateway, 1)
+        rows = await _rows(self.gateway, "SELECT state, attempts FROM deliveries")
+        self.assertEqual(rows, [("sent", 1)])
+        events = await _rows(self.gateway, "SELECT type FROM events ORDER BY id")
+        self.assertEqual(events, [("queued",), ("sent",)])
+
+    async def test_unusable_dkim_key_sends_unsigned(self):
+        await _rows(self.gateway, "UPDATE sender_domains SET dkim_private_key = 'garbage'"
+                    " RETURNING id")
+        port = self.gateway.port_for("smtp.starttls_listeners[0]")
+        await deferToThread(_send, port, ["ana@example.net"])
+        (received,) = await self.sink.wait_for(1)
+        self.assertNotIn(b"DKIM-Signature", received.data)
+        self.flushLoggedErrors()
+
+    async def test_refused_deferred_and_null_mx(self):
+        port = self.gateway.port_for("smtp.starttls_listeners[0]")
+        await deferToThread(_send, port, ["bounce@example.net", "defer@example.net",
+                                          "someone@nullmx.example", "ok@example.net"])
+        await _settled(self.gateway, 4)
+        rows = await _rows(self.gateway, "SELECT recipient, state, last_reply FROM deliveries")
+        states = {recipient: (state, reply) for recipient, state, reply in rows}
+        self.assertEqual(states["bounce@example.net"][0], "bounced")
+        self.assertIn("550 5.1.1", states["bounce@example.net"][1])
+        self.assertEqual(states["defer@example.net"][0], "deferred")
+        self.assertEqual(states["someone@nullmx.example"][0], "bounced")
+        self.assertIn("null MX", states["someone@nullmx.example"][1])
+        self.assertEqual(states["ok@example.net"][0], "sent")
+        (retry,) = await _rows(self.gateway, "SELECT next_attempt_at > now() + interval '4 min'"
+                               " FROM deliveries WHERE recipient = 'defer@example.net'")
+        self.assertEqual(retry, (True,))
+        bounces = await _rows(self.gateway, "SELECT recipient, details->>'type' FROM events"
+                              " WHERE type = 'bounced' ORDER BY recipient")
+        self.assertEqual(bounces, [("bounce@example.net", "hard"),
+                                   ("someone@nullmx.example", "hard")])
+
+
+async def _later(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def _settled(gateway, count: int, state: str = "queued") -> None:
+    """Wait (at most 10 s) until `count` deliveries have left `state`."""
+    for _ in range(200):
+        (done,) = await _rows(gateway, "SELECT count(*) FROM deliveries WHERE state <> %s",
+                              state)
+        if done[0] >= count:
+            return
+        await _later(0.05)
+
+
+class MultiNodeTests(unittest.TestCase):
+    """D-1: two nodes on one database deliver 2,000 messages, each exactly once."""
+
+    timeout = 300
+
+    async def test_two_gateways_deliver_each_recipient_once(self):
+        sink = SMTPSink()
+        sink_port = sink.start()
+        self.addCleanup(sink.stop)
+        dns = LocalDNS(_zone(sink_port))
+        _, dns_port = dns.start(reactor)
+        self.addCleanup(dns.stop)
+        dsn = fresh_database()
+        disabled = await start_gateway(self, gateway_config(self, dsn))
+        stores = disabled.stores
+        account = await stores.accounts.create_account("acme")
+        recipients = [f"r{i:04}@example.net" for i in range(2000)]
+        for start in range(0, 2000, 200):
+            await stores.submissions.store(SubmissionRecord(
+                account_id=account.id, origin="api", message_uid=uuid.uuid4().hex,
+                sender=SENDER, subject="s", html="<p>x</p>",
+                body={"subject": "s", "html": "<p>x</p>", "text": "x"},
+                recipients=tuple(QueuedRecipient(r, None) for r in recipients[start:start + 200])))
+        delivery = DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
+                                  remote_smtp_port=sink_port, poll_interval=0.05,
+                                  batch_size=50)
+        for _ in range(2):
+            await start_gateway(self, gateway_config(self, dsn, delivery=delivery))
+        await sink.wait_for(2000)
+        await _settled(disabled, 2000)  # every outcome written: nothing is in flight
+        sent = await _rows(disabled, "SELECT count(*) FROM deliveries WHERE state = 'sent'")
+        self.assertEqual(sent, [(2000,)])
+        self.assertEqual(sorted(m.recipient for m in sink.messages), recipients)

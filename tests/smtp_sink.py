@@ -1,0 +1,134 @@
+"""A receiving SMTP server for tests: accepts mail on loopback and keeps it.
+
+Recipients whose local part starts with "bounce" are refused with 550 and
+those starting with "defer" with 451, so delivery outcomes can be provoked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, reactor
+from twisted.mail import smtp
+from zope.interface import implementer
+
+REFUSALS = {"bounce": (550, "5.1.1 No such user here"), "defer": (451, "4.3.0 Try later")}
+
+
+@dataclass
+class Received:
+    sender: str
+    recipient: str
+    data: bytes
+
+
+@dataclass
+class SMTPSink:
+    tls_options: object = None
+    messages: list[Received] = field(default_factory=list)
+    connections: int = 0
+    commands: list[bytes] = field(default_factory=list)
+    arrived: list[defer.Deferred] = field(default_factory=list)
+    open_sessions: int = 0
+    closed_waiters: list[defer.Deferred] = field(default_factory=list)
+
+    def start(self) -> int:
+        sink = self
+
+        class Factory(smtp.SMTPFactory):
+            def buildProtocol(self, addr):  # noqa: N802
+                sink.connections += 1
+                p = _RecordingESMTP(sink, contextFactory=sink.tls_options)
+                p.factory = self
+                p.host = b"sink.test"
+                p.delivery = _Delivery(sink)
+                return p
+
+        self.port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        return self.port.getHost().port
+
+    async def stop(self) -> None:
+        """Stop listening once every session has ended."""
+        if self.open_sessions:
+            d = defer.Deferred()
+            self.closed_waiters.append(d)
+            await d
+        await self.port.stopListening()
+
+    def _session_ended(self) -> None:
+        self.open_sessions -= 1
+        if self.open_sessions == 0:
+            waiters, self.closed_waiters = self.closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_for(self, count: int) -> defer.Deferred:
+        """Fires once `count` messages have arrived."""
+        if len(self.messages) >= count:
+            return defer.succeed(self.messages)
+        d = defer.Deferred()
+        d.count = count
+        self.arrived.append(d)
+        return d
+
+    def _got(self, message: Received) -> None:
+        self.messages.append(message)
+        for d in list(self.arrived):
+            if len(self.messages) >= d.count:
+                self.arrived.remove(d)
+                d.callback(self.messages)
+
+
+class _RecordingESMTP(smtp.ESMTP):
+    def __init__(self, sink, contextFactory=None):  # noqa: N803
+        super().__init__(contextFactory=contextFactory)
+        self.sink = sink
+
+    def connectionMade(self):  # noqa: N802
+        self.sink.open_sessions += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason):  # noqa: N802
+        super().connectionLost(reason)
+        self.sink._session_ended()
+
+    def lineReceived(self, line):  # noqa: N802
+        if self.mode == "COMMAND":
+            self.sink.commands.append(line.split(b" ")[0].upper())
+        return super().lineReceived(line)
+
+
+@implementer(smtp.IMessageDelivery)
+class _Delivery:
+    def __init__(self, sink: SMTPSink) -> None:
+        self.sink = sink
+
+    def receivedHeader(self, helo, origin, recipients):  # noqa: N802
+        return None
+
+    def validateFrom(self, helo, origin):  # noqa: N802
+        return origin
+
+    def validateTo(self, user):  # noqa: N802
+        local = user.dest.local.decode()
+        for prefix, (code, text) in REFUSALS.items():
+            if local.startswith(prefix):
+                raise smtp.SMTPBadRcpt(user.dest, code=code, resp=text)
+        return lambda: _Message(self.sink, str(user.orig), str(user.dest))
+
+
+@implementer(smtp.IMessage)
+class _Message:
+    def __init__(self, sink, sender, recipient):
+        self.sink, self.sender, self.recipient = sink, sender, recipient
+        self.lines = []
+
+    def lineReceived(self, line):  # noqa: N802
+        self.lines.append(line)
+
+    def eomReceived(self):  # noqa: N802
+        self.sink._got(Received(self.sender, self.recipient, b"\r\n".join(self.lines)))
+        return defer.succeed(None)
+
+    def connectionLost(self):  # noqa: N802
+        self.lines = []

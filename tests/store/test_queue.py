@@ -1,0 +1,118 @@
+"""The delivery queue against a real PostgreSQL: claims, leases, outcomes (D-1, D-5, D-7)."""
+
+import uuid
+
+from twisted.internet import defer
+
+from mailgw.store.queue import Outcome
+from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
+from tests.harness import DatabaseTestCase
+
+
+async def _sql_txn(cursor, sql, params=()):
+    await cursor.execute(sql, params)
+    return cursor.fetchall() if cursor.description else None
+
+
+class QueueTests(DatabaseTestCase):
+    async def setUp(self):
+        await super().setUp()
+        self.account = await self.stores.accounts.create_account("acme")
+        await self.stores.senders.add_domain(self.account.id, "example.org", "s1", "rsa", "PEM",
+                                             "PUB", "bounces.example.org")
+        self.queue = self.stores.queue
+
+    async def sql(self, sql, *params):
+        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
+
+    async def submit(self, *emails):
+        recipients = []
+        for email in emails:
+            contact = await self.sql("INSERT INTO contacts (account_id, email) VALUES (%s, %s)"
+                                     " ON CONFLICT (account_id, email) DO UPDATE"
+                                     " SET email = EXCLUDED.email RETURNING id",
+                                     self.account.id, email)
+            recipients.append(QueuedRecipient(email, contact[0][0]))
+        return await self.stores.submissions.store(SubmissionRecord(
+            account_id=self.account.id, origin="smtp", message_uid=uuid.uuid4().hex,
+            sender="news@example.org", subject="s", html="<p>x</p>",
+            body={"subject": "s", "html": "<p>x</p>", "text": "x"},
+            recipients=tuple(recipients)))
+
+    async def test_concurrent_claims_never_share_a_row(self):
+        await self.submit(*[f"r{i}@example.net" for i in range(30)])
+        first, second = await defer.gatherResults([
+            defer.ensureDeferred(self.queue.claim("node-a", 20, 300)),
+            defer.ensureDeferred(self.queue.claim("node-b", 20, 300))])
+        ids_a, ids_b = {d.id for d in first}, {d.id for d in second}
+        self.assertEqual(len(ids_a) + len(ids_b), 30)
+        self.assertEqual(ids_a & ids_b, set())
+        self.assertEqual(await self.queue.claim("node-c", 20, 300), [])
+
+    async def test_claim_carries_what_rendering_needs(self):
+        stored = await self.submit("a@example.net")
+        (claimed,) = await self.queue.claim("node-a", 10, 300)
+        self.assertEqual((claimed.recipient, claimed.attempts, claimed.send_id),
+                         ("a@example.net", 1, stored.send_id))
+        self.assertIsNone(claimed.suppressed)
+        contexts = await self.queue.messages([claimed.message_id])
+        context = contexts[claimed.message_id]
+        self.assertEqual(context.body["html"], "<p>x</p>")
+        self.assertEqual((context.dkim_domain, context.dkim_selector, context.return_path_domain),
+                         ("example.org", "s1", "bounces.example.org"))
+
+    async def test_expired_lease_is_claimed_again(self):
+        await self.submit("a@example.net")
+        (first,) = await self.queue.claim("node-a", 10, 300)
+        await self.sql("UPDATE deliveries SET lease_expires_at = now() - interval '1 second'")
+        (again,) = await self.queue.claim("node-b", 10, 300)
+        self.assertEqual((again.id, again.attempts), (first.id, 2))
+        # node-a's late result no longer counts.
+        self.assertFalse(await self.queue.record("node-a", Outcome(first.id, "sent", "250"), 2))
+        self.assertTrue(await self.queue.record("node-b", Outcome(first.id, "sent", "250 ok"),
+                                                2))
+        rows = await self.sql("SELECT state, last_reply, lease_owner FROM deliveries")
+        self.assertEqual(rows, [("sent", "250 ok", None)])
+        events = await self.sql("SELECT type, details FROM events WHERE type = 'sent'")
+        self.assertEqual(events, [("sent", {"reply": "250 ok"})])
+
+    async def test_deferred_waits_for_its_retry_time(self):
+        await self.submit("a@example.net")
+        (claimed,) = await self.queue.claim("node-a", 10, 300)
+        await self.queue.record("node-a", Outcome(claimed.id, "deferred", "451 later",
+                                                  retry_in=300.0), 2)
+        self.assertEqual(await self.queue.claim("node-a", 10, 300), [])
+        await self.sql("UPDATE deliveries SET next_attempt_at = now()")
+        (retry,) = await self.queue.claim("node-a", 10, 300)
+        self.assertEqual(retry.attempts, 2)
+
+    async def test_hard_bounces_invalidate_unless_whitelisted(self):
+        for _ in range(2):
+            await self.submit("gone@example.net", "kept@example.net")
+        await self.sql("UPDATE contacts SET whitelisted = true WHERE email = 'kept@example.net'")
+        for claimed in await self.queue.claim("node-a", 10, 300):
+            await self.queue.record("node-a", Outcome(claimed.id, "bounced", "550 no such user",
+                                                      bounce_type="hard"), 2)
+        rows = await self.sql("SELECT email, hard_bounces, invalid FROM contacts ORDER BY email")
+        self.assertEqual(rows, [("gone@example.net", 2, True), ("kept@example.net", 2, False)])
+        invalidated = await self.sql("SELECT recipient FROM events WHERE type = 'invalidated'")
+        self.assertEqual(invalidated, [("gone@example.net",)])
+        # The next message to the invalidated contact is not sent (D-6).
+        await self.submit("gone@example.net")
+        (claimed,) = await self.queue.claim("node-a", 10, 300)
+        self.assertEqual(claimed.suppressed, "invalid")
+
+    async def test_suppression_added_after_submission(self):
+        await self.submit("a@example.net")
+        await self.sql("INSERT INTO suppressions (account_id, address, scope_domain, reason)"
+                       " VALUES (%s, 'a@example.net', 'example.org', 'unsubscribed')",
+                       self.account.id)
+        (claimed,) = await self.queue.claim("node-a", 10, 300)
+        self.assertEqual(claimed.suppressed, "unsubscribed")
+
+    async def test_release_gives_leases_back(self):
+        await self.submit("a@example.net", "b@example.net")
+        await self.queue.claim("node-a", 10, 300)
+        self.assertEqual(await self.queue.release("node-a"), 2)
+        again = await self.queue.claim("node-b", 10, 300)
+        self.assertEqual([d.attempts for d in again], [1, 1])
