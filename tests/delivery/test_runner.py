@@ -1,0 +1,94 @@
+"""The queue runner with a real queue and stand-ins for DNS and the outbound pool."""
+
+import uuid
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailgw.config import DeliveryConfig
+from mailgw.content.render import LinkSigner
+from mailgw.delivery.mx import MailServer
+from mailgw.delivery.runner import MAX_RETRY_INTERVAL, QueueRunner
+from mailgw.store.queue import ClaimedDelivery, Outcome
+from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
+from tests.harness import DatabaseTestCase
+
+
+class StubResolver:
+    async def mail_servers(self, domain):
+        return [MailServer("mx." + domain, 25, 10)]
+
+    async def addresses(self, host):
+        return ["127.0.0.1"]
+
+
+class HeldPool:
+    """Holds every message until the test answers it."""
+
+    def __init__(self):
+        self.held = []
+
+    def deliver(self, domain, servers, message):
+        self.held.append(message)
+        return message.done
+
+
+async def _sql_txn(cursor, sql):
+    await cursor.execute(sql)
+    return cursor.fetchall()
+
+
+class RunnerTests(DatabaseTestCase):
+    async def setUp(self):
+        await super().setUp()
+        account = await self.stores.accounts.create_account("acme")
+        await self.stores.submissions.store(SubmissionRecord(
+            account_id=account.id, origin="api", message_uid=uuid.uuid4().hex,
+            sender="news@example.org", subject="s", html="<p>x</p>",
+            body={"subject": "s", "html": "<p>x</p>", "text": "x"},
+            recipients=tuple(QueuedRecipient(f"r{i}@example.net", None) for i in range(3))))
+        self.pool = HeldPool()
+        self.runner = QueueRunner(
+            self.stores.queue, StubResolver(), self.pool,
+            LinkSigner(b"k" * 32, "http://localhost:8080"), reactor,
+            DeliveryConfig(batch_size=2, poll_interval=0.01), "gw.example.org", "node-a")
+
+    async def wait_for_held(self, count):
+        while len(self.pool.held) < count:
+            await task.deferLater(reactor, 0.01, lambda: None)
+
+    async def test_stop_waits_for_running_deliveries_then_frees_leases(self):
+        self.runner.start()
+        await self.wait_for_held(3)
+        stopping = defer.ensureDeferred(self.runner.stop())
+        await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(stopping.called)  # deliveries still running
+        for message in self.pool.held:
+            message.done.callback(Outcome(message.delivery_id, "sent", "250 ok"))
+        await stopping
+        rows = await self.database.run_interaction(
+            "rows", _sql_txn, "SELECT state, lease_owner FROM deliveries")
+        self.assertEqual(rows, [("sent", None)] * 3)
+        self.assertFalse(self.runner.running)
+
+class RetryPolicyTests(unittest.TestCase):
+    def policy(self, attempts, age, **config):
+        runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(**config), "gw",
+                             "n")
+        delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", attempts, age, {}, None)
+        return runner._retry_policy(delivery, Outcome(1, "deferred", "451 later"))
+
+    def test_intervals_double(self):
+        self.assertEqual([self.policy(n, 0).retry_in for n in (1, 2, 3)], [300, 600, 1200])
+        self.assertEqual(self.policy(20, 0).retry_in, MAX_RETRY_INTERVAL)
+
+    def test_bounced_after_max_age(self):
+        outcome = self.policy(30, 5 * 24 * 3600 - 60)
+        self.assertEqual((outcome.state, outcome.bounce_type), ("bounced", "soft"))
+        self.assertIn("451 later", outcome.reply)
+
+    def test_other_outcomes_untouched(self):
+        runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(), "gw", "n")
+        delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", 1, 0, {}, None)
+        sent = Outcome(1, "sent", "250 ok")
+        self.assertIs(runner._retry_policy(delivery, sent), sent)
