@@ -80,6 +80,8 @@ class DeliveryConfig:
     smarthost_password: str = ""
     max_connections: int = 200
     per_domain_connections: int = 10
+    # Messages per second to one destination domain; 0 means no limit.
+    per_domain_rate: float = 0.0
     connect_timeout: int = 30
     reply_timeout: int = 300
     # STARTTLS to recipients' servers: "opportunistic" (when offered, certificate not
@@ -239,6 +241,8 @@ def _check_values(config: Config) -> None:
         except ValueError:
             raise ConfigError(f"delivery.dns_servers: {server!r} is not an IP address and "
                               "port") from None
+    if config.delivery.per_domain_rate < 0:
+        raise ConfigError("delivery.per_domain_rate: must not be negative")
     if config.delivery.tls_policy not in TLS_POLICIES:
         raise ConfigError(f"delivery.tls_policy: must be one of {', '.join(TLS_POLICIES)}, got "
                           f"{config.delivery.tls_policy!r}")

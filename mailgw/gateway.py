@@ -147,7 +147,8 @@ class Gateway(service.MultiService):
                             connect_timeout=delivery.connect_timeout,
                             reply_timeout=delivery.reply_timeout,
                             per_domain=delivery.per_domain_connections,
-                            max_connections=delivery.max_connections, authenticate=authenticate)
+                            max_connections=delivery.max_connections, authenticate=authenticate,
+                            per_domain_rate=delivery.per_domain_rate)
         signer = LinkSigner(await self.stores.keys.signing_key("links"),
                             self.config.http.public_base_url)
         return QueueRunner(self.stores.queue, resolver, pool, signer, self.clock, delivery,

@@ -141,7 +141,8 @@ class OutboundPool:
     def __init__(self, reactor, clock, hostname: str, tls_policy: str = TLS_OPPORTUNISTIC,
                  connect_timeout: float = 30, reply_timeout: float = 300,
                  per_domain: int = 10, max_connections: int = 200,
-                 authenticate: tuple[str, str] | None = None) -> None:
+                 authenticate: tuple[str, str] | None = None,
+                 per_domain_rate: float = 0.0) -> None:
         self.reactor = reactor
         self.clock = clock
         self.identity = hostname.encode("idna")
@@ -151,6 +152,9 @@ class OutboundPool:
         self.per_domain = per_domain
         self.max_connections = max_connections
         self.authenticate = authenticate
+        # Messages per second per destination domain; 0: as fast as connections allow.
+        self.per_domain_rate = per_domain_rate
+        self._next_start: dict[str, float] = {}
         self.open_connections = 0
         self.connections_made = 0
         self._queues: dict[str, _DomainQueue] = {}
@@ -162,12 +166,31 @@ class OutboundPool:
     def deliver(self, domain: str, servers: list[tuple[str, str, int]],
                 message: OutgoingMessage) -> defer.Deferred[Outcome]:
         """Queue `message` for `domain`, reachable at `servers` (name, address, port)."""
+        delay = self._rate_delay(domain)
+        if delay > 0:
+            self.clock.callLater(delay, self._enqueue, domain, servers, message)
+        else:
+            self._enqueue(domain, servers, message)
+        return message.done
+
+    def _rate_delay(self, domain: str) -> float:
+        """How long `domain`'s rate limit holds the next message back (D-4)."""
+        if not self.per_domain_rate:
+            return 0.0
+        now = self.clock.seconds()
+        if len(self._next_start) > 10_000:  # forget domains whose limit has passed
+            self._next_start = {d: t for d, t in self._next_start.items() if t > now}
+        start = max(now, self._next_start.get(domain, now))
+        self._next_start[domain] = start + 1.0 / self.per_domain_rate
+        return start - now
+
+    def _enqueue(self, domain: str, servers: list[tuple[str, str, int]],
+                 message: OutgoingMessage) -> None:
         queue = self._queues.get(domain)
         if queue is None:
             queue = self._queues[domain] = _DomainQueue(servers)
         queue.waiting.append(message)
         self._connect(domain, queue)
-        return message.done
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once no connection is open (graceful stop, tests)."""

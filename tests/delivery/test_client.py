@@ -42,6 +42,19 @@ class PoolTests(unittest.TestCase):
         await self.send(*[f"r{i}@example.net" for i in range(6)], pool=pool)
         self.assertEqual(self.sink.connections, 2)
 
+    async def test_per_domain_rate_limit(self):
+        clock = task.Clock()
+        pool = OutboundPool(reactor, clock, "gw.example.org", per_domain_rate=1.0)
+        sends = self.send("a@example.net", "b@example.net", "c@example.net", pool=pool)
+        while not self.sink.messages:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        for expected in (2, 3):
+            await task.deferLater(reactor, 0.1, lambda: None)
+            self.assertEqual(len(self.sink.messages), expected - 1)  # held back
+            clock.advance(1)
+            await self.sink.wait_for(expected)
+        self.assertEqual([o.state for o in await sends], ["sent"] * 3)
+
     async def test_refusals_classified(self):
         outcomes = await self.send("bounce@example.net", "defer@example.net", "ok@example.net")
         self.assertEqual([(o.state, o.bounce_type) for o in outcomes],
