@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from twisted.cred import checkers, portal
 from twisted.internet import defer, reactor
 from twisted.mail import smtp
+from twisted.mail._cred import PLAINCredentials
 from zope.interface import implementer
 
 REFUSALS = {"bounce": (550, "5.1.1 No such user here"), "defer": (451, "4.3.0 Try later")}
@@ -25,6 +27,8 @@ class Received:
 @dataclass
 class SMTPSink:
     tls_options: object = None
+    # username -> password: AUTH PLAIN is then required (a smarthost).
+    users: dict[bytes, bytes] | None = None
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     commands: list[bytes] = field(default_factory=list)
@@ -38,10 +42,16 @@ class SMTPSink:
         class Factory(smtp.SMTPFactory):
             def buildProtocol(self, addr):  # noqa: N802
                 sink.connections += 1
-                p = _RecordingESMTP(sink, contextFactory=sink.tls_options)
+                challengers = {b"PLAIN": PLAINCredentials} if sink.users else None
+                p = _RecordingESMTP(sink, chal=challengers, contextFactory=sink.tls_options)
                 p.factory = self
                 p.host = b"sink.test"
-                p.delivery = _Delivery(sink)
+                if sink.users:
+                    p.portal = portal.Portal(_Realm(sink), [
+                        checkers.InMemoryUsernamePasswordDatabaseDontUse(**{
+                            user.decode(): password for user, password in sink.users.items()})])
+                else:
+                    p.delivery = _Delivery(sink)
                 return p
 
         self.port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
@@ -80,8 +90,8 @@ class SMTPSink:
 
 
 class _RecordingESMTP(smtp.ESMTP):
-    def __init__(self, sink, contextFactory=None):  # noqa: N803
-        super().__init__(contextFactory=contextFactory)
+    def __init__(self, sink, chal=None, contextFactory=None):  # noqa: N803
+        super().__init__(chal=chal, contextFactory=contextFactory)
         self.sink = sink
 
     def connectionMade(self):  # noqa: N802
@@ -96,6 +106,15 @@ class _RecordingESMTP(smtp.ESMTP):
         if self.mode == "COMMAND":
             self.sink.commands.append(line.split(b" ")[0].upper())
         return super().lineReceived(line)
+
+
+@implementer(portal.IRealm)
+class _Realm:
+    def __init__(self, sink: SMTPSink) -> None:
+        self.sink = sink
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+        return smtp.IMessageDelivery, _Delivery(self.sink), lambda: None
 
 
 @implementer(smtp.IMessageDelivery)

@@ -86,6 +86,39 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(outcome.state, "sent")
         self.assertIn(b"STARTTLS", sink.commands)
 
+    async def test_smarthost_with_auth(self):
+        relay = SMTPSink(users={b"gw": b"relay-secret"})
+        port = relay.start()
+        self.addCleanup(relay.stop)
+        servers = [("relay.example.org", "127.0.0.1", port)]
+        pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw",
+                                                                             "relay-secret"))
+        (outcome,) = await self.send("ok@example.net", servers=servers, pool=pool)
+        self.assertEqual(outcome.state, "sent")
+        self.assertIn(b"AUTH", relay.commands)
+        wrong = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
+        (outcome,) = await self.send("ok@example.net", servers=servers, pool=wrong)
+        self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(len(relay.messages), 1)
+
+    async def test_verify_policy_refuses_an_unverifiable_certificate(self):
+        from pathlib import Path
+
+        base = Path(self.mktemp())
+        ensure_self_signed(base / "cert.pem", base / "key.pem", "sink.test")
+        sink = SMTPSink(tls_options=server_tls_options(base / "cert.pem", base / "key.pem"))
+        port = sink.start()
+        self.addCleanup(sink.stop)
+        pool = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
+        (outcome,) = await self.send("ok@example.net", pool=pool,
+                                     servers=[("sink.test", "127.0.0.1", port)])
+        self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(sink.messages, [])
+        plain = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
+        (outcome,) = await self.send("ok@example.net", pool=plain)  # no STARTTLS offered
+        self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(self.sink.messages, [])
+
     async def test_silent_server_times_out(self):
         from twisted.internet import protocol
 
