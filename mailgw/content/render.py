@@ -212,7 +212,10 @@ class DKIMSigner:
     @cached_property
     def _keys(self) -> tuple[bytes, rsa.RSAPrivateKey | None]:
         """(the key as dkimpy reads it, the OpenSSL key for RSA)."""
-        private = serialization.load_pem_private_key(self.private_key_pem.encode("ascii"), None)
+        # Our own keys, from our own database: skipping OpenSSL's RSA consistency check
+        # makes loading take microseconds instead of ~40 ms.
+        private = serialization.load_pem_private_key(self.private_key_pem.encode("ascii"), None,
+                                                     unsafe_skip_rsa_key_validation=True)
         if self.algorithm == "rsa":
             if not isinstance(private, rsa.RSAPrivateKey):
                 raise ValueError(f"the DKIM key of {self.domain} is not an RSA key")

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twisted.internet import defer, endpoints, error, protocol, ssl
+from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -86,6 +86,13 @@ class _Connection(smtp.ESMTPClient):
         if authenticate:
             self.registerAuthenticator(smtp.PLAINAuthenticator(authenticate[0].encode()))
             self.requireAuthentication = True
+
+    def connectionMade(self) -> None:  # noqa: N802
+        # Each command waits for its reply: without NODELAY, Nagle holds the next one
+        # behind the server's delayed ACK (40 ms a message).
+        if interfaces.ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        super().connectionMade()
 
     def getMailFrom(self):  # noqa: N802 (Twisted's name)
         if not self.queue.waiting:

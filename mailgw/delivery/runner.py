@@ -64,6 +64,8 @@ class QueueRunner:
         self._drained: list[defer.Deferred[None]] = []
         # message id -> (prepared message, bounce domain), most recently used last.
         self._prepared: OrderedDict[int, tuple[PreparedMessage, str]] = OrderedDict()
+        # One signer per key, so that each key is parsed once, not once per message.
+        self._dkim_signers: dict[tuple[str, str, str, str], DKIMSigner] = {}
 
     def start(self) -> None:
         self.running = True
@@ -189,8 +191,13 @@ class QueueRunner:
         bounce_domain = context.return_path_domain or context.sender.rpartition("@")[2]
         dkim = None
         if context.dkim_private_key:
-            dkim = DKIMSigner(context.dkim_domain, context.dkim_selector,
-                              context.dkim_algorithm, context.dkim_private_key)
+            key = (context.dkim_domain, context.dkim_selector, context.dkim_algorithm,
+                   context.dkim_private_key)
+            dkim = self._dkim_signers.get(key)
+            if dkim is None:
+                if len(self._dkim_signers) >= PREPARED_CACHE_SIZE:
+                    self._dkim_signers.clear()
+                dkim = self._dkim_signers[key] = DKIMSigner(*key)
         sender = SenderContext(
             from_address=context.sender, from_name=context.body.get("from_name"),
             hostname=self.hostname, bounce_domain=bounce_domain,
