@@ -9,7 +9,7 @@ TRIAL_ARGS ?=
 # twistd finds twisted/plugins/mailgw_plugin.py on this path.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint postgres venv clean bench-smtp
+.PHONY: run test lint postgres venv clean bench-smtp bench-delivery
 
 run: venv postgres
 	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
@@ -24,6 +24,11 @@ lint: venv
 # SMTP ingest benchmark against a private Postfix (installed when missing); see bench/README.md.
 bench-smtp: venv postgres
 	$(VENV)/bin/python bench/smtp_ingest.py
+
+# Delivery benchmark: mailgw (MX via a local DNS) and a relaying Postfix into smtp-sink;
+# see bench/README.md.
+bench-delivery: venv postgres
+	$(VENV)/bin/python bench/delivery.py
 
 venv: $(VENV)/.installed
 

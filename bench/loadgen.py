@@ -54,6 +54,7 @@ class LoadSpec:
     duration: float = 30.0  # upper bound of the measured phase, in seconds
     message_size: int = 5000  # approximate size of each message, in bytes
     recipient_domain: str = "example.net"
+    links: int = 0  # http(s) links in each part (newsletter-like; 0: none)
     pipelining: bool = True  # pipeline MAIL/RCPT/DATA when the server offers it
     auth_mechanism: str = "PLAIN"  # or "LOGIN"
     starttls: bool = True
@@ -182,11 +183,13 @@ class SMTPClient:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 
 
-def build_message_template(sender: str, size: int) -> tuple[bytes, bytes]:
+def build_message_template(sender: str, size: int, links: int = 0) -> tuple[bytes, bytes]:
     """Headers-after-To and the dot-stuffed body of a multipart/alternative message.
 
     The message is about `size` bytes: a text/plain and a text/html part of the
-    same newsletter-like text.  Only To, Date and Message-ID differ per message.
+    same newsletter-like text, with `links` article links (<a href> in the HTML,
+    bare URLs in the text) spread through it.  Only To, Date and Message-ID
+    differ per message.
     """
     boundary = "=_loadgen_boundary_5f0c1e"
     head = (f"From: Load Generator <{sender}>\r\n"
@@ -207,9 +210,15 @@ def build_message_template(sender: str, size: int) -> tuple[bytes, bytes]:
                 line = []
         return out
 
-    text_part = lines(budget * 2 // 5, 72)
+    urls = [f"https://www.example.org/news/2024/article-{i}?utm_source=newsletter&id={i}"
+            for i in range(1, links + 1)]
+    text_links = [f"Read more: {url}" for url in urls]
+    html_links = [f'<p><a href="{url.replace("&", "&amp;")}">Read article {i}</a></p>'
+                  for i, url in enumerate(urls, 1)]
+    budget -= sum(len(line) + 2 for line in text_links + html_links)
+    text_part = _interleave(lines(budget * 2 // 5, 72), text_links)
     html_part = (["<html><body>"]
-                 + lines(budget * 3 // 5 - 40, 60, "<p>{}</p>")
+                 + _interleave(lines(budget * 3 // 5 - 40, 60, "<p>{}</p>"), html_links)
                  + ["</body></html>"])
     body = "\r\n".join([
         "This is a multi-part message in MIME format.", "",
@@ -222,6 +231,18 @@ def build_message_template(sender: str, size: int) -> tuple[bytes, bytes]:
     return head.encode(), stuffed
 
 
+def _interleave(paragraphs: list[str], extra: list[str]) -> list[str]:
+    """`paragraphs` with the `extra` lines spread evenly between them."""
+    out: list[str] = []
+    pending = list(extra)
+    every = max(len(paragraphs) // (len(extra) + 1), 1)
+    for i, paragraph in enumerate(paragraphs, 1):
+        out.append(paragraph)
+        if pending and i % every == 0:
+            out.append(pending.pop(0))
+    return out + pending
+
+
 class _Run:
     """State shared by the sessions of one run: the ticket counter and the results."""
 
@@ -231,7 +252,8 @@ class _Run:
         self.issued = 0
         self.started_at: float | None = None  # start of the measured phase
         self.last_accept = 0.0
-        self.head, self.body = build_message_template(spec.sender, spec.message_size)
+        self.head, self.body = build_message_template(spec.sender, spec.message_size,
+                                                      spec.links)
 
     def take(self) -> int | None:
         """The next message's sequence number, or None when the run is over."""
@@ -387,6 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=LoadSpec.warmup)
     parser.add_argument("--duration", type=float, default=LoadSpec.duration)
     parser.add_argument("--size", type=int, default=LoadSpec.message_size)
+    parser.add_argument("--domain", default=LoadSpec.recipient_domain,
+                        help="recipient domain (user<n>@DOMAIN)")
+    parser.add_argument("--links", type=int, default=LoadSpec.links,
+                        help="links in each message part")
     parser.add_argument("--auth", choices=("PLAIN", "LOGIN"), default="PLAIN")
     parser.add_argument("--no-pipelining", action="store_true")
     parser.add_argument("--no-starttls", action="store_true")
@@ -394,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = LoadSpec(host=args.host, port=args.port, username=args.user,
                     password=args.password, sender=args.sender, sessions=args.sessions,
                     messages=args.messages, warmup=args.warmup, duration=args.duration,
-                    message_size=args.size, auth_mechanism=args.auth,
+                    message_size=args.size, recipient_domain=args.domain, links=args.links,
+                    auth_mechanism=args.auth,
                     pipelining=not args.no_pipelining, starttls=not args.no_starttls)
     result = asyncio.run(run_load(spec))
     print(result.summary())
