@@ -92,3 +92,22 @@ class RetryPolicyTests(unittest.TestCase):
         delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", 1, 0, {}, None)
         sent = Outcome(1, "sent", "250 ok")
         self.assertIs(runner._retry_policy(delivery, sent), sent)
+
+
+class PreparedCacheTests(unittest.TestCase):
+    def test_one_dkim_signer_per_key(self):
+        """Parsing an RSA key costs ~40 ms: messages of one domain must share its signer."""
+        from mailgw.content.dkim import generate_dkim_key
+        from mailgw.store.queue import MessageContext
+
+        key = generate_dkim_key("rsa")
+        runner = QueueRunner(None, None, None, LinkSigner(b"k" * 32, "http://x"), reactor,
+                             DeliveryConfig(), "gw", "n")
+        for message_id in (1, 2):
+            context = MessageContext(message_id, 1, "news@example.org", None,
+                                     {"subject": "s", "html": "<p>x</p>", "text": "x"}, {}, {},
+                                     "example.org", "s1", "rsa", key.private_key_pem,
+                                     "bounces.example.org")
+            runner._prepare(message_id, context)
+        self.assertEqual(len(runner._dkim_signers), 1)
+        self.assertEqual(len(runner._prepared), 2)
