@@ -139,8 +139,8 @@ async def _later(seconds: float) -> None:
 
 
 async def _settled(gateway, count: int, state: str = "queued") -> None:
-    """Wait (at most 10 s) until `count` deliveries have left `state`."""
-    for _ in range(200):
+    """Wait (at most 30 s: a busy CI machine) until `count` deliveries have left `state`."""
+    for _ in range(600):
         (done,) = await _rows(gateway, "SELECT count(*) FROM deliveries WHERE state <> %s",
                               state)
         if done[0] >= count:
