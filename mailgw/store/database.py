@@ -103,6 +103,15 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
             connection.detector.stop()
             connection.close()
 
+    def _runInteraction(self, interaction, *args, **kwargs):  # noqa: N802 (txpostgres' name)
+        """Like txpostgres', but on a connection that is not known to be dead: after a
+        restart the first connection back serves everyone while the others reconnect."""
+        alive = [c for c in self.connections if not c.detector.connectionIsDead]
+        connection = alive[0] if alive else next(iter(self.connections))
+        self.connections.remove(connection)
+        d = connection.runInteraction(interaction, *args, **kwargs)
+        return d.addBoth(self._putBackAndPassthrough, connection)
+
     def reconnect_idle(self, failure: Failure) -> None:
         """One dead connection means a restart: renew the idle ones too, now."""
         for connection in list(self.connections):
@@ -128,8 +137,15 @@ class _Detector(reconnection.DeadConnectionDetector):
 
 class _Connection(txpostgres.Connection):
     def close(self) -> None:
-        if self._connection is not None:  # never connected: nothing to close
+        if self._connection is None:  # never connected: nothing to close
+            return
+        try:
             super().close()
+        except psycopg2.Error:
+            # A reconnection attempt still underway cannot be closed: stop watching it
+            # (psycopg2 closes it when it is collected).
+            self.reactor.removeReader(self)
+            self.reactor.removeWriter(self)
 
     def doRead(self) -> None:  # noqa: N802 (Twisted's name)
         """An idle connection that the server closes (a restart) is a lost
