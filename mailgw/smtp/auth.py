@@ -48,13 +48,16 @@ class SubmissionAccount:
 
     def allows_client(self, address: str) -> bool:
         """S-4: an account with an allow-list accepts only clients inside it."""
-        if self.allowed_networks is None:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.allowed_networks)
+        return self.allowed_networks is None or address_in(address, self.allowed_networks)
+
+
+def address_in(address: str, networks) -> bool:
+    """Whether the client address `address` lies in one of `networks` (S-4)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 @implementer(ICredentialsChecker)

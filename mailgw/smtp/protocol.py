@@ -42,6 +42,7 @@ from mailgw.smtp.auth import (
     AuthThrottle,
     ISubmissionAccount,
     SubmissionAccount,
+    address_in,
     decode_response,
 )
 from mailgw.store.contacts import ContactLimitReached
@@ -564,11 +565,7 @@ class SubmissionFactory(smtp.SMTPFactory):
 
     def is_trusted(self, address: str) -> bool:
         """S-4: no AUTH needed from the operator's trusted networks (Postfix's mynetworks)."""
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted_networks)
+        return address_in(address, self.trusted_networks)
 
     def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
         p = super().buildProtocol(addr)
