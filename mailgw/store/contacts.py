@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 from mailgw.store.group_commit import GroupCommitter
@@ -9,6 +10,19 @@ from mailgw.store.group_commit import GroupCommitter
 
 class ContactLimitReached(Exception):
     """S-15: the account's plan allows no more contacts."""
+
+
+@dataclass(frozen=True)
+class RecipientImport:
+    account_id: int
+    # The submission's group, or None to create it (named `group_name`) now.
+    group_id: int | None
+    group_name: str
+    group_origin: str
+    email: str
+    # Suppressions scoped to this sender domain apply (D-6).
+    sender_domain: str
+    max_contacts: int | None
 
 
 @dataclass(frozen=True)
@@ -23,47 +37,68 @@ class ContactStore:
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
 
-    async def import_recipient(self, account_id: int, group_id: int | None, group_name: str,
-                               group_origin: str, email: str, sender_domain: str,
-                               max_contacts: int | None) -> ImportedRecipient:
+    async def import_recipient(self, request: RecipientImport) -> ImportedRecipient:
         """Upsert the contact, add it to the submission's group (created on first use) and
         look up whether it is suppressed for this sender domain; committed at once."""
-        return await self.committer.run(
-            "import_recipient", _import_recipient_txn, account_id, group_id, group_name,
-            group_origin, email, sender_domain, max_contacts)
+        return await self.committer.run("import_recipients", _import_recipients_txn, request)
 
 
-async def _import_recipient_txn(cursor, account_id, group_id, group_name, group_origin, email,
-                                sender_domain, max_contacts) -> ImportedRecipient:
-    if max_contacts is not None:
-        await cursor.execute(
-            "SELECT count(*), bool_or(email = %s) FROM contacts WHERE account_id = %s",
-            (email, account_id))
-        count, exists = cursor.fetchone()
-        if not exists and count >= max_contacts:
-            raise ContactLimitReached()
-    if group_id is None:
-        await cursor.execute(
-            "INSERT INTO groups (account_id, name, origin) VALUES (%s, %s, %s) RETURNING id",
-            (account_id, group_name, group_origin))
-        group_id = cursor.fetchone()[0]
-    # One round trip: upsert (DO UPDATE, so that RETURNING also gives an existing
-    # contact's id), group membership, and the suppression that applies to this sender
-    # domain, the broadest scope first.
+async def _import_recipients_txn(cursor, requests: list[RecipientImport]
+                                 ) -> list[ImportedRecipient]:
+    await _check_contact_limits(cursor, requests)
+    # One statement for the whole batch: the groups not created yet, the contacts
+    # (DO UPDATE, so that RETURNING also gives an existing contact's id; in a fixed
+    # order, so that concurrent batches lock rows alike and never deadlock), the
+    # memberships, and each recipient's suppression for its sender domain, the
+    # broadest scope first.
     await cursor.execute(
-        "WITH contact AS ("
-        "  INSERT INTO contacts (account_id, email) VALUES (%(account)s, %(email)s)"
+        "WITH input AS ("
+        "  SELECT * FROM unnest(%(accounts)s::bigint[], %(groups)s::bigint[],"
+        "   %(names)s::text[], %(origins)s::text[], %(emails)s::text[], %(domains)s::text[])"
+        "  WITH ORDINALITY AS i(account_id, group_id, group_name, origin, email, domain, n)),"
+        " new_group AS ("
+        "  INSERT INTO groups (account_id, name, origin)"
+        "  SELECT DISTINCT account_id, group_name, origin FROM input WHERE group_id IS NULL"
+        "  RETURNING id, account_id, name),"
+        " target AS ("
+        "  SELECT i.*, coalesce(i.group_id, g.id) AS gid FROM input i"
+        "  LEFT JOIN new_group g ON i.group_id IS NULL AND g.account_id = i.account_id"
+        "   AND g.name = i.group_name),"
+        " contact AS ("
+        "  INSERT INTO contacts (account_id, email)"
+        "  SELECT DISTINCT account_id, email FROM input ORDER BY account_id, email"
         "  ON CONFLICT (account_id, email) DO UPDATE SET updated_at = now()"
-        "  RETURNING id, invalid),"
+        "  RETURNING id, account_id, email, invalid),"
         " member AS ("
         "  INSERT INTO group_members (group_id, contact_id)"
-        "  SELECT %(group)s, id FROM contact ON CONFLICT DO NOTHING)"
-        " SELECT id, CASE WHEN invalid THEN 'invalid' ELSE ("
-        "  SELECT reason FROM suppressions WHERE account_id = %(account)s"
-        "  AND address = %(email)s AND category IS NULL"
-        "  AND (scope_domain IS NULL OR scope_domain = %(domain)s)"
-        "  ORDER BY scope_domain NULLS FIRST LIMIT 1) END"
-        " FROM contact",
-        {"account": account_id, "email": email, "group": group_id, "domain": sender_domain})
-    contact_id, suppressed = cursor.fetchone()
-    return ImportedRecipient(group_id, contact_id, suppressed)
+        "  SELECT DISTINCT t.gid, c.id FROM target t"
+        "  JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
+        "  ON CONFLICT DO NOTHING)"
+        " SELECT t.gid, c.id, CASE WHEN c.invalid THEN 'invalid' ELSE ("
+        "  SELECT reason FROM suppressions s WHERE s.account_id = t.account_id"
+        "  AND s.address = t.email AND s.category IS NULL"
+        "  AND (s.scope_domain IS NULL OR s.scope_domain = t.domain)"
+        "  ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
+        " FROM target t JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
+        " ORDER BY t.n",
+        {"accounts": [r.account_id for r in requests], "groups": [r.group_id for r in requests],
+         "names": [r.group_name for r in requests],
+         "origins": [r.group_origin for r in requests],
+         "emails": [r.email for r in requests], "domains": [r.sender_domain for r in requests]})
+    return [ImportedRecipient(*row) for row in cursor.fetchall()]
+
+
+async def _check_contact_limits(cursor, requests: list[RecipientImport]) -> None:
+    """S-15: refuse the batch if it takes an account past its contact cap (its items are
+    then retried alone, so only the one that does not fit is refused)."""
+    emails_by_account: dict[tuple[int, int], set[str]] = defaultdict(set)
+    for r in requests:
+        if r.max_contacts is not None:
+            emails_by_account[r.account_id, r.max_contacts].add(r.email)
+    for (account_id, limit), emails in emails_by_account.items():
+        await cursor.execute(
+            "SELECT count(*), count(*) FILTER (WHERE email = ANY(%s)) FROM contacts"
+            " WHERE account_id = %s", (list(emails), account_id))
+        count, existing = cursor.fetchone()
+        if count + len(emails) - existing > limit:
+            raise ContactLimitReached()

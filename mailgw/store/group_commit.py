@@ -1,24 +1,30 @@
-"""Group commit (ARCHITECTURE principle 3): many callers, one transaction.
+"""Group commit (ARCHITECTURE principle 3): many callers, one transaction, one statement.
 
-Hot paths (RCPT imports, message submissions) hand their `*_txn` function to
-`GroupCommitter.run`.  Calls that arrive while earlier batches are in flight
-queue up and are written together in the next transaction, so a burst of
-sessions pays for one commit (one WAL flush) instead of one each.  Every
-caller still gets its own result only after its rows are committed.  If one
-call in a batch fails, the batch is rolled back and its calls are retried one
-transaction each, so a single bad call never fails its neighbours.
+Hot paths (RCPT imports, message submissions, delivery outcomes) hand an item
+and a batch function `fn(cursor, items) -> results` to `GroupCommitter.run`.
+Items that arrive while earlier batches are in flight queue up; the next
+transaction calls each waiting function once with all of its items, so a
+burst of sessions pays for one statement and one commit (one WAL flush)
+instead of one each.  Every caller still gets its own result only after its
+rows are committed.  If the batch fails, its items are retried one
+transaction each, so a single bad item never fails its neighbours.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailgw.errors import DatabaseUnavailable
-from mailgw.store.database import Database, Interaction
+from mailgw.store.database import Database
+
+# fn(cursor, items) -> one result per item, in order.
+BatchInteraction = Callable[[Any, list[Any]], Awaitable[list[Any]]]
+_Call = tuple[str, BatchInteraction, Any, defer.Deferred]
 
 
 class GroupCommitter:
@@ -26,13 +32,14 @@ class GroupCommitter:
         self.db = database
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
-        self._queue: deque[tuple[str, Interaction[Any], tuple, defer.Deferred]] = deque()
+        self._queue: deque[_Call] = deque()
         self._in_flight = 0
 
-    def run(self, desc: str, fn: Interaction[Any], *args: Any) -> defer.Deferred[Any]:
-        """Run `fn(cursor, *args)` in a shared transaction; fires after its commit."""
+    def run(self, desc: str, fn: BatchInteraction, item: Any) -> defer.Deferred[Any]:
+        """Run `fn(cursor, [item, ...])` in a shared transaction; fires with this item's
+        result after the commit."""
         d: defer.Deferred[Any] = defer.Deferred()
-        self._queue.append((desc, fn, args, d))
+        self._queue.append((desc, fn, item, d))
         self._start_batches()
         return d
 
@@ -47,31 +54,39 @@ class GroupCommitter:
         self._in_flight -= 1
         self._start_batches()
 
-    async def _run_batch(self, batch: list) -> None:
+    async def _run_batch(self, batch: list[_Call]) -> None:
         if len(batch) > 1:
             try:
                 results = await self.db.run_interaction(
-                    f"group_commit[{len(batch)}]", _batch_txn, [(fn, args) for _, fn, args, _ in
-                                                                batch])
+                    f"group_commit[{len(batch)}]", _batch_txn, batch)
             except DatabaseUnavailable:
                 failure = Failure()
                 for *_, d in batch:
                     d.errback(failure)
                 return
             except Exception:
-                pass  # one call failed: retry each in its own transaction below
+                pass  # one item failed: retry each in its own transaction below
             else:
                 for (*_, d), result in zip(batch, results, strict=True):
                     d.callback(result)
                 return
-        for desc, fn, args, d in batch:
+        for desc, fn, item, d in batch:
             try:
-                result = await self.db.run_interaction(desc, fn, *args)
+                [result] = await self.db.run_interaction(desc, fn, [item])
             except Exception:
                 d.errback(Failure())
             else:
                 d.callback(result)
 
 
-async def _batch_txn(cursor, calls: list[tuple[Interaction[Any], tuple]]) -> list[Any]:
-    return [await fn(cursor, *args) for fn, args in calls]
+async def _batch_txn(cursor, batch: list[_Call]) -> list[Any]:
+    """Each batch function once, with its items in arrival order."""
+    positions: dict[BatchInteraction, list[int]] = {}
+    for position, (_, fn, _, _) in enumerate(batch):
+        positions.setdefault(fn, []).append(position)
+    results: list[Any] = [None] * len(batch)
+    for fn, where in positions.items():
+        for position, result in zip(where, await fn(cursor, [batch[i][2] for i in where]),
+                                    strict=True):
+            results[position] = result
+    return results

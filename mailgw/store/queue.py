@@ -81,8 +81,8 @@ class QueueStore:
 
     async def record(self, owner: str, outcome: Outcome, hard_bounce_limit: int) -> bool:
         """Write an outcome and its event; False if the lease was lost meanwhile."""
-        return await self.committer.run("record_outcome", _record_txn, owner, outcome,
-                                        hard_bounce_limit)
+        return await self.committer.run("record_outcomes", _record_outcomes_txn,
+                                        _Recording(owner, outcome, hard_bounce_limit))
 
     async def release(self, owner: str) -> int:
         """Give back the leases of deliveries not attempted (graceful stop)."""
@@ -136,35 +136,59 @@ async def _messages_txn(cursor, message_ids: list[int]) -> dict[int, MessageCont
     return contexts
 
 
-async def _record_txn(cursor, owner: str, outcome: Outcome, hard_bounce_limit: int) -> bool:
-    await cursor.execute(
-        "UPDATE deliveries SET state = %(state)s, last_reply = %(reply)s,"
-        " next_attempt_at = CASE WHEN %(retry)s::float8 IS NULL THEN next_attempt_at"
-        "  ELSE now() + make_interval(secs => %(retry)s) END,"
-        " lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
-        " WHERE id = %(id)s AND lease_owner = %(owner)s"
-        " RETURNING account_id, message_id, contact_id, recipient,"
-        "  (SELECT send_id FROM messages WHERE id = message_id)",
-        {"state": outcome.state, "reply": outcome.reply[:1000], "retry": outcome.retry_in,
-         "id": outcome.delivery_id, "owner": owner})
-    row = cursor.fetchone()
-    if row is None:
-        return False
-    account_id, message_id, contact_id, recipient, send_id = row
+@dataclass(frozen=True)
+class _Recording:
+    owner: str
+    outcome: Outcome
+    hard_bounce_limit: int
+
+
+def _event_details(outcome: Outcome) -> dict[str, Any]:
+    if outcome.state == "not_sent":
+        return {"reason": outcome.reply}
     details: dict[str, Any] = {"reply": outcome.reply[:1000]}
     if outcome.bounce_type:
         details["type"] = outcome.bounce_type
-    if outcome.state == "not_sent":
-        details = {"reason": outcome.reply}
+    return details
+
+
+async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[bool]:
+    """Outcomes and their events for a batch in one statement, each with its lease
+    checked; then the hard-bounce count of the contacts that bounced hard."""
+    outcomes = [r.outcome for r in recordings]
     await cursor.execute(
-        "INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
-        " recipient, type, details) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (account_id, send_id, message_id, outcome.delivery_id, contact_id, recipient,
-         outcome.state, Json(details)))
-    if outcome.bounce_type == "hard" and contact_id is not None:
-        await _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,
-                                 hard_bounce_limit)
-    return True
+        "WITH input AS ("
+        "  SELECT * FROM unnest(%(ids)s::bigint[], %(owners)s::text[], %(states)s::text[],"
+        "   %(replies)s::text[], %(retries)s::float8[], %(details)s::jsonb[])"
+        "  AS i(id, owner, state, reply, retry, details)),"
+        " updated AS ("
+        "  UPDATE deliveries d SET state = i.state, last_reply = i.reply,"
+        "   next_attempt_at = CASE WHEN i.retry IS NULL THEN d.next_attempt_at"
+        "    ELSE now() + make_interval(secs => i.retry) END,"
+        "   lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+        "  FROM input i WHERE d.id = i.id AND d.lease_owner = i.owner"
+        "  RETURNING d.id, d.account_id, d.message_id, d.contact_id, d.recipient,"
+        "   (SELECT send_id FROM messages m WHERE m.id = d.message_id) AS send_id,"
+        "   i.state, i.details),"
+        " event AS ("
+        "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
+        "   recipient, type, details)"
+        "  SELECT account_id, send_id, message_id, id, contact_id, recipient, state, details"
+        "  FROM updated)"
+        " SELECT id, account_id, send_id, contact_id, recipient FROM updated",
+        {"ids": [o.delivery_id for o in outcomes], "owners": [r.owner for r in recordings],
+         "states": [o.state for o in outcomes], "replies": [o.reply[:1000] for o in outcomes],
+         "retries": [o.retry_in for o in outcomes],
+         "details": [Json(_event_details(o)) for o in outcomes]})
+    recorded = {row[0]: row[1:] for row in cursor.fetchall()}
+    for recording in recordings:
+        outcome = recording.outcome
+        row = recorded.get(outcome.delivery_id)
+        if row is not None and outcome.bounce_type == "hard" and row[2] is not None:
+            account_id, send_id, contact_id, recipient = row
+            await _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,
+                                     recording.hard_bounce_limit)
+    return [r.outcome.delivery_id in recorded for r in recordings]
 
 
 async def _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,

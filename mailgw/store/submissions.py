@@ -73,81 +73,120 @@ class SubmissionStore:
         self.committer = committer
 
     async def store(self, record: SubmissionRecord) -> StoredSubmission:
-        return await self.committer.run("store_submission", _store_submission_txn, record)
+        return await self.committer.run("store_submissions", _store_submissions_txn, record)
 
     async def attachment(self, token: str) -> tuple[str, str, bytes] | None:
         """(filename, content type, data) of a linked attachment (S-8 `links`)."""
         return await self.db.run_interaction("attachment", _select_attachment_txn, token)
 
 
+def _queued(record: SubmissionRecord) -> int:
+    return sum(1 for r in record.recipients if r.suppressed is None)
 
-async def _store_submission_txn(cursor, record: SubmissionRecord) -> StoredSubmission:
-    queued = sum(1 for r in record.recipients if r.suppressed is None)
-    if record.sends_per_month is not None:
-        await cursor.execute(
-            "SELECT count(*) FROM deliveries WHERE account_id = %s"
-            " AND created_at >= date_trunc('month', now()) AND state <> 'not_sent'",
-            (record.account_id,))
-        if cursor.fetchone()[0] + queued > record.sends_per_month:
-            raise QuotaExceeded()
-    recipients = record.recipients
-    # One round trip for the whole submission: content piece, send, message, a
-    # queue row per recipient and its first event, however many recipients.
+
+async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
+                                 ) -> list[StoredSubmission]:
+    await _check_send_quotas(cursor, records)
+    recipients = [(n, r) for n, record in enumerate(records, 1) for r in record.recipients]
+    # One statement for the whole batch, however many submissions and recipients: the
+    # ids of content pieces, sends and messages are drawn first, so that each
+    # submission's rows can refer to each other; then a queue row per recipient and
+    # its first event.
     await cursor.execute(
-        "WITH content AS ("
-        "  INSERT INTO contents (account_id, name, html)"
-        "  SELECT %(account)s, %(content_name)s, %(html)s WHERE %(html)s IS NOT NULL"
-        "  RETURNING id),"
+        "WITH input AS ("
+        "  SELECT i.*, nextval('sends_id_seq') AS send_id,"
+        "   nextval('messages_id_seq') AS message_id,"
+        "   CASE WHEN i.html IS NULL THEN NULL ELSE nextval('contents_id_seq') END"
+        "    AS content_id"
+        "  FROM unnest(%(accounts)s::bigint[], %(origins)s::text[], %(html)s::text[],"
+        "   %(content_names)s::text[], %(subjects)s::text[], %(senders)s::text[],"
+        "   %(groups)s::bigint[], %(archive)s::boolean[], %(uids)s::text[],"
+        "   %(reply_to)s::text[], %(headers)s::jsonb[], %(custom_headers)s::jsonb[],"
+        "   %(options)s::jsonb[], %(client_ips)s::inet[], %(bodies)s::bytea[],"
+        "   %(raws)s::bytea[], %(sizes)s::integer[])"
+        "  WITH ORDINALITY AS i(account_id, origin, html, content_name, subject, sender,"
+        "   group_id, archive, uid, reply_to, headers, custom_headers, options, client_ip,"
+        "   body, raw, size, n)),"
+        " content AS ("
+        "  INSERT INTO contents (id, account_id, name, html) OVERRIDING SYSTEM VALUE"
+        "  SELECT content_id, account_id, content_name, html FROM input"
+        "  WHERE content_id IS NOT NULL),"
         " send AS ("
-        "  INSERT INTO sends (account_id, origin, subject, sender, group_id, content_id,"
-        "   archive)"
-        "  VALUES (%(account)s, %(origin)s, %(subject)s, %(sender)s, %(group)s,"
-        "   (SELECT id FROM content), %(archive)s)"
-        "  RETURNING id),"
+        "  INSERT INTO sends (id, account_id, origin, subject, sender, group_id, content_id,"
+        "   archive) OVERRIDING SYSTEM VALUE"
+        "  SELECT send_id, account_id, origin, subject, sender, group_id, content_id, archive"
+        "  FROM input),"
         " message AS ("
-        "  INSERT INTO messages (account_id, send_id, message_uid, sender, reply_to, subject,"
-        "   headers, custom_headers, options, client_ip, body, raw, size)"
-        "  SELECT %(account)s, send.id, %(uid)s, %(sender)s, %(reply_to)s, %(subject)s,"
-        "   %(headers)s, %(custom_headers)s, %(options)s, %(client_ip)s, %(body)s, %(raw)s,"
-        "   %(size)s FROM send"
-        "  RETURNING id, send_id),"
+        "  INSERT INTO messages (id, account_id, send_id, message_uid, sender, reply_to,"
+        "   subject, headers, custom_headers, options, client_ip, body, raw, size)"
+        "  OVERRIDING SYSTEM VALUE"
+        "  SELECT message_id, account_id, send_id, uid, sender, reply_to, subject, headers,"
+        "   custom_headers, options, client_ip, body, raw, size FROM input),"
         " delivery AS ("
         "  INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
         "   last_reply)"
-        "  SELECT message.id, %(account)s, r.contact_id, r.email, r.kind,"
+        "  SELECT i.message_id, i.account_id, r.contact_id, r.email, r.kind,"
         "   CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason"
-        "  FROM message, unnest(%(emails)s::text[], %(contacts)s::bigint[], %(kinds)s::text[],"
-        "   %(reasons)s::text[]) AS r(email, contact_id, kind, reason)"
-        "  RETURNING id, message_id, contact_id, recipient, state, last_reply),"
+        "  FROM unnest(%(rcpt_n)s::bigint[], %(emails)s::text[], %(contacts)s::bigint[],"
+        "   %(kinds)s::text[], %(reasons)s::text[]) AS r(n, email, contact_id, kind, reason)"
+        "  JOIN input i ON i.n = r.n"
+        "  RETURNING id, account_id, message_id, contact_id, recipient, state, last_reply),"
         " event AS ("
         "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
         "   recipient, type, details)"
-        "  SELECT %(account)s, message.send_id, delivery.message_id, delivery.id,"
-        "   delivery.contact_id, delivery.recipient,"
-        "   CASE WHEN delivery.state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
-        "   CASE WHEN delivery.state = 'queued' THEN '{}'::jsonb"
-        "    ELSE jsonb_build_object('reason', delivery.last_reply) END"
-        "  FROM delivery, message)"
-        " SELECT send_id, id FROM message",
-        {"account": record.account_id, "origin": record.origin, "html": record.html,
-         "content_name": f"{record.origin.upper()}: {record.subject}"[:200],
-         "subject": record.subject, "sender": record.sender, "group": record.group_id,
-         "archive": record.archive, "uid": record.message_uid, "reply_to": record.reply_to,
-         "headers": Json(record.headers), "custom_headers": Json(record.custom_headers),
-         "options": Json(record.options), "client_ip": record.client_ip,
-         "body": json.dumps(record.body, separators=(",", ":")).encode("utf-8"),
-         "raw": record.raw if record.archive else None, "size": record.size,
-         "emails": [r.email for r in recipients], "contacts": [r.contact_id for r in recipients],
-         "kinds": [r.kind for r in recipients], "reasons": [r.suppressed for r in recipients]})
-    send_id, message_id = cursor.fetchone()
-    for attachment in record.attachments:
+        "  SELECT d.account_id, i.send_id, d.message_id, d.id, d.contact_id, d.recipient,"
+        "   CASE WHEN d.state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
+        "   CASE WHEN d.state = 'queued' THEN '{}'::jsonb"
+        "    ELSE jsonb_build_object('reason', d.last_reply) END"
+        "  FROM delivery d JOIN input i ON i.message_id = d.message_id)"
+        " SELECT send_id, message_id FROM input ORDER BY n",
+        {"accounts": [r.account_id for r in records], "origins": [r.origin for r in records],
+         "html": [r.html for r in records],
+         "content_names": [f"{r.origin.upper()}: {r.subject}"[:200] for r in records],
+         "subjects": [r.subject for r in records], "senders": [r.sender for r in records],
+         "groups": [r.group_id for r in records], "archive": [r.archive for r in records],
+         "uids": [r.message_uid for r in records], "reply_to": [r.reply_to for r in records],
+         "headers": [Json(r.headers) for r in records],
+         "custom_headers": [Json(r.custom_headers) for r in records],
+         "options": [Json(r.options) for r in records],
+         "client_ips": [r.client_ip for r in records],
+         "bodies": [json.dumps(r.body, separators=(",", ":")).encode("utf-8")
+                    for r in records],
+         "raws": [r.raw if r.archive else None for r in records],
+         "sizes": [r.size for r in records],
+         "rcpt_n": [n for n, _ in recipients], "emails": [r.email for _, r in recipients],
+         "contacts": [r.contact_id for _, r in recipients],
+         "kinds": [r.kind for _, r in recipients],
+         "reasons": [r.suppressed for _, r in recipients]})
+    stored = []
+    for record, (send_id, message_id) in zip(records, cursor.fetchall(), strict=True):
+        for attachment in record.attachments:
+            await cursor.execute(
+                "INSERT INTO attachments (account_id, message_id, token, filename,"
+                " content_type, data) VALUES (%s, %s, %s, %s, %s, %s)",
+                (record.account_id, message_id, attachment.token, attachment.filename,
+                 attachment.content_type, attachment.data))
+        queued = _queued(record)
+        stored.append(StoredSubmission(send_id, message_id, record.message_uid, queued,
+                                       len(record.recipients) - queued))
+    return stored
+
+
+async def _check_send_quotas(cursor, records: list[SubmissionRecord]) -> None:
+    """S-15: refuse the batch if it takes an account past its monthly sends (its items
+    are then retried alone, so only the one that does not fit is refused)."""
+    wanted: dict[tuple[int, int], int] = {}
+    for record in records:
+        if record.sends_per_month is not None:
+            key = (record.account_id, record.sends_per_month)
+            wanted[key] = wanted.get(key, 0) + _queued(record)
+    for (account_id, limit), queued in wanted.items():
         await cursor.execute(
-            "INSERT INTO attachments (account_id, message_id, token, filename, content_type,"
-            " data) VALUES (%s, %s, %s, %s, %s, %s)",
-            (record.account_id, message_id, attachment.token, attachment.filename,
-             attachment.content_type, attachment.data))
-    return StoredSubmission(send_id, message_id, record.message_uid, queued,
-                            len(recipients) - queued)
+            "SELECT count(*) FROM deliveries WHERE account_id = %s"
+            " AND created_at >= date_trunc('month', now()) AND state <> 'not_sent'",
+            (account_id,))
+        if cursor.fetchone()[0] + queued > limit:
+            raise QuotaExceeded()
 
 
 async def _select_attachment_txn(cursor, token: str) -> tuple[str, str, bytes] | None:

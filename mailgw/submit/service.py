@@ -25,7 +25,7 @@ from mailgw.content.message import (
 )
 from mailgw.smtp.auth import SubmissionAccount
 from mailgw.store import Stores
-from mailgw.store.contacts import ImportedRecipient
+from mailgw.store.contacts import ImportedRecipient, RecipientImport
 from mailgw.store.submissions import (
     QueuedRecipient,
     StoredAttachment,
@@ -88,9 +88,9 @@ class SubmissionService:
                                sender: str) -> tuple[str, ImportedRecipient]:
         """S-7: validate, upsert as a contact and group it, committed now."""
         email = normalize_address(address)
-        imported = await self.stores.contacts.import_recipient(
+        imported = await self.stores.contacts.import_recipient(RecipientImport(
             account.account_id, group_id, group_name, origin, email,
-            sender.rpartition("@")[2], account.max_contacts)
+            sender.rpartition("@")[2], account.max_contacts))
         return email, imported
 
     async def submit(self, submission: Submission) -> StoredSubmission:

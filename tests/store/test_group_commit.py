@@ -1,4 +1,5 @@
-"""Group commit: concurrent callers share transactions, each waits for its own commit."""
+"""Group commit: concurrent callers share transactions and batch-function calls, each
+waits for its own commit."""
 
 from twisted.internet import defer
 
@@ -6,12 +7,18 @@ from mailgw.store.group_commit import GroupCommitter
 from tests.harness import DatabaseTestCase
 
 
-async def _insert_txn(cursor, name):
-    if name == "bad":
+async def _insert_txn(cursor, names):
+    """One INSERT per batch; each name's result is (txid, how many names came with it)."""
+    if "bad" in names:
         raise ValueError("refused")
-    await cursor.execute("INSERT INTO accounts (name) VALUES (%s)", (name,))
+    await cursor.execute("INSERT INTO accounts (name) SELECT unnest(%s::text[])", (names,))
     await cursor.execute("SELECT txid_current()")
-    return cursor.fetchone()[0]
+    txid = cursor.fetchone()[0]
+    return [(txid, len(names))] * len(names)
+
+
+async def _tag_txn(cursor, tags):
+    return [f"tag {tag}" for tag in tags]
 
 
 async def _names_txn(cursor):
@@ -23,10 +30,24 @@ class GroupCommitterTests(DatabaseTestCase):
     async def test_concurrent_calls_share_transactions(self):
         committer = GroupCommitter(self.database, max_in_flight=1)
         calls = [committer.run("insert", _insert_txn, f"a{i:02}") for i in range(20)]
-        txids = await defer.gatherResults(calls)
-        # The first call runs alone; the other 19 queue behind it and commit together.
-        self.assertEqual(len(set(txids)), 2)
+        results = await defer.gatherResults(calls)
+        # The first call runs alone; the other 19 queue behind it and are written by one
+        # call of the batch function, in one transaction.
+        self.assertEqual(len({txid for txid, _ in results}), 2)
+        self.assertEqual(sorted({size for _, size in results}), [1, 19])
         self.assertEqual(len(await self.database.run_interaction("names", _names_txn)), 20)
+
+    async def test_each_batch_function_gets_its_own_items(self):
+        committer = GroupCommitter(self.database, max_in_flight=1)
+        calls = [committer.run("insert", _insert_txn, "first"),
+                 committer.run("insert", _insert_txn, "x1"),
+                 committer.run("tag", _tag_txn, 1),
+                 committer.run("insert", _insert_txn, "x2"),
+                 committer.run("tag", _tag_txn, 2)]
+        results = await defer.gatherResults(calls)
+        self.assertEqual(results[2:5:2], ["tag 1", "tag 2"])
+        self.assertEqual(results[1], results[3])
+        self.assertEqual(results[1][1], 2)
 
     async def test_one_failing_call_does_not_fail_its_batch(self):
         committer = GroupCommitter(self.database, max_in_flight=1)

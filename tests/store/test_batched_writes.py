@@ -1,0 +1,142 @@
+"""The group-committed writes of the hot paths, many callers at once: each batch is one
+statement, and every caller still gets exactly its own rows (S-7, S-12, S-15, D-5)."""
+
+import uuid
+
+from twisted.internet import defer
+
+from mailgw.store.contacts import ContactLimitReached, RecipientImport
+from mailgw.store.queue import Outcome
+from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, SubmissionRecord
+from tests.harness import DatabaseTestCase
+
+
+async def _sql_txn(cursor, sql, params=()):
+    await cursor.execute(sql, params)
+    return cursor.fetchall()
+
+
+def _record(account_id, subject, *emails, contact_ids=(), suppressed=None, quota=None):
+    contact_ids = contact_ids or [None] * len(emails)
+    return SubmissionRecord(
+        account_id=account_id, origin="smtp", message_uid=uuid.uuid4().hex,
+        sender="news@example.org", subject=subject, html=f"<p>{subject}</p>",
+        body={"subject": subject}, client_ip="192.0.2.7", sends_per_month=quota,
+        recipients=tuple(QueuedRecipient(e, c, suppressed=suppressed)
+                         for e, c in zip(emails, contact_ids, strict=True)))
+
+
+def _import(account_id, group_name, email, group_id=None, max_contacts=None):
+    return RecipientImport(account_id, group_id, group_name, "smtp", email, "example.org",
+                           max_contacts)
+
+
+class BatchedWritesTests(DatabaseTestCase):
+    async def setUp(self):
+        await super().setUp()
+        self.account = (await self.stores.accounts.create_account("acme")).id
+
+    async def sql(self, sql, *params):
+        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
+
+    async def gather(self, calls):
+        return await defer.gatherResults([defer.ensureDeferred(c) for c in calls])
+
+    async def transactions(self, table):
+        """How many transactions wrote the rows of `table`."""
+        return (await self.sql(f"SELECT count(DISTINCT xmin::text) FROM {table}"))[0][0]
+
+    async def test_submissions_written_together_keep_their_own_rows(self):
+        records = [_record(self.account, f"s{i}", *[f"r{i}.{j}@example.net"
+                                                    for j in range(i + 1)])
+                   for i in range(6)]
+        stored = await self.gather(self.stores.submissions.store(r) for r in records)
+        # The first one alone, the other five in one statement of one transaction.
+        self.assertEqual(await self.transactions("messages"), 2)
+        for i, (record, result) in enumerate(zip(records, stored, strict=True)):
+            self.assertEqual(result.queued, i + 1)
+            rows = await self.sql(
+                "SELECT s.subject, c.html, m.message_uid, host(m.client_ip),"
+                " array_agg(d.recipient ORDER BY d.recipient), count(e.id)"
+                " FROM sends s JOIN contents c ON c.id = s.content_id"
+                " JOIN messages m ON m.send_id = s.id JOIN deliveries d ON d.message_id = m.id"
+                " JOIN events e ON e.delivery_id = d.id AND e.send_id = s.id"
+                "  AND e.type = 'queued'"
+                " WHERE s.id = %s AND m.id = %s GROUP BY 1, 2, 3, 4",
+                result.send_id, result.message_id)
+            self.assertEqual(rows, [(f"s{i}", f"<p>s{i}</p>", record.message_uid,
+                                     "192.0.2.7", sorted(r.email for r in record.recipients),
+                                     i + 1)])
+
+    async def test_monthly_quota_counts_the_whole_batch(self):
+        records = [_record(self.account, f"s{i}", f"r{i}@example.net", quota=3)
+                   for i in range(5)]
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.stores.submissions.store(r)) for r in records],
+            consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results].count(True), 3)
+        for ok, failure in results:
+            if not ok:
+                self.assertTrue(failure.check(QuotaExceeded))
+        self.assertEqual((await self.sql("SELECT count(*) FROM deliveries"))[0][0], 3)
+
+    async def test_imports_written_together(self):
+        contacts = self.stores.contacts
+        # Two sessions (groups) import the same address in one batch, and others.
+        imported = await self.gather(
+            contacts.import_recipient(_import(self.account, name, email))
+            for name, email in [("g0", "zero@example.net"), ("g1", "same@example.net"),
+                                ("g2", "Same@example.net".lower()), ("g3", "x@example.net")])
+        self.assertEqual(await self.transactions("contacts"), 2)
+        self.assertEqual(imported[1].contact_id, imported[2].contact_id)
+        self.assertEqual(len({i.group_id for i in imported}), 4)
+        members = await self.sql(
+            "SELECT g.name, c.email FROM group_members m JOIN groups g ON g.id = m.group_id"
+            " JOIN contacts c ON c.id = m.contact_id ORDER BY 1")
+        self.assertEqual(members, [("g0", "zero@example.net"), ("g1", "same@example.net"),
+                                   ("g2", "same@example.net"), ("g3", "x@example.net")])
+        # A group that exists is reused, not created again.
+        again = await contacts.import_recipient(
+            _import(self.account, "g1", "y@example.net", group_id=imported[1].group_id))
+        self.assertEqual(again.group_id, imported[1].group_id)
+        self.assertEqual((await self.sql("SELECT count(*) FROM groups"))[0][0], 4)
+
+    async def test_suppression_looked_up_per_recipient(self):
+        await self.sql("INSERT INTO suppressions (account_id, address, reason)"
+                       " VALUES (%s, 'gone@example.net', 'unsubscribed') RETURNING id",
+                       self.account)
+        imported = await self.gather(
+            self.stores.contacts.import_recipient(_import(self.account, f"g{i}", email))
+            for i, email in enumerate(["a@example.net", "gone@example.net", "b@example.net"]))
+        self.assertEqual([i.suppressed for i in imported], [None, "unsubscribed", None])
+
+    async def test_contact_cap_counts_the_whole_batch(self):
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.stores.contacts.import_recipient(
+                _import(self.account, f"g{i}", f"r{i}@example.net", max_contacts=2)))
+             for i in range(4)], consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, True, False, False])
+        self.assertTrue(results[2][1].check(ContactLimitReached))
+        self.assertEqual((await self.sql("SELECT count(*) FROM contacts"))[0][0], 2)
+
+    async def test_outcomes_recorded_together_with_leases_checked(self):
+        await self.stores.submissions.store(
+            _record(self.account, "s", *[f"r{i}@example.net" for i in range(4)]))
+        claimed = await self.stores.queue.claim("node-a", 10, 300)
+        outcomes = [Outcome(claimed[0].id, "sent", "250 ok"),
+                    Outcome(claimed[1].id, "deferred", "451 later", retry_in=60.0),
+                    Outcome(claimed[2].id, "bounced", "550 no", bounce_type="hard"),
+                    Outcome(claimed[3].id, "not_sent", "invalid")]
+        owners = ["node-a", "node-a", "node-a", "node-b"]  # the last lease is not node-b's
+        results = await self.gather(self.stores.queue.record(owner, outcome, 2)
+                                    for owner, outcome in zip(owners, outcomes, strict=True))
+        self.assertEqual(results, [True, True, True, False])
+        events = await self.sql(
+            "SELECT d.recipient, d.state, e.type, e.details FROM deliveries d"
+            " LEFT JOIN events e ON e.delivery_id = d.id AND e.type <> 'queued'"
+            " ORDER BY d.recipient")
+        self.assertEqual(events, [
+            ("r0@example.net", "sent", "sent", {"reply": "250 ok"}),
+            ("r1@example.net", "deferred", "deferred", {"reply": "451 later"}),
+            ("r2@example.net", "bounced", "bounced", {"reply": "550 no", "type": "hard"}),
+            ("r3@example.net", "queued", None, None)])
