@@ -53,7 +53,6 @@ from mailgw.submit.service import DisallowedSender, Submission, SubmissionServic
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
                    rb"(?P<params>(?:\s+\S+)*)\s*$", re.IGNORECASE)
 _DATA_END = re.compile(rb"\n\.\r?\n")
-_DOT_STUFFED = re.compile(rb"(^|\n)\.")
 _COMMAND, _AUTH = "COMMAND", "AUTH"
 
 
@@ -99,7 +98,10 @@ class DataCollector:
             self._chunks.append(data)
 
     def message(self) -> bytes:
-        return _DOT_STUFFED.sub(rb"\1", b"".join(self._chunks))
+        """The text with the transparency dots taken out (RFC 5321 4.5.2): a line that
+        starts with a dot lost its first one."""
+        text = b"".join(self._chunks).replace(b"\n.", b"\n")
+        return text[1:] if text.startswith(b".") else text
 
 
 class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
