@@ -35,6 +35,15 @@ async def _queue_plan_txn(cursor):
     return "\n".join(row[0] for row in cursor.fetchall())
 
 
+async def _compression_txn(cursor):
+    await cursor.execute(
+        "SELECT attrelid::regclass::text || '.' || attname, attcompression FROM pg_attribute"
+        " WHERE (attrelid, attname) IN (('messages'::regclass, 'body'),"
+        "  ('messages'::regclass, 'raw'), ('contents'::regclass, 'html'),"
+        "  ('attachments'::regclass, 'data'), ('deliveries'::regclass, 'sent_eml'))")
+    return dict(cursor.fetchall())
+
+
 class MigrateTests(unittest.TestCase):
     async def setUp(self):
         self.database = Database(empty_database(), 1, reactor)
@@ -69,6 +78,13 @@ class MigrateTests(unittest.TestCase):
         await self.migrate()
         plan = await self.database.run_interaction("plan", _queue_plan_txn)
         self.assertIn("Index", plan)
+
+    async def test_large_values_compressed_with_lz4(self):
+        await self.migrate()
+        compression = await self.database.run_interaction("compression", _compression_txn)
+        self.assertEqual(compression, dict.fromkeys(
+            ["messages.body", "messages.raw", "contents.html", "attachments.data",
+             "deliveries.sent_eml"], "l"))
 
 
 class MigrationFilesTests(unittest.TestCase):
