@@ -566,6 +566,19 @@ class DKIMTests(unittest.TestCase):
         for _ in range(3):
             self.assertTrue(dkim.verify(signer.sign(message) + message, dnsfunc=_dns(key)))
 
+    def test_body_whitespace_canonicalized(self):
+        """Relaxed body canonicalization (RFC 6376 3.4.4) of bodies with and without the
+        whitespace it changes: the signature must verify either way."""
+        key = generate_dkim_key("rsa")
+        signer = DKIMSigner("example.org", "s1", "rsa", key.private_key_pem)
+        head = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: x\r\n\r\n"
+        for body_text in (b"plain line\r\n", b"plain\r\n\r\n\r\n", b"", b"\r\n",
+                          b"tab\there\r\n", b"two  spaces\r\n", b"trailing \r\n",
+                          b"a\t \t\r\n\r\n", b"no line end"):
+            message = head + body_text
+            self.assertTrue(dkim.verify(signer.sign(message) + message, dnsfunc=_dns(key)),
+                            body_text)
+
     def test_bad_keys(self):
         self.assertRaises(ValueError, DKIMSigner, "example.org", "s1", "dsa", "x")
         rsa_key = generate_dkim_key("rsa")
