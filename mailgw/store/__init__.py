@@ -14,6 +14,12 @@ from mailgw.store.senders import SenderStore
 from mailgw.store.submissions import SubmissionStore
 from mailgw.store.templates import TemplateStore
 
+# Group-commit batches in flight at once: two, so that one batch is written while the
+# previous one waits for its WAL flush. More make the batches smaller, so more statements
+# and commits for the same work: under bench-smtp, 4 in flight cost 1.36 ms of CPU per
+# message (twistd and PostgreSQL) and 2 cost 1.07 ms, for more messages per second.
+GROUP_COMMIT_IN_FLIGHT = 2
+
 
 @dataclass(frozen=True)
 class Stores:
@@ -30,8 +36,7 @@ class Stores:
 
     @classmethod
     def on(cls, database: Database) -> Stores:
-        # Batches in flight at once: all connections but one, kept for other queries.
-        committer = GroupCommitter(database, max_in_flight=max(1, database.pool_size - 1))
+        committer = GroupCommitter(database, max_in_flight=GROUP_COMMIT_IN_FLIGHT)
         return cls(database=database, accounts=AccountStore(database),
                    senders=SenderStore(database), contacts=ContactStore(committer),
                    submissions=SubmissionStore(database, committer),

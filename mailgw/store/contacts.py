@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from mailgw.store.database import CONTACT_LIMIT_LOCK, lock_account
 from mailgw.store.group_commit import GroupCommitter
 
 
@@ -90,12 +91,14 @@ async def _import_recipients_txn(cursor, requests: list[RecipientImport]
 
 async def _check_contact_limits(cursor, requests: list[RecipientImport]) -> None:
     """S-15: refuse the batch if it takes an account past its contact cap (its items are
-    then retried alone, so only the one that does not fit is refused)."""
+    then retried alone, so only the one that does not fit is refused). The account is
+    locked first, so that concurrent transactions count each other's contacts."""
     emails_by_account: dict[tuple[int, int], set[str]] = defaultdict(set)
     for r in requests:
         if r.max_contacts is not None:
             emails_by_account[r.account_id, r.max_contacts].add(r.email)
-    for (account_id, limit), emails in emails_by_account.items():
+    for (account_id, limit), emails in sorted(emails_by_account.items()):
+        await lock_account(cursor, CONTACT_LIMIT_LOCK, account_id)
         await cursor.execute(
             "SELECT count(*), count(*) FILTER (WHERE email = ANY(%s)) FROM contacts"
             " WHERE account_id = %s", (list(emails), account_id))

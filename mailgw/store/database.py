@@ -76,6 +76,16 @@ class Database:
         return True
 
 
+# Advisory lock namespaces: checks of an account's caps (S-15) that must see every
+# concurrent writer's rows take the account's lock for the rest of their transaction.
+SEND_QUOTA_LOCK, CONTACT_LIMIT_LOCK = 1, 2
+
+
+async def lock_account(cursor, namespace: int, account_id: int) -> None:
+    """Wait for, then hold until commit, the account's lock in `namespace`."""
+    await cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (namespace, account_id))
+
+
 async def _select_one_txn(cursor) -> None:
     await cursor.execute("SELECT 1")
 

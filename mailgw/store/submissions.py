@@ -9,7 +9,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from mailgw.store.database import Database
+from mailgw.store.database import SEND_QUOTA_LOCK, Database, lock_account
 from mailgw.store.group_commit import GroupCommitter
 
 
@@ -174,13 +174,16 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
 
 async def _check_send_quotas(cursor, records: list[SubmissionRecord]) -> None:
     """S-15: refuse the batch if it takes an account past its monthly sends (its items
-    are then retried alone, so only the one that does not fit is refused)."""
+    are then retried alone, so only the one that does not fit is refused). The account
+    is locked first, so that concurrent transactions, of this node or another, count
+    each other's sends."""
     wanted: dict[tuple[int, int], int] = {}
     for record in records:
         if record.sends_per_month is not None:
             key = (record.account_id, record.sends_per_month)
             wanted[key] = wanted.get(key, 0) + _queued(record)
-    for (account_id, limit), queued in wanted.items():
+    for (account_id, limit), queued in sorted(wanted.items()):
+        await lock_account(cursor, SEND_QUOTA_LOCK, account_id)
         await cursor.execute(
             "SELECT count(*) FROM deliveries WHERE account_id = %s"
             " AND created_at >= date_trunc('month', now()) AND state <> 'not_sent'",

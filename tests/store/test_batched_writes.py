@@ -5,6 +5,7 @@ import uuid
 
 from twisted.internet import defer
 
+from mailgw.store import GROUP_COMMIT_IN_FLIGHT
 from mailgw.store.contacts import ContactLimitReached, RecipientImport
 from mailgw.store.queue import Outcome
 from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, SubmissionRecord
@@ -51,8 +52,9 @@ class BatchedWritesTests(DatabaseTestCase):
                                                     for j in range(i + 1)])
                    for i in range(6)]
         stored = await self.gather(self.stores.submissions.store(r) for r in records)
-        # The first one alone, the other five in one statement of one transaction.
-        self.assertEqual(await self.transactions("messages"), 2)
+        # The first ones alone, one per batch in flight; the others in one statement of
+        # one transaction.
+        self.assertEqual(await self.transactions("messages"), GROUP_COMMIT_IN_FLIGHT + 1)
         for i, (record, result) in enumerate(zip(records, stored, strict=True)):
             self.assertEqual(result.queued, i + 1)
             rows = await self.sql(
@@ -82,24 +84,28 @@ class BatchedWritesTests(DatabaseTestCase):
 
     async def test_imports_written_together(self):
         contacts = self.stores.contacts
-        # Two sessions (groups) import the same address in one batch, and others.
+        # The first imports run alone, one per batch in flight; then two sessions (groups)
+        # import the same address in one batch, with another.
+        alone = [(f"a{i}", f"alone{i}@example.net") for i in range(GROUP_COMMIT_IN_FLIGHT)]
         imported = await self.gather(
             contacts.import_recipient(_import(self.account, name, email))
-            for name, email in [("g0", "zero@example.net"), ("g1", "same@example.net"),
-                                ("g2", "Same@example.net".lower()), ("g3", "x@example.net")])
-        self.assertEqual(await self.transactions("contacts"), 2)
-        self.assertEqual(imported[1].contact_id, imported[2].contact_id)
-        self.assertEqual(len({i.group_id for i in imported}), 4)
+            for name, email in [*alone, ("g1", "same@example.net"), ("g2", "same@example.net"),
+                                ("g3", "x@example.net")])
+        self.assertEqual(await self.transactions("contacts"), GROUP_COMMIT_IN_FLIGHT + 1)
+        same1, same2, other = imported[-3:]
+        self.assertEqual(same1.contact_id, same2.contact_id)
+        self.assertNotEqual(same1.contact_id, other.contact_id)
+        self.assertEqual(len({i.group_id for i in imported}), len(imported))
         members = await self.sql(
             "SELECT g.name, c.email FROM group_members m JOIN groups g ON g.id = m.group_id"
-            " JOIN contacts c ON c.id = m.contact_id ORDER BY 1")
-        self.assertEqual(members, [("g0", "zero@example.net"), ("g1", "same@example.net"),
-                                   ("g2", "same@example.net"), ("g3", "x@example.net")])
+            " JOIN contacts c ON c.id = m.contact_id WHERE g.name LIKE 'g%%' ORDER BY 1")
+        self.assertEqual(members, [("g1", "same@example.net"), ("g2", "same@example.net"),
+                                   ("g3", "x@example.net")])
         # A group that exists is reused, not created again.
         again = await contacts.import_recipient(
-            _import(self.account, "g1", "y@example.net", group_id=imported[1].group_id))
-        self.assertEqual(again.group_id, imported[1].group_id)
-        self.assertEqual((await self.sql("SELECT count(*) FROM groups"))[0][0], 4)
+            _import(self.account, "g1", "y@example.net", group_id=same1.group_id))
+        self.assertEqual(again.group_id, same1.group_id)
+        self.assertEqual((await self.sql("SELECT count(*) FROM groups"))[0][0], len(imported))
 
     async def test_suppression_looked_up_per_recipient(self):
         await self.sql("INSERT INTO suppressions (account_id, address, reason)"
