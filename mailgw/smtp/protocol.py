@@ -45,15 +45,15 @@ from mailgw.smtp.auth import (
     address_in,
     decode_response,
 )
-from mailgw.store.contacts import ContactLimitReached
+from mailgw.store.contacts import ContactLimitReached, ImportedRecipient
 from mailgw.store.submissions import QueuedRecipient, QuotaExceeded
-from mailgw.submit.addresses import InvalidAddress
+from mailgw.submit.addresses import InvalidAddress, normalize_address
 from mailgw.submit.service import DisallowedSender, Submission, SubmissionService
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
                    rb"(?P<params>(?:\s+\S+)*)\s*$", re.IGNORECASE)
 _DATA_END = re.compile(rb"\n\.\r?\n")
-_COMMAND, _AUTH = "COMMAND", "AUTH"
+_COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
 
 
 class DataCollector:
@@ -142,6 +142,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         self.setTimeout(None)
+        self._reset_transaction()
         self.factory.sessions.discard(self)
         self.closed.callback(None)
         self.log.info(
@@ -190,6 +191,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         line = line.rstrip(b"\r")
         if self.mode == _AUTH:
             self._auth_response(line)
+            return
+        if self.mode == _QUIT:
             return
         verb, _, rest = line.strip().partition(b" ")
         if not verb:
@@ -247,10 +250,17 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     # -- commands ---------------------------------------------------------------------
 
     def _reset_transaction(self) -> None:
+        """Forget the transaction; imports still under way commit all the same (S-7)."""
+        for _, pending in getattr(self, "_imports", ()):
+            pending.addErrback(self._import_failed)
         self._sender: str | None = None
-        self._recipients: list[QueuedRecipient] = []
-        self._group_id: int | None = None
+        # (normalized address, import under way) per accepted RCPT.
+        self._imports: list[tuple[str, defer.Deferred[ImportedRecipient]]] = []
         self._group_name = ""
+
+    def _import_failed(self, failure: Failure) -> None:
+        self.log.warn("recipient import not committed: {error}",
+                      error=failure.getErrorMessage())
 
     def do_HELO(self, rest: bytes) -> None:  # noqa: N802
         if not rest:
@@ -421,31 +431,44 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         if params:
             self._error(replies.PARAMETER_NOT_IMPLEMENTED)
             return
-        if len(self._recipients) >= self.factory.max_recipients:
+        if len(self._imports) >= self.factory.max_recipients:
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return
-        self._run(self._import_recipient(address))
-
-    async def _import_recipient(self, address: str) -> None:
         try:
-            email, imported = await self.factory.service.import_recipient(
-                self.account, self._group_id, self._group_name, "smtp", address, self._sender)
+            email = normalize_address(address)
         except InvalidAddress:
             self._error(replies.invalid_recipient(address))
             return
+        try:
+            pending = self.factory.service.import_recipient(
+                self.account, self._group_name, "smtp", email, self._sender)
+        except DatabaseUnavailable:
+            self.reply(replies.TEMPORARY_FAILURE)
+            return
+        if self.account.max_contacts is not None:
+            # S-15: whether the contact fits under the cap is answered here.
+            self._run(self._accept_when_imported(email, pending))
+            return
+        # S-7: the import commits with the next group commit whether DATA follows or not;
+        # the reply need not wait for it, the end of DATA does.
+        self._imports.append((email, pending))
+        self.reply(replies.RECIPIENT_OK)
+
+    async def _accept_when_imported(self, email: str,
+                                    pending: defer.Deferred[ImportedRecipient]) -> None:
+        try:
+            imported = await pending
         except ContactLimitReached:
             self.reply(replies.transaction_failed("contact limit reached"))
             return
-        self._group_id = imported.group_id
-        self._recipients.append(QueuedRecipient(email, imported.contact_id, "to",
-                                                imported.suppressed))
+        self._imports.append((email, defer.succeed(imported)))
         self.reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:  # noqa: N802
         if self.account is None:
             self._error(replies.AUTH_REQUIRED)
             return
-        if self._sender is None or not self._recipients:
+        if self._sender is None or not self._imports:
             self._error(replies.NEED_MAIL_RCPT)
             return
         if rest:
@@ -456,8 +479,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self.setRawMode()
 
     async def _end_of_data(self, collector: DataCollector) -> None:
-        sender, recipients, group_id = self._sender, self._recipients, self._group_id
+        sender, imports = self._sender, self._imports
+        self._imports = []  # awaited here, not abandoned
         self._reset_transaction()
+        recipients, group_id = await _imported(imports)
         if collector.overflowed:
             self.reply(replies.too_big(self.factory.max_message_size))
             return
@@ -501,6 +526,16 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self.reply(replies.CANNOT_VRFY)
 
     def do_QUIT(self, rest: bytes) -> None:  # noqa: N802
+        """Close once this transaction's imports are committed, so that a client that
+        quits after RCPT finds its contacts stored (S-7). Reading goes on meanwhile (a
+        TLS shutdown needs it), but nothing after QUIT is a command."""
+        imports, self._imports = self._imports, []
+        self.mode = _QUIT
+        closing = defer.ensureDeferred(_imported(imports))
+        closing.addErrback(self._import_failed)
+        closing.addCallback(lambda _: self._close())
+
+    def _close(self) -> None:
         self.reply(replies.CLOSING)
         self.transport.loseConnection()
 
@@ -509,6 +544,20 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         b"MAIL": do_MAIL, b"RCPT": do_RCPT, b"DATA": do_DATA, b"RSET": do_RSET,
         b"NOOP": do_NOOP, b"HELP": do_HELP, b"VRFY": do_VRFY, b"QUIT": do_QUIT,
     }
+
+
+async def _imported(imports: list[tuple[str, defer.Deferred[ImportedRecipient]]]
+                    ) -> tuple[list[QueuedRecipient], int | None]:
+    """The recipients of a transaction once every import is committed, and their group;
+    the first failure is raised after all have finished, so none is left unhandled."""
+    results = await defer.DeferredList([pending for _, pending in imports],
+                                       consumeErrors=True)
+    for ok, result in results:
+        if not ok:
+            result.raiseException()
+    recipients = [QueuedRecipient(email, imported.contact_id, "to", imported.suppressed)
+                  for (email, _), (_, imported) in zip(imports, results, strict=True)]
+    return recipients, results[-1][1].group_id if results else None
 
 
 def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:

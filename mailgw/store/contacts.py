@@ -16,8 +16,7 @@ class ContactLimitReached(Exception):
 @dataclass(frozen=True)
 class RecipientImport:
     account_id: int
-    # The submission's group, or None to create it (named `group_name`) now.
-    group_id: int | None
+    # The submission's group, created by its first recipient's import.
     group_name: str
     group_origin: str
     email: str
@@ -40,31 +39,32 @@ class ContactStore:
 
     async def import_recipient(self, request: RecipientImport) -> ImportedRecipient:
         """Upsert the contact, add it to the submission's group (created on first use) and
-        look up whether it is suppressed for this sender domain; committed at once."""
+        look up whether it is suppressed for this sender domain; fires once committed."""
         return await self.committer.run("import_recipients", _import_recipients_txn, request)
 
 
 async def _import_recipients_txn(cursor, requests: list[RecipientImport]
                                  ) -> list[ImportedRecipient]:
     await _check_contact_limits(cursor, requests)
-    # One statement for the whole batch: the groups not created yet, the contacts
-    # (DO UPDATE, so that RETURNING also gives an existing contact's id; in a fixed
-    # order, so that concurrent batches lock rows alike and never deadlock), the
-    # memberships, and each recipient's suppression for its sender domain, the
-    # broadest scope first.
+    # One statement for the whole batch: the groups (DO UPDATE, so that RETURNING gives
+    # the id of a group an earlier recipient created, even one whose transaction commits
+    # while this one waits), the contacts (likewise; in a fixed order, so that concurrent
+    # batches lock rows alike and never deadlock), the memberships, and each recipient's
+    # suppression for its sender domain, the broadest scope first.
     await cursor.execute(
         "WITH input AS ("
-        "  SELECT * FROM unnest(%(accounts)s::bigint[], %(groups)s::bigint[],"
-        "   %(names)s::text[], %(origins)s::text[], %(emails)s::text[], %(domains)s::text[])"
-        "  WITH ORDINALITY AS i(account_id, group_id, group_name, origin, email, domain, n)),"
-        " new_group AS ("
+        "  SELECT * FROM unnest(%(accounts)s::bigint[], %(names)s::text[],"
+        "   %(origins)s::text[], %(emails)s::text[], %(domains)s::text[])"
+        "  WITH ORDINALITY AS i(account_id, group_name, origin, email, domain, n)),"
+        " grp AS ("
         "  INSERT INTO groups (account_id, name, origin)"
-        "  SELECT DISTINCT account_id, group_name, origin FROM input WHERE group_id IS NULL"
+        "  SELECT DISTINCT ON (account_id, group_name) account_id, group_name, origin"
+        "  FROM input ORDER BY account_id, group_name"
+        "  ON CONFLICT (account_id, name) DO UPDATE SET name = EXCLUDED.name"
         "  RETURNING id, account_id, name),"
         " target AS ("
-        "  SELECT i.*, coalesce(i.group_id, g.id) AS gid FROM input i"
-        "  LEFT JOIN new_group g ON i.group_id IS NULL AND g.account_id = i.account_id"
-        "   AND g.name = i.group_name),"
+        "  SELECT i.*, g.id AS gid FROM input i"
+        "  JOIN grp g ON g.account_id = i.account_id AND g.name = i.group_name),"
         " contact AS ("
         "  INSERT INTO contacts (account_id, email)"
         "  SELECT DISTINCT account_id, email FROM input ORDER BY account_id, email"
@@ -82,8 +82,7 @@ async def _import_recipients_txn(cursor, requests: list[RecipientImport]
         "  ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
         " FROM target t JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
         " ORDER BY t.n",
-        {"accounts": [r.account_id for r in requests], "groups": [r.group_id for r in requests],
-         "names": [r.group_name for r in requests],
+        {"accounts": [r.account_id for r in requests], "names": [r.group_name for r in requests],
          "origins": [r.group_origin for r in requests],
          "emails": [r.email for r in requests], "domains": [r.sender_domain for r in requests]})
     return [ImportedRecipient(*row) for row in cursor.fetchall()]

@@ -55,6 +55,12 @@ class Database:
     def close(self) -> None:
         self._pool.close()
 
+    @property
+    def available(self) -> bool:
+        """False while every connection of the pool is known to be lost (PostgreSQL
+        restarting): work that would only queue up can be refused at once."""
+        return not all(c.detector.connectionIsDead for c in self._pool.every_connection)
+
     async def run_interaction(self, desc: str, fn: Interaction[T], *args: Any,
                               **kwargs: Any) -> T:
         """Run `fn(cursor, *args, **kwargs)` in one transaction; `desc` names it in logs."""
@@ -102,14 +108,14 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
         self.reactor = reactor
         super().__init__(None, *connargs, **connkw)
         # `connections` holds only the idle ones; closing must reach busy ones too.
-        self._every_connection = frozenset(self.connections)
+        self.every_connection = frozenset(self.connections)
 
     def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
         detector = _Detector(reconnectionIterator=_reconnect_delays, reactor=reactor)
         return _Connection(reactor, cooperator, detector=detector)
 
     def close(self) -> None:
-        for connection in self._every_connection:
+        for connection in self.every_connection:
             connection.detector.stop()
             connection.close()
 

@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from twisted.internet import defer
+
 from mailgw.content.merge import escape_for_html, merge
 from mailgw.content.message import (
     ContentPolicy,
@@ -23,6 +25,7 @@ from mailgw.content.message import (
     apply_policy,
     replace_cid_references,
 )
+from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import SubmissionAccount
 from mailgw.store import Stores
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
@@ -83,15 +86,15 @@ class SubmissionService:
         self._verified_senders[key] = self.clock.seconds() + SENDER_CACHE_SECONDS
         return normalized
 
-    async def import_recipient(self, account: SubmissionAccount, group_id: int | None,
-                               group_name: str, origin: str, address: str,
-                               sender: str) -> tuple[str, ImportedRecipient]:
-        """S-7: validate, upsert as a contact and group it, committed now."""
-        email = normalize_address(address)
-        imported = await self.stores.contacts.import_recipient(RecipientImport(
-            account.account_id, group_id, group_name, origin, email,
-            sender.rpartition("@")[2], account.max_contacts))
-        return email, imported
+    def import_recipient(self, account: SubmissionAccount, group_name: str, origin: str,
+                         email: str, sender: str) -> defer.Deferred[ImportedRecipient]:
+        """S-7: upsert `email` (normalized) as a contact in the submission's group; fires
+        once committed, with its suppression for the sender's domain."""
+        if not self.stores.database.available:
+            raise DatabaseUnavailable("import_recipient")
+        return defer.ensureDeferred(self.stores.contacts.import_recipient(RecipientImport(
+            account.account_id, group_name, origin, email, sender.rpartition("@")[2],
+            account.max_contacts)))
 
     async def submit(self, submission: Submission) -> StoredSubmission:
         account = submission.account

@@ -8,17 +8,17 @@ verb (ARCHITECTURE: tests).
 import base64
 
 from twisted.cred import checkers, portal
-from twisted.internet import address, task
+from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailgw.content.message import ContentRefused
+from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import AuthThrottle, ISubmissionAccount, SubmissionAccount
 from mailgw.smtp.protocol import DataCollector, SubmissionFactory
 from mailgw.store.contacts import ContactLimitReached, ImportedRecipient
 from mailgw.store.submissions import QuotaExceeded, StoredSubmission
-from mailgw.submit.addresses import normalize_address
 from mailgw.submit.service import DisallowedSender
 
 UID = "fa8896c2351f8b7e73ac3a3d209c6ac5"
@@ -35,19 +35,26 @@ class StubService:
         self.imported = []
         self.refuse = None
         self.suppressed = {}
+        # When set, imports wait for the test to fire them (a group commit under way).
+        self.held: list[defer.Deferred] | None = None
 
     async def check_sender(self, account, address):
         if address.lower() not in self.allowed_senders:
             raise DisallowedSender(address)
         return address.lower()
 
-    async def import_recipient(self, account, group_id, group_name, origin, address, sender):
-        email = normalize_address(address)
+    def import_recipient(self, account, group_name, origin, email, sender):
+        if email.startswith("down@"):
+            raise DatabaseUnavailable("import_recipient")
         if email.startswith("limit@"):
-            raise ContactLimitReached()
+            return defer.fail(ContactLimitReached())
         self.imported.append(email)
-        return email, ImportedRecipient(group_id or 7, len(self.imported),
-                                        self.suppressed.get(email))
+        imported = ImportedRecipient(7, len(self.imported), self.suppressed.get(email))
+        if self.held is None:
+            return defer.succeed(imported)
+        held = defer.Deferred()
+        self.held.append(held)
+        return held.addCallback(lambda _: imported)
 
     async def submit(self, submission):
         if self.refuse is not None:
@@ -58,11 +65,13 @@ class StubService:
 
 @implementer(portal.IRealm)
 class StubRealm:
-    def __init__(self, networks=None):
+    def __init__(self, networks=None, max_contacts=None):
         self.networks = networks
+        self.max_contacts = max_contacts
 
     def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
-        account = SubmissionAccount(1, "acme", avatar_id.decode(), {}, self.networks)
+        account = SubmissionAccount(1, "acme", avatar_id.decode(), {}, self.networks,
+                                    self.max_contacts)
         return ISubmissionAccount, account, lambda: None
 
 
@@ -70,14 +79,16 @@ class Session:
     """A session on a StringTransport; `send` returns the replies it caused."""
 
     def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
-                 max_recipients=1000, allow_plaintext_auth=False, trusted_networks=()):
+                 max_recipients=1000, allow_plaintext_auth=False, trusted_networks=(),
+                 max_contacts=None):
         self.clock = task.Clock()
         self.service = StubService()
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
         self.throttle = AuthThrottle(self.clock)
         self.factory = SubmissionFactory(
             "mx.example.org", tls_options=None, clock=self.clock, idle_timeout=300,
-            portal=portal.Portal(StubRealm(networks), [users]), service=self.service,
+            portal=portal.Portal(StubRealm(networks, max_contacts), [users]),
+            service=self.service,
             throttle=self.throttle, max_message_size=max_size, max_recipients=max_recipients,
             allow_plaintext_auth=allow_plaintext_auth, trusted_networks=trusted_networks,
             trusted_account=self.trusted_account)
@@ -329,7 +340,60 @@ class RCPTTests(unittest.TestCase):
         session = Session()
         session.envelope(b"A@Example.net", b"b@example.net")
         self.assertEqual(session.service.imported, ["a@example.net", "b@example.net"])
-        self.assertEqual(len(session.protocol._recipients), 2)
+        self.assertEqual(len(session.protocol._imports), 2)
+
+    def test_reply_does_not_wait_for_the_import(self):
+        """S-7 imports commit in the background; the end of DATA waits for them."""
+        session = Session()
+        session.service.held = []
+        session.envelope()
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>"), [b"250 2.1.5 Accepted"])
+        self.assertEqual(session.send(b"DATA"),
+                         [b'354 Enter message, ending with "." on a line by itself'])
+        self.assertEqual(session.send(MESSAGE + b"."), [])
+        session.service.held.pop(0).callback(None)
+        self.assertEqual(session.take(), [])
+        session.service.held.pop(0).callback(None)
+        self.assertEqual(session.take(), [b"250 OK id=1166 " + UID.encode()])
+        (submission,) = session.service.submissions
+        self.assertEqual([r.contact_id for r in submission.recipients], [1, 2])
+
+    def test_quit_waits_for_the_imports(self):
+        session = Session()
+        session.service.held = []
+        session.envelope()
+        self.assertEqual(session.send(b"QUIT"), [])
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"221 2.0.0 Closing connection."])
+        self.assertTrue(session.transport.disconnecting)
+
+    def test_imports_outlive_a_lost_connection(self):
+        session = Session()
+        session.service.held = []
+        session.envelope(b"a@example.net", b"b@example.net")
+        session.protocol.connectionLost()
+        # Still committed (or, here, failing) after the client is gone, and a failure is
+        # logged, not left unhandled.
+        session.service.held[0].callback(None)
+        session.service.held[1].errback(DatabaseUnavailable("import_recipients"))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_failed_import_fails_the_message(self):
+        session = Session()
+        session.service.held = []
+        session.envelope(b"a@example.net", b"b@example.net")
+        session.send(b"DATA")
+        session.send(MESSAGE + b".")
+        session.service.held[0].errback(DatabaseUnavailable("import_recipients"))
+        session.service.held[1].callback(None)
+        self.assertEqual(session.take(), [b"451 4.3.0 Temporary failure, try again later"])
+        self.assertEqual(session.service.submissions, [])
+
+    def test_database_known_down(self):
+        session = Session()
+        session.envelope()
+        self.assertEqual(session.send(b"RCPT TO:<down@example.net>"),
+                         [b"451 4.3.0 Temporary failure, try again later"])
 
     def test_invalid_recipient(self):
         session = Session()
@@ -350,7 +414,7 @@ class RCPTTests(unittest.TestCase):
                          [b"504 5.5.4 A command parameter is not implemented"])
 
     def test_contact_limit(self):
-        session = Session()
+        session = Session(max_contacts=10)
         session.envelope()
         self.assertEqual(session.send(b"RCPT TO:<limit@example.net>"),
                          [b"554 5.6.0 Transaction failed: contact limit reached"])

@@ -137,7 +137,7 @@ def _dialogue(port: int, *commands: str | bytes) -> list[tuple[int, bytes]]:
             replies.append(client.getreply())
         else:
             replies.append(client.docmd(command))
-    client.close()
+    client.quit()  # answered once the transaction's recipient imports are committed
     return replies
 
 

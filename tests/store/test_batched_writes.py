@@ -27,9 +27,8 @@ def _record(account_id, subject, *emails, contact_ids=(), suppressed=None, quota
                          for e, c in zip(emails, contact_ids, strict=True)))
 
 
-def _import(account_id, group_name, email, group_id=None, max_contacts=None):
-    return RecipientImport(account_id, group_id, group_name, "smtp", email, "example.org",
-                           max_contacts)
+def _import(account_id, group_name, email, max_contacts=None):
+    return RecipientImport(account_id, group_name, "smtp", email, "example.org", max_contacts)
 
 
 class BatchedWritesTests(DatabaseTestCase):
@@ -102,8 +101,7 @@ class BatchedWritesTests(DatabaseTestCase):
         self.assertEqual(members, [("g1", "same@example.net"), ("g2", "same@example.net"),
                                    ("g3", "x@example.net")])
         # A group that exists is reused, not created again.
-        again = await contacts.import_recipient(
-            _import(self.account, "g1", "y@example.net", group_id=same1.group_id))
+        again = await contacts.import_recipient(_import(self.account, "g1", "y@example.net"))
         self.assertEqual(again.group_id, same1.group_id)
         self.assertEqual((await self.sql("SELECT count(*) FROM groups"))[0][0], len(imported))
 
