@@ -127,6 +127,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._closing = False
         self._busy = False
         self.closed: defer.Deferred[None] = defer.Deferred()
+        self._imports: list[tuple[str, defer.Deferred[ImportedRecipient]]] = []
         self._reset_transaction()
 
     # -- connection -----------------------------------------------------------------
@@ -251,11 +252,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def _reset_transaction(self) -> None:
         """Forget the transaction; imports still under way commit all the same (S-7)."""
-        for _, pending in getattr(self, "_imports", ()):
+        for _, pending in self._imports:
             pending.addErrback(self._import_failed)
         self._sender: str | None = None
         # (normalized address, import under way) per accepted RCPT.
-        self._imports: list[tuple[str, defer.Deferred[ImportedRecipient]]] = []
+        self._imports = []
         self._group_name = ""
 
     def _import_failed(self, failure: Failure) -> None:
