@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from mailgw.store.database import CONTACT_LIMIT_LOCK, lock_account
+from mailgw.store.database import CONTACT_LIMIT_LOCK, PreparedStatement, lock_account
 from mailgw.store.group_commit import GroupCommitter
 
 
@@ -43,48 +43,52 @@ class ContactStore:
         return await self.committer.run("import_recipients", _import_recipients_txn, request)
 
 
+# One statement for the whole batch: the groups (DO UPDATE, so that RETURNING gives
+# the id of a group an earlier recipient created, even one whose transaction commits
+# while this one waits), the contacts (likewise; in a fixed order, so that concurrent
+# batches lock rows alike and never deadlock), the memberships, and each recipient's
+# suppression for its sender domain, the broadest scope first.
+_IMPORT_RECIPIENTS = PreparedStatement(
+    "import_recipients",
+    "WITH input AS ("
+    "  SELECT * FROM unnest(%(accounts)s::bigint[], %(names)s::text[],"
+    "   %(origins)s::text[], %(emails)s::text[], %(domains)s::text[])"
+    "  WITH ORDINALITY AS i(account_id, group_name, origin, email, domain, n)),"
+    " grp AS ("
+    "  INSERT INTO groups (account_id, name, origin)"
+    "  SELECT DISTINCT ON (account_id, group_name) account_id, group_name, origin"
+    "  FROM input ORDER BY account_id, group_name"
+    "  ON CONFLICT (account_id, name) DO UPDATE SET name = EXCLUDED.name"
+    "  RETURNING id, account_id, name),"
+    " target AS ("
+    "  SELECT i.*, g.id AS gid FROM input i"
+    "  JOIN grp g ON g.account_id = i.account_id AND g.name = i.group_name),"
+    " contact AS ("
+    "  INSERT INTO contacts (account_id, email)"
+    "  SELECT DISTINCT account_id, email FROM input ORDER BY account_id, email"
+    "  ON CONFLICT (account_id, email) DO UPDATE SET updated_at = now()"
+    "  RETURNING id, account_id, email, invalid),"
+    " member AS ("
+    "  INSERT INTO group_members (group_id, contact_id)"
+    "  SELECT DISTINCT t.gid, c.id FROM target t"
+    "  JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
+    "  ON CONFLICT DO NOTHING)"
+    " SELECT t.gid, c.id, CASE WHEN c.invalid THEN 'invalid' ELSE ("
+    "  SELECT reason FROM suppressions s WHERE s.account_id = t.account_id"
+    "  AND s.address = t.email AND s.category IS NULL"
+    "  AND (s.scope_domain IS NULL OR s.scope_domain = t.domain)"
+    "  ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
+    " FROM target t JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
+    " ORDER BY t.n")
+
+
 async def _import_recipients_txn(cursor, requests: list[RecipientImport]
                                  ) -> list[ImportedRecipient]:
     await _check_contact_limits(cursor, requests)
-    # One statement for the whole batch: the groups (DO UPDATE, so that RETURNING gives
-    # the id of a group an earlier recipient created, even one whose transaction commits
-    # while this one waits), the contacts (likewise; in a fixed order, so that concurrent
-    # batches lock rows alike and never deadlock), the memberships, and each recipient's
-    # suppression for its sender domain, the broadest scope first.
-    await cursor.execute(
-        "WITH input AS ("
-        "  SELECT * FROM unnest(%(accounts)s::bigint[], %(names)s::text[],"
-        "   %(origins)s::text[], %(emails)s::text[], %(domains)s::text[])"
-        "  WITH ORDINALITY AS i(account_id, group_name, origin, email, domain, n)),"
-        " grp AS ("
-        "  INSERT INTO groups (account_id, name, origin)"
-        "  SELECT DISTINCT ON (account_id, group_name) account_id, group_name, origin"
-        "  FROM input ORDER BY account_id, group_name"
-        "  ON CONFLICT (account_id, name) DO UPDATE SET name = EXCLUDED.name"
-        "  RETURNING id, account_id, name),"
-        " target AS ("
-        "  SELECT i.*, g.id AS gid FROM input i"
-        "  JOIN grp g ON g.account_id = i.account_id AND g.name = i.group_name),"
-        " contact AS ("
-        "  INSERT INTO contacts (account_id, email)"
-        "  SELECT DISTINCT account_id, email FROM input ORDER BY account_id, email"
-        "  ON CONFLICT (account_id, email) DO UPDATE SET updated_at = now()"
-        "  RETURNING id, account_id, email, invalid),"
-        " member AS ("
-        "  INSERT INTO group_members (group_id, contact_id)"
-        "  SELECT DISTINCT t.gid, c.id FROM target t"
-        "  JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
-        "  ON CONFLICT DO NOTHING)"
-        " SELECT t.gid, c.id, CASE WHEN c.invalid THEN 'invalid' ELSE ("
-        "  SELECT reason FROM suppressions s WHERE s.account_id = t.account_id"
-        "  AND s.address = t.email AND s.category IS NULL"
-        "  AND (s.scope_domain IS NULL OR s.scope_domain = t.domain)"
-        "  ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
-        " FROM target t JOIN contact c ON c.account_id = t.account_id AND c.email = t.email"
-        " ORDER BY t.n",
-        {"accounts": [r.account_id for r in requests], "names": [r.group_name for r in requests],
-         "origins": [r.group_origin for r in requests],
-         "emails": [r.email for r in requests], "domains": [r.sender_domain for r in requests]})
+    await _IMPORT_RECIPIENTS.execute(cursor, {
+        "accounts": [r.account_id for r in requests], "names": [r.group_name for r in requests],
+        "origins": [r.group_origin for r in requests],
+        "emails": [r.email for r in requests], "domains": [r.sender_domain for r in requests]})
     return [ImportedRecipient(*row) for row in cursor.fetchall()]
 
 

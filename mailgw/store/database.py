@@ -9,7 +9,9 @@ itself when PostgreSQL comes back (R-2).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import psycopg2
@@ -90,6 +92,52 @@ SEND_QUOTA_LOCK, CONTACT_LIMIT_LOCK = 1, 2
 async def lock_account(cursor, namespace: int, account_id: int) -> None:
     """Wait for, then hold until commit, the account's lock in `namespace`."""
     await cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", (namespace, account_id))
+
+
+# `%(name)s::type`: a parameter of a prepared statement, with the type it is declared as.
+_TYPED_PARAMETER = re.compile(r"%\((\w+)\)s::(\w+(?:\[\])?)")
+
+
+class PreparedStatement:
+    """A hot statement that PostgreSQL parses and plans once per connection.
+
+    The batch statements of the hot paths (RCPT imports, submissions, the delivery
+    queue) are long CTEs whose planning costs PostgreSQL about as much as running
+    them for a small batch; PREPARE on a connection's first use, then EXECUTE.
+    The SQL names its parameters as `%(name)s::type` (every one with its type);
+    `execute` takes them as a mapping, as cursor.execute would.
+    """
+
+    # Statements prepared so far, per psycopg2 connection (a reconnection is a new
+    # connection, whose statements are prepared again). PREPARE is not undone by a
+    # rollback, so a statement stays prepared for the connection's lifetime.
+    _prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, name: str, sql: str) -> None:
+        self.name = name
+        positions: dict[str, int] = {}
+        types: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            parameter, type_ = match.groups()
+            if parameter not in positions:
+                positions[parameter] = len(types) + 1
+                types.append(type_)
+            return f"${positions[parameter]}"
+
+        body = _TYPED_PARAMETER.sub(number, sql)
+        if "%(" in body:
+            raise ValueError(f"{name}: every parameter needs a ::type")
+        self._prepare = f"PREPARE {name} ({', '.join(types)}) AS {body}"
+        arguments = ", ".join(f"%({p})s::{types[n - 1]}" for p, n in positions.items())
+        self._execute = f"EXECUTE {name} ({arguments})"
+
+    async def execute(self, cursor, parameters: Mapping[str, Any]) -> None:
+        prepared = self._prepared.setdefault(cursor.connection, set())
+        if self.name not in prepared:
+            await cursor.execute(self._prepare)
+            prepared.add(self.name)
+        await cursor.execute(self._execute, parameters)
 
 
 async def _select_one_txn(cursor) -> None:

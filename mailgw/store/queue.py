@@ -14,7 +14,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from mailgw.store.database import Database
+from mailgw.store.database import Database, PreparedStatement
 from mailgw.store.group_commit import GroupCommitter
 
 
@@ -89,34 +89,38 @@ class QueueStore:
         return await self.db.run_interaction("release_leases", _release_txn, owner)
 
 
+_CLAIM_DELIVERIES = PreparedStatement(
+    "claim_deliveries",
+    "WITH due AS ("
+    "  SELECT id FROM deliveries"
+    "  WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()"
+    "  AND (lease_expires_at IS NULL OR lease_expires_at < now())"
+    "  ORDER BY next_attempt_at LIMIT %(limit)s::integer FOR UPDATE SKIP LOCKED),"
+    " claimed AS ("
+    "  UPDATE deliveries d SET lease_owner = %(owner)s::text,"
+    "   lease_expires_at = now() + make_interval(secs => %(lease)s::float8),"
+    "   attempts = d.attempts + 1, first_attempt_at = coalesce(d.first_attempt_at, now()),"
+    "   last_attempt_at = now(), updated_at = now()"
+    "  FROM due WHERE d.id = due.id"
+    "  RETURNING d.id, d.message_id, d.account_id, d.contact_id, d.recipient, d.attempts,"
+    "   d.first_attempt_at)"
+    " SELECT c.id, c.message_id, c.account_id, m.send_id, c.contact_id, c.recipient,"
+    "  c.attempts, extract(epoch FROM now() - c.first_attempt_at)::float8,"
+    "  coalesce(ct.fields, '{}'::jsonb),"
+    "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
+    "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
+    "   AND s.address = c.recipient AND s.category IS NULL"
+    "   AND (s.scope_domain IS NULL OR s.scope_domain = split_part(m.sender, '@', 2))"
+    "   ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
+    " FROM claimed c JOIN messages m ON m.id = c.message_id"
+    " LEFT JOIN contacts ct ON ct.id = c.contact_id"
+    " ORDER BY c.message_id, c.id")
+
+
 async def _claim_txn(cursor, owner: str, limit: int, lease_seconds: int
                      ) -> list[ClaimedDelivery]:
-    await cursor.execute(
-        "WITH due AS ("
-        "  SELECT id FROM deliveries"
-        "  WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()"
-        "  AND (lease_expires_at IS NULL OR lease_expires_at < now())"
-        "  ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
-        " claimed AS ("
-        "  UPDATE deliveries d SET lease_owner = %(owner)s,"
-        "   lease_expires_at = now() + make_interval(secs => %(lease)s),"
-        "   attempts = d.attempts + 1, first_attempt_at = coalesce(d.first_attempt_at, now()),"
-        "   last_attempt_at = now(), updated_at = now()"
-        "  FROM due WHERE d.id = due.id"
-        "  RETURNING d.id, d.message_id, d.account_id, d.contact_id, d.recipient, d.attempts,"
-        "   d.first_attempt_at)"
-        " SELECT c.id, c.message_id, c.account_id, m.send_id, c.contact_id, c.recipient,"
-        "  c.attempts, extract(epoch FROM now() - c.first_attempt_at)::float8,"
-        "  coalesce(ct.fields, '{}'::jsonb),"
-        "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
-        "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
-        "   AND s.address = c.recipient AND s.category IS NULL"
-        "   AND (s.scope_domain IS NULL OR s.scope_domain = split_part(m.sender, '@', 2))"
-        "   ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
-        " FROM claimed c JOIN messages m ON m.id = c.message_id"
-        " LEFT JOIN contacts ct ON ct.id = c.contact_id"
-        " ORDER BY c.message_id, c.id",
-        {"owner": owner, "limit": limit, "lease": lease_seconds})
+    await _CLAIM_DELIVERIES.execute(cursor, {
+        "owner": owner, "limit": limit, "lease": lease_seconds})
     return [ClaimedDelivery(*row) for row in cursor.fetchall()]
 
 
@@ -152,34 +156,38 @@ def _event_details(outcome: Outcome) -> dict[str, Any]:
     return details
 
 
+_RECORD_OUTCOMES = PreparedStatement(
+    "record_outcomes",
+    "WITH input AS ("
+    "  SELECT * FROM unnest(%(ids)s::bigint[], %(owners)s::text[], %(states)s::text[],"
+    "   %(replies)s::text[], %(retries)s::float8[], %(details)s::jsonb[])"
+    "  AS i(id, owner, state, reply, retry, details)),"
+    " updated AS ("
+    "  UPDATE deliveries d SET state = i.state, last_reply = i.reply,"
+    "   next_attempt_at = CASE WHEN i.retry IS NULL THEN d.next_attempt_at"
+    "    ELSE now() + make_interval(secs => i.retry) END,"
+    "   lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+    "  FROM input i WHERE d.id = i.id AND d.lease_owner = i.owner"
+    "  RETURNING d.id, d.account_id, d.message_id, d.contact_id, d.recipient,"
+    "   (SELECT send_id FROM messages m WHERE m.id = d.message_id) AS send_id,"
+    "   i.state, i.details),"
+    " event AS ("
+    "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
+    "   recipient, type, details)"
+    "  SELECT account_id, send_id, message_id, id, contact_id, recipient, state, details"
+    "  FROM updated)"
+    " SELECT id, account_id, send_id, contact_id, recipient FROM updated")
+
+
 async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[bool]:
     """Outcomes and their events for a batch in one statement, each with its lease
     checked; then the hard-bounce count of the contacts that bounced hard."""
     outcomes = [r.outcome for r in recordings]
-    await cursor.execute(
-        "WITH input AS ("
-        "  SELECT * FROM unnest(%(ids)s::bigint[], %(owners)s::text[], %(states)s::text[],"
-        "   %(replies)s::text[], %(retries)s::float8[], %(details)s::jsonb[])"
-        "  AS i(id, owner, state, reply, retry, details)),"
-        " updated AS ("
-        "  UPDATE deliveries d SET state = i.state, last_reply = i.reply,"
-        "   next_attempt_at = CASE WHEN i.retry IS NULL THEN d.next_attempt_at"
-        "    ELSE now() + make_interval(secs => i.retry) END,"
-        "   lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
-        "  FROM input i WHERE d.id = i.id AND d.lease_owner = i.owner"
-        "  RETURNING d.id, d.account_id, d.message_id, d.contact_id, d.recipient,"
-        "   (SELECT send_id FROM messages m WHERE m.id = d.message_id) AS send_id,"
-        "   i.state, i.details),"
-        " event AS ("
-        "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
-        "   recipient, type, details)"
-        "  SELECT account_id, send_id, message_id, id, contact_id, recipient, state, details"
-        "  FROM updated)"
-        " SELECT id, account_id, send_id, contact_id, recipient FROM updated",
-        {"ids": [o.delivery_id for o in outcomes], "owners": [r.owner for r in recordings],
-         "states": [o.state for o in outcomes], "replies": [o.reply[:1000] for o in outcomes],
-         "retries": [o.retry_in for o in outcomes],
-         "details": [Json(_event_details(o)) for o in outcomes]})
+    await _RECORD_OUTCOMES.execute(cursor, {
+        "ids": [o.delivery_id for o in outcomes], "owners": [r.owner for r in recordings],
+        "states": [o.state for o in outcomes], "replies": [o.reply[:1000] for o in outcomes],
+        "retries": [o.retry_in for o in outcomes],
+        "details": [Json(_event_details(o)) for o in outcomes]})
     recorded = {row[0]: row[1:] for row in cursor.fetchall()}
     for recording in recordings:
         outcome = recording.outcome

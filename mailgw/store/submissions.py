@@ -9,7 +9,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from mailgw.store.database import SEND_QUOTA_LOCK, Database, lock_account
+from mailgw.store.database import SEND_QUOTA_LOCK, Database, PreparedStatement, lock_account
 from mailgw.store.group_commit import GroupCommitter
 
 
@@ -84,80 +84,84 @@ def _queued(record: SubmissionRecord) -> int:
     return sum(1 for r in record.recipients if r.suppressed is None)
 
 
+# One statement for the whole batch, however many submissions and recipients: the
+# ids of content pieces, sends and messages are drawn first, so that each
+# submission's rows can refer to each other; then a queue row per recipient and
+# its first event.
+_STORE_SUBMISSIONS = PreparedStatement(
+    "store_submissions",
+    "WITH input AS ("
+    "  SELECT i.*, nextval('sends_id_seq') AS send_id,"
+    "   nextval('messages_id_seq') AS message_id,"
+    "   CASE WHEN i.html IS NULL THEN NULL ELSE nextval('contents_id_seq') END"
+    "    AS content_id"
+    "  FROM unnest(%(accounts)s::bigint[], %(origins)s::text[], %(html)s::text[],"
+    "   %(content_names)s::text[], %(subjects)s::text[], %(senders)s::text[],"
+    "   %(groups)s::bigint[], %(archive)s::boolean[], %(uids)s::text[],"
+    "   %(reply_to)s::text[], %(headers)s::jsonb[], %(custom_headers)s::jsonb[],"
+    "   %(options)s::jsonb[], %(client_ips)s::inet[], %(bodies)s::bytea[],"
+    "   %(raws)s::bytea[], %(sizes)s::integer[])"
+    "  WITH ORDINALITY AS i(account_id, origin, html, content_name, subject, sender,"
+    "   group_id, archive, uid, reply_to, headers, custom_headers, options, client_ip,"
+    "   body, raw, size, n)),"
+    " content AS ("
+    "  INSERT INTO contents (id, account_id, name, html) OVERRIDING SYSTEM VALUE"
+    "  SELECT content_id, account_id, content_name, html FROM input"
+    "  WHERE content_id IS NOT NULL),"
+    " send AS ("
+    "  INSERT INTO sends (id, account_id, origin, subject, sender, group_id, content_id,"
+    "   archive) OVERRIDING SYSTEM VALUE"
+    "  SELECT send_id, account_id, origin, subject, sender, group_id, content_id, archive"
+    "  FROM input),"
+    " message AS ("
+    "  INSERT INTO messages (id, account_id, send_id, message_uid, sender, reply_to,"
+    "   subject, headers, custom_headers, options, client_ip, body, raw, size)"
+    "  OVERRIDING SYSTEM VALUE"
+    "  SELECT message_id, account_id, send_id, uid, sender, reply_to, subject, headers,"
+    "   custom_headers, options, client_ip, body, raw, size FROM input),"
+    " delivery AS ("
+    "  INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
+    "   last_reply)"
+    "  SELECT i.message_id, i.account_id, r.contact_id, r.email, r.kind,"
+    "   CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason"
+    "  FROM unnest(%(rcpt_n)s::bigint[], %(emails)s::text[], %(contacts)s::bigint[],"
+    "   %(kinds)s::text[], %(reasons)s::text[]) AS r(n, email, contact_id, kind, reason)"
+    "  JOIN input i ON i.n = r.n"
+    "  RETURNING id, account_id, message_id, contact_id, recipient, state, last_reply),"
+    " event AS ("
+    "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
+    "   recipient, type, details)"
+    "  SELECT d.account_id, i.send_id, d.message_id, d.id, d.contact_id, d.recipient,"
+    "   CASE WHEN d.state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
+    "   CASE WHEN d.state = 'queued' THEN '{}'::jsonb"
+    "    ELSE jsonb_build_object('reason', d.last_reply) END"
+    "  FROM delivery d JOIN input i ON i.message_id = d.message_id)"
+    " SELECT send_id, message_id FROM input ORDER BY n")
+
+
 async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
                                  ) -> list[StoredSubmission]:
     await _check_send_quotas(cursor, records)
     recipients = [(n, r) for n, record in enumerate(records, 1) for r in record.recipients]
-    # One statement for the whole batch, however many submissions and recipients: the
-    # ids of content pieces, sends and messages are drawn first, so that each
-    # submission's rows can refer to each other; then a queue row per recipient and
-    # its first event.
-    await cursor.execute(
-        "WITH input AS ("
-        "  SELECT i.*, nextval('sends_id_seq') AS send_id,"
-        "   nextval('messages_id_seq') AS message_id,"
-        "   CASE WHEN i.html IS NULL THEN NULL ELSE nextval('contents_id_seq') END"
-        "    AS content_id"
-        "  FROM unnest(%(accounts)s::bigint[], %(origins)s::text[], %(html)s::text[],"
-        "   %(content_names)s::text[], %(subjects)s::text[], %(senders)s::text[],"
-        "   %(groups)s::bigint[], %(archive)s::boolean[], %(uids)s::text[],"
-        "   %(reply_to)s::text[], %(headers)s::jsonb[], %(custom_headers)s::jsonb[],"
-        "   %(options)s::jsonb[], %(client_ips)s::inet[], %(bodies)s::bytea[],"
-        "   %(raws)s::bytea[], %(sizes)s::integer[])"
-        "  WITH ORDINALITY AS i(account_id, origin, html, content_name, subject, sender,"
-        "   group_id, archive, uid, reply_to, headers, custom_headers, options, client_ip,"
-        "   body, raw, size, n)),"
-        " content AS ("
-        "  INSERT INTO contents (id, account_id, name, html) OVERRIDING SYSTEM VALUE"
-        "  SELECT content_id, account_id, content_name, html FROM input"
-        "  WHERE content_id IS NOT NULL),"
-        " send AS ("
-        "  INSERT INTO sends (id, account_id, origin, subject, sender, group_id, content_id,"
-        "   archive) OVERRIDING SYSTEM VALUE"
-        "  SELECT send_id, account_id, origin, subject, sender, group_id, content_id, archive"
-        "  FROM input),"
-        " message AS ("
-        "  INSERT INTO messages (id, account_id, send_id, message_uid, sender, reply_to,"
-        "   subject, headers, custom_headers, options, client_ip, body, raw, size)"
-        "  OVERRIDING SYSTEM VALUE"
-        "  SELECT message_id, account_id, send_id, uid, sender, reply_to, subject, headers,"
-        "   custom_headers, options, client_ip, body, raw, size FROM input),"
-        " delivery AS ("
-        "  INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
-        "   last_reply)"
-        "  SELECT i.message_id, i.account_id, r.contact_id, r.email, r.kind,"
-        "   CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason"
-        "  FROM unnest(%(rcpt_n)s::bigint[], %(emails)s::text[], %(contacts)s::bigint[],"
-        "   %(kinds)s::text[], %(reasons)s::text[]) AS r(n, email, contact_id, kind, reason)"
-        "  JOIN input i ON i.n = r.n"
-        "  RETURNING id, account_id, message_id, contact_id, recipient, state, last_reply),"
-        " event AS ("
-        "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
-        "   recipient, type, details)"
-        "  SELECT d.account_id, i.send_id, d.message_id, d.id, d.contact_id, d.recipient,"
-        "   CASE WHEN d.state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
-        "   CASE WHEN d.state = 'queued' THEN '{}'::jsonb"
-        "    ELSE jsonb_build_object('reason', d.last_reply) END"
-        "  FROM delivery d JOIN input i ON i.message_id = d.message_id)"
-        " SELECT send_id, message_id FROM input ORDER BY n",
-        {"accounts": [r.account_id for r in records], "origins": [r.origin for r in records],
-         "html": [r.html for r in records],
-         "content_names": [f"{r.origin.upper()}: {r.subject}"[:200] for r in records],
-         "subjects": [r.subject for r in records], "senders": [r.sender for r in records],
-         "groups": [r.group_id for r in records], "archive": [r.archive for r in records],
-         "uids": [r.message_uid for r in records], "reply_to": [r.reply_to for r in records],
-         "headers": [Json(r.headers) for r in records],
-         "custom_headers": [Json(r.custom_headers) for r in records],
-         "options": [Json(r.options) for r in records],
-         "client_ips": [r.client_ip for r in records],
-         "bodies": [json.dumps(r.body, separators=(",", ":")).encode("utf-8")
-                    for r in records],
-         "raws": [r.raw if r.archive else None for r in records],
-         "sizes": [r.size for r in records],
-         "rcpt_n": [n for n, _ in recipients], "emails": [r.email for _, r in recipients],
-         "contacts": [r.contact_id for _, r in recipients],
-         "kinds": [r.kind for _, r in recipients],
-         "reasons": [r.suppressed for _, r in recipients]})
+    await _STORE_SUBMISSIONS.execute(cursor, {
+        "accounts": [r.account_id for r in records], "origins": [r.origin for r in records],
+        "html": [r.html for r in records],
+        "content_names": [f"{r.origin.upper()}: {r.subject}"[:200] for r in records],
+        "subjects": [r.subject for r in records], "senders": [r.sender for r in records],
+        "groups": [r.group_id for r in records], "archive": [r.archive for r in records],
+        "uids": [r.message_uid for r in records], "reply_to": [r.reply_to for r in records],
+        "headers": [Json(r.headers) for r in records],
+        "custom_headers": [Json(r.custom_headers) for r in records],
+        "options": [Json(r.options) for r in records],
+        "client_ips": [r.client_ip for r in records],
+        "bodies": [json.dumps(r.body, separators=(",", ":")).encode("utf-8")
+                   for r in records],
+        "raws": [r.raw if r.archive else None for r in records],
+        "sizes": [r.size for r in records],
+        "rcpt_n": [n for n, _ in recipients], "emails": [r.email for _, r in recipients],
+        "contacts": [r.contact_id for _, r in recipients],
+        "kinds": [r.kind for _, r in recipients],
+        "reasons": [r.suppressed for _, r in recipients]})
     stored = []
     for record, (send_id, message_id) in zip(records, cursor.fetchall(), strict=True):
         for attachment in record.attachments:
