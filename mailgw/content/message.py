@@ -23,6 +23,8 @@ from urllib.parse import unquote
 
 import html2text
 
+from mailgw.content.mime import read_message
+
 
 class ContentRefused(Exception):
     """The message cannot be accepted; str(e) is the reason shown after
@@ -129,7 +131,7 @@ _TEMPLATE_TAG = re.compile(r"\s*\*\|tid:([^|\s]+)\|\*[ \t]?")
 def parse_message(raw: bytes) -> ParsedMessage:
     """Everything mailgw needs from a submitted message, read as far as broken MIME allows."""
     try:
-        return _parse(message_from_bytes(raw, policy=_POLICY))
+        return _parse(read_message(raw, _POLICY) or message_from_bytes(raw, policy=_POLICY))
     except ContentRefused:
         raise
     except Exception as error:  # the email package has many ways to choke; none may escape
