@@ -223,6 +223,12 @@ class Gateway(service.MultiService):
         if self.runner is not None:
             await self.runner.stop()
             self.runner = None
+        if self.stores is not None:  # answered-for writes (RCPT imports) still commit
+            try:
+                await self.stores.committer.idle().addTimeout(SHUTDOWN_GRACE_SECONDS,
+                                                              self.clock)
+            except defer.TimeoutError:
+                self.log.warn("stopping with database writes still under way")
         if self.database is not None:
             self.database.close()
             self.database = None

@@ -3,14 +3,16 @@
 import smtplib
 import ssl
 
+import psycopg2
 import treq
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
 from mailgw.errors import StartupError
+from mailgw.store.contacts import RecipientImport
 from tests.harness import (
     LOOPBACK_PORT,
     fresh_database,
@@ -60,7 +62,8 @@ async def _get(url: str):
 
 class ListenerTests(unittest.TestCase):
     async def setUp(self):
-        self.gateway = await start_gateway(self, gateway_config(self, fresh_database()))
+        self.dsn = fresh_database()
+        self.gateway = await start_gateway(self, gateway_config(self, self.dsn))
 
     async def test_starttls_listeners_greet_and_quit(self):
         for key in ("smtp.starttls_listeners[0]", "smtp.starttls_listeners[1]"):
@@ -87,6 +90,20 @@ class ListenerTests(unittest.TestCase):
         await self.gateway.stopService()
         with self.assertRaises(OSError):
             await deferToThread(smtplib.SMTP, "127.0.0.1", port, timeout=5)
+
+
+    async def test_stop_commits_the_imports_already_answered_for(self):
+        account = await self.gateway.stores.accounts.create_account("acme")
+        importing = defer.ensureDeferred(self.gateway.stores.contacts.import_recipient(
+            RecipientImport(account.id, "SMTP group", "smtp", "ana@example.net",
+                            "example.org", None)))
+        await self.gateway.stopService()
+        self.assertTrue(importing.called)
+        connection = psycopg2.connect(self.dsn)
+        self.addCleanup(connection.close)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT email FROM contacts")
+            self.assertEqual(cursor.fetchall(), [("ana@example.net",)])
 
 
 class DatabaseOutageTests(unittest.TestCase):

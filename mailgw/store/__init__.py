@@ -26,6 +26,8 @@ class Stores:
     """Every store over one Database; built once by the Gateway (or the CLI)."""
 
     database: Database
+    # The group commit that the hot-path stores share.
+    committer: GroupCommitter
     accounts: AccountStore
     senders: SenderStore
     contacts: ContactStore
@@ -37,7 +39,7 @@ class Stores:
     @classmethod
     def on(cls, database: Database) -> Stores:
         committer = GroupCommitter(database, max_in_flight=GROUP_COMMIT_IN_FLIGHT)
-        return cls(database=database, accounts=AccountStore(database),
+        return cls(database=database, committer=committer, accounts=AccountStore(database),
                    senders=SenderStore(database), contacts=ContactStore(committer),
                    submissions=SubmissionStore(database, committer),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),

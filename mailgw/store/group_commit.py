@@ -34,6 +34,7 @@ class GroupCommitter:
         self.max_in_flight = max_in_flight
         self._queue: deque[_Call] = deque()
         self._in_flight = 0
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     def run(self, desc: str, fn: BatchInteraction, item: Any) -> defer.Deferred[Any]:
         """Run `fn(cursor, [item, ...])` in a shared transaction; fires with this item's
@@ -41,6 +42,16 @@ class GroupCommitter:
         d: defer.Deferred[Any] = defer.Deferred()
         self._queue.append((desc, fn, item, d))
         self._start_batches()
+        return d
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once nothing is queued or being written: a graceful stop waits for this
+        before closing the pool, so that work already answered for (a RCPT's import) is
+        committed, not cut off."""
+        if not self._queue and not self._in_flight:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
         return d
 
     def _start_batches(self) -> None:
@@ -53,6 +64,10 @@ class GroupCommitter:
     def _batch_done(self, _: object) -> None:
         self._in_flight -= 1
         self._start_batches()
+        if not self._queue and not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     async def _run_batch(self, batch: list[_Call]) -> None:
         if len(batch) > 1:

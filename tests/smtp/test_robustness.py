@@ -88,6 +88,7 @@ class VanishingClientTests(unittest.TestCase):
         port = gateway.port_for("smtp.starttls_listeners[0]")
         await deferToThread(_vanish_mid_data, port)
         self.assertEqual(await deferToThread(_ehlo, port), 250)
+        await gateway.stores.committer.idle()  # the RCPT's import, answered before DATA
         self.assertEqual(await _rows(gateway, "SELECT count(*) FROM messages"), [(0,)])
         self.assertEqual(await _rows(gateway, "SELECT email FROM contacts"),
                          [("half@example.net",)])

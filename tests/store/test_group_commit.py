@@ -58,3 +58,14 @@ class GroupCommitterTests(DatabaseTestCase):
         self.assertTrue(results[2][1].check(ValueError))
         self.assertEqual(await self.database.run_interaction("names", _names_txn),
                          ["first", "ok1", "ok2"])
+
+    async def test_idle_fires_once_everything_is_committed(self):
+        committer = GroupCommitter(self.database, max_in_flight=1)
+        self.assertTrue(committer.idle().called)
+        calls = [committer.run("insert", _insert_txn, name) for name in ("a", "b", "c")]
+        idle = committer.idle()
+        self.assertFalse(idle.called)
+        await idle
+        self.assertTrue(all(call.called for call in calls))
+        self.assertEqual(await self.database.run_interaction("names", _names_txn),
+                         ["a", "b", "c"])
