@@ -5,7 +5,7 @@ from twisted.trial import unittest
 
 from mailgw.delivery.client import OutboundPool, OutgoingMessage, classify, wire_format
 from mailgw.tlscert import ensure_self_signed, server_tls_options
-from tests.smtp_sink import SMTPSink
+from tests.smtp_sink import ScriptedServer, SMTPSink
 
 DATA = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -135,6 +135,73 @@ class PoolTests(unittest.TestCase):
         (outcome,) = await d
         self.assertEqual(outcome.state, "deferred")
 
+
+class PipeliningTests(unittest.TestCase):
+    """RFC 2920: the envelope in one write when offered, one command at a time when not."""
+
+    def sink(self, pipelining):
+        sink = SMTPSink(pipelining=pipelining)
+        self.servers = [("mx.example.net", "127.0.0.1", sink.start())]
+        self.addCleanup(sink.stop)
+        return sink
+
+    def send(self, *envelopes):
+        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        self.addCleanup(pool.idle)
+        return defer.gatherResults([
+            pool.deliver("example.net", self.servers, OutgoingMessage(i, sender, rcpt, DATA))
+            for i, (sender, rcpt) in enumerate(envelopes)])
+
+    async def test_envelope_sent_in_one_write(self):
+        sink = self.sink(pipelining=True)
+        outcomes = await self.send(("b-1@bounces.example.org", "a@example.net"),
+                                   ("b-2@bounces.example.org", "b@example.net"))
+        self.assertEqual([o.state for o in outcomes], ["sent", "sent"])
+        envelopes = [s for s in sink.segments if s[0] == b"MAIL"]
+        # Sent before the server answered MAIL: one read holds all three.
+        self.assertEqual(envelopes, [[b"MAIL", b"RCPT", b"DATA"]] * 2)
+        self.assertEqual([m.recipient for m in sink.messages], ["a@example.net",
+                                                                 "b@example.net"])
+
+    async def test_one_command_at_a_time_without_pipelining(self):
+        sink = self.sink(pipelining=False)
+        (outcome,) = await self.send(("b-1@bounces.example.org", "a@example.net"))
+        self.assertEqual(outcome.state, "sent")
+        self.assertIn([b"MAIL"], sink.segments)
+        self.assertIn([b"RCPT"], sink.segments)
+        self.assertIn([b"DATA"], sink.segments)
+
+    async def test_refused_recipient_is_the_outcome_not_the_data_reply(self):
+        sink = self.sink(pipelining=True)
+        outcomes = await self.send(("b-1@bounces.example.org", "bounce@example.net"),
+                                   ("b-1@bounces.example.org", "defer@example.net"),
+                                   ("b-1@bounces.example.org", "ok@example.net"))
+        self.assertEqual([(o.state, o.bounce_type) for o in outcomes],
+                         [("bounced", "hard"), ("deferred", None), ("sent", None)])
+        self.assertEqual(outcomes[0].reply, "550 5.1.1 No such user here")
+        self.assertEqual(outcomes[1].reply, "451 4.3.0 Try later")
+        self.assertEqual([m.recipient for m in sink.messages], ["ok@example.net"])
+
+    async def test_refused_sender_is_the_outcome(self):
+        for pipelining in (True, False):
+            sink = self.sink(pipelining=pipelining)
+            (outcome,) = await self.send(("refused@bounces.example.org", "ok@example.net"))
+            self.assertEqual((outcome.state, outcome.bounce_type), ("bounced", "hard"))
+            self.assertTrue(outcome.reply.startswith("550 "), outcome.reply)
+            self.assertIn("5.7.1 Sender refused", outcome.reply)
+            self.assertEqual(sink.messages, [])
+
+
+    async def test_data_accepted_after_a_refusal_gets_an_empty_message(self):
+        """RFC 2920 3.1: a server may take DATA with no recipient; the RCPT reply counts."""
+        server = ScriptedServer({b"RCPT": b"550 5.1.1 Unknown user"})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        (outcome,) = await self.send(("b-1@bounces.example.org", "nobody@example.net"))
+        self.assertEqual((outcome.state, outcome.reply), ("bounced", "550 5.1.1 Unknown user"))
+        await self.pool.idle()
+        (session,) = server.sessions
+        self.assertEqual(session[session.index(b"DATA"):], [b"DATA", b".", b"RSET", b"QUIT"])
 
 class ClassifyTests(unittest.TestCase):
     def test_codes(self):
