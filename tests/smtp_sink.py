@@ -175,7 +175,10 @@ class _Message:
 
 class ScriptedServer:
     """A server that answers each command verb with a fixed reply, for replies and
-    misbehaviour SMTPSink cannot give; it records every line, by connection."""
+    misbehaviour SMTPSink cannot give; it records every line, by connection.
+
+    A reply may be a function of the session's lines so far; None hangs up.
+    """
 
     DEFAULT_REPLIES = {b"EHLO": b"250-script.test\r\n250 PIPELINING", b"MAIL": b"250 2.1.0 Ok",
                        b"RCPT": b"250 2.1.5 Ok", b"DATA": b"354 Go ahead",
@@ -205,6 +208,11 @@ class ScriptedServer:
                     self.in_data = False
                 verb = line.split(b" ")[0].upper()
                 reply = server.replies.get(verb, b"502 5.5.1 Unknown command")
+                if callable(reply):
+                    reply = reply(self.lines)
+                if reply is None:
+                    self.transport.loseConnection()
+                    return
                 self.transport.write(reply + b"\r\n")
                 self.in_data = verb == b"DATA" and reply.startswith(b"354")
                 if verb == b"STARTTLS" and reply.startswith(b"220"):

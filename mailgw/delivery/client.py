@@ -1,11 +1,13 @@
 """The outbound SMTP client pool (D-4, D-5).
 
 Messages for one destination domain share connections: each connection
-takes the next waiting message after the previous one (RSET between), and
-quits when none is left.  When the server offers PIPELINING (RFC 2920), MAIL,
-RCPT and DATA go out in one write, saving two round trips a message.  A domain
-gets at most `per_domain` connections at once and the pool at most
-`max_connections`.
+takes the next waiting message after the previous one (RSET between).  When
+none is left it stays open for `idle_seconds`, so that a steady flow to a
+domain does not open a connection per queue poll, then QUITs.  When the server
+offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write, saving
+two round trips a message.  A domain gets at most `per_domain` connections at
+once and the pool at most `max_connections`, idle ones included; a domain
+waiting for a slot makes the oldest idle connection of another domain quit.
 STARTTLS is used whenever the server offers it; with the "verify" policy it
 is required and the certificate must match the MX host name.
 """
@@ -66,11 +68,13 @@ class _DomainQueue:
         # (MX host name, address, port) in the order to try.
         self.servers = servers
         self.waiting: deque[OutgoingMessage] = deque()
-        self.connections = 0
+        self.connections = 0  # open, idle ones included
+        self.idle: list[_Connection] = []  # most recently parked last
 
 
 class _Connection(smtp.ESMTPClient):
-    """One outbound connection, fed from its domain's queue until it is empty.
+    """One outbound connection, fed from its domain's queue; when the queue is empty the
+    pool parks it for a while (idle) or lets it QUIT.
 
     twisted.mail's ESMTPClient does EHLO, STARTTLS and AUTH; the mail transaction is
     ours, so that the envelope can be pipelined (RFC 2920) and a refusal reported
@@ -80,17 +84,23 @@ class _Connection(smtp.ESMTPClient):
     # twisted.mail's log of the last lines: outcomes carry the replies themselves.
     debug = False
 
-    def __init__(self, queue: _DomainQueue, identity: bytes, tls_options, require_tls: bool,
-                 reply_timeout: float, clock, authenticate: tuple[str, str] | None) -> None:
+    def __init__(self, pool: OutboundPool, queue: _DomainQueue, tls_options) -> None:
+        authenticate = pool.authenticate
         secret = authenticate[1].encode() if authenticate else None
-        super().__init__(secret, tls_options, identity)
+        super().__init__(secret, tls_options, pool.identity)
+        self.pool = pool
         self.queue = queue
-        self.timeout = reply_timeout
-        self.callLater = clock.callLater
+        self.timeout = pool.reply_timeout
+        self.callLater = pool.clock.callLater
+        require_tls = pool.tls_policy == TLS_VERIFY
         self.requireTransportSecurity = require_tls
         self.heloFallback = not require_tls
         self.current: OutgoingMessage | None = None
         self.sent = 0
+        # It found the queue empty at least once: the server works, even if it sent nothing.
+        self.ran_dry = False
+        # The current message is the first after a wait in the pool's idle list.
+        self._resumed = False
         self.pipelining = False
         # Replies to the current envelope (MAIL, RCPT, DATA), and the commands not sent yet.
         self._replies: list[tuple[int, bytes]] = []
@@ -117,7 +127,8 @@ class _Connection(smtp.ESMTPClient):
     def smtpState_from(self, code, resp) -> None:  # noqa: N802
         """Start the next waiting message: after EHLO (or AUTH), and after each RSET."""
         if not self.queue.waiting:
-            self._disconnectFromServer()
+            self.ran_dry = True
+            self.pool._connection_free(self)
             return
         self.current = message = self.queue.waiting.popleft()
         commands = [b"MAIL FROM:" + smtp.quoteaddr(message.sender.encode()),
@@ -132,6 +143,25 @@ class _Connection(smtp.ESMTPClient):
         else:
             self._unsent = commands[1:]
             self.sendLine(commands[0])
+
+    def park(self) -> None:
+        """Wait for the pool to resume it (a message came) or to let it quit."""
+        self.setTimeout(None)  # no reply is due
+        self._expected = ()
+        self._failresponse = self._reply_while_idle
+
+    def resume(self) -> None:
+        self._resumed = True
+        self.setTimeout(self.timeout)
+        self.smtpState_from(-1, b"")
+
+    def quit(self) -> None:
+        self.setTimeout(self.timeout)
+        self._disconnectFromServer()
+
+    def _reply_while_idle(self, code: int, resp: bytes) -> None:
+        # Nothing was asked: most likely a 421 before the server closes an idle session.
+        self.transport.loseConnection()
 
     def _envelope_reply(self, code: int, resp: bytes) -> None:
         self._replies.append((code, resp))
@@ -179,9 +209,10 @@ class _Connection(smtp.ESMTPClient):
         """The current message has its answer: report it and RSET for the next one."""
         message, self.current = self.current, None
         self.sent += 1
+        self._resumed = False
         self._expected = smtp.SUCCESS
         self._okresponse = self.smtpState_from
-        self._failresponse = lambda *_: self._disconnectFromServer()
+        self._failresponse = lambda *_: self.pool._release(self)  # RSET refused: start afresh
         self.sendLine(b"RSET")
         message.done.callback(outcome)
 
@@ -192,11 +223,17 @@ class _Connection(smtp.ESMTPClient):
     def connectionLost(self, reason=protocol.connectionDone) -> None:  # noqa: N802
         self._fail_current(reason.value)
         super().connectionLost(reason)
+        self.pool._connection_lost(self)
         self.finished.callback(None)
 
     def _fail_current(self, exc) -> None:
         message, self.current = self.current, None
         if message is None:
+            return
+        if self._resumed and not self._replies:
+            # No answer at all on a reused connection: the server most likely closed it
+            # while it was idle, and nothing was accepted. Another connection takes it.
+            self.queue.waiting.appendleft(message)
             return
         refusal = self._refusal()
         if refusal is not None:  # e.g. a pipelined 421 before the server hung up
@@ -223,7 +260,7 @@ class OutboundPool:
                  connect_timeout: float = 30, reply_timeout: float = 300,
                  per_domain: int = 10, max_connections: int = 200,
                  authenticate: tuple[str, str] | None = None,
-                 per_domain_rate: float = 0.0) -> None:
+                 per_domain_rate: float = 0.0, idle_seconds: float = 2.0) -> None:
         self.reactor = reactor
         self.clock = clock
         self.identity = hostname.encode("idna")
@@ -241,6 +278,11 @@ class OutboundPool:
         self._queues: dict[str, _DomainQueue] = {}
         self._blocked: deque[str] = deque()  # domains waiting for a free connection
         self._idle_waiters: list[defer.Deferred[None]] = []
+        # A connection whose queue is empty stays open this long for the next message.
+        self.idle_seconds = idle_seconds
+        self._idle: dict[_Connection, interfaces.IDelayedCall] = {}  # oldest first
+        self._leaving: set[_Connection] = set()  # sent (or sending) QUIT
+        self._closing_idle = False  # close_idle() waits: no connection may stay idle
         # Tests replace this to connect somewhere else; (address, port) -> endpoint.
         self.endpoint_for: Callable[[str, int], object] = self._tcp_endpoint
 
@@ -281,6 +323,60 @@ class OutboundPool:
         self._idle_waiters.append(d)
         return d
 
+    def close_idle(self) -> defer.Deferred[None]:
+        """Graceful stop: idle connections QUIT now, busy ones as soon as their queue is
+        empty instead of waiting for more; fires once no connection is open."""
+        if self.open_connections == 0:
+            return defer.succeed(None)
+        self._closing_idle = True
+        for connection in list(self._idle):
+            self._release(connection)
+        return self.idle()
+
+    def _connection_free(self, connection: _Connection) -> None:
+        """`connection` found its queue empty: park it for the next message, or let it go
+        when idling is off, the pool is stopping or a blocked domain wants the slot."""
+        if (self.idle_seconds and not self._closing_idle
+                and self._slots_wanted() <= len(self._leaving)):
+            self._idle[connection] = self.clock.callLater(self.idle_seconds, self._release,
+                                                          connection)
+            connection.queue.idle.append(connection)
+            connection.park()
+        else:
+            self._release(connection)
+
+    def _release(self, connection: _Connection) -> None:
+        """QUIT `connection`; its slot is free once the server has closed it."""
+        self._unpark(connection)
+        self._leaving.add(connection)
+        connection.quit()
+
+    def _unpark(self, connection: _Connection) -> None:
+        timer = self._idle.pop(connection, None)
+        if timer is not None:
+            connection.queue.idle.remove(connection)
+            if timer.active():
+                timer.cancel()
+
+    def _connection_lost(self, connection: _Connection) -> None:
+        self._unpark(connection)
+        self._leaving.discard(connection)
+
+    def _slots_wanted(self) -> int:
+        """Connections that domains blocked by max_connections would open now."""
+        wanted = 0
+        for domain in self._blocked:
+            queue = self._queues.get(domain)
+            if queue is not None:
+                wanted += max(0, min(len(queue.waiting), self.per_domain) - queue.connections)
+        return wanted
+
+    def _free_slots(self) -> None:
+        """Close idle connections, oldest first, while blocked domains want their slots."""
+        wanted = self._slots_wanted()
+        while self._idle and len(self._leaving) < wanted:
+            self._release(next(iter(self._idle)))
+
     def _tcp_endpoint(self, address: str, port: int):
         if ":" in address:
             return endpoints.TCP6ClientEndpoint(self.reactor, address, port,
@@ -289,16 +385,22 @@ class OutboundPool:
                                             timeout=self.connect_timeout)
 
     def _connect(self, domain: str, queue: _DomainQueue) -> None:
-        """As many connections as messages waiting, within the per-domain and total caps."""
+        """Idle connections take waiting messages first; then as many new connections as
+        messages waiting, within the per-domain and total caps."""
+        while queue.waiting and queue.idle:
+            connection = queue.idle[-1]  # the most recent: older ones may time out
+            self._unpark(connection)
+            connection.resume()
         while (len(queue.waiting) > queue.connections and queue.connections < self.per_domain
                and self.open_connections < self.max_connections):
             queue.connections += 1
             self.open_connections += 1
             defer.ensureDeferred(self._run_connection(domain, queue)).addErrback(
                 self._unexpected)
-        if (len(queue.waiting) > queue.connections and queue.connections < self.per_domain
-                and domain not in self._blocked):
-            self._blocked.append(domain)
+        if len(queue.waiting) > queue.connections and queue.connections < self.per_domain:
+            if domain not in self._blocked:
+                self._blocked.append(domain)
+            self._free_slots()
 
     async def _run_connection(self, domain: str, queue: _DomainQueue) -> None:
         try:
@@ -306,9 +408,7 @@ class OutboundPool:
             for host, address, port in queue.servers:
                 if not queue.waiting:
                     return
-                client = _Connection(queue, self.identity, self._tls_options(host),
-                                     self.tls_policy == TLS_VERIFY, self.reply_timeout,
-                                     self.clock, self.authenticate)
+                client = _Connection(self, queue, self._tls_options(host))
                 try:
                     await endpoints.connectProtocol(self.endpoint_for(address, port), client)
                 except (error.ConnectError, error.DNSLookupError, OSError) as e:
@@ -316,7 +416,7 @@ class OutboundPool:
                     continue
                 self.connections_made += 1
                 await client.finished
-                if client.sent:
+                if client.sent or client.ran_dry:
                     return  # it worked; a later connection picks up what is left
             self._fail_waiting(queue, last_error)
         finally:
@@ -328,6 +428,7 @@ class OutboundPool:
                 self._queues.pop(domain, None)
             self._unblock()
             if self.open_connections == 0:
+                self._closing_idle = False
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for d in waiters:
                     d.callback(None)

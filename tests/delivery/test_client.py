@@ -21,7 +21,7 @@ class PoolTests(unittest.TestCase):
     def send(self, *recipients, servers=None, pool=None):
         servers = servers or [("mx.example.net", "127.0.0.1", self.port)]
         pool = pool or self.pool
-        self.addCleanup(pool.idle)
+        self.addCleanup(pool.close_idle)
         return defer.gatherResults([
             pool.deliver("example.net", servers,
                          OutgoingMessage(i, "b-1@bounces.example.org", rcpt, DATA))
@@ -147,7 +147,7 @@ class PipeliningTests(unittest.TestCase):
 
     def send(self, *envelopes):
         self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
-        self.addCleanup(pool.idle)
+        self.addCleanup(pool.close_idle)
         return defer.gatherResults([
             pool.deliver("example.net", self.servers, OutgoingMessage(i, sender, rcpt, DATA))
             for i, (sender, rcpt) in enumerate(envelopes)])
@@ -199,9 +199,96 @@ class PipeliningTests(unittest.TestCase):
         self.addCleanup(server.stop)
         (outcome,) = await self.send(("b-1@bounces.example.org", "nobody@example.net"))
         self.assertEqual((outcome.state, outcome.reply), ("bounced", "550 5.1.1 Unknown user"))
-        await self.pool.idle()
+        await self.pool.close_idle()
         (session,) = server.sessions
         self.assertEqual(session[session.index(b"DATA"):], [b"DATA", b".", b"RSET", b"QUIT"])
+
+
+async def until(condition, timeout=5.0):
+    """Let the reactor run until `condition()` holds (socket I/O is real in these tests)."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still not true after {timeout} s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class IdleConnectionTests(unittest.TestCase):
+    """delivery.connection_idle_seconds: a connection waits for more mail before QUIT."""
+
+    def setUp(self):
+        self.sink = SMTPSink()
+        self.servers = [("mx.example.net", "127.0.0.1", self.sink.start())]
+        self.addCleanup(self.sink.stop)
+        self.clock = task.Clock()
+
+    def pool(self, **options):
+        pool = OutboundPool(reactor, self.clock, "gw.example.org", idle_seconds=2.0, **options)
+        self.addCleanup(pool.close_idle)
+        return pool
+
+    def send(self, pool, recipient, domain="example.net"):
+        d = pool.deliver(domain, self.servers,
+                         OutgoingMessage(1, "b-1@bounces.example.org", recipient, DATA))
+        return d.addTimeout(5, reactor)
+
+    async def test_next_message_reuses_the_idle_connection_until_the_idle_time_ends(self):
+        pool = self.pool()
+        self.assertEqual((await self.send(pool, "a@example.net")).state, "sent")
+        await until(lambda: pool._idle)
+        self.clock.advance(1.5)
+        self.assertEqual((await self.send(pool, "b@example.net")).state, "sent")
+        await until(lambda: pool._idle)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(self.sink.commands[-5:], [b"RSET", b"MAIL", b"RCPT", b"DATA", b"RSET"])
+        self.clock.advance(1.9)  # counted from the last message
+        self.assertEqual(self.sink.open_sessions, 1)
+        self.clock.advance(0.2)
+        await pool.idle().addTimeout(5, reactor)
+        self.assertEqual(self.sink.commands[-1], b"QUIT")
+
+    async def test_idle_connection_counts_against_max_connections(self):
+        """Another domain needing the only slot makes the idle connection quit early."""
+        pool = self.pool(max_connections=1)
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        outcome = await self.send(pool, "b@example.com", domain="example.com")
+        self.assertEqual(outcome.state, "sent")
+        self.assertEqual(self.sink.commands[:10], [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET",
+                                              b"QUIT"] + [b"EHLO", b"MAIL", b"RCPT", b"DATA"])
+
+    async def test_idle_connection_counts_against_per_domain(self):
+        pool = self.pool(per_domain=1)
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        outcomes = await defer.gatherResults([self.send(pool, f"r{i}@example.net")
+                                              for i in range(3)])
+        self.assertEqual([o.state for o in outcomes], ["sent"] * 3)
+        self.assertEqual(self.sink.connections, 1)
+
+    async def test_close_idle_quits_idle_and_finishing_connections_at_once(self):
+        pool = self.pool()
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        await pool.close_idle().addTimeout(5, reactor)
+        self.assertEqual(self.sink.commands[-1], b"QUIT")
+        # Asked while the connection is still between RSET and its reply.
+        await self.send(pool, "b@example.net")
+        await pool.close_idle().addTimeout(5, reactor)
+        self.assertEqual((self.sink.connections, self.sink.commands[-2:]), (2, [b"RSET",
+                                                                                b"QUIT"]))
+
+    async def test_message_on_a_connection_the_server_closed_goes_on_a_new_one(self):
+        """No reply at all after idling: nothing was accepted, so no deferral either."""
+        server = ScriptedServer({b"MAIL": lambda lines: None if sum(
+            line.startswith(b"MAIL") for line in lines) > 1 else b"250 2.1.0 Ok"})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        pool = self.pool()
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        self.assertEqual((await self.send(pool, "b@example.net")).state, "sent")
+        self.assertEqual(len(server.sessions), 2)
 
 class ClassifyTests(unittest.TestCase):
     def test_codes(self):
@@ -223,7 +310,7 @@ class WireFormatTests(unittest.TestCase):
         port = sink.start()
         self.addCleanup(sink.stop)
         pool = OutboundPool(reactor, reactor, "gw.example.org")
-        self.addCleanup(pool.idle)
+        self.addCleanup(pool.close_idle)
         data = b"Subject: dots\r\n\r\n.\r\n..two\r\nend"
         await pool.deliver("example.net", [("mx", "127.0.0.1", port)],
                            OutgoingMessage(1, "a@example.org", "b@example.net", data))
