@@ -54,13 +54,25 @@ def wire_format(data: bytes) -> bytes:
 
 def classify(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
     """D-5: 2xx sent, 5xx a hard bounce, anything else (4xx, no answer) deferred."""
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    text = " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
+    text = _one_line(code, reply)
     if 200 <= code < 300:
         return Outcome(delivery_id, "sent", text)
     if 500 <= code < 600:
         return Outcome(delivery_id, "bounced", text, bounce_type="hard")
     return Outcome(delivery_id, "deferred", text)
+
+
+def _one_line(code: int, reply: bytes | str) -> str:
+    """A reply as one line ("550 5.1.1 No such user"); without a code, the text alone."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
+
+
+def _error_reply(exc: BaseException) -> tuple[int, bytes | str]:
+    """The code and text of a twisted.mail error; -1 and a description for others."""
+    code = getattr(exc, "code", -1)
+    reply = getattr(exc, "resp", None) or str(exc) or type(exc).__name__
+    return (code if isinstance(code, int) else -1), reply
 
 
 class _DomainQueue:
@@ -84,12 +96,13 @@ class _Connection(smtp.ESMTPClient):
     # twisted.mail's log of the last lines: outcomes carry the replies themselves.
     debug = False
 
-    def __init__(self, pool: OutboundPool, queue: _DomainQueue, tls_options) -> None:
+    def __init__(self, pool: OutboundPool, queue: _DomainQueue, host: str, tls_options) -> None:
         authenticate = pool.authenticate
         secret = authenticate[1].encode() if authenticate else None
         super().__init__(secret, tls_options, pool.identity)
         self.pool = pool
         self.queue = queue
+        self.host = host
         self.timeout = pool.reply_timeout
         self.callLater = pool.clock.callLater
         require_tls = pool.tls_policy == TLS_VERIFY
@@ -97,6 +110,9 @@ class _Connection(smtp.ESMTPClient):
         self.heloFallback = not require_tls
         self.current: OutgoingMessage | None = None
         self.sent = 0
+        # The first error (a server's reply when there was one): why messages still
+        # waiting could not go, instead of a generic "no mail server".
+        self.failure: str | None = None
         # It found the queue empty at least once: the server works, even if it sent nothing.
         self.ran_dry = False
         # The current message is the first after a wait in the pool's idle list.
@@ -217,14 +233,22 @@ class _Connection(smtp.ESMTPClient):
         message.done.callback(outcome)
 
     def sendError(self, exc) -> None:  # noqa: N802
+        self._failed(exc)
         self._fail_current(exc)
         super().sendError(exc)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:  # noqa: N802
+        self._failed(reason.value)
         self._fail_current(reason.value)
         super().connectionLost(reason)
         self.pool._connection_lost(self)
         self.finished.callback(None)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.failure is None:
+            code, reply = _error_reply(exc)
+            text = _one_line(code, reply)
+            self.failure = text if code > 0 else f"{self.host}: {text}"
 
     def _fail_current(self, exc) -> None:
         message, self.current = self.current, None
@@ -235,14 +259,9 @@ class _Connection(smtp.ESMTPClient):
             # while it was idle, and nothing was accepted. Another connection takes it.
             self.queue.waiting.appendleft(message)
             return
-        refusal = self._refusal()
-        if refusal is not None:  # e.g. a pipelined 421 before the server hung up
-            code, reply = refusal
-        else:
-            code = getattr(exc, "code", -1)
-            reply = getattr(exc, "resp", None) or str(exc) or type(exc).__name__
-        message.done.callback(_refused(message.delivery_id,
-                                       code if isinstance(code, int) else -1, reply))
+        # A pipelined refusal (a 421, say) read before the server hung up says more.
+        code, reply = self._refusal() or _error_reply(exc)
+        message.done.callback(_refused(message.delivery_id, code, reply))
 
 
 def _refused(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
@@ -408,7 +427,7 @@ class OutboundPool:
             for host, address, port in queue.servers:
                 if not queue.waiting:
                     return
-                client = _Connection(self, queue, self._tls_options(host))
+                client = _Connection(self, queue, host, self._tls_options(host))
                 try:
                     await endpoints.connectProtocol(self.endpoint_for(address, port), client)
                 except (error.ConnectError, error.DNSLookupError, OSError) as e:
@@ -418,6 +437,7 @@ class OutboundPool:
                 await client.finished
                 if client.sent or client.ran_dry:
                     return  # it worked; a later connection picks up what is left
+                last_error = client.failure or last_error
             self._fail_waiting(queue, last_error)
         finally:
             queue.connections -= 1

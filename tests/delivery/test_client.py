@@ -101,6 +101,19 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(outcome.state, "deferred")
         self.assertEqual(len(relay.messages), 1)
 
+    async def test_smarthost_refusing_auth_defers_with_its_reply(self):
+        relay = ScriptedServer({
+            b"EHLO": b"250-script.test\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING",
+            b"AUTH": b"535 5.7.8 Authentication credentials invalid"})
+        servers = [("relay.example.org", "127.0.0.1", relay.start())]
+        self.addCleanup(relay.stop)
+        pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
+        outcomes = await self.send("a@example.net", "b@example.net", servers=servers,
+                                   pool=pool)
+        self.assertEqual([(o.state, o.reply) for o in outcomes],
+                         [("deferred", "535 5.7.8 Authentication credentials invalid")] * 2)
+        self.assertNotIn(b"MAIL", b"".join(relay.sessions[0]))
+
     async def test_verify_policy_refuses_an_unverifiable_certificate(self):
         from pathlib import Path
 
