@@ -176,6 +176,7 @@ class _Message:
 class ScriptedServer:
     """A server that answers each command verb with a fixed reply, for replies and
     misbehaviour SMTPSink cannot give; it records every line, by connection.
+    A STARTTLS it accepts is followed by a broken TLS handshake.
 
     A reply may be a function of the session's lines so far; None hangs up.
     """
@@ -216,10 +217,13 @@ class ScriptedServer:
                 self.transport.write(reply + b"\r\n")
                 self.in_data = verb == b"DATA" and reply.startswith(b"354")
                 if verb == b"STARTTLS" and reply.startswith(b"220"):
-                    self.transport.write(b"this is not a TLS handshake\r\n")
-                    self.transport.loseConnection()
+                    self.setRawMode()  # and answer the client's TLS hello with nonsense
                 elif verb == b"QUIT":
                     self.transport.loseConnection()
+
+            def rawDataReceived(self, data):  # noqa: N802
+                self.transport.write(b"this is not a TLS handshake\r\n")
+                self.transport.loseConnection()
 
         self.port = reactor.listenTCP(0, protocol.Factory.forProtocol(Session),
                                       interface="127.0.0.1")

@@ -9,7 +9,10 @@ two round trips a message.  A domain gets at most `per_domain` connections at
 once and the pool at most `max_connections`, idle ones included; a domain
 waiting for a slot makes the oldest idle connection of another domain quit.
 STARTTLS is used whenever the server offers it; with the "verify" policy it
-is required and the certificate must match the MX host name.
+is required and the certificate must match the MX host name.  With the
+"opportunistic" policy a STARTTLS that fails (refused, or a handshake that
+breaks) is followed by a new connection in clear text, and that server is not
+offered STARTTLS again for TLS_FALLBACK_SECONDS.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from twisted.python.failure import Failure
 from mailgw.store.queue import Outcome
 
 TLS_OPPORTUNISTIC, TLS_VERIFY = "opportunistic", "verify"
+# After STARTTLS to a server failed under the opportunistic policy, connections to it
+# skip STARTTLS this long instead of failing the handshake first each time.
+TLS_FALLBACK_SECONDS = 3600.0
 
 
 @dataclass
@@ -68,9 +74,13 @@ def _one_line(code: int, reply: bytes | str) -> str:
     return " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
 
 
+# twisted.mail's errors for what the server lacks: their 502 is made up, not a reply.
+_LOCAL_ERRORS = (smtp.EHLORequiredError, smtp.AUTHRequiredError, smtp.TLSRequiredError)
+
+
 def _error_reply(exc: BaseException) -> tuple[int, bytes | str]:
-    """The code and text of a twisted.mail error; -1 and a description for others."""
-    code = getattr(exc, "code", -1)
+    """The code and text of a server's error reply; -1 and a description for others."""
+    code = -1 if isinstance(exc, _LOCAL_ERRORS) else getattr(exc, "code", -1)
     reply = getattr(exc, "resp", None) or str(exc) or type(exc).__name__
     return (code if isinstance(code, int) else -1), reply
 
@@ -118,6 +128,10 @@ class _Connection(smtp.ESMTPClient):
         # The current message is the first after a wait in the pool's idle list.
         self._resumed = False
         self.pipelining = False
+        # STARTTLS was accepted but no reply has come through TLS yet.
+        self._tls_pending = False
+        # STARTTLS was refused or the TLS session never worked.
+        self.tls_failed = False
         # Replies to the current envelope (MAIL, RCPT, DATA), and the commands not sent yet.
         self._replies: list[tuple[int, bytes]] = []
         self._unsent: list[bytes] = []
@@ -132,6 +146,24 @@ class _Connection(smtp.ESMTPClient):
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self._tls_pending = False  # whatever it says, TLS carried it
+        super().lineReceived(line)
+
+    def esmtpState_starttls(self, code, resp) -> None:  # noqa: N802
+        self._tls_pending = True
+        super().esmtpState_starttls(code, resp)
+
+    def esmtpTLSFailed(self, code=-1, resp=None) -> None:  # noqa: N802
+        # STARTTLS refused (or the TLS layer could not start): keep the server's reply.
+        self._tls_failure(_one_line(code, resp or b"TLS could not start"))
+        super().esmtpTLSFailed(code, resp)
+
+    def _tls_failure(self, text: str) -> None:
+        self.tls_failed = True
+        if self.failure is None:
+            self.failure = f"{self.host}: STARTTLS failed: {text}"
 
     def esmtpState_serverConfig(self, code, resp) -> None:  # noqa: N802 (Twisted's name)
         # The last EHLO counts: after STARTTLS the server lists its extensions again.
@@ -245,9 +277,11 @@ class _Connection(smtp.ESMTPClient):
         self.finished.callback(None)
 
     def _failed(self, exc: BaseException) -> None:
-        if self.failure is None:
-            code, reply = _error_reply(exc)
-            text = _one_line(code, reply)
+        code, reply = _error_reply(exc)
+        text = _one_line(code, reply)
+        if self._tls_pending:  # the handshake failed (or hung), or TLS never carried a reply
+            self._tls_failure(text)
+        elif self.failure is None:
             self.failure = text if code > 0 else f"{self.host}: {text}"
 
     def _fail_current(self, exc) -> None:
@@ -292,6 +326,8 @@ class OutboundPool:
         # Messages per second per destination domain; 0: as fast as connections allow.
         self.per_domain_rate = per_domain_rate
         self._next_start: dict[str, float] = {}
+        # (address, port) -> until when STARTTLS is skipped (opportunistic policy).
+        self._tls_failed_until: dict[tuple[str, int], float] = {}
         self.open_connections = 0
         self.connections_made = 0
         self._queues: dict[str, _DomainQueue] = {}
@@ -425,19 +461,26 @@ class OutboundPool:
         try:
             last_error = "no mail server"
             for host, address, port in queue.servers:
-                if not queue.waiting:
-                    return
-                client = _Connection(self, queue, host, self._tls_options(host))
-                try:
-                    await endpoints.connectProtocol(self.endpoint_for(address, port), client)
-                except (error.ConnectError, error.DNSLookupError, OSError) as e:
-                    last_error = f"cannot connect to {host} [{address}]:{port}: {e}"
-                    continue
-                self.connections_made += 1
-                await client.finished
-                if client.sent or client.ran_dry:
-                    return  # it worked; a later connection picks up what is left
-                last_error = client.failure or last_error
+                for starttls in self._starttls_attempts(address, port):
+                    if not queue.waiting:
+                        return
+                    client = _Connection(self, queue, host,
+                                         self._tls_options(host) if starttls else None)
+                    try:
+                        await endpoints.connectProtocol(self.endpoint_for(address, port),
+                                                        client)
+                    except (error.ConnectError, error.DNSLookupError, OSError) as e:
+                        last_error = f"cannot connect to {host} [{address}]:{port}: {e}"
+                        break
+                    self.connections_made += 1
+                    await client.finished
+                    if client.sent or client.ran_dry:
+                        return  # it worked; a later connection picks up what is left
+                    last_error = client.failure or last_error
+                    if not client.tls_failed:
+                        break
+                    if self.tls_policy == TLS_OPPORTUNISTIC:
+                        self._remember_tls_failure(address, port)
             self._fail_waiting(queue, last_error)
         finally:
             queue.connections -= 1
@@ -465,6 +508,23 @@ class OutboundPool:
             queue = self._queues.get(domain)
             if queue is not None:
                 self._connect(domain, queue)
+
+    def _starttls_attempts(self, address: str, port: int) -> tuple[bool, ...]:
+        """Whether to use STARTTLS, per attempt: "opportunistic" tries again in clear text
+        when TLS fails (better than not delivering), straight away for a server whose TLS
+        failed lately; "verify" never goes without."""
+        if self.tls_policy == TLS_VERIFY:
+            return (True,)
+        if self._tls_failed_until.get((address, port), 0.0) > self.clock.seconds():
+            return (False,)
+        return (True, False)
+
+    def _remember_tls_failure(self, address: str, port: int) -> None:
+        now = self.clock.seconds()
+        if len(self._tls_failed_until) > 10_000:  # forget servers whose time has passed
+            self._tls_failed_until = {k: t for k, t in self._tls_failed_until.items()
+                                      if t > now}
+        self._tls_failed_until[(address, port)] = now + TLS_FALLBACK_SECONDS
 
     def _tls_options(self, host: str):
         if self.tls_policy == TLS_VERIFY:

@@ -126,10 +126,14 @@ class PoolTests(unittest.TestCase):
         (outcome,) = await self.send("ok@example.net", pool=pool,
                                      servers=[("sink.test", "127.0.0.1", port)])
         self.assertEqual(outcome.state, "deferred")
+        self.assertIn("sink.test: STARTTLS failed", outcome.reply)
+        self.assertIn("certificate verify failed", outcome.reply)
         self.assertEqual(sink.messages, [])
         plain = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
         (outcome,) = await self.send("ok@example.net", pool=plain)  # no STARTTLS offered
         self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(outcome.reply, "mx.example.net: Server does not support secure "
+                                        "communication via TLS / SSL")
         self.assertEqual(self.sink.messages, [])
 
     async def test_silent_server_times_out(self):
@@ -302,6 +306,55 @@ class IdleConnectionTests(unittest.TestCase):
         await until(lambda: pool._idle)
         self.assertEqual((await self.send(pool, "b@example.net")).state, "sent")
         self.assertEqual(len(server.sessions), 2)
+
+
+class STARTTLSFallbackTests(unittest.TestCase):
+    """Opportunistic TLS: when STARTTLS fails, deliver in clear text rather than not at all."""
+
+    EHLO = b"250-script.test\r\n250-STARTTLS\r\n250 PIPELINING"
+
+    def server(self, starttls_reply):
+        server = ScriptedServer({b"EHLO": self.EHLO, b"STARTTLS": starttls_reply})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        return server
+
+    async def send(self, pool, recipient="ok@example.net"):
+        outcome = await pool.deliver("example.net", self.servers, OutgoingMessage(
+            1, "b-1@bounces.example.org", recipient, DATA)).addTimeout(5, reactor)
+        await pool.close_idle()
+        return outcome
+
+    async def assert_falls_back(self, starttls_reply):
+        server = self.server(starttls_reply)
+        pool = OutboundPool(reactor, reactor, "gw.example.org")
+        self.assertEqual((await self.send(pool)).state, "sent")
+        first, second = server.sessions
+        self.assertIn(b"STARTTLS", first)
+        self.assertNotIn(b"STARTTLS", second)
+        self.assertIn(b"DATA", second)
+        # Remembered: the next connection to that server goes straight to clear text.
+        self.assertEqual((await self.send(pool)).state, "sent")
+        self.assertEqual(len(server.sessions), 3)
+        self.assertNotIn(b"STARTTLS", server.sessions[2])
+
+    async def test_broken_handshake(self):
+        await self.assert_falls_back(b"220 2.0.0 Ready to start TLS")
+
+    async def test_starttls_refused(self):
+        await self.assert_falls_back(b"454 4.7.0 TLS not available due to local problem")
+
+    async def test_verify_policy_defers_saying_tls_failed(self):
+        server = self.server(b"220 2.0.0 Ready to start TLS")
+        pool = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
+        outcome = await self.send(pool)
+        self.assertEqual(outcome.state, "deferred")
+        self.assertIn("mx.example.net: STARTTLS failed", outcome.reply)
+        self.assertEqual(len(server.sessions), 1)
+        outcome = await self.send(pool)  # not remembered: "verify" never goes without
+        self.assertEqual(outcome.state, "deferred")
+        self.assertEqual([b"STARTTLS" in session for session in server.sessions], [True] * 2)
+        self.assertNotIn(b"DATA", b"".join(b"".join(session) for session in server.sessions))
 
 class ClassifyTests(unittest.TestCase):
     def test_codes(self):
