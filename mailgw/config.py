@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 import typing
@@ -84,6 +85,9 @@ class DeliveryConfig:
     per_domain_rate: float = 0.0
     connect_timeout: int = 30
     reply_timeout: int = 300
+    # Seconds a connection stays open after its last message, for the next message to the
+    # same domain; 0 quits at once.
+    connection_idle_seconds: float = 2.0
     # STARTTLS to recipients' servers: "opportunistic" (when offered, certificate not
     # checked) or "verify" (required, certificate checked against the MX name).
     tls_policy: str = "opportunistic"
@@ -243,6 +247,10 @@ def _check_values(config: Config) -> None:
                               "port") from None
     if config.delivery.per_domain_rate < 0:
         raise ConfigError("delivery.per_domain_rate: must not be negative")
+    idle = config.delivery.connection_idle_seconds
+    if not (math.isfinite(idle) and idle >= 0):
+        raise ConfigError(f"delivery.connection_idle_seconds: must be a number of seconds, 0 "
+                          f"or more, got {idle}")
     if config.delivery.tls_policy not in TLS_POLICIES:
         raise ConfigError(f"delivery.tls_policy: must be one of {', '.join(TLS_POLICIES)}, got "
                           f"{config.delivery.tls_policy!r}")

@@ -1,7 +1,8 @@
 """A receiving SMTP server for tests: accepts mail on loopback and keeps it.
 
 Recipients whose local part starts with "bounce" are refused with 550 and
-those starting with "defer" with 451, so delivery outcomes can be provoked.
+those starting with "defer" with 451, and senders whose local part starts with
+"refused" with 550, so delivery outcomes can be provoked.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from twisted.cred import checkers, portal
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.mail import smtp
 from twisted.mail._cred import PLAINCredentials
+from twisted.protocols import basic
 from zope.interface import implementer
 
 REFUSALS = {"bounce": (550, "5.1.1 No such user here"), "defer": (451, "4.3.0 Try later")}
@@ -29,9 +31,13 @@ class SMTPSink:
     tls_options: object = None
     # username -> password: AUTH PLAIN is then required (a smarthost).
     users: dict[bytes, bytes] | None = None
+    # Offer PIPELINING (RFC 2920) in the EHLO reply.
+    pipelining: bool = False
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     commands: list[bytes] = field(default_factory=list)
+    # The command verbs of each read from the socket: what the client sent together.
+    segments: list[list[bytes]] = field(default_factory=list)
     arrived: list[defer.Deferred] = field(default_factory=list)
     open_sessions: int = 0
     closed_waiters: list[defer.Deferred] = field(default_factory=list)
@@ -102,6 +108,18 @@ class _RecordingESMTP(smtp.ESMTP):
         super().connectionLost(reason)
         self.sink._session_ended()
 
+    def extensions(self):
+        extensions = super().extensions()
+        if self.sink.pipelining:
+            extensions[b"PIPELINING"] = None
+        return extensions
+
+    def dataReceived(self, data):  # noqa: N802
+        if self.mode == "COMMAND":
+            self.sink.segments.append([line.split(b" ")[0].upper()
+                                       for line in data.split(b"\r\n") if line])
+        return super().dataReceived(data)
+
     def lineReceived(self, line):  # noqa: N802
         if self.mode == "COMMAND":
             self.sink.commands.append(line.split(b" ")[0].upper())
@@ -126,6 +144,8 @@ class _Delivery:
         return None
 
     def validateFrom(self, helo, origin):  # noqa: N802
+        if origin.local.startswith(b"refused"):
+            raise smtp.SMTPBadSender(origin, 550, "5.7.1 Sender refused")
         return origin
 
     def validateTo(self, user):  # noqa: N802
@@ -151,3 +171,63 @@ class _Message:
 
     def connectionLost(self):  # noqa: N802
         self.lines = []
+
+
+class ScriptedServer:
+    """A server that answers each command verb with a fixed reply, for replies and
+    misbehaviour SMTPSink cannot give; it records every line, by connection.
+    A STARTTLS it accepts is followed by a broken TLS handshake.
+
+    A reply may be a function of the session's lines so far; None hangs up.
+    """
+
+    DEFAULT_REPLIES = {b"EHLO": b"250-script.test\r\n250 PIPELINING", b"MAIL": b"250 2.1.0 Ok",
+                       b"RCPT": b"250 2.1.5 Ok", b"DATA": b"354 Go ahead",
+                       b".": b"250 2.0.0 Queued", b"RSET": b"250 2.0.0 Ok",
+                       b"QUIT": b"221 2.0.0 Bye"}
+
+    def __init__(self, replies: dict[bytes, bytes] | None = None) -> None:
+        self.replies = {**self.DEFAULT_REPLIES, **(replies or {})}
+        # The lines each connection received, data lines included.
+        self.sessions: list[list[bytes]] = []
+
+    def start(self) -> int:
+        server = self
+
+        class Session(basic.LineReceiver):
+            def connectionMade(self):  # noqa: N802
+                self.lines = []
+                self.in_data = False
+                server.sessions.append(self.lines)
+                self.sendLine(b"220 script.test ESMTP")
+
+            def lineReceived(self, line):  # noqa: N802
+                self.lines.append(line)
+                if self.in_data:
+                    if line != b".":
+                        return
+                    self.in_data = False
+                verb = line.split(b" ")[0].upper()
+                reply = server.replies.get(verb, b"502 5.5.1 Unknown command")
+                if callable(reply):
+                    reply = reply(self.lines)
+                if reply is None:
+                    self.transport.loseConnection()
+                    return
+                self.transport.write(reply + b"\r\n")
+                self.in_data = verb == b"DATA" and reply.startswith(b"354")
+                if verb == b"STARTTLS" and reply.startswith(b"220"):
+                    self.setRawMode()  # and answer the client's TLS hello with nonsense
+                elif verb == b"QUIT":
+                    self.transport.loseConnection()
+
+            def rawDataReceived(self, data):  # noqa: N802
+                self.transport.write(b"this is not a TLS handshake\r\n")
+                self.transport.loseConnection()
+
+        self.port = reactor.listenTCP(0, protocol.Factory.forProtocol(Session),
+                                      interface="127.0.0.1")
+        return self.port.getHost().port
+
+    def stop(self) -> defer.Deferred:
+        return self.port.stopListening()

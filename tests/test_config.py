@@ -83,6 +83,9 @@ class ErrorTests(unittest.TestCase):
         self.assertConfigError({"delivery": {"tls_policy": "maybe"}}, "delivery.tls_policy")
         self.assertConfigError({"delivery": {"remote_smtp_port": 70000}},
                                "delivery.remote_smtp_port")
+        for idle in (-1, float("nan"), float("inf")):
+            self.assertConfigError({"delivery": {"connection_idle_seconds": idle}},
+                                   "delivery.connection_idle_seconds")
         self.assertConfigError({"tls": {"certificate": "/c.pem"}}, "tls.private_key")
         self.assertConfigError({"hostname": "two words"}, "hostname")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/8"]}},

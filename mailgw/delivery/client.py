@@ -1,11 +1,18 @@
 """The outbound SMTP client pool (D-4, D-5).
 
 Messages for one destination domain share connections: each connection
-takes the next waiting message after the previous one (RSET between, by
-twisted.mail's SMTPClient), and quits when none is left.  A domain gets at
-most `per_domain` connections at once and the pool at most `max_connections`.
+takes the next waiting message after the previous one (RSET between).  When
+none is left it stays open for `idle_seconds`, so that a steady flow to a
+domain does not open a connection per queue poll, then QUITs.  When the server
+offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write, saving
+two round trips a message.  A domain gets at most `per_domain` connections at
+once and the pool at most `max_connections`, idle ones included; a domain
+waiting for a slot makes the oldest idle connection of another domain quit.
 STARTTLS is used whenever the server offers it; with the "verify" policy it
-is required and the certificate must match the MX host name.
+is required and the certificate must match the MX host name.  With the
+"opportunistic" policy a STARTTLS that fails (refused, or a handshake that
+breaks) is followed by a new connection in clear text, and that server is not
+offered STARTTLS again for TLS_FALLBACK_SECONDS.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ from dataclasses import dataclass, field
 from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailgw.store.queue import Outcome
 
 TLS_OPPORTUNISTIC, TLS_VERIFY = "opportunistic", "verify"
+# After STARTTLS to a server failed under the opportunistic policy, connections to it
+# skip STARTTLS this long instead of failing the handshake first each time.
+TLS_FALLBACK_SECONDS = 3600.0
 
 
 @dataclass
@@ -49,8 +60,7 @@ def wire_format(data: bytes) -> bytes:
 
 def classify(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
     """D-5: 2xx sent, 5xx a hard bounce, anything else (4xx, no answer) deferred."""
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    text = " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
+    text = _one_line(code, reply)
     if 200 <= code < 300:
         return Outcome(delivery_id, "sent", text)
     if 500 <= code < 600:
@@ -58,30 +68,73 @@ def classify(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
     return Outcome(delivery_id, "deferred", text)
 
 
+def _one_line(code: int, reply: bytes | str) -> str:
+    """A reply as one line ("550 5.1.1 No such user"); without a code, the text alone."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
+
+
+# twisted.mail's errors for what the server lacks: their 502 is made up, not a reply.
+_LOCAL_ERRORS = (smtp.EHLORequiredError, smtp.AUTHRequiredError, smtp.TLSRequiredError)
+
+
+def _error_reply(exc: BaseException) -> tuple[int, bytes | str]:
+    """The code and text of a server's error reply; -1 and a description for others."""
+    code = -1 if isinstance(exc, _LOCAL_ERRORS) else getattr(exc, "code", -1)
+    reply = getattr(exc, "resp", None) or str(exc) or type(exc).__name__
+    return (code if isinstance(code, int) else -1), reply
+
+
 class _DomainQueue:
     def __init__(self, servers: list[tuple[str, str, int]]) -> None:
         # (MX host name, address, port) in the order to try.
         self.servers = servers
         self.waiting: deque[OutgoingMessage] = deque()
-        self.connections = 0
+        self.connections = 0  # open, idle ones included
+        self.idle: list[_Connection] = []  # most recently parked last
 
 
 class _Connection(smtp.ESMTPClient):
-    """One outbound connection, fed from its domain's queue until it is empty."""
+    """One outbound connection, fed from its domain's queue; when the queue is empty the
+    pool parks it for a while (idle) or lets it QUIT.
 
-    log = Logger()
+    twisted.mail's ESMTPClient does EHLO, STARTTLS and AUTH; the mail transaction is
+    ours, so that the envelope can be pipelined (RFC 2920) and a refusal reported
+    with the server's own reply.
+    """
 
-    def __init__(self, queue: _DomainQueue, identity: bytes, tls_options, require_tls: bool,
-                 reply_timeout: float, clock, authenticate: tuple[str, str] | None) -> None:
+    # twisted.mail's log of the last lines: outcomes carry the replies themselves.
+    debug = False
+
+    def __init__(self, pool: OutboundPool, queue: _DomainQueue, host: str, tls_options) -> None:
+        authenticate = pool.authenticate
         secret = authenticate[1].encode() if authenticate else None
-        super().__init__(secret, tls_options, identity)
+        super().__init__(secret, tls_options, pool.identity)
+        self.pool = pool
         self.queue = queue
-        self.timeout = reply_timeout
-        self.callLater = clock.callLater
+        self.host = host
+        self.timeout = pool.reply_timeout
+        self.callLater = pool.clock.callLater
+        require_tls = pool.tls_policy == TLS_VERIFY
         self.requireTransportSecurity = require_tls
         self.heloFallback = not require_tls
         self.current: OutgoingMessage | None = None
         self.sent = 0
+        # The first error (a server's reply when there was one): why messages still
+        # waiting could not go, instead of a generic "no mail server".
+        self.failure: str | None = None
+        # It found the queue empty at least once: the server works, even if it sent nothing.
+        self.ran_dry = False
+        # The current message is the first after a wait in the pool's idle list.
+        self._resumed = False
+        self.pipelining = False
+        # STARTTLS was accepted but no reply has come through TLS yet.
+        self._tls_pending = False
+        # STARTTLS was refused or the TLS session never worked.
+        self.tls_failed = False
+        # Replies to the current envelope (MAIL, RCPT, DATA), and the commands not sent yet.
+        self._replies: list[tuple[int, bytes]] = []
+        self._unsent: list[bytes] = []
         self.finished: defer.Deferred[None] = defer.Deferred()
         if authenticate:
             self.registerAuthenticator(smtp.PLAINAuthenticator(authenticate[0].encode()))
@@ -94,18 +147,102 @@ class _Connection(smtp.ESMTPClient):
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
 
-    def getMailFrom(self):  # noqa: N802 (Twisted's name)
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self._tls_pending = False  # whatever it says, TLS carried it
+        super().lineReceived(line)
+
+    def esmtpState_starttls(self, code, resp) -> None:  # noqa: N802
+        self._tls_pending = True
+        super().esmtpState_starttls(code, resp)
+
+    def esmtpTLSFailed(self, code=-1, resp=None) -> None:  # noqa: N802
+        # STARTTLS refused (or the TLS layer could not start): keep the server's reply.
+        self._tls_failure(_one_line(code, resp or b"TLS could not start"))
+        super().esmtpTLSFailed(code, resp)
+
+    def _tls_failure(self, text: str) -> None:
+        self.tls_failed = True
+        if self.failure is None:
+            self.failure = f"{self.host}: STARTTLS failed: {text}"
+
+    def esmtpState_serverConfig(self, code, resp) -> None:  # noqa: N802 (Twisted's name)
+        # The last EHLO counts: after STARTTLS the server lists its extensions again.
+        keywords = {line.split(None, 1)[0].upper()
+                    for line in resp.splitlines()[1:] if line.strip()}
+        self.pipelining = b"PIPELINING" in keywords
+        super().esmtpState_serverConfig(code, resp)
+
+    def smtpState_from(self, code, resp) -> None:  # noqa: N802
+        """Start the next waiting message: after EHLO (or AUTH), and after each RSET."""
         if not self.queue.waiting:
-            self.current = None
-            return None
-        self.current = self.queue.waiting.popleft()
-        return self.current.sender.encode()
+            self.ran_dry = True
+            self.pool._connection_free(self)
+            return
+        self.current = message = self.queue.waiting.popleft()
+        commands = [b"MAIL FROM:" + smtp.quoteaddr(message.sender.encode()),
+                    b"RCPT TO:" + smtp.quoteaddr(message.recipient.encode()), b"DATA"]
+        self._replies = []
+        self._expected = range(1000)  # every reply goes to _envelope_reply
+        self._okresponse = self._envelope_reply
+        if self.pipelining:
+            # RFC 2920: the whole envelope in one write, its replies read in order.
+            self._unsent = []
+            self.transport.write(b"".join(command + b"\r\n" for command in commands))
+        else:
+            self._unsent = commands[1:]
+            self.sendLine(commands[0])
 
-    def getMailTo(self):  # noqa: N802
-        return [self.current.recipient.encode()]
+    def park(self) -> None:
+        """Wait for the pool to resume it (a message came) or to let it quit."""
+        self.setTimeout(None)  # no reply is due
+        self._expected = ()
+        self._failresponse = self._reply_while_idle
 
-    def getMailData(self):  # noqa: N802
-        return io.BytesIO(wire_format(self.current.data))
+    def resume(self) -> None:
+        self._resumed = True
+        self.setTimeout(self.timeout)
+        self.smtpState_from(-1, b"")
+
+    def quit(self) -> None:
+        self.setTimeout(self.timeout)
+        self._disconnectFromServer()
+
+    def _reply_while_idle(self, code: int, resp: bytes) -> None:
+        # Nothing was asked: most likely a 421 before the server closes an idle session.
+        self.transport.loseConnection()
+
+    def _envelope_reply(self, code: int, resp: bytes) -> None:
+        self._replies.append((code, resp))
+        if len(self._replies) < 3 - len(self._unsent):
+            return  # more pipelined replies to come
+        refusal = self._refusal()
+        if refusal is None and self._unsent:
+            self.sendLine(self._unsent.pop(0))
+        elif refusal is None:
+            self._send_body()
+        else:
+            outcome = _refused(self.current.delivery_id, *refusal)
+            if code == 354:
+                # RFC 2920 3.1: a DATA accepted after a refusal gets an empty message; the
+                # refusal stays the outcome.
+                self._okresponse = lambda *_: self._finish(outcome)
+                self.sendLine(b".")
+            else:
+                self._finish(outcome)
+
+    def _refusal(self) -> tuple[int, bytes] | None:
+        """The first negative reply to the envelope: the outcome of a message not taken."""
+        for i, (code, resp) in enumerate(self._replies):
+            if not (code == 354 if i == 2 else 200 <= code < 300):
+                return code, resp
+        return None
+
+    def _send_body(self) -> None:
+        self._okresponse = self._data_reply
+        transfer = basic.FileSender().beginFileTransfer(
+            io.BytesIO(wire_format(self.current.data)), self.transport, self.transformChunk)
+        transfer.addCallbacks(lambda _: self.sendLine(b"."),
+                              lambda failure: self.sendError(failure.value))
 
     def transformChunk(self, chunk: bytes) -> bytes:  # noqa: N802
         """The data is already in wire format: twisted.mail's own conversion assumes LF
@@ -113,33 +250,60 @@ class _Connection(smtp.ESMTPClient):
         self.resetTimeout()
         return chunk
 
-    def sentMail(self, code, resp, num_ok, addresses, log) -> None:  # noqa: N802
+    def _data_reply(self, code: int, resp: bytes) -> None:
+        self._finish(classify(self.current.delivery_id, code, resp))
+
+    def _finish(self, outcome: Outcome) -> None:
+        """The current message has its answer: report it and RSET for the next one."""
         message, self.current = self.current, None
-        if num_ok == 0 and addresses:
-            # The RCPT was refused: its reply, not the generic "no recipients" one, counts.
-            _, code, resp = addresses[0]
-        message.done.callback(classify(message.delivery_id, code, resp))
         self.sent += 1
+        self._resumed = False
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_from
+        self._failresponse = lambda *_: self.pool._release(self)  # RSET refused: start afresh
+        self.sendLine(b"RSET")
+        message.done.callback(outcome)
 
     def sendError(self, exc) -> None:  # noqa: N802
+        self._failed(exc)
         self._fail_current(exc)
         super().sendError(exc)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:  # noqa: N802
+        self._failed(reason.value)
         self._fail_current(reason.value)
         super().connectionLost(reason)
+        self.pool._connection_lost(self)
         self.finished.callback(None)
+
+    def _failed(self, exc: BaseException) -> None:
+        code, reply = _error_reply(exc)
+        text = _one_line(code, reply)
+        if self._tls_pending:  # the handshake failed (or hung), or TLS never carried a reply
+            self._tls_failure(text)
+        elif self.failure is None:
+            self.failure = text if code > 0 else f"{self.host}: {text}"
 
     def _fail_current(self, exc) -> None:
         message, self.current = self.current, None
-        if message is not None:
-            code = getattr(exc, "code", -1)
-            reply = getattr(exc, "resp", None) or str(exc) or type(exc).__name__
-            outcome = classify(message.delivery_id, code if isinstance(code, int) else -1,
-                               reply)
-            if outcome.state == "sent":  # an error is never a success
-                outcome = Outcome(message.delivery_id, "deferred", outcome.reply)
-            message.done.callback(outcome)
+        if message is None:
+            return
+        if self._resumed and not self._replies:
+            # No answer at all on a reused connection: the server most likely closed it
+            # while it was idle, and nothing was accepted. Another connection takes it.
+            self.queue.waiting.appendleft(message)
+            return
+        # A pipelined refusal (a 421, say) read before the server hung up says more.
+        code, reply = self._refusal() or _error_reply(exc)
+        message.done.callback(_refused(message.delivery_id, code, reply))
+
+
+def _refused(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
+    """classify() for a reply or error that ends a transaction early: never `sent`."""
+    outcome = classify(delivery_id, code, reply)
+    if outcome.state == "sent":
+        return Outcome(delivery_id, "deferred", outcome.reply)
+    return outcome
 
 
 class OutboundPool:
@@ -149,7 +313,7 @@ class OutboundPool:
                  connect_timeout: float = 30, reply_timeout: float = 300,
                  per_domain: int = 10, max_connections: int = 200,
                  authenticate: tuple[str, str] | None = None,
-                 per_domain_rate: float = 0.0) -> None:
+                 per_domain_rate: float = 0.0, idle_seconds: float = 2.0) -> None:
         self.reactor = reactor
         self.clock = clock
         self.identity = hostname.encode("idna")
@@ -162,11 +326,18 @@ class OutboundPool:
         # Messages per second per destination domain; 0: as fast as connections allow.
         self.per_domain_rate = per_domain_rate
         self._next_start: dict[str, float] = {}
+        # (address, port) -> until when STARTTLS is skipped (opportunistic policy).
+        self._tls_failed_until: dict[tuple[str, int], float] = {}
         self.open_connections = 0
         self.connections_made = 0
         self._queues: dict[str, _DomainQueue] = {}
         self._blocked: deque[str] = deque()  # domains waiting for a free connection
         self._idle_waiters: list[defer.Deferred[None]] = []
+        # A connection whose queue is empty stays open this long for the next message.
+        self.idle_seconds = idle_seconds
+        self._idle: dict[_Connection, interfaces.IDelayedCall] = {}  # oldest first
+        self._leaving: set[_Connection] = set()  # sent (or sending) QUIT
+        self._closing_idle = False  # close_idle() waits: no connection may stay idle
         # Tests replace this to connect somewhere else; (address, port) -> endpoint.
         self.endpoint_for: Callable[[str, int], object] = self._tcp_endpoint
 
@@ -207,6 +378,60 @@ class OutboundPool:
         self._idle_waiters.append(d)
         return d
 
+    def close_idle(self) -> defer.Deferred[None]:
+        """Graceful stop: idle connections QUIT now, busy ones as soon as their queue is
+        empty instead of waiting for more; fires once no connection is open."""
+        if self.open_connections == 0:
+            return defer.succeed(None)
+        self._closing_idle = True
+        for connection in list(self._idle):
+            self._release(connection)
+        return self.idle()
+
+    def _connection_free(self, connection: _Connection) -> None:
+        """`connection` found its queue empty: park it for the next message, or let it go
+        when idling is off, the pool is stopping or a blocked domain wants the slot."""
+        if (self.idle_seconds and not self._closing_idle
+                and self._slots_wanted() <= len(self._leaving)):
+            self._idle[connection] = self.clock.callLater(self.idle_seconds, self._release,
+                                                          connection)
+            connection.queue.idle.append(connection)
+            connection.park()
+        else:
+            self._release(connection)
+
+    def _release(self, connection: _Connection) -> None:
+        """QUIT `connection`; its slot is free once the server has closed it."""
+        self._unpark(connection)
+        self._leaving.add(connection)
+        connection.quit()
+
+    def _unpark(self, connection: _Connection) -> None:
+        timer = self._idle.pop(connection, None)
+        if timer is not None:
+            connection.queue.idle.remove(connection)
+            if timer.active():
+                timer.cancel()
+
+    def _connection_lost(self, connection: _Connection) -> None:
+        self._unpark(connection)
+        self._leaving.discard(connection)
+
+    def _slots_wanted(self) -> int:
+        """Connections that domains blocked by max_connections would open now."""
+        wanted = 0
+        for domain in self._blocked:
+            queue = self._queues.get(domain)
+            if queue is not None:
+                wanted += max(0, min(len(queue.waiting), self.per_domain) - queue.connections)
+        return wanted
+
+    def _free_slots(self) -> None:
+        """Close idle connections, oldest first, while blocked domains want their slots."""
+        wanted = self._slots_wanted()
+        while self._idle and len(self._leaving) < wanted:
+            self._release(next(iter(self._idle)))
+
     def _tcp_endpoint(self, address: str, port: int):
         if ":" in address:
             return endpoints.TCP6ClientEndpoint(self.reactor, address, port,
@@ -215,35 +440,47 @@ class OutboundPool:
                                             timeout=self.connect_timeout)
 
     def _connect(self, domain: str, queue: _DomainQueue) -> None:
-        """As many connections as messages waiting, within the per-domain and total caps."""
+        """Idle connections take waiting messages first; then as many new connections as
+        messages waiting, within the per-domain and total caps."""
+        while queue.waiting and queue.idle:
+            connection = queue.idle[-1]  # the most recent: older ones may time out
+            self._unpark(connection)
+            connection.resume()
         while (len(queue.waiting) > queue.connections and queue.connections < self.per_domain
                and self.open_connections < self.max_connections):
             queue.connections += 1
             self.open_connections += 1
             defer.ensureDeferred(self._run_connection(domain, queue)).addErrback(
                 self._unexpected)
-        if (len(queue.waiting) > queue.connections and queue.connections < self.per_domain
-                and domain not in self._blocked):
-            self._blocked.append(domain)
+        if len(queue.waiting) > queue.connections and queue.connections < self.per_domain:
+            if domain not in self._blocked:
+                self._blocked.append(domain)
+            self._free_slots()
 
     async def _run_connection(self, domain: str, queue: _DomainQueue) -> None:
         try:
             last_error = "no mail server"
             for host, address, port in queue.servers:
-                if not queue.waiting:
-                    return
-                client = _Connection(queue, self.identity, self._tls_options(host),
-                                     self.tls_policy == TLS_VERIFY, self.reply_timeout,
-                                     self.clock, self.authenticate)
-                try:
-                    await endpoints.connectProtocol(self.endpoint_for(address, port), client)
-                except (error.ConnectError, error.DNSLookupError, OSError) as e:
-                    last_error = f"cannot connect to {host} [{address}]:{port}: {e}"
-                    continue
-                self.connections_made += 1
-                await client.finished
-                if client.sent:
-                    return  # it worked; a later connection picks up what is left
+                for starttls in self._starttls_attempts(address, port):
+                    if not queue.waiting:
+                        return
+                    client = _Connection(self, queue, host,
+                                         self._tls_options(host) if starttls else None)
+                    try:
+                        await endpoints.connectProtocol(self.endpoint_for(address, port),
+                                                        client)
+                    except (error.ConnectError, error.DNSLookupError, OSError) as e:
+                        last_error = f"cannot connect to {host} [{address}]:{port}: {e}"
+                        break
+                    self.connections_made += 1
+                    await client.finished
+                    if client.sent or client.ran_dry:
+                        return  # it worked; a later connection picks up what is left
+                    last_error = client.failure or last_error
+                    if not client.tls_failed:
+                        break
+                    if self.tls_policy == TLS_OPPORTUNISTIC:
+                        self._remember_tls_failure(address, port)
             self._fail_waiting(queue, last_error)
         finally:
             queue.connections -= 1
@@ -254,6 +491,7 @@ class OutboundPool:
                 self._queues.pop(domain, None)
             self._unblock()
             if self.open_connections == 0:
+                self._closing_idle = False
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for d in waiters:
                     d.callback(None)
@@ -270,6 +508,23 @@ class OutboundPool:
             queue = self._queues.get(domain)
             if queue is not None:
                 self._connect(domain, queue)
+
+    def _starttls_attempts(self, address: str, port: int) -> tuple[bool, ...]:
+        """Whether to use STARTTLS, per attempt: "opportunistic" tries again in clear text
+        when TLS fails (better than not delivering), straight away for a server whose TLS
+        failed lately; "verify" never goes without."""
+        if self.tls_policy == TLS_VERIFY:
+            return (True,)
+        if self._tls_failed_until.get((address, port), 0.0) > self.clock.seconds():
+            return (False,)
+        return (True, False)
+
+    def _remember_tls_failure(self, address: str, port: int) -> None:
+        now = self.clock.seconds()
+        if len(self._tls_failed_until) > 10_000:  # forget servers whose time has passed
+            self._tls_failed_until = {k: t for k, t in self._tls_failed_until.items()
+                                      if t > now}
+        self._tls_failed_until[(address, port)] = now + TLS_FALLBACK_SECONDS
 
     def _tls_options(self, host: str):
         if self.tls_policy == TLS_VERIFY:

@@ -77,7 +77,8 @@ class QueueRunner:
         self._loop_done.addErrback(lambda f: self.log.failure("queue runner stopped", f))
 
     async def stop(self) -> None:
-        """Graceful stop (O-5): no new claims, running deliveries finish, leases freed."""
+        """Graceful stop (O-5): no new claims, running deliveries finish, leases freed,
+        then the pool's connections QUIT without waiting out their idle time."""
         self.running = False
         self._wake()
         if self._loop_done is not None:
@@ -88,6 +89,7 @@ class QueueRunner:
             await d
         with contextlib.suppress(DatabaseUnavailable):  # else the leases expire by themselves
             await self.queue.release(self.owner)
+        await self.pool.close_idle()
 
     def _wake(self) -> None:
         wakeup, self._wakeup = self._wakeup, None

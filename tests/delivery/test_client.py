@@ -5,7 +5,7 @@ from twisted.trial import unittest
 
 from mailgw.delivery.client import OutboundPool, OutgoingMessage, classify, wire_format
 from mailgw.tlscert import ensure_self_signed, server_tls_options
-from tests.smtp_sink import SMTPSink
+from tests.smtp_sink import ScriptedServer, SMTPSink
 
 DATA = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -21,7 +21,7 @@ class PoolTests(unittest.TestCase):
     def send(self, *recipients, servers=None, pool=None):
         servers = servers or [("mx.example.net", "127.0.0.1", self.port)]
         pool = pool or self.pool
-        self.addCleanup(pool.idle)
+        self.addCleanup(pool.close_idle)
         return defer.gatherResults([
             pool.deliver("example.net", servers,
                          OutgoingMessage(i, "b-1@bounces.example.org", rcpt, DATA))
@@ -101,6 +101,19 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(outcome.state, "deferred")
         self.assertEqual(len(relay.messages), 1)
 
+    async def test_smarthost_refusing_auth_defers_with_its_reply(self):
+        relay = ScriptedServer({
+            b"EHLO": b"250-script.test\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING",
+            b"AUTH": b"535 5.7.8 Authentication credentials invalid"})
+        servers = [("relay.example.org", "127.0.0.1", relay.start())]
+        self.addCleanup(relay.stop)
+        pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
+        outcomes = await self.send("a@example.net", "b@example.net", servers=servers,
+                                   pool=pool)
+        self.assertEqual([(o.state, o.reply) for o in outcomes],
+                         [("deferred", "535 5.7.8 Authentication credentials invalid")] * 2)
+        self.assertNotIn(b"MAIL", b"".join(relay.sessions[0]))
+
     async def test_verify_policy_refuses_an_unverifiable_certificate(self):
         from pathlib import Path
 
@@ -113,10 +126,14 @@ class PoolTests(unittest.TestCase):
         (outcome,) = await self.send("ok@example.net", pool=pool,
                                      servers=[("sink.test", "127.0.0.1", port)])
         self.assertEqual(outcome.state, "deferred")
+        self.assertIn("sink.test: STARTTLS failed", outcome.reply)
+        self.assertIn("certificate verify failed", outcome.reply)
         self.assertEqual(sink.messages, [])
         plain = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
         (outcome,) = await self.send("ok@example.net", pool=plain)  # no STARTTLS offered
         self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(outcome.reply, "mx.example.net: Server does not support secure "
+                                        "communication via TLS / SSL")
         self.assertEqual(self.sink.messages, [])
 
     async def test_silent_server_times_out(self):
@@ -135,6 +152,209 @@ class PoolTests(unittest.TestCase):
         (outcome,) = await d
         self.assertEqual(outcome.state, "deferred")
 
+
+class PipeliningTests(unittest.TestCase):
+    """RFC 2920: the envelope in one write when offered, one command at a time when not."""
+
+    def sink(self, pipelining):
+        sink = SMTPSink(pipelining=pipelining)
+        self.servers = [("mx.example.net", "127.0.0.1", sink.start())]
+        self.addCleanup(sink.stop)
+        return sink
+
+    def send(self, *envelopes):
+        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        self.addCleanup(pool.close_idle)
+        return defer.gatherResults([
+            pool.deliver("example.net", self.servers, OutgoingMessage(i, sender, rcpt, DATA))
+            for i, (sender, rcpt) in enumerate(envelopes)])
+
+    async def test_envelope_sent_in_one_write(self):
+        sink = self.sink(pipelining=True)
+        outcomes = await self.send(("b-1@bounces.example.org", "a@example.net"),
+                                   ("b-2@bounces.example.org", "b@example.net"))
+        self.assertEqual([o.state for o in outcomes], ["sent", "sent"])
+        envelopes = [s for s in sink.segments if s[0] == b"MAIL"]
+        # Sent before the server answered MAIL: one read holds all three.
+        self.assertEqual(envelopes, [[b"MAIL", b"RCPT", b"DATA"]] * 2)
+        self.assertEqual([m.recipient for m in sink.messages], ["a@example.net",
+                                                                 "b@example.net"])
+
+    async def test_one_command_at_a_time_without_pipelining(self):
+        sink = self.sink(pipelining=False)
+        (outcome,) = await self.send(("b-1@bounces.example.org", "a@example.net"))
+        self.assertEqual(outcome.state, "sent")
+        self.assertIn([b"MAIL"], sink.segments)
+        self.assertIn([b"RCPT"], sink.segments)
+        self.assertIn([b"DATA"], sink.segments)
+
+    async def test_refused_recipient_is_the_outcome_not_the_data_reply(self):
+        sink = self.sink(pipelining=True)
+        outcomes = await self.send(("b-1@bounces.example.org", "bounce@example.net"),
+                                   ("b-1@bounces.example.org", "defer@example.net"),
+                                   ("b-1@bounces.example.org", "ok@example.net"))
+        self.assertEqual([(o.state, o.bounce_type) for o in outcomes],
+                         [("bounced", "hard"), ("deferred", None), ("sent", None)])
+        self.assertEqual(outcomes[0].reply, "550 5.1.1 No such user here")
+        self.assertEqual(outcomes[1].reply, "451 4.3.0 Try later")
+        self.assertEqual([m.recipient for m in sink.messages], ["ok@example.net"])
+
+    async def test_refused_sender_is_the_outcome(self):
+        for pipelining in (True, False):
+            sink = self.sink(pipelining=pipelining)
+            (outcome,) = await self.send(("refused@bounces.example.org", "ok@example.net"))
+            self.assertEqual((outcome.state, outcome.bounce_type), ("bounced", "hard"))
+            self.assertTrue(outcome.reply.startswith("550 "), outcome.reply)
+            self.assertIn("5.7.1 Sender refused", outcome.reply)
+            self.assertEqual(sink.messages, [])
+
+
+    async def test_data_accepted_after_a_refusal_gets_an_empty_message(self):
+        """RFC 2920 3.1: a server may take DATA with no recipient; the RCPT reply counts."""
+        server = ScriptedServer({b"RCPT": b"550 5.1.1 Unknown user"})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        (outcome,) = await self.send(("b-1@bounces.example.org", "nobody@example.net"))
+        self.assertEqual((outcome.state, outcome.reply), ("bounced", "550 5.1.1 Unknown user"))
+        await self.pool.close_idle()
+        (session,) = server.sessions
+        self.assertEqual(session[session.index(b"DATA"):], [b"DATA", b".", b"RSET", b"QUIT"])
+
+
+async def until(condition, timeout=5.0):
+    """Let the reactor run until `condition()` holds (socket I/O is real in these tests)."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still not true after {timeout} s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class IdleConnectionTests(unittest.TestCase):
+    """delivery.connection_idle_seconds: a connection waits for more mail before QUIT."""
+
+    def setUp(self):
+        self.sink = SMTPSink()
+        self.servers = [("mx.example.net", "127.0.0.1", self.sink.start())]
+        self.addCleanup(self.sink.stop)
+        self.clock = task.Clock()
+
+    def pool(self, **options):
+        pool = OutboundPool(reactor, self.clock, "gw.example.org", idle_seconds=2.0, **options)
+        self.addCleanup(pool.close_idle)
+        return pool
+
+    def send(self, pool, recipient, domain="example.net"):
+        d = pool.deliver(domain, self.servers,
+                         OutgoingMessage(1, "b-1@bounces.example.org", recipient, DATA))
+        return d.addTimeout(5, reactor)
+
+    async def test_next_message_reuses_the_idle_connection_until_the_idle_time_ends(self):
+        pool = self.pool()
+        self.assertEqual((await self.send(pool, "a@example.net")).state, "sent")
+        await until(lambda: pool._idle)
+        self.clock.advance(1.5)
+        self.assertEqual((await self.send(pool, "b@example.net")).state, "sent")
+        await until(lambda: pool._idle)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(self.sink.commands[-5:], [b"RSET", b"MAIL", b"RCPT", b"DATA", b"RSET"])
+        self.clock.advance(1.9)  # counted from the last message
+        self.assertEqual(self.sink.open_sessions, 1)
+        self.clock.advance(0.2)
+        await pool.idle().addTimeout(5, reactor)
+        self.assertEqual(self.sink.commands[-1], b"QUIT")
+
+    async def test_idle_connection_counts_against_max_connections(self):
+        """Another domain needing the only slot makes the idle connection quit early."""
+        pool = self.pool(max_connections=1)
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        outcome = await self.send(pool, "b@example.com", domain="example.com")
+        self.assertEqual(outcome.state, "sent")
+        self.assertEqual(self.sink.commands[:10], [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET",
+                                              b"QUIT"] + [b"EHLO", b"MAIL", b"RCPT", b"DATA"])
+
+    async def test_idle_connection_counts_against_per_domain(self):
+        pool = self.pool(per_domain=1)
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        outcomes = await defer.gatherResults([self.send(pool, f"r{i}@example.net")
+                                              for i in range(3)])
+        self.assertEqual([o.state for o in outcomes], ["sent"] * 3)
+        self.assertEqual(self.sink.connections, 1)
+
+    async def test_close_idle_quits_idle_and_finishing_connections_at_once(self):
+        pool = self.pool()
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        await pool.close_idle().addTimeout(5, reactor)
+        self.assertEqual(self.sink.commands[-1], b"QUIT")
+        # Asked while the connection is still between RSET and its reply.
+        await self.send(pool, "b@example.net")
+        await pool.close_idle().addTimeout(5, reactor)
+        self.assertEqual((self.sink.connections, self.sink.commands[-2:]), (2, [b"RSET",
+                                                                                b"QUIT"]))
+
+    async def test_message_on_a_connection_the_server_closed_goes_on_a_new_one(self):
+        """No reply at all after idling: nothing was accepted, so no deferral either."""
+        server = ScriptedServer({b"MAIL": lambda lines: None if sum(
+            line.startswith(b"MAIL") for line in lines) > 1 else b"250 2.1.0 Ok"})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        pool = self.pool()
+        await self.send(pool, "a@example.net")
+        await until(lambda: pool._idle)
+        self.assertEqual((await self.send(pool, "b@example.net")).state, "sent")
+        self.assertEqual(len(server.sessions), 2)
+
+
+class STARTTLSFallbackTests(unittest.TestCase):
+    """Opportunistic TLS: when STARTTLS fails, deliver in clear text rather than not at all."""
+
+    EHLO = b"250-script.test\r\n250-STARTTLS\r\n250 PIPELINING"
+
+    def server(self, starttls_reply):
+        server = ScriptedServer({b"EHLO": self.EHLO, b"STARTTLS": starttls_reply})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        return server
+
+    async def send(self, pool, recipient="ok@example.net"):
+        outcome = await pool.deliver("example.net", self.servers, OutgoingMessage(
+            1, "b-1@bounces.example.org", recipient, DATA)).addTimeout(5, reactor)
+        await pool.close_idle()
+        return outcome
+
+    async def assert_falls_back(self, starttls_reply):
+        server = self.server(starttls_reply)
+        pool = OutboundPool(reactor, reactor, "gw.example.org")
+        self.assertEqual((await self.send(pool)).state, "sent")
+        first, second = server.sessions
+        self.assertIn(b"STARTTLS", first)
+        self.assertNotIn(b"STARTTLS", second)
+        self.assertIn(b"DATA", second)
+        # Remembered: the next connection to that server goes straight to clear text.
+        self.assertEqual((await self.send(pool)).state, "sent")
+        self.assertEqual(len(server.sessions), 3)
+        self.assertNotIn(b"STARTTLS", server.sessions[2])
+
+    async def test_broken_handshake(self):
+        await self.assert_falls_back(b"220 2.0.0 Ready to start TLS")
+
+    async def test_starttls_refused(self):
+        await self.assert_falls_back(b"454 4.7.0 TLS not available due to local problem")
+
+    async def test_verify_policy_defers_saying_tls_failed(self):
+        server = self.server(b"220 2.0.0 Ready to start TLS")
+        pool = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
+        outcome = await self.send(pool)
+        self.assertEqual(outcome.state, "deferred")
+        self.assertIn("mx.example.net: STARTTLS failed", outcome.reply)
+        self.assertEqual(len(server.sessions), 1)
+        outcome = await self.send(pool)  # not remembered: "verify" never goes without
+        self.assertEqual(outcome.state, "deferred")
+        self.assertEqual([b"STARTTLS" in session for session in server.sessions], [True] * 2)
+        self.assertNotIn(b"DATA", b"".join(b"".join(session) for session in server.sessions))
 
 class ClassifyTests(unittest.TestCase):
     def test_codes(self):
@@ -156,7 +376,7 @@ class WireFormatTests(unittest.TestCase):
         port = sink.start()
         self.addCleanup(sink.stop)
         pool = OutboundPool(reactor, reactor, "gw.example.org")
-        self.addCleanup(pool.idle)
+        self.addCleanup(pool.close_idle)
         data = b"Subject: dots\r\n\r\n.\r\n..two\r\nend"
         await pool.deliver("example.net", [("mx", "127.0.0.1", port)],
                            OutgoingMessage(1, "a@example.org", "b@example.net", data))

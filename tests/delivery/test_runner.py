@@ -27,10 +27,15 @@ class HeldPool:
 
     def __init__(self):
         self.held = []
+        self.closed = False
 
     def deliver(self, domain, servers, message):
         self.held.append(message)
         return message.done
+
+    def close_idle(self):
+        self.closed = True
+        return defer.succeed(None)
 
 
 async def _sql_txn(cursor, sql):
@@ -70,6 +75,7 @@ class RunnerTests(DatabaseTestCase):
             "rows", _sql_txn, "SELECT state, lease_owner FROM deliveries")
         self.assertEqual(rows, [("sent", None)] * 3)
         self.assertFalse(self.runner.running)
+        self.assertTrue(self.pool.closed)  # idle connections QUIT at once
 
 class RetryPolicyTests(unittest.TestCase):
     def policy(self, attempts, age, **config):
