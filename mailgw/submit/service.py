@@ -121,7 +121,7 @@ class SubmissionService:
             reply_to=content.reply_to[0] if content.reply_to else None,
             headers=dict(content.headers),
             custom_headers=content.custom_headers,
-            options=dataclasses.asdict(content.options),
+            options=dict(vars(content.options)),
             client_ip=submission.client_ip,
             raw=submission.raw,
             size=len(submission.raw or b""),
