@@ -14,6 +14,7 @@ boundary) gives None, and the caller hands the message to the email package.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from email.message import Message
 from email.policy import Policy
 
@@ -22,6 +23,8 @@ from email.policy import Policy
 _HEADER_NAME = re.compile(r"[\041-\071\073-\176]+:")
 _BLANK_LINE = re.compile(r"\n\r?\n")
 _CONTINUATION = (" ", "\t")
+# What may follow a boundary on its line (RFC 2046 5.1.1): '--' when it closes, blanks.
+_DELIMITER_END = re.compile(r"(--)?[ \t]*(?:\r?\n|\Z)")
 
 
 def read_message(raw: bytes, policy: Policy) -> Message | None:
@@ -80,23 +83,36 @@ def _add_parts(message: Message, body: str, policy: Policy) -> bool:
     boundary = message.get_boundary()
     if boundary is None or message.get_content_type() == "multipart/digest":
         return False
-    delimiter = re.compile("^--" + re.escape(boundary) + r"(--)?[ \t]*(?:\r?\n|\Z)",
-                           re.MULTILINE)
+    delimiter = "--" + boundary
     parts: list[Message] = []
     start = None
-    for match in delimiter.finditer(body):
+    for line_start, line_end, closing in _delimiter_lines(body, delimiter):
         if start is not None:
-            if match.start() == start:
+            if line_start == start:
                 return False  # repeated boundary lines: FeedParser makes odd parts of them
-            part = _read(_strip_line_end(body[start:match.start()]), policy)
+            part = _read(_strip_line_end(body[start:line_start]), policy)
             if part is None or part.is_multipart():
                 return False  # nested multiparts: FeedParser strips their epilogue
             parts.append(part)
-        if match.group(1):  # the closing boundary
+        if closing:
             message.set_payload(parts)
             return bool(parts)
-        start = match.end()
+        start = line_end
     return False  # no closing boundary
+
+
+def _delimiter_lines(body: str, delimiter: str) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, closing) of each line that is `delimiter`, maybe followed by '--'
+    (closing), then blanks. str.find, not a MULTILINE regex: '^' is tried at every
+    character of the body."""
+    position = body.find(delimiter)
+    while position >= 0:
+        after = position + len(delimiter)
+        if position == 0 or body[position - 1] == "\n":
+            rest = _DELIMITER_END.match(body, after)
+            if rest is not None:
+                yield position, rest.end(), rest.group(1) is not None
+        position = body.find(delimiter, after)
 
 
 def _strip_line_end(text: str) -> str:
