@@ -9,6 +9,7 @@ itself when PostgreSQL comes back (R-2).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -140,17 +141,30 @@ class _Detector(reconnection.DeadConnectionDetector):
     """txpostgres' detector, with reconnection attempts that a closing pool can stop."""
 
     _retrying: defer.Deferred | None = None
+    _stopped = False
 
     def startReconnecting(self, f: Failure) -> None:  # noqa: N802 (txpostgres' name)
+        if self._stopped:  # the pool is closed: a failure now is no reason to reconnect
+            return
         call = retrying.RetryingCall(self.reconnect)
         call.reactor = self.reactor
         self._retrying = call.start(self.reconnectionIterator())
-        self._retrying.addCallbacks(lambda _: self.connectionRecovered(),
-                                    lambda failure: failure.trap(defer.CancelledError))
+        self._retrying.addCallbacks(lambda _: self.connectionRecovered(), self._not_recovered)
+
+    def _not_recovered(self, failure: Failure) -> None:
+        """Retrying goes on until stopped: cancelled while waiting for the next attempt,
+        or, stopped during an attempt, failed with that attempt when close() ends it."""
+        if not self._stopped:
+            failure.trap(defer.CancelledError)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._retrying is not None and not self._retrying.called:
-            self._retrying.cancel()
+            # During a connection attempt the canceller raises: psycopg2 cannot cancel it
+            # ("asynchronous connection attempt underway"), or it has just succeeded and
+            # txpostgres' canceller refuses.  Closing the connection, next, ends it.
+            with contextlib.suppress(psycopg2.Error, txpostgres._CancelInProgress):
+                self._retrying.cancel()
 
 
 class _Connection(txpostgres.Connection):

@@ -1,7 +1,7 @@
 """The pool when PostgreSQL ends a session under it (a restart, an operator's
 pg_terminate_backend): the caller gets DatabaseUnavailable, nothing is logged as an
-unhandled error (trial turns such a log entry into a test error), and the pool
-recovers."""
+unhandled error (trial turns such a log entry into a test error), the pool recovers,
+and it closes cleanly even while it is reconnecting."""
 
 from twisted.internet import reactor, task
 
@@ -40,3 +40,15 @@ class SessionEndedTests(DatabaseTestCase):
         else:
             self.fail("the pool did not recover")
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_close_while_reconnecting(self):
+        with self.assertRaises(DatabaseUnavailable):
+            await self.database.run_interaction("session_ended", _session_ended_txn)
+        # The detector has started reconnecting at once: a connection attempt is under
+        # way, which psycopg2 cannot cancel.  Closing (the gateway stopping during a
+        # PostgreSQL restart) must still stop and close every connection.
+        self.database.close()
+        await task.deferLater(reactor, 0.3, lambda: None)  # past the next retry's delay
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([c for c in self.database._pool.every_connection
+                          if c._connection is not None and not c._connection.closed], [])
