@@ -9,6 +9,7 @@ itself when PostgreSQL comes back (R-2).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -145,6 +146,8 @@ async def _select_one_txn(cursor) -> None:
 
 
 def _one_line(error: Exception) -> str:
+    if isinstance(error, txpostgres.RollbackFailed):
+        return f"{_one_line(error.originalFailure.value)} (no rollback possible)"
     text = str(error).strip() or type(error).__name__
     return " ".join(text.split())
 
@@ -186,20 +189,62 @@ class _Detector(reconnection.DeadConnectionDetector):
     """txpostgres' detector, with reconnection attempts that a closing pool can stop."""
 
     _retrying: defer.Deferred | None = None
+    _stopped = False
 
     def startReconnecting(self, f: Failure) -> None:  # noqa: N802 (txpostgres' name)
+        if self._stopped:  # the pool is closed: a failure now is no reason to reconnect
+            return
         call = retrying.RetryingCall(self.reconnect)
         call.reactor = self.reactor
         self._retrying = call.start(self.reconnectionIterator())
-        self._retrying.addCallbacks(lambda _: self.connectionRecovered(),
-                                    lambda failure: failure.trap(defer.CancelledError))
+        self._retrying.addCallbacks(lambda _: self.connectionRecovered(), self._not_recovered)
+
+    def _not_recovered(self, failure: Failure) -> None:
+        """Retrying goes on until stopped: cancelled while waiting for the next attempt,
+        or, stopped during an attempt, failed with that attempt when close() ends it."""
+        if not self._stopped:
+            failure.trap(defer.CancelledError)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._retrying is not None and not self._retrying.called:
-            self._retrying.cancel()
+            # During a connection attempt the canceller raises: psycopg2 cannot cancel it
+            # ("asynchronous connection attempt underway"), or it has just succeeded and
+            # txpostgres' canceller refuses.  Closing the connection, next, ends it.
+            with contextlib.suppress(psycopg2.Error, txpostgres._CancelInProgress):
+                self._retrying.cancel()
 
 
 class _Connection(txpostgres.Connection):
+    log = Logger()
+
+    def _runInteraction(self, interaction, *args, **kwargs):  # noqa: N802 (txpostgres' name)
+        """txpostgres' transaction (begin, the interaction, commit; rollback on failure),
+        but a rollback that cannot run is part of losing the connection, not an error
+        to log: txpostgres hands it to `log.err`, which an operator reads as a bug and
+        trial as a test error.  The caller still gets txpostgres' RollbackFailed, a
+        connection error: DatabaseUnavailable for it, and the detector reconnects."""
+        cursor = self.cursor()
+        d = cursor.execute("begin")
+        d.addCallback(interaction, *args, **kwargs)
+        d.addCallback(_commit, cursor)
+        d.addErrback(self._rollback, cursor)
+        return d
+
+    def _rollback(self, failure: Failure, cursor) -> defer.Deferred | Failure:
+        if cursor.connection.closed:
+            # PostgreSQL ended the session (a restart) and its transaction with it;
+            # there is nothing to roll back, and psycopg2 would refuse to try.
+            return Failure(txpostgres.RollbackFailed(self, failure))
+        d = defer.maybeDeferred(cursor.execute, "rollback")
+        d.addCallbacks(lambda _: failure, self._rollback_failed, errbackArgs=(failure,))
+        return d
+
+    def _rollback_failed(self, rollback_failure: Failure, failure: Failure) -> Failure:
+        self.log.warn("rollback failed, the connection will be renewed: {error}",
+                      error=_one_line(rollback_failure.value))
+        return Failure(txpostgres.RollbackFailed(self, failure))
+
     def close(self) -> None:
         if self._connection is None:  # never connected: nothing to close
             return
@@ -218,3 +263,7 @@ class _Connection(txpostgres.Connection):
             super().doRead()
         except CONNECTION_ERRORS:
             self.connectionLost(Failure())
+
+
+def _commit(result: T, cursor) -> defer.Deferred[T]:
+    return cursor.execute("commit").addCallback(lambda _: result)
