@@ -153,7 +153,8 @@ class Gateway(service.MultiService):
         signer = LinkSigner(await self.stores.keys.signing_key("links"),
                             self.config.http.public_base_url)
         return QueueRunner(self.stores.queue, resolver, pool, signer, self.clock, delivery,
-                           self.config.hostname, node_name(self.config.hostname))
+                           self.config.hostname, node_name(self.config.hostname),
+                           self._run_in_thread)
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
@@ -179,7 +180,7 @@ class Gateway(service.MultiService):
                                                                  username))
 
     def _run_in_thread(self, fn, *args):
-        """CPU-heavy work (password hashing) off the reactor thread."""
+        """CPU-heavy work (password hashing, DKIM signatures) off the reactor thread."""
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def _prepare_state_dir(self) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -51,7 +52,8 @@ class QueueRunner:
     log = Logger()
 
     def __init__(self, queue: QueueStore, resolver, pool: OutboundPool, signer: LinkSigner,
-                 clock, config: DeliveryConfig, hostname: str, owner: str) -> None:
+                 clock, config: DeliveryConfig, hostname: str, owner: str,
+                 run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
         self.queue = queue
         self.resolver = resolver
         self.pool = pool
@@ -60,6 +62,7 @@ class QueueRunner:
         self.config = config
         self.hostname = hostname
         self.owner = owner
+        self.run_in_thread = run_in_thread
         self.max_in_flight = 2 * config.batch_size
         self.in_flight = 0
         self.running = False
@@ -167,8 +170,12 @@ class QueueRunner:
             return Outcome(delivery.id, "bounced", f"5.1.2 {e}", bounce_type="hard")
         except TemporaryDNSFailure as e:
             return Outcome(delivery.id, "deferred", f"4.4.3 {e}")
-        data = prepared.render(RecipientContext(delivery.id, delivery.recipient,
-                                                _strings(delivery.fields), {}))
+        data, signature = prepared.render_unsigned(RecipientContext(
+            delivery.id, delivery.recipient, _strings(delivery.fields), {}))
+        if signature is not None:
+            # The key operation (~1 ms for RSA-2048) in a thread: the reactor that signs
+            # is the one that answers SMTP submissions.
+            data = signature.header(await self.run_in_thread(signature.key_signature)) + data
         message = OutgoingMessage(delivery.id,
                                   self.signer.bounce_address(delivery.id, bounce_domain),
                                   delivery.recipient, data)

@@ -1,11 +1,14 @@
 """The queue runner with a real queue and stand-ins for DNS and the outbound pool."""
 
+import threading
 import uuid
 
-from twisted.internet import defer, reactor, task
+import dkim
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailgw.config import DeliveryConfig
+from mailgw.content.dkim import generate_dkim_key
 from mailgw.content.render import LinkSigner
 from mailgw.delivery.mx import MailServer
 from mailgw.delivery.runner import MAX_RETRY_INTERVAL, QueueRunner
@@ -43,10 +46,15 @@ async def _sql_txn(cursor, sql):
     return cursor.fetchall()
 
 
+def _inline(fn, *args):
+    return defer.maybeDeferred(fn, *args)
+
+
 class RunnerTests(DatabaseTestCase):
     async def setUp(self):
         await super().setUp()
         account = await self.stores.accounts.create_account("acme")
+        self.account_id = account.id
         await self.stores.submissions.store(SubmissionRecord(
             account_id=account.id, origin="api", message_uid=uuid.uuid4().hex,
             sender="news@example.org", subject="s", html="<p>x</p>",
@@ -56,7 +64,16 @@ class RunnerTests(DatabaseTestCase):
         self.runner = QueueRunner(
             self.stores.queue, StubResolver(), self.pool,
             LinkSigner(b"k" * 32, "http://localhost:8080"), reactor,
-            DeliveryConfig(batch_size=2, poll_interval=0.01), "gw.example.org", "node-a")
+            DeliveryConfig(batch_size=2, poll_interval=0.01), "gw.example.org", "node-a",
+            self.run_in_thread)
+        self.threads = []
+
+    def run_in_thread(self, fn, *args):
+        """deferToThread, noting the function and the thread it ran in."""
+        def noted():
+            self.threads.append((fn.__name__, threading.get_ident()))
+            return fn(*args)
+        return threads.deferToThread(noted)
 
     async def wait_for_held(self, count):
         while len(self.pool.held) < count:
@@ -77,10 +94,28 @@ class RunnerTests(DatabaseTestCase):
         self.assertFalse(self.runner.running)
         self.assertTrue(self.pool.closed)  # idle connections QUIT at once
 
+    async def test_dkim_key_operation_runs_in_a_thread(self):
+        key = generate_dkim_key("rsa")
+        await self.stores.senders.add_domain(self.account_id, "example.org", "mg1", "rsa",
+                                             key.private_key_pem, key.public_key,
+                                             "bounces.example.org")
+        record = f"v=DKIM1; k=rsa; p={key.public_key}".encode()
+        self.runner.start()
+        self.addCleanup(self.runner.stop)
+        await self.wait_for_held(3)
+        for message in self.pool.held:
+            self.assertTrue(message.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
+            self.assertTrue(dkim.verify(message.data,
+                                        dnsfunc=lambda name, timeout=5: record))
+            message.done.callback(Outcome(message.delivery_id, "sent", "250 ok"))
+        self.assertEqual([name for name, _ in self.threads], ["key_signature"] * 3)
+        self.assertNotIn(threading.get_ident(), {thread for _, thread in self.threads})
+
+
 class RetryPolicyTests(unittest.TestCase):
     def policy(self, attempts, age, **config):
         runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(**config), "gw",
-                             "n")
+                             "n", _inline)
         delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", attempts, age, {}, None)
         return runner._retry_policy(delivery, Outcome(1, "deferred", "451 later"))
 
@@ -94,7 +129,8 @@ class RetryPolicyTests(unittest.TestCase):
         self.assertIn("451 later", outcome.reply)
 
     def test_other_outcomes_untouched(self):
-        runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(), "gw", "n")
+        runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(), "gw", "n",
+                             _inline)
         delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", 1, 0, {}, None)
         sent = Outcome(1, "sent", "250 ok")
         self.assertIs(runner._retry_policy(delivery, sent), sent)
@@ -108,7 +144,7 @@ class PreparedCacheTests(unittest.TestCase):
 
         key = generate_dkim_key("rsa")
         runner = QueueRunner(None, None, None, LinkSigner(b"k" * 32, "http://x"), reactor,
-                             DeliveryConfig(), "gw", "n")
+                             DeliveryConfig(), "gw", "n", _inline)
         for message_id in (1, 2):
             context = MessageContext(message_id, 1, "news@example.org", None,
                                      {"subject": "s", "html": "<p>x</p>", "text": "x"}, {}, {},
