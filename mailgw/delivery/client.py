@@ -17,8 +17,6 @@ offered STARTTLS again for TLS_FALLBACK_SECONDS.
 
 from __future__ import annotations
 
-import io
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +24,6 @@ from dataclasses import dataclass, field
 from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailgw.store.queue import Outcome
@@ -46,16 +43,16 @@ class OutgoingMessage:
     done: defer.Deferred = field(default_factory=defer.Deferred)
 
 
-_LINE_END = re.compile(rb"\r?\n")
-_LEADING_DOT = re.compile(rb"(^|\r\n)\.")
-
-
 def wire_format(data: bytes) -> bytes:
-    """CRLF line ends, dot-stuffed (RFC 5321 4.5.2), ending in CRLF before the final dot."""
-    data = _LINE_END.sub(b"\r\n", data)
+    """CRLF line ends, dot-stuffed (RFC 5321 4.5.2), ending in CRLF before the final dot.
+    Plain bytes operations: rendered messages already have CRLF line ends, and regular
+    expressions over a whole message cost ~0.1 ms each."""
+    if data.count(b"\n") != data.count(b"\r\n"):  # some bare LF
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    return _LEADING_DOT.sub(rb"\1..", data)
+    data = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + data if data.startswith(b".") else data
 
 
 def classify(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
@@ -238,17 +235,10 @@ class _Connection(smtp.ESMTPClient):
         return None
 
     def _send_body(self) -> None:
+        """The whole message in one write (at most smtp.max_message_size, already in
+        memory): the transport buffers it, with no producer round trips per chunk."""
         self._okresponse = self._data_reply
-        transfer = basic.FileSender().beginFileTransfer(
-            io.BytesIO(wire_format(self.current.data)), self.transport, self.transformChunk)
-        transfer.addCallbacks(lambda _: self.sendLine(b"."),
-                              lambda failure: self.sendError(failure.value))
-
-    def transformChunk(self, chunk: bytes) -> bytes:  # noqa: N802
-        """The data is already in wire format: twisted.mail's own conversion assumes LF
-        line ends and misses a dot at a chunk boundary."""
-        self.resetTimeout()
-        return chunk
+        self.transport.write(wire_format(self.current.data) + b".\r\n")
 
     def _data_reply(self, code: int, resp: bytes) -> None:
         self._finish(classify(self.current.delivery_id, code, resp))

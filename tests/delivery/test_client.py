@@ -370,6 +370,9 @@ class WireFormatTests(unittest.TestCase):
     def test_line_ends_and_dots(self):
         self.assertEqual(wire_format(b".first\nsecond\r\n.third\n..x"),
                          b"..first\r\nsecond\r\n..third\r\n...x\r\n")
+        # A rendered message: CRLF already, a bare CR kept as it is.
+        self.assertEqual(wire_format(b"a\r\n.b\r\nc\rd\r\n"), b"a\r\n..b\r\nc\rd\r\n")
+        self.assertEqual(wire_format(b"plain\r\n"), b"plain\r\n")
 
     async def test_dot_lines_arrive_intact(self):
         sink = SMTPSink()
