@@ -18,7 +18,7 @@ offered STARTTLS again for TLS_FALLBACK_SECONDS.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
@@ -39,7 +39,10 @@ class OutgoingMessage:
     delivery_id: int
     sender: str
     recipient: str
-    data: bytes
+    # Makes the message text; called once the server has accepted the recipient and
+    # DATA, so that a refused or deferred RCPT costs no rendering or DKIM signature,
+    # and a message waiting for a connection holds no rendered copy.
+    render: Callable[[], Awaitable[bytes]]
     done: defer.Deferred = field(default_factory=defer.Deferred)
 
 
@@ -235,10 +238,30 @@ class _Connection(smtp.ESMTPClient):
         return None
 
     def _send_body(self) -> None:
-        """The whole message in one write (at most smtp.max_message_size, already in
-        memory): the transport buffers it, with no producer round trips per chunk."""
         self._okresponse = self._data_reply
-        self.transport.write(wire_format(self.current.data) + b".\r\n")
+        message = self.current
+        rendering = defer.maybeDeferred(message.render)
+        rendering.addCallbacks(lambda data: self._write_body(message, data),
+                               lambda failure: self._render_failed(message, failure))
+
+    def _write_body(self, message: OutgoingMessage, data: bytes) -> None:
+        """The whole message in one write (at most smtp.max_message_size): the transport
+        buffers it, with no producer round trips per chunk."""
+        if self.current is message:  # else the connection was lost meanwhile
+            self.transport.write(wire_format(data) + b".\r\n")
+
+    def _render_failed(self, message: OutgoingMessage, failure: Failure) -> None:
+        """No message text to send after DATA: the server must not get a partial one, so
+        the connection is dropped and the delivery deferred with the reason."""
+        self.pool.log.failure("rendering delivery {id} failed", failure,
+                              id=message.delivery_id)
+        if self.current is message:
+            self.current = None
+            self.sent += 1  # answered: the server is fine, the others may go on a new connection
+            message.done.callback(Outcome(message.delivery_id, "deferred",
+                                          f"message could not be rendered: "
+                                          f"{failure.getErrorMessage()}"))
+            self.transport.abortConnection()
 
     def _data_reply(self, code: int, resp: bytes) -> None:
         self._finish(classify(self.current.delivery_id, code, resp))

@@ -170,16 +170,20 @@ class QueueRunner:
             return Outcome(delivery.id, "bounced", f"5.1.2 {e}", bounce_type="hard")
         except TemporaryDNSFailure as e:
             return Outcome(delivery.id, "deferred", f"4.4.3 {e}")
-        data, signature = prepared.render_unsigned(RecipientContext(
-            delivery.id, delivery.recipient, _strings(delivery.fields), {}))
-        if signature is not None:
-            # The key operation (~1 ms for RSA-2048) in a thread: the reactor that signs
-            # is the one that answers SMTP submissions.
-            data = signature.header(await self.run_in_thread(signature.key_signature)) + data
+        recipient = RecipientContext(delivery.id, delivery.recipient,
+                                     _strings(delivery.fields), {})
         message = OutgoingMessage(delivery.id,
                                   self.signer.bounce_address(delivery.id, bounce_domain),
-                                  delivery.recipient, data)
+                                  delivery.recipient, lambda: self._render(prepared, recipient))
         return await self.pool.deliver(domain, servers, message)
+
+    async def _render(self, prepared: PreparedMessage, recipient: RecipientContext) -> bytes:
+        """The recipient's copy, signed. The DKIM key operation (~1 ms for RSA-2048) runs
+        in a thread: the reactor that would sign also answers SMTP submissions."""
+        data, signature = prepared.render_unsigned(recipient)
+        if signature is None:
+            return data
+        return signature.header(await self.run_in_thread(signature.key_signature)) + data
 
     async def _servers(self, domain: str) -> list[tuple[str, str, int]]:
         """(MX name, address, port) in preference order (D-3)."""

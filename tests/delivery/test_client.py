@@ -10,6 +10,15 @@ from tests.smtp_sink import ScriptedServer, SMTPSink
 DATA = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
 
 
+def _text(data, rendered=None):
+    """A message's render function giving `data`; it appends to `rendered` each time."""
+    def render():
+        if rendered is not None:
+            rendered.append(data)
+        return defer.succeed(data)
+    return render
+
+
 class PoolTests(unittest.TestCase):
     def setUp(self):
         self.sink = SMTPSink()
@@ -24,7 +33,7 @@ class PoolTests(unittest.TestCase):
         self.addCleanup(pool.close_idle)
         return defer.gatherResults([
             pool.deliver("example.net", servers,
-                         OutgoingMessage(i, "b-1@bounces.example.org", rcpt, DATA))
+                         OutgoingMessage(i, "b-1@bounces.example.org", rcpt, _text(DATA)))
             for i, rcpt in enumerate(recipients)])
 
     async def test_messages_share_one_connection(self):
@@ -163,10 +172,12 @@ class PipeliningTests(unittest.TestCase):
         return sink
 
     def send(self, *envelopes):
+        self.rendered = []
         self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
         self.addCleanup(pool.close_idle)
         return defer.gatherResults([
-            pool.deliver("example.net", self.servers, OutgoingMessage(i, sender, rcpt, DATA))
+            pool.deliver("example.net", self.servers,
+                         OutgoingMessage(i, sender, rcpt, _text(DATA, self.rendered)))
             for i, (sender, rcpt) in enumerate(envelopes)])
 
     async def test_envelope_sent_in_one_write(self):
@@ -198,6 +209,27 @@ class PipeliningTests(unittest.TestCase):
         self.assertEqual(outcomes[0].reply, "550 5.1.1 No such user here")
         self.assertEqual(outcomes[1].reply, "451 4.3.0 Try later")
         self.assertEqual([m.recipient for m in sink.messages], ["ok@example.net"])
+        # Only the accepted recipient's copy was rendered (and signed).
+        self.assertEqual(len(self.rendered), 1)
+
+    async def test_failed_render_defers_and_sends_no_partial_message(self):
+        sink = self.sink(pipelining=True)
+        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        self.addCleanup(pool.close_idle)
+
+        def broken():
+            raise ValueError("no key")
+
+        first = pool.deliver("example.net", self.servers, OutgoingMessage(
+            1, "b-1@bounces.example.org", "a@example.net", broken))
+        second = pool.deliver("example.net", self.servers, OutgoingMessage(
+            2, "b-1@bounces.example.org", "b@example.net", _text(DATA)))
+        outcomes = await defer.gatherResults([first, second])
+        self.assertEqual((outcomes[0].state, outcomes[0].reply),
+                         ("deferred", "message could not be rendered: no key"))
+        self.assertEqual(outcomes[1].state, "sent")
+        self.assertEqual([m.recipient for m in sink.messages], ["b@example.net"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
     async def test_refused_sender_is_the_outcome(self):
         for pipelining in (True, False):
@@ -246,7 +278,7 @@ class IdleConnectionTests(unittest.TestCase):
 
     def send(self, pool, recipient, domain="example.net"):
         d = pool.deliver(domain, self.servers,
-                         OutgoingMessage(1, "b-1@bounces.example.org", recipient, DATA))
+                         OutgoingMessage(1, "b-1@bounces.example.org", recipient, _text(DATA)))
         return d.addTimeout(5, reactor)
 
     async def test_next_message_reuses_the_idle_connection_until_the_idle_time_ends(self):
@@ -321,7 +353,7 @@ class STARTTLSFallbackTests(unittest.TestCase):
 
     async def send(self, pool, recipient="ok@example.net"):
         outcome = await pool.deliver("example.net", self.servers, OutgoingMessage(
-            1, "b-1@bounces.example.org", recipient, DATA)).addTimeout(5, reactor)
+            1, "b-1@bounces.example.org", recipient, _text(DATA))).addTimeout(5, reactor)
         await pool.close_idle()
         return outcome
 
@@ -382,5 +414,5 @@ class WireFormatTests(unittest.TestCase):
         self.addCleanup(pool.close_idle)
         data = b"Subject: dots\r\n\r\n.\r\n..two\r\nend"
         await pool.deliver("example.net", [("mx", "127.0.0.1", port)],
-                           OutgoingMessage(1, "a@example.org", "b@example.net", data))
+                           OutgoingMessage(1, "a@example.org", "b@example.net", _text(data)))
         self.assertEqual(sink.messages[0].data, b"Subject: dots\r\n\r\n.\r\n..two\r\nend")

@@ -104,8 +104,9 @@ class RunnerTests(DatabaseTestCase):
         self.addCleanup(self.runner.stop)
         await self.wait_for_held(3)
         for message in self.pool.held:
-            self.assertTrue(message.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
-            self.assertTrue(dkim.verify(message.data,
+            data = await message.render()
+            self.assertTrue(data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
+            self.assertTrue(dkim.verify(data,
                                         dnsfunc=lambda name, timeout=5: record))
             message.done.callback(Outcome(message.delivery_id, "sent", "250 ok"))
         self.assertEqual([name for name, _ in self.threads], ["key_signature"] * 3)
