@@ -55,7 +55,7 @@ class _Daemon:
 
 
 def _submit_until_stopped(port: int, demo: dict, stop: threading.Event,
-                          acknowledged: list[tuple[int, str]]) -> None:
+                          acknowledged: list[tuple[int, str] | bytes]) -> None:
     """One client: messages in a loop, recording each 250 OK id=<send> <uid>."""
     try:
         client = _client(port)
@@ -69,7 +69,8 @@ def _submit_until_stopped(port: int, demo: dict, stop: threading.Event,
                 client.rcpt(rcpt)
             _, reply = client.data(SIMPLE)  # raises on anything but 250
             match = re.match(rb"OK id=(\d+) ([0-9a-f]{32})$", reply)
-            acknowledged.append((int(match[1]), match[2].decode()))
+            # A 250 of another form is recorded as it is, for the test to show.
+            acknowledged.append((int(match[1]), match[2].decode()) if match else reply)
     except (OSError, smtplib.SMTPException):
         pass  # the server was killed
 
@@ -112,6 +113,7 @@ class CrashTests(unittest.TestCase):
         stop.set()
         for client in clients:
             client.join(30)
+        self.assertEqual([r for r in acknowledged if isinstance(r, bytes)], [])
         self.assertGreaterEqual(len(acknowledged), 40)
 
         restarted = _Daemon(self.config)
