@@ -55,7 +55,7 @@ class _Daemon:
 
 
 def _submit_until_stopped(port: int, demo: dict, stop: threading.Event,
-                          acknowledged: list[tuple[int, str] | bytes]) -> None:
+                          acknowledged: list[tuple[int, str | bytes]]) -> None:
     """One client: messages in a loop, recording each 250 OK id=<send> <uid>."""
     try:
         client = _client(port)
@@ -67,10 +67,11 @@ def _submit_until_stopped(port: int, demo: dict, stop: threading.Event,
             client.mail(demo["sender"])
             for rcpt in RECIPIENTS:
                 client.rcpt(rcpt)
-            _, reply = client.data(SIMPLE)  # raises on anything but 250
+            code, reply = client.data(SIMPLE)  # returns, not raises, a refusal of the text
             match = re.match(rb"OK id=(\d+) ([0-9a-f]{32})$", reply)
-            # A 250 of another form is recorded as it is, for the test to show.
-            acknowledged.append((int(match[1]), match[2].decode()) if match else reply)
+            # Anything but the S-12 reply is recorded as it is, for the test to check.
+            acknowledged.append((int(match[1]), match[2].decode()) if code == 250 and match
+                                else (code, reply))
     except (OSError, smtplib.SMTPException):
         pass  # the server was killed
 
@@ -113,7 +114,11 @@ class CrashTests(unittest.TestCase):
         stop.set()
         for client in clients:
             client.join(30)
-        self.assertEqual([r for r in acknowledged if isinstance(r, bytes)], [])
+        # Before the kill a message may be refused for the time being (451: its sender
+        # tries again), never accepted with another reply nor refused for good.
+        refused = [r for r in acknowledged if isinstance(r[1], bytes)]
+        self.assertEqual([r for r in refused if r[0] != 451], [])
+        acknowledged = [r for r in acknowledged if not isinstance(r[1], bytes)]
         self.assertGreaterEqual(len(acknowledged), 40)
 
         restarted = _Daemon(self.config)
