@@ -45,9 +45,10 @@ from mailgw.smtp.auth import (
     address_in,
     decode_response,
 )
-from mailgw.store.contacts import ContactLimitReached, ImportedRecipient
-from mailgw.store.submissions import QueuedRecipient, QuotaExceeded
+from mailgw.store.contacts import ContactLimitReached
+from mailgw.store.submissions import QuotaExceeded
 from mailgw.submit.addresses import InvalidAddress, normalize_address
+from mailgw.submit.recipients import RecipientImports
 from mailgw.submit.service import DisallowedSender, Submission, SubmissionService
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
@@ -127,7 +128,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._closing = False
         self._busy = False
         self.closed: defer.Deferred[None] = defer.Deferred()
-        self._imports: list[tuple[str, defer.Deferred[ImportedRecipient]]] = []
+        self._imports: RecipientImports | None = None
         self._reset_transaction()
 
     # -- connection -----------------------------------------------------------------
@@ -251,17 +252,12 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     # -- commands ---------------------------------------------------------------------
 
     def _reset_transaction(self) -> None:
-        """Forget the transaction; imports still under way commit all the same (S-7)."""
-        for _, pending in self._imports:
-            pending.addErrback(self._import_failed)
+        """Forget the transaction; its recipients' imports commit all the same (S-7)."""
+        if self._imports is not None:
+            self._imports.close()
         self._sender: str | None = None
-        # (normalized address, import under way) per accepted RCPT.
-        self._imports = []
-        self._group_name = ""
-
-    def _import_failed(self, failure: Failure) -> None:
-        self.log.warn("recipient import not committed: {error}",
-                      error=failure.getErrorMessage())
+        # The accepted RCPTs, from the MAIL on.
+        self._imports = None
 
     def do_HELO(self, rest: bytes) -> None:  # noqa: N802
         if not rest:
@@ -410,11 +406,14 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         if self.account is None:  # a trusted network's client (S-4)
             self.account = await self.factory.trusted_account(f"trusted:{self.peer_ip}")
         try:
-            self._sender = await self.factory.service.check_sender(self.account, address)
+            sender = await self.factory.service.check_sender(self.account, address)
         except DisallowedSender:
             self.reply(replies.disallowed_sender(address))
             return
-        self._group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {uuid.uuid4().hex[:8]}"
+        self._sender = sender
+        group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {uuid.uuid4().hex[:8]}"
+        self._imports = self.factory.service.recipient_imports(self.account, group_name,
+                                                               "smtp", sender)
         self.reply(replies.SENDER_OK)
 
     def do_RCPT(self, rest: bytes) -> None:  # noqa: N802
@@ -440,29 +439,28 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         except InvalidAddress:
             self._error(replies.invalid_recipient(address))
             return
+        if self.account.max_contacts is not None:
+            # S-15: whether the contact fits under the cap is answered here.
+            self._run(self._accept_when_imported(email))
+            return
+        # S-7: the import commits with the message or on its own, whether DATA follows
+        # or not; the reply need not wait for it, the end of DATA does.
         try:
-            pending = self.factory.service.import_recipient(
-                self.account, self._group_name, "smtp", email, self._sender)
+            self._imports.add(email)
         except DatabaseUnavailable:
             self.reply(replies.TEMPORARY_FAILURE)
             return
-        if self.account.max_contacts is not None:
-            # S-15: whether the contact fits under the cap is answered here.
-            self._run(self._accept_when_imported(email, pending))
-            return
-        # S-7: the import commits with the next group commit whether DATA follows or not;
-        # the reply need not wait for it, the end of DATA does.
-        self._imports.append((email, pending))
         self.reply(replies.RECIPIENT_OK)
 
-    async def _accept_when_imported(self, email: str,
-                                    pending: defer.Deferred[ImportedRecipient]) -> None:
+    async def _accept_when_imported(self, email: str) -> None:
         try:
-            imported = await pending
+            await self._imports.add_now(email)
+        except DatabaseUnavailable:
+            self.reply(replies.TEMPORARY_FAILURE)
+            return
         except ContactLimitReached:
             self.reply(replies.transaction_failed("contact limit reached"))
             return
-        self._imports.append((email, defer.succeed(imported)))
         self.reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:  # noqa: N802
@@ -481,15 +479,24 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     async def _end_of_data(self, collector: DataCollector) -> None:
         sender, imports = self._sender, self._imports
-        self._imports = []  # awaited here, not abandoned
+        self._imports = None  # committed here, not abandoned
         self._reset_transaction()
-        recipients, group_id = await _imported(imports)
+        try:
+            await self._submit(sender, imports, collector)
+        finally:
+            imports.close()
+
+    async def _submit(self, sender: str, imports: RecipientImports,
+                      collector: DataCollector) -> None:
+        recipients = len(imports)
         if collector.overflowed:
+            await imports.imported()
             self.reply(replies.too_big(self.factory.max_message_size))
             return
         raw = collector.message()
         if not raw:
-            self.reply(replies.imported(len(recipients)))
+            await imports.imported()
+            self.reply(replies.imported(recipients))
             return
         try:
             content = parse_message(raw)
@@ -500,7 +507,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                 content = dataclasses.replace(content, subject=subject)
             stored = await self.factory.service.submit(Submission(
                 account=self.account, origin="smtp", sender=sender,
-                recipients=tuple(recipients), content=content, group_id=group_id, raw=raw,
+                recipients=(), imports=imports, content=content, raw=raw,
                 client_ip=self.peer_ip, template_id=template_id, variables=variables))
         except ContentRefused as e:
             self.reply(replies.transaction_failed(str(e)))
@@ -510,7 +517,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(replies.transaction_failed("no sends left"))
         else:
             self.messages += 1
-            self.recipients_total += len(recipients)
+            self.recipients_total += recipients
             self.reply(replies.accepted(stored.send_id, stored.message_uid))
 
     def do_RSET(self, rest: bytes) -> None:  # noqa: N802
@@ -530,11 +537,12 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         """Close once this transaction's imports are committed, so that a client that
         quits after RCPT finds its contacts stored (S-7). Reading goes on meanwhile (a
         TLS shutdown needs it), but nothing after QUIT is a command."""
-        imports, self._imports = self._imports, []
+        imports, self._imports = self._imports, None
         self.mode = _QUIT
-        closing = defer.ensureDeferred(_imported(imports))
-        closing.addErrback(self._import_failed)
-        closing.addCallback(lambda _: self._close())
+        if imports is None:
+            self._close()
+            return
+        defer.ensureDeferred(imports.settled()).addCallback(lambda _: self._close())
 
     def _close(self) -> None:
         self.reply(replies.CLOSING)
@@ -545,20 +553,6 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         b"MAIL": do_MAIL, b"RCPT": do_RCPT, b"DATA": do_DATA, b"RSET": do_RSET,
         b"NOOP": do_NOOP, b"HELP": do_HELP, b"VRFY": do_VRFY, b"QUIT": do_QUIT,
     }
-
-
-async def _imported(imports: list[tuple[str, defer.Deferred[ImportedRecipient]]]
-                    ) -> tuple[list[QueuedRecipient], int | None]:
-    """The recipients of a transaction once every import is committed, and their group;
-    the first failure is raised after all have finished, so none is left unhandled."""
-    results = await defer.DeferredList([pending for _, pending in imports],
-                                       consumeErrors=True)
-    for ok, result in results:
-        if not ok:
-            result.raiseException()
-    recipients = [QueuedRecipient(email, imported.contact_id, "to", imported.suppressed)
-                  for (email, _), (_, imported) in zip(imports, results, strict=True)]
-    return recipients, results[-1][1].group_id if results else None
 
 
 def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:

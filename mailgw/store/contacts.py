@@ -40,7 +40,7 @@ class ContactStore:
     async def import_recipient(self, request: RecipientImport) -> ImportedRecipient:
         """Upsert the contact, add it to the submission's group (created on first use) and
         look up whether it is suppressed for this sender domain; fires once committed."""
-        return await self.committer.run("import_recipients", _import_recipients_txn, request)
+        return await self.committer.run("import_recipients", import_recipients_txn, request)
 
 
 # One statement for the whole batch: the groups (DO UPDATE, so that RETURNING gives
@@ -82,7 +82,7 @@ _IMPORT_RECIPIENTS = PreparedStatement(
     " ORDER BY t.n")
 
 
-async def _import_recipients_txn(cursor, requests: list[RecipientImport]
+async def import_recipients_txn(cursor, requests: list[RecipientImport]
                                  ) -> list[ImportedRecipient]:
     await _check_contact_limits(cursor, requests)
     await _IMPORT_RECIPIENTS.execute(cursor, {

@@ -3,12 +3,15 @@ queue rows and their first events (S-12, S-14, D-1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg2.extras import Json
 
+from mailgw.store.contacts import ImportedRecipient, RecipientImport, import_recipients_txn
 from mailgw.store.database import SEND_QUOTA_LOCK, Database, PreparedStatement, lock_account
 from mailgw.store.group_commit import GroupCommitter
 
@@ -24,6 +27,11 @@ class QueuedRecipient:
     kind: str = "to"
     # Why it is not sent (D-6), or None to queue it.
     suppressed: str | None = None
+
+    @classmethod
+    def imported(cls, email: str, imported: ImportedRecipient) -> QueuedRecipient:
+        """A recipient imported as a contact at RCPT time (S-7)."""
+        return cls(email, imported.contact_id, "to", imported.suppressed)
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,19 @@ class SubmissionStore:
         self.db = database
         self.committer = committer
 
-    async def store(self, record: SubmissionRecord) -> StoredSubmission:
-        return await self.committer.run("store_submissions", _store_submissions_txn, record)
+    async def store(self, record: SubmissionRecord,
+                    imports: Sequence[RecipientImport] = ()) -> StoredSubmission:
+        """Commit the submission; with `imports`, the recipients' imports as well, in the
+        same transaction, and the record's recipients are those imports' contacts. The
+        imports are committed even when the submission is refused for its quota."""
+        if not imports:
+            return await self.committer.run("store_submissions", _store_submissions_txn,
+                                            record)
+        result = await self.committer.run("import_and_store", _import_and_store_txn,
+                                          (record, tuple(imports)))
+        if isinstance(result, QuotaExceeded):
+            raise result
+        return result
 
     async def attachment(self, token: str) -> tuple[str, str, bytes] | None:
         """(filename, content type, data) of a linked attachment (S-8 `links`)."""
@@ -174,6 +193,28 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
         stored.append(StoredSubmission(send_id, message_id, record.message_uid, queued,
                                        len(record.recipients) - queued))
     return stored
+
+
+async def _import_and_store_txn(
+        cursor, items: list[tuple[SubmissionRecord, tuple[RecipientImport, ...]]]
+        ) -> list[StoredSubmission | QuotaExceeded]:
+    imported = iter(await import_recipients_txn(
+        cursor, [request for _, imports in items for request in imports]))
+    records = []
+    for record, imports in items:
+        results = [next(imported) for _ in imports]
+        records.append(dataclasses.replace(
+            record, group_id=results[-1].group_id,
+            recipients=tuple(QueuedRecipient.imported(request.email, result)
+                             for request, result in zip(imports, results, strict=True))))
+    try:
+        return await _store_submissions_txn(cursor, records)
+    except QuotaExceeded as refusal:
+        # Raised before anything of the submissions is written: alone, its imports
+        # still commit (S-7); in a batch, each item is retried alone.
+        if len(items) > 1:
+            raise
+        return [refusal]
 
 
 async def _check_send_quotas(cursor, records: list[SubmissionRecord]) -> None:

@@ -36,6 +36,7 @@ from mailgw.store.submissions import (
     SubmissionRecord,
 )
 from mailgw.submit.addresses import normalize_address
+from mailgw.submit.recipients import RecipientImports
 
 
 class DisallowedSender(Exception):
@@ -47,8 +48,10 @@ class Submission:
     account: SubmissionAccount
     origin: str
     sender: str
+    # The recipients, or, from SMTP, `imports` whose contacts they are.
     recipients: tuple[QueuedRecipient, ...]
     content: ParsedMessage
+    imports: RecipientImports | None = None
     group_id: int | None = None
     raw: bytes | None = None
     client_ip: str | None = None
@@ -86,15 +89,23 @@ class SubmissionService:
         self._verified_senders[key] = self.clock.seconds() + SENDER_CACHE_SECONDS
         return normalized
 
-    def import_recipient(self, account: SubmissionAccount, group_name: str, origin: str,
-                         email: str, sender: str) -> defer.Deferred[ImportedRecipient]:
-        """S-7: upsert `email` (normalized) as a contact in the submission's group; fires
-        once committed, with its suppression for the sender's domain."""
-        if not self.stores.database.available:
-            raise DatabaseUnavailable("import_recipient")
-        return defer.ensureDeferred(self.stores.contacts.import_recipient(RecipientImport(
-            account.account_id, group_name, origin, email, sender.rpartition("@")[2],
-            account.max_contacts)))
+    def recipient_imports(self, account: SubmissionAccount, group_name: str, origin: str,
+                          sender: str) -> RecipientImports:
+        """S-7: the recipients of one transaction, each upserted (normalized) as a contact
+        in the submission's group `group_name`, with its suppression for the sender's
+        domain."""
+        sender_domain = sender.rpartition("@")[2]
+
+        def request(email: str) -> RecipientImport:
+            if not self.stores.database.available:
+                raise DatabaseUnavailable("import_recipient")
+            return RecipientImport(account.account_id, group_name, origin, email,
+                                   sender_domain, account.max_contacts)
+
+        def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
+            return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
+
+        return RecipientImports(request, commit, self.clock)
 
     async def submit(self, submission: Submission) -> StoredSubmission:
         account = submission.account
@@ -129,7 +140,20 @@ class SubmissionService:
             sends_per_month=account.sends_per_month,
             attachments=attachments,
         )
-        return await self.stores.submissions.store(record)
+        return await self._store(record, submission.imports)
+
+    async def _store(self, record: SubmissionRecord, imports: RecipientImports | None
+                     ) -> StoredSubmission:
+        """Commit the record with the imports of its recipients when they are still
+        held (one transaction), else once they are committed."""
+        if imports is None:
+            return await self.stores.submissions.store(record)
+        held = imports.take()
+        if held is not None:
+            return await self.stores.submissions.store(record, held)
+        recipients, group_id = await imports.imported()
+        return await self.stores.submissions.store(dataclasses.replace(
+            record, recipients=tuple(recipients), group_id=group_id))
 
     async def _expand_template(self, submission: Submission) -> ParsedMessage:
         """S-10: the stored template with the submission's variables merged in."""

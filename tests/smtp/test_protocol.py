@@ -6,6 +6,7 @@ verb (ARCHITECTURE: tests).
 """
 
 import base64
+import dataclasses
 
 from twisted.cred import checkers, portal
 from twisted.internet import address, defer, task
@@ -17,8 +18,9 @@ from mailgw.content.message import ContentRefused
 from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import AuthThrottle, ISubmissionAccount, SubmissionAccount
 from mailgw.smtp.protocol import DataCollector, SubmissionFactory
-from mailgw.store.contacts import ContactLimitReached, ImportedRecipient
-from mailgw.store.submissions import QuotaExceeded, StoredSubmission
+from mailgw.store.contacts import ContactLimitReached, ImportedRecipient, RecipientImport
+from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, StoredSubmission
+from mailgw.submit.recipients import IMPORT_HOLD_SECONDS, RecipientImports
 from mailgw.submit.service import DisallowedSender
 
 UID = "fa8896c2351f8b7e73ac3a3d209c6ac5"
@@ -29,10 +31,13 @@ MESSAGE = (b"From: Sender <sender@example.org>\r\nTo: rcpt@example.net\r\n"
 class StubService:
     """Stands in for SubmissionService: records calls, answers like the real one."""
 
-    def __init__(self):
+    def __init__(self, clock):
+        self.clock = clock
         self.allowed_senders = {"sender@example.org"}
         self.submissions = []
         self.imported = []
+        # The imports committed on their own, not with their message.
+        self.imported_alone = []
         self.refuse = None
         self.suppressed = {}
         # When set, imports wait for the test to fire them (a group commit under way).
@@ -43,13 +48,24 @@ class StubService:
             raise DisallowedSender(address)
         return address.lower()
 
-    def import_recipient(self, account, group_name, origin, email, sender):
-        if email.startswith("down@"):
-            raise DatabaseUnavailable("import_recipient")
-        if email.startswith("limit@"):
+    def recipient_imports(self, account, group_name, origin, sender):
+        def request(email):
+            if email.startswith("down@"):
+                raise DatabaseUnavailable("import_recipient")
+            return RecipientImport(account.account_id, group_name, origin, email,
+                                   sender.rpartition("@")[2], account.max_contacts)
+
+        return RecipientImports(request, self._import_alone, self.clock)
+
+    def _import(self, request):
+        self.imported.append(request.email)
+        return ImportedRecipient(7, len(self.imported), self.suppressed.get(request.email))
+
+    def _import_alone(self, request):
+        if request.email.startswith("limit@"):
             return defer.fail(ContactLimitReached())
-        self.imported.append(email)
-        imported = ImportedRecipient(7, len(self.imported), self.suppressed.get(email))
+        self.imported_alone.append(request.email)
+        imported = self._import(request)
         if self.held is None:
             return defer.succeed(imported)
         held = defer.Deferred()
@@ -59,8 +75,13 @@ class StubService:
     async def submit(self, submission):
         if self.refuse is not None:
             raise self.refuse
-        self.submissions.append(submission)
-        return StoredSubmission(1166, 1, UID, len(submission.recipients), 0)
+        held = submission.imports.take()
+        if held is None:
+            recipients, _ = await submission.imports.imported()
+        else:
+            recipients = [QueuedRecipient.imported(r.email, self._import(r)) for r in held]
+        self.submissions.append(dataclasses.replace(submission, recipients=tuple(recipients)))
+        return StoredSubmission(1166, 1, UID, len(recipients), 0)
 
 
 @implementer(portal.IRealm)
@@ -82,7 +103,7 @@ class Session:
                  max_recipients=1000, allow_plaintext_auth=False, trusted_networks=(),
                  max_contacts=None):
         self.clock = task.Clock()
-        self.service = StubService()
+        self.service = StubService(self.clock)
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
         self.throttle = AuthThrottle(self.clock)
         self.factory = SubmissionFactory(
@@ -339,18 +360,35 @@ class RCPTTests(unittest.TestCase):
     def test_accepted_and_imported(self):
         session = Session()
         session.envelope(b"A@Example.net", b"b@example.net")
-        self.assertEqual(session.service.imported, ["a@example.net", "b@example.net"])
         self.assertEqual(len(session.protocol._imports), 2)
+        self.assertEqual(session.service.imported, [])
+        session.clock.advance(IMPORT_HOLD_SECONDS)
+        self.assertEqual(session.service.imported_alone, ["a@example.net", "b@example.net"])
+
+    def test_imports_committed_with_the_message(self):
+        """S-7 imports that the DATA follows at once go in the message's transaction."""
+        session = Session()
+        session.envelope(b"a@example.net", b"b@example.net")
+        session.send(b"DATA")
+        self.assertEqual(session.send(MESSAGE + b"."), [b"250 OK id=1166 " + UID.encode()])
+        self.assertEqual(session.service.imported, ["a@example.net", "b@example.net"])
+        self.assertEqual(session.service.imported_alone, [])
+        (submission,) = session.service.submissions
+        self.assertEqual([r.contact_id for r in submission.recipients], [1, 2])
+        session.clock.advance(IMPORT_HOLD_SECONDS)
+        self.assertEqual(session.service.imported_alone, [])
 
     def test_reply_does_not_wait_for_the_import(self):
-        """S-7 imports commit in the background; the end of DATA waits for them."""
+        """An import that its hold sent on its own is waited for at the end of DATA."""
         session = Session()
         session.service.held = []
         session.envelope()
+        session.clock.advance(IMPORT_HOLD_SECONDS)
         self.assertEqual(session.send(b"RCPT TO:<b@example.net>"), [b"250 2.1.5 Accepted"])
         self.assertEqual(session.send(b"DATA"),
                          [b'354 Enter message, ending with "." on a line by itself'])
         self.assertEqual(session.send(MESSAGE + b"."), [])
+        self.assertEqual(session.service.imported_alone, ["rcpt@example.net", "b@example.net"])
         session.service.held.pop(0).callback(None)
         self.assertEqual(session.take(), [])
         session.service.held.pop(0).callback(None)
@@ -358,30 +396,50 @@ class RCPTTests(unittest.TestCase):
         (submission,) = session.service.submissions
         self.assertEqual([r.contact_id for r in submission.recipients], [1, 2])
 
-    def test_quit_waits_for_the_imports(self):
+    def test_quit_commits_and_waits_for_the_imports(self):
         session = Session()
         session.service.held = []
         session.envelope()
         self.assertEqual(session.send(b"QUIT"), [])
+        self.assertEqual(session.service.imported_alone, ["rcpt@example.net"])
         session.service.held.pop().callback(None)
         self.assertEqual(session.take(), [b"221 2.0.0 Closing connection."])
         self.assertTrue(session.transport.disconnecting)
+
+    def test_rset_and_new_mail_commit_the_imports(self):
+        session = Session()
+        session.envelope(b"a@example.net")
+        session.send(b"RSET")
+        self.assertEqual(session.service.imported_alone, ["a@example.net"])
+        session.send(b"MAIL FROM:<sender@example.org>", b"RCPT TO:<b@example.net>")
+        session.send(b"EHLO again")
+        self.assertEqual(session.service.imported_alone, ["a@example.net", "b@example.net"])
 
     def test_imports_outlive_a_lost_connection(self):
         session = Session()
         session.service.held = []
         session.envelope(b"a@example.net", b"b@example.net")
         session.protocol.connectionLost()
+        self.assertEqual(session.service.imported_alone, ["a@example.net", "b@example.net"])
         # Still committed (or, here, failing) after the client is gone, and a failure is
         # logged, not left unhandled.
         session.service.held[0].callback(None)
         session.service.held[1].errback(DatabaseUnavailable("import_recipients"))
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_refused_message_keeps_its_imports(self):
+        session = Session()
+        session.service.refuse = ContentRefused("Not allowed attachment type exe")
+        session.envelope(b"a@example.net")
+        session.send(b"DATA")
+        session.send(MESSAGE + b".")
+        self.assertEqual(session.service.imported_alone, ["a@example.net"])
+
     def test_failed_import_fails_the_message(self):
         session = Session()
         session.service.held = []
         session.envelope(b"a@example.net", b"b@example.net")
+        session.clock.advance(IMPORT_HOLD_SECONDS)
         session.send(b"DATA")
         session.send(MESSAGE + b".")
         session.service.held[0].errback(DatabaseUnavailable("import_recipients"))

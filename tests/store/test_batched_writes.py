@@ -123,6 +123,50 @@ class BatchedWritesTests(DatabaseTestCase):
         self.assertTrue(results[2][1].check(ContactLimitReached))
         self.assertEqual((await self.sql("SELECT count(*) FROM contacts"))[0][0], 2)
 
+    async def test_imports_committed_with_their_submission(self):
+        """S-7 and S-12 in one transaction: the recipients' contacts, their group and the
+        message, the queue rows pointing at those contacts; a suppressed one not sent."""
+        await self.sql("INSERT INTO suppressions (account_id, address, reason)"
+                       " VALUES (%s, 'gone@example.net', 'unsubscribed') RETURNING id",
+                       self.account)
+        records = [_record(self.account, f"s{i}") for i in range(GROUP_COMMIT_IN_FLIGHT + 2)]
+        imports = [[_import(self.account, f"g{i}", f"r{i}@example.net"),
+                    _import(self.account, f"g{i}", "gone@example.net")]
+                   for i in range(len(records))]
+        stored = await self.gather(self.stores.submissions.store(r, i)
+                                   for r, i in zip(records, imports, strict=True))
+        self.assertEqual([(s.queued, s.not_sent) for s in stored], [(1, 1)] * len(records))
+        # The contacts of each transaction were written with its messages.
+        self.assertEqual(await self.transactions("contacts"),
+                         await self.transactions("messages"))
+        self.assertEqual(await self.transactions("messages"), GROUP_COMMIT_IN_FLIGHT + 1)
+        for i, result in enumerate(stored):
+            rows = await self.sql(
+                "SELECT d.recipient, d.state, c.email, g.name FROM sends s"
+                " JOIN messages m ON m.send_id = s.id JOIN deliveries d ON d.message_id = m.id"
+                " JOIN contacts c ON c.id = d.contact_id JOIN groups g ON g.id = s.group_id"
+                " JOIN group_members gm ON gm.group_id = g.id AND gm.contact_id = c.id"
+                " WHERE s.id = %s ORDER BY 1", result.send_id)
+            self.assertEqual(rows, [("gone@example.net", "not_sent", "gone@example.net", f"g{i}"),
+                                    (f"r{i}@example.net", "queued", f"r{i}@example.net",
+                                     f"g{i}")])
+
+    async def test_submission_over_quota_keeps_its_imports(self):
+        """A message refused for its quota (S-15) still leaves its RCPTs' contacts (S-7),
+        alone or in a batch."""
+        records = [_record(self.account, f"s{i}", quota=2) for i in range(4)]
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.stores.submissions.store(
+                r, [_import(self.account, f"g{i}", f"r{i}@example.net")]))
+             for i, r in enumerate(records)], consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results].count(True), 2)
+        for ok, failure in results:
+            if not ok:
+                self.assertTrue(failure.check(QuotaExceeded))
+        self.assertEqual((await self.sql("SELECT count(*) FROM deliveries"))[0][0], 2)
+        self.assertEqual(await self.sql("SELECT email FROM contacts ORDER BY 1"),
+                         [(f"r{i}@example.net",) for i in range(4)])
+
     async def test_outcomes_recorded_together_with_leases_checked(self):
         await self.stores.submissions.store(
             _record(self.account, "s", *[f"r{i}@example.net" for i in range(4)]))

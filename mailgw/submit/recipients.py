@@ -1,0 +1,112 @@
+"""The recipients of one SMTP transaction, imported as contacts at RCPT time (S-7).
+
+A RCPT's 250 does not wait for its import: the import is held for a moment, so
+that when the DATA follows at once the contacts and the message are committed
+in one transaction, and the client waits for one commit instead of two in a
+row. Whatever the submission has not taken by then is committed on its own:
+when the hold ends, and at once on RSET, QUIT, a new MAIL or a lost
+connection, so a recipient whose DATA never comes is still kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailgw.store.contacts import ImportedRecipient, RecipientImport
+from mailgw.store.submissions import QueuedRecipient
+
+# How long a RCPT's import waits for its message. Nobody waits on it meanwhile
+# (QUIT and RSET commit it at once); long enough for a client that does not
+# pipeline to send DATA and its text over a slow link.
+IMPORT_HOLD_SECONDS = 0.25
+
+
+class RecipientImports:
+    log = Logger()
+
+    def __init__(self, request: Callable[[str], RecipientImport],
+                 commit: Callable[[RecipientImport], defer.Deferred[ImportedRecipient]],
+                 clock, hold_seconds: float = IMPORT_HOLD_SECONDS) -> None:
+        """`request(email)` makes the import of one recipient (raising
+        DatabaseUnavailable when it could not be committed); `commit(request)` commits
+        it on its own and fires with the result."""
+        self._request = request
+        self._commit = commit
+        self._clock = clock
+        self._hold_seconds = hold_seconds
+        self._held: list[RecipientImport] = []
+        self._committing: list[tuple[str, defer.Deferred[ImportedRecipient]]] = []
+        self._timer = None
+
+    def __len__(self) -> int:
+        return len(self._held) + len(self._committing)
+
+    def add(self, email: str) -> None:
+        """Hold the import of `email` until the submission takes it or the hold ends."""
+        self._held.append(self._request(email))
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._hold_seconds, self.flush)
+
+    async def add_now(self, email: str) -> None:
+        """Import `email` and wait for its commit: when the reply depends on it, as for
+        an account's contact limit (S-15). Nothing is kept if the import fails."""
+        imported = await self._commit(self._request(email))
+        self._committing.append((email, defer.succeed(imported)))
+
+    def take(self) -> list[RecipientImport] | None:
+        """Every import, for the submission to commit with itself; None when some are
+        already committing on their own (the rest go too)."""
+        if self._committing:
+            self.flush()
+            return None
+        held, self._held = self._held, []
+        self._cancel_timer()
+        return held
+
+    def flush(self) -> None:
+        """Commit the held imports on their own."""
+        self._cancel_timer()
+        held, self._held = self._held, []
+        self._committing.extend((r.email, self._commit(r)) for r in held)
+
+    def close(self) -> None:
+        """The transaction is over without a message: commit what is held, and log the
+        imports that fail, since nobody waits for them."""
+        self.flush()
+        for _, pending in self._committing:
+            pending.addErrback(self._failed)
+
+    async def settled(self) -> None:
+        """Fires once every import is committed or has failed (logged): a QUIT waits for
+        this before closing, so that the client finds its contacts stored."""
+        try:
+            await self.imported()
+        except Exception:
+            self._failed(Failure())
+
+    async def imported(self) -> tuple[list[QueuedRecipient], int | None]:
+        """The recipients once every import is committed, and their group; the first
+        failure is raised after all have finished, so none is left unhandled."""
+        self.flush()
+        results = await defer.DeferredList([pending for _, pending in self._committing],
+                                           consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
+        recipients = [QueuedRecipient.imported(email, imported) for (email, _), (_, imported)
+                      in zip(self._committing, results, strict=True)]
+        return recipients, results[-1][1].group_id if results else None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _failed(self, failure: Failure) -> None:
+        self.log.warn("recipient import not committed: {error}",
+                      error=failure.getErrorMessage())
