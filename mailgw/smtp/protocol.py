@@ -627,10 +627,13 @@ class SubmissionFactory(smtp.SMTPFactory):
         sessions = list(self.sessions)
         for session in sessions:
             session.shutdown()
-        waiting = defer.DeferredList([s.closed for s in sessions])
-        waiting.addTimeout(grace_seconds, self.clock)
-        try:
-            await waiting
-        except defer.TimeoutError:
-            for session in list(self.sessions):
-                session.transport.abortConnection()
+        # Not a timeout on the wait: cancelling it would cancel the sessions' own
+        # `closed` instead of closing them.
+        deadline = self.clock.callLater(grace_seconds, self._abort_sessions)
+        await defer.DeferredList([s.closed for s in sessions])
+        if deadline.active():
+            deadline.cancel()
+
+    def _abort_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.transport.abortConnection()

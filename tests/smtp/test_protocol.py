@@ -641,6 +641,25 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(session.take(), [b"421 4.3.2 Service shutting down, closing connection"])
         self.assertTrue(session.transport.disconnecting)
 
+    def test_session_still_open_after_the_grace_is_cut(self):
+        """A client that does not close (TLS waits for its close_notify) is cut once the
+        grace has passed, and the stop goes on."""
+        session = Session()
+        session.transport.abortConnection = session.protocol.connectionLost
+        stopping = defer.ensureDeferred(session.factory.shutdown(30))
+        session.clock.advance(29)
+        self.assertFalse(stopping.called)
+        session.clock.advance(1)
+        self.assertIsNone(self.successResultOf(stopping))
+        self.assertEqual(session.factory.sessions, set())
+
+    def test_grace_timer_cancelled_when_all_closed(self):
+        session = Session()
+        session.transport.loseConnection = session.protocol.connectionLost
+        stopping = defer.ensureDeferred(session.factory.shutdown(30))
+        self.assertIsNone(self.successResultOf(stopping))
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+
 
 class DataCollectorTests(unittest.TestCase):
     def feed_all(self, *chunks: bytes, limit=1000):

@@ -7,6 +7,7 @@ import re
 import smtplib
 import ssl
 
+import psycopg2
 import treq
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -141,6 +142,19 @@ def _dialogue(port: int, *commands: str | bytes) -> list[tuple[int, bytes]]:
     return replies
 
 
+def _open_transaction(port: int, recipient: str) -> smtplib.SMTP:
+    """A logged-in client left after its RCPT was accepted, without DATA or QUIT."""
+    client = _client(port)
+    client.ehlo("c")
+    client.starttls(context=_tls())
+    client.ehlo("c")
+    client.login(USER, PASSWORD)
+    client.mail(SENDER)
+    code, _ = client.rcpt(recipient)
+    assert code == 250, code
+    return client
+
+
 async def _rows(gateway, sql: str, *params):
     async def txn(cursor):
         await cursor.execute(sql, params)
@@ -150,7 +164,8 @@ async def _rows(gateway, sql: str, *params):
 
 class SubmissionFlowTests(unittest.TestCase):
     async def setUp(self):
-        self.gateway = await start_gateway(self, gateway_config(self, fresh_database()))
+        self.dsn = fresh_database()
+        self.gateway = await start_gateway(self, gateway_config(self, self.dsn))
         stores = self.gateway.stores
         self.account = await stores.accounts.create_account("acme")
         await stores.accounts.create_user(self.account.id, USER,
@@ -230,6 +245,23 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual(contacts, [("kept@example.net",)])
         (groups,) = await _rows(self.gateway, "SELECT count(*) FROM group_members")
         self.assertEqual(groups, (1,))
+
+    async def test_stop_commits_the_recipients_of_an_open_transaction(self):
+        """A RCPT's import held for its message is committed when a graceful stop closes
+        the session (S-7, O-5)."""
+        client = await deferToThread(_open_transaction, self.port, "held@example.net")
+        self.addCleanup(client.close)
+        stopping = self.gateway.stopService()
+        # The client reads the 421 and hangs up, as clients do.
+        code, _ = await deferToThread(client.getreply)
+        self.assertEqual(code, 421)
+        client.close()
+        await stopping
+        connection = psycopg2.connect(self.dsn)
+        self.addCleanup(connection.close)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT email FROM contacts")
+            self.assertEqual(cursor.fetchall(), [("held@example.net",)])
 
     async def test_empty_data_imports_and_sends_nothing(self):
         replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
