@@ -579,6 +579,27 @@ class DKIMTests(unittest.TestCase):
             self.assertTrue(dkim.verify(signer.sign(message) + message, dnsfunc=_dns(key)),
                             body_text)
 
+    def test_header_fields_canonicalized(self):
+        """Relaxed header canonicalization (RFC 6376 3.4.2) done without dkimpy: folded
+        fields, tabs and runs of spaces, white space after the colon and at the end, a
+        field that appears twice (the last is signed); dkimpy must verify each."""
+        key = generate_dkim_key("rsa")
+        signer = DKIMSigner("example.org", "s1", "rsa", key.private_key_pem)
+        for head in (
+                b"From: a@example.org\r\nTo: b@example.com\r\nSubject: x\r\n",
+                b"From:a@example.org\r\nSubject:   spaced \t out\t \r\n",
+                b"From: a@example.org\r\nSubject: folded\r\n \tonce\r\n  and twice\r\n",
+                b"FROM: a@example.org\r\nsubject: lower\r\nX-Other: not signed\r\n",
+                b"From: a@example.org\r\nTo: first@example.com\r\nTo: last@example.com\r\n",
+                b"From: a@example.org\r\nSubject: " + b"long " * 40 + b"\r\n",
+                b"From: a@example.org\r\nSubject:\r\n",
+        ):
+            message = head + b"\r\nbody\r\n"
+            signed = signer.sign(message) + message
+            self.assertTrue(dkim.verify(signed, dnsfunc=_dns(key)), head)
+            self.assertFalse(dkim.verify(signed.replace(b"a@example.org", b"z@example.org"),
+                                         dnsfunc=_dns(key)), head)
+
     def test_bad_keys(self):
         self.assertRaises(ValueError, DKIMSigner, "example.org", "s1", "dsa", "x")
         rsa_key = generate_dkim_key("rsa")
