@@ -1,7 +1,8 @@
 """The outbound SMTP client pool (D-4, D-5).
 
 Messages for one destination domain share connections: each connection
-takes the next waiting message after the previous one (RSET between).  When
+takes the next waiting message as soon as the previous one is answered (RSET
+only after a refused envelope).  When
 none is left it stays open for `idle_seconds`, so that a steady flow to a
 domain does not open a connection per queue poll, then QUITs.  When the server
 offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write, saving
@@ -173,7 +174,8 @@ class _Connection(smtp.ESMTPClient):
         super().esmtpState_serverConfig(code, resp)
 
     def smtpState_from(self, code, resp) -> None:  # noqa: N802
-        """Start the next waiting message: after EHLO (or AUTH), and after each RSET."""
+        """Start the next waiting message: after EHLO (or AUTH), after the previous one
+        and after RSET."""
         if not self.queue.waiting:
             self.ran_dry = True
             self.pool._connection_free(self)
@@ -228,7 +230,7 @@ class _Connection(smtp.ESMTPClient):
                 self._okresponse = lambda *_: self._finish(outcome)
                 self.sendLine(b".")
             else:
-                self._finish(outcome)
+                self._finish(outcome, transaction_open=True)
 
     def _refusal(self) -> tuple[int, bytes] | None:
         """The first negative reply to the envelope: the outcome of a message not taken."""
@@ -266,15 +268,20 @@ class _Connection(smtp.ESMTPClient):
     def _data_reply(self, code: int, resp: bytes) -> None:
         self._finish(classify(self.current.delivery_id, code, resp))
 
-    def _finish(self, outcome: Outcome) -> None:
-        """The current message has its answer: report it and RSET for the next one."""
+    def _finish(self, outcome: Outcome, transaction_open: bool = False) -> None:
+        """The current message has its answer: report it and go on with the next one.
+        A reply to the message text ends the transaction (RFC 5321 4.1.1.4), so the next
+        MAIL follows at once; a refused envelope is cleared with RSET first."""
         message, self.current = self.current, None
         self.sent += 1
         self._resumed = False
-        self._expected = smtp.SUCCESS
-        self._okresponse = self.smtpState_from
-        self._failresponse = lambda *_: self.pool._release(self)  # RSET refused: start afresh
-        self.sendLine(b"RSET")
+        if transaction_open:
+            self._expected = smtp.SUCCESS
+            self._okresponse = self.smtpState_from
+            self._failresponse = lambda *_: self.pool._release(self)  # start afresh
+            self.sendLine(b"RSET")
+        else:
+            self.smtpState_from(-1, b"")
         message.done.callback(outcome)
 
     def sendError(self, exc) -> None:  # noqa: N802
