@@ -20,7 +20,6 @@ import hmac
 import html
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from dkim.canonicalization import (
 from mailgw.content.dkim import DKIM_ALGORITHMS
 from mailgw.content.footer_texts import header_footer_texts
 from mailgw.content.merge import merge
+from mailgw.randomness import random_hex
 
 __all__ = ["DKIMSigner", "LinkSigner", "PreparedMessage", "RecipientContext", "SenderContext"]
 
@@ -687,7 +687,7 @@ class PreparedMessage:
 
     def _prepare_layout(self, attachments: list) -> None:
         """The MIME tree as chunks, with _TEXT and _HTML where the per-recipient parts go."""
-        boundary = _BOUNDARY_PREFIX + uuid.uuid4().hex
+        boundary = _BOUNDARY_PREFIX + random_hex()
         inline, files = [], []
         for attachment in attachments:
             part, is_inline = _attachment_part(attachment)
@@ -762,7 +762,7 @@ class PreparedMessage:
             self._subject_header if subject == self._subject
             else _unstructured("Subject", subject),
             f"Date: {format_datetime(datetime.now(UTC))}\r\n"
-            f"Message-ID: <{uuid.uuid4().hex}@{self._hostname}>\r\n".encode("ascii"),
+            f"Message-ID: <{random_hex()}@{self._hostname}>\r\n".encode("ascii"),
             self._middle_headers,
             list_unsubscribe.encode("ascii"),
             b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",

@@ -19,7 +19,6 @@ import dataclasses
 import ipaddress
 import re
 import time
-import uuid
 from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
@@ -36,6 +35,7 @@ from mailgw.content.message import (
     template_variables,
 )
 from mailgw.errors import DatabaseUnavailable
+from mailgw.randomness import random_hex
 from mailgw.smtp import replies
 from mailgw.smtp.auth import (
     MECHANISMS,
@@ -411,7 +411,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(replies.disallowed_sender(address))
             return
         self._sender = sender
-        group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {uuid.uuid4().hex[:8]}"
+        group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {random_hex(4)}"
         self._imports = self.factory.service.recipient_imports(self.account, group_name,
                                                                "smtp", sender)
         self.reply(replies.SENDER_OK)

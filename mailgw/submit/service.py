@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import secrets
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from mailgw.content.message import (
     replace_cid_references,
 )
 from mailgw.errors import DatabaseUnavailable
+from mailgw.randomness import random_hex
 from mailgw.smtp.auth import SubmissionAccount
 from mailgw.store import Stores
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
@@ -122,7 +122,7 @@ class SubmissionService:
         record = SubmissionRecord(
             account_id=account.account_id,
             origin=submission.origin,
-            message_uid=uuid.uuid4().hex,
+            message_uid=random_hex(),
             sender=submission.sender,
             subject=content.subject,
             html=content.html,
