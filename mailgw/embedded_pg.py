@@ -18,6 +18,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,18 +240,22 @@ class EmbeddedPostgresService:
     """Runs the cluster's postmaster as a child process of mailgw.
 
     `start()` fires once the cluster accepts connections; `stop()` asks for a
-    fast shutdown (open transactions roll back, nothing committed is lost)
-    and fires when the postmaster has exited.
+    smart shutdown, which lets the sessions of the pool just closed end by
+    themselves (a fast one ends them, and each logs "FATAL: terminating
+    connection due to administrator command"), then after
+    `smart_shutdown_seconds` for a fast one (open transactions roll back,
+    nothing committed is lost); it fires when the postmaster has exited.
     """
 
     log = Logger()
 
     def __init__(self, cluster: Cluster, reactor, poll_interval: float = 0.05,
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0, smart_shutdown_seconds: float = 5.0) -> None:
         self.cluster = cluster
         self.reactor = reactor
         self.poll_interval = poll_interval
         self.start_timeout = start_timeout
+        self.smart_shutdown_seconds = smart_shutdown_seconds
         self._process = None
         self._protocol: _PostgresProcess | None = None
 
@@ -287,10 +292,19 @@ class EmbeddedPostgresService:
         if self._protocol is None or self._protocol.ended.called:
             return
         try:
-            self._process.signalProcess(signal.SIGINT)  # fast shutdown
+            self._process.signalProcess(signal.SIGTERM)  # smart shutdown
         except error.ProcessExitedAlready:
             return
+        fast = self.reactor.callLater(self.smart_shutdown_seconds, self._fast_shutdown)
         await self._protocol.ended
+        if fast.active():
+            fast.cancel()
+
+    def _fast_shutdown(self) -> None:
+        self.log.warn("PostgreSQL still has sessions after {seconds} s: fast shutdown",
+                      seconds=self.smart_shutdown_seconds)
+        with suppress(error.ProcessExitedAlready):
+            self._process.signalProcess(signal.SIGINT)
 
 
 def _sleep(reactor, seconds: float) -> defer.Deferred[None]:

@@ -6,9 +6,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import psycopg2
+from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from mailgw.embedded_pg import Cluster, RunAs
+from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
 from mailgw.errors import StartupError
 from mailgw.gateway import embedded_cluster
 from tests.harness import gateway_config, start_gateway
@@ -74,6 +77,48 @@ class EmbeddedGatewayTests(unittest.TestCase):
         self.assertNotEqual(pid, orphan)
         self.assertEqual(_parent_pid(pid), os.getpid())
         self.assertTrue(await gateway.database.is_reachable())
+
+
+class ShutdownTests(unittest.TestCase):
+    """The postmaster lets the sessions of a closed pool end, and ends any left over."""
+
+    async def start(self, smart_shutdown_seconds):
+        state = tempfile.mkdtemp(prefix="mailgw-test-state-")
+        os.chmod(state, 0o755)
+        self.addCleanup(shutil.rmtree, state, True)
+        config = gateway_config(self, dsn="").replace(state_dir=state)
+        service = EmbeddedPostgresService(embedded_cluster(config), reactor,
+                                          smart_shutdown_seconds=smart_shutdown_seconds)
+        self.addCleanup(service.stop)
+        await service.start()
+        self.lines = []
+
+        def observe(event):
+            if event.get("log_source") is service._protocol:  # the postmaster's output
+                self.lines.append(event["line"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return service
+
+    async def test_closed_sessions_end_by_themselves(self):
+        service = await self.start(smart_shutdown_seconds=30)
+        connections = [psycopg2.connect(service.cluster.dsn) for _ in range(10)]
+        for connection in connections:
+            connection.close()
+        await service.stop()
+        self.assertTrue(service._protocol.ended.called)
+        self.assertIn("database system is shut down", " ".join(self.lines))
+        self.assertEqual([line for line in self.lines if "FATAL" in line], [])
+
+    async def test_session_left_open_is_ended(self):
+        service = await self.start(smart_shutdown_seconds=0.2)
+        connection = psycopg2.connect(service.cluster.dsn)
+        self.addCleanup(connection.close)
+        await service.stop()
+        with self.assertRaises(psycopg2.Error):
+            connection.cursor().execute("SELECT 1")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
 
 
 class ClusterTests(unittest.TestCase):
