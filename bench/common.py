@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -543,3 +544,35 @@ def report_log(log_path: Path) -> None:
 
 def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
+
+
+# --- rounds -----------------------------------------------------------------------------
+
+class Rounds:
+    """The rates of the peer and of mailgw, measured alternately, round after round.
+
+    A shared VM's speed drifts by tens of percent from one minute to the next; each
+    round's ratio compares two measurements taken a minute apart, and the result is
+    the median over the rounds."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.pairs: list[tuple[float, float]] = []  # (peer, mailgw) of each finished round
+
+    def add(self, peer_rate: float, mailgw_rate: float) -> None:
+        if peer_rate and mailgw_rate:
+            self.pairs.append((peer_rate, mailgw_rate))
+
+    @property
+    def mailgw(self) -> float:
+        return statistics.median(m for _, m in self.pairs) if self.pairs else 0.0
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(m / p for p, m in self.pairs) if self.pairs else 0.0
+
+    def print(self, unit: str) -> None:
+        print(f"\nrounds ({unit}; the result is the median):")
+        for number, (peer, mailgw) in enumerate(self.pairs, 1):
+            print(f"  {number}: {self.peer} {peer:.2f}, mailgw {mailgw:.2f}, "
+                  f"ratio {mailgw / peer:.2f}")

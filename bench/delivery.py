@@ -17,12 +17,14 @@ One run, on loopback only:
    on, finding the sink through the MX path (`delivery.dns_servers`,
    `remote_smtp_port`): links rewritten, open pixel, DKIM (the demo domain's RSA
    key). Same load, same measurement; twistd's peak RSS.
-5. Memory against queue size: with the same database, queues of 1,000 and of
+5. Steps 3 and 4 `--rounds` times (3), alternating, each round with fresh
+   servers and sinks: a shared VM's speed drifts from one minute to the next.
+6. Memory against queue size: with the last round's database, queues of 1,000 and of
    100,000 deliveries (100 recipients per message, inserted with SQL while
    delivery is off) are worked through by a fresh twistd against a sink that
    answers every RCPT with 450 (all deferred); twistd's RSS once done.
-6. Prints a summary; the last line is
-   `RESULT delivery: <mailgw msgs/s> msgs/s, ratio <mailgw/postfix> vs postfix (target 1.5)`.
+7. Prints a summary; the last line is `RESULT delivery: <mailgw msgs/s> msgs/s,
+   ratio <mailgw/postfix> vs postfix (target 1.5)`, the medians of the rounds.
 
 Run it as root with `make bench-delivery` (or `.venv/bin/python bench/delivery.py --help`).
 """
@@ -56,6 +58,7 @@ from common import (  # noqa: E402
     Interrupts,
     MemoryPeaks,
     MemorySampler,
+    Rounds,
     Server,
     embedded_dsn,
     ensure_postfix,
@@ -589,6 +592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="queued deliveries per message in the memory cases (100)")
     parser.add_argument("--queue-timeout", type=float, default=240.0,
                         help="time limit for working through one queue, seconds (240)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="delivery measurements of each server, alternating (3)")
     parser.add_argument("--no-queue", action="store_true",
                         help="skip the memory-against-queue-size cases")
     parser.add_argument("--mailgw-log", type=Path,
@@ -617,11 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         ensure_postfix()
         with dns_server() as dns_port:
             # One server at a time, each with its own sink, so that they never compete.
-            with Sink() as sink:
-                results.append(run_postfix(sink, args))
-            root = make_temp_dir("mailgw-bench-delivery-")
-            with Sink() as sink:
-                results.append(run_mailgw(root, dns_port, sink, args))
+            for _ in range(args.rounds):
+                with Sink() as sink:
+                    results.append(run_postfix(sink, args))
+                if root is not None:
+                    with Interrupts.shield():
+                        shutil.rmtree(root, ignore_errors=True)
+                root = make_temp_dir("mailgw-bench-delivery-")
+                with Sink() as sink:
+                    results.append(run_mailgw(root, dns_port, sink, args))
             if not args.no_queue:
                 cases = run_queue_cases(root, dns_port, args)
     except BenchError as e:
@@ -636,15 +645,17 @@ def main(argv: list[str] | None = None) -> int:
             with Interrupts.shield():
                 shutil.rmtree(root, ignore_errors=True)
     log(f"whole run: {time.monotonic() - started:.0f} s")
+    rounds = Rounds("postfix")
+    for postfix, mailgw in zip(results[::2], results[1::2], strict=False):
+        rounds.add(postfix.rate, mailgw.rate)
     if results:
         report(results, cases, args)
-    rates = {m.server.name: m.rate for m in results}
-    mailgw, postfix = rates.get("mailgw", 0.0), rates.get("postfix", 0.0)
-    ratio = mailgw / postfix if postfix else 0.0
+        rounds.print("delivered msgs/s")
+    mailgw, ratio = rounds.mailgw, rounds.ratio
     print()
     print(f"RESULT delivery: {mailgw:.2f} msgs/s, ratio {ratio:.2f} vs postfix "
           f"(target {TARGET_RATIO})")
-    return 1 if failed or not (mailgw and postfix) else 0
+    return 1 if failed or not rounds.pairs else 0
 
 
 if __name__ == "__main__":
