@@ -24,6 +24,7 @@ from twisted.web import server
 from mailgw.config import Config
 from mailgw.content.render import LinkSigner
 from mailgw.delivery.client import OutboundPool
+from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
@@ -87,6 +88,7 @@ class Gateway(service.MultiService):
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
+        self.key_threads: KeyThreads | None = None
         self.ready: defer.Deferred[Gateway] = defer.Deferred()
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
@@ -124,6 +126,8 @@ class Gateway(service.MultiService):
         for key, description, factory in wanted:
             await self._listen(key, description, factory)
         if self.config.delivery.enabled:
+            self.key_threads = KeyThreads(self.reactor)
+            self.key_threads.start()
             self.runner = await self._queue_runner()
             self.runner.start()
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
@@ -154,7 +158,7 @@ class Gateway(service.MultiService):
                             self.config.http.public_base_url)
         return QueueRunner(self.stores.queue, resolver, pool, signer, self.clock, delivery,
                            self.config.hostname, node_name(self.config.hostname),
-                           self._run_in_thread)
+                           self.key_threads.run)
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
@@ -180,7 +184,7 @@ class Gateway(service.MultiService):
                                                                  username))
 
     def _run_in_thread(self, fn, *args):
-        """CPU-heavy work (password hashing, DKIM signatures) off the reactor thread."""
+        """CPU-heavy work (password hashing) off the reactor thread."""
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def _prepare_state_dir(self) -> None:
@@ -225,6 +229,9 @@ class Gateway(service.MultiService):
         if self.runner is not None:
             await self.runner.stop()
             self.runner = None
+        if self.key_threads is not None:
+            self.key_threads.stop()
+            self.key_threads = None
         if self.stores is not None:  # answered-for writes (RCPT imports) still commit
             try:
                 await self.stores.committer.idle().addTimeout(SHUTDOWN_GRACE_SECONDS,
