@@ -3,14 +3,17 @@
 import contextlib
 import random
 from dataclasses import replace
+from email.utils import getaddresses
 
 from twisted.trial import unittest
 
 from mailgw.content.message import (
+    _SIMPLE_ADDRESS,
     Attachment,
     ContentPolicy,
     ContentRefused,
     MessageOptions,
+    _parse_addresses,
     append_attachment_links,
     apply_policy,
     parse_message,
@@ -525,3 +528,30 @@ class TemplateTests(unittest.TestCase):
             self.assertTrue(str(error).startswith(
                 "template variables are not a valid JSON object: "), str(error))
             self.assertIn(detail, str(error))
+
+
+class AddressParsingTests(unittest.TestCase):
+    """From and Reply-To: plain addresses are read with a regex, everything else with the
+    email package, and both give getaddresses' answer."""
+
+    SAMPLES = [
+        "a@b.com", "<a@b.com>", "Name <a@b.com>", "Name  Two <a@b.com>", " Name\tTwo <a@b.com> ",
+        "-_- <x.y+z@sub.example.org>", "123 <a@b.co>", "a.b.c@d-e.f", "Demo <demo@example.com>",
+        "o'brien@example.com", "Name<a@b.com>", "N <a@b>", "  <a@b.com>", "a@b.com ",
+        "x <a..b@c.com>", '"Quoted" <a@b.com>', "J. Smith <a@b.com>", "a@b.com, c@d.com",
+        "Name (comment) <a@b.com>", "=?utf-8?q?V=C3=ADctor?= <a@b.com>", "a@[1.2.3.4]",
+        "a@b.com (x)", "Group: a@b.com;", "", "Name <>", "<@b.com>", "a@", "@b",
+        "weird <<a@b.com>>", "Nombre Apellido <remitente@dominio.com>", "a{b}c@d.com",
+        "a#b@d.com", "ÄÖ <a@b.com>", "a@b.com\t", "a+tag@b.com", "Name - Dept <a@b.com>",
+    ]
+
+    def test_same_as_getaddresses(self):
+        for value in self.SAMPLES:
+            self.assertEqual(_parse_addresses([value]), getaddresses([value]), value)
+        self.assertEqual(_parse_addresses(self.SAMPLES), getaddresses(self.SAMPLES))
+
+    def test_plain_addresses_take_the_fast_path(self):
+        for value in ("a@b.com", "Demo <demo@example.com>", "<a@b.com>"):
+            self.assertIsNotNone(_SIMPLE_ADDRESS.fullmatch(value), value)
+        for value in ('"Quoted" <a@b.com>', "J. Smith <a@b.com>", "a@b.com, c@d.com"):
+            self.assertIsNone(_SIMPLE_ADDRESS.fullmatch(value), value)
