@@ -4,7 +4,7 @@ A RCPT's 250 does not wait for its import: the import is held for a moment, so
 that when the DATA follows at once the contacts and the message are committed
 in one transaction, and the client waits for one commit instead of two in a
 row. Whatever the submission has not taken by then is committed on its own:
-when the hold ends, and at once on RSET, QUIT, a new MAIL or a lost
+when the hold ends, and at once on RSET, EHLO, QUIT or a lost
 connection, so a recipient whose DATA never comes is still kept.
 """
 

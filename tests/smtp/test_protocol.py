@@ -406,7 +406,7 @@ class RCPTTests(unittest.TestCase):
         self.assertEqual(session.take(), [b"221 2.0.0 Closing connection."])
         self.assertTrue(session.transport.disconnecting)
 
-    def test_rset_and_new_mail_commit_the_imports(self):
+    def test_rset_and_ehlo_commit_the_imports(self):
         session = Session()
         session.envelope(b"a@example.net")
         session.send(b"RSET")
