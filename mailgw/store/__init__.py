@@ -39,8 +39,9 @@ class Stores:
     @classmethod
     def on(cls, database: Database) -> Stores:
         committer = GroupCommitter(database, max_in_flight=GROUP_COMMIT_IN_FLIGHT)
+        contacts = ContactStore(committer)
         return cls(database=database, committer=committer, accounts=AccountStore(database),
-                   senders=SenderStore(database), contacts=ContactStore(committer),
-                   submissions=SubmissionStore(database, committer),
+                   senders=SenderStore(database), contacts=contacts,
+                   submissions=SubmissionStore(database, committer, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
                    keys=KeyStore(database))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mailgw.store.database import CONTACT_LIMIT_LOCK, PreparedStatement, lock_account
 from mailgw.store.group_commit import GroupCommitter
@@ -33,6 +35,20 @@ class ImportedRecipient:
     suppressed: str | None
 
 
+# What a batch's transaction does after its imports, once for all the items that name
+# it: called with each item's payload and its (request, imported recipient) pairs, it
+# returns one result per item (the message stored with its recipients, for instance).
+Imported = list[tuple[RecipientImport, ImportedRecipient]]
+ThenTxn = Callable[[Any, list[tuple[Any, Imported]]], Awaitable[list[Any]]]
+
+
+@dataclass(frozen=True)
+class _Imports:
+    requests: tuple[RecipientImport, ...]
+    then: ThenTxn | None
+    payload: Any
+
+
 class ContactStore:
     def __init__(self, committer: GroupCommitter) -> None:
         self.committer = committer
@@ -40,7 +56,18 @@ class ContactStore:
     async def import_recipient(self, request: RecipientImport) -> ImportedRecipient:
         """Upsert the contact, add it to the submission's group (created on first use) and
         look up whether it is suppressed for this sender domain; fires once committed."""
-        return await self.committer.run("import_recipients", import_recipients_txn, request)
+        [imported] = await self.import_recipients([request])
+        return imported
+
+    async def import_recipients(self, requests: Sequence[RecipientImport],
+                                then: ThenTxn | None = None, payload: Any = None) -> Any:
+        """Import `requests` in the next group commit; with `then`, run it in the same
+        transaction after the batch's imports and fire with its result for `payload`,
+        else with the imported recipients. Every import of a batch, with a `then` or
+        not, goes in one statement: one order of row locks, so no deadlock between
+        concurrent batches."""
+        return await self.committer.run("import_recipients", _import_batch_txn,
+                                        _Imports(tuple(requests), then, payload))
 
 
 # One statement for the whole batch: the groups (DO UPDATE, so that RETURNING gives
@@ -82,7 +109,24 @@ _IMPORT_RECIPIENTS = PreparedStatement(
     " ORDER BY t.n")
 
 
-async def import_recipients_txn(cursor, requests: list[RecipientImport]
+async def _import_batch_txn(cursor, items: list[_Imports]) -> list[Any]:
+    imported = iter(await _import_recipients_txn(
+        cursor, [request for item in items for request in item.requests]))
+    results: list[Any] = [[next(imported) for _ in item.requests] for item in items]
+    continued: dict[ThenTxn, list[int]] = {}
+    for position, item in enumerate(items):
+        if item.then is not None:
+            continued.setdefault(item.then, []).append(position)
+    for then, positions in continued.items():
+        done = await then(cursor, [(items[n].payload, list(zip(items[n].requests, results[n],
+                                                                strict=True)))
+                                   for n in positions])
+        for position, result in zip(positions, done, strict=True):
+            results[position] = result
+    return results
+
+
+async def _import_recipients_txn(cursor, requests: list[RecipientImport]
                                  ) -> list[ImportedRecipient]:
     await _check_contact_limits(cursor, requests)
     await _IMPORT_RECIPIENTS.execute(cursor, {

@@ -11,7 +11,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from mailgw.store.contacts import ImportedRecipient, RecipientImport, import_recipients_txn
+from mailgw.store.contacts import ContactStore, Imported, ImportedRecipient, RecipientImport
 from mailgw.store.database import SEND_QUOTA_LOCK, Database, PreparedStatement, lock_account
 from mailgw.store.group_commit import GroupCommitter
 
@@ -76,9 +76,11 @@ class StoredSubmission:
 
 
 class SubmissionStore:
-    def __init__(self, database: Database, committer: GroupCommitter) -> None:
+    def __init__(self, database: Database, committer: GroupCommitter,
+                 contacts: ContactStore) -> None:
         self.db = database
         self.committer = committer
+        self.contacts = contacts
 
     async def store(self, record: SubmissionRecord,
                     imports: Sequence[RecipientImport] = ()) -> StoredSubmission:
@@ -88,8 +90,7 @@ class SubmissionStore:
         if not imports:
             return await self.committer.run("store_submissions", _store_submissions_txn,
                                             record)
-        result = await self.committer.run("import_and_store", _import_and_store_txn,
-                                          (record, tuple(imports)))
+        result = await self.contacts.import_recipients(imports, _store_imported_txn, record)
         if isinstance(result, QuotaExceeded):
             raise result
         return result
@@ -195,18 +196,15 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
     return stored
 
 
-async def _import_and_store_txn(
-        cursor, items: list[tuple[SubmissionRecord, tuple[RecipientImport, ...]]]
-        ) -> list[StoredSubmission | QuotaExceeded]:
-    imported = iter(await import_recipients_txn(
-        cursor, [request for _, imports in items for request in imports]))
-    records = []
-    for record, imports in items:
-        results = [next(imported) for _ in imports]
-        records.append(dataclasses.replace(
-            record, group_id=results[-1].group_id,
-            recipients=tuple(QueuedRecipient.imported(request.email, result)
-                             for request, result in zip(imports, results, strict=True))))
+async def _store_imported_txn(cursor, items: list[tuple[SubmissionRecord, Imported]]
+                             ) -> list[StoredSubmission | QuotaExceeded]:
+    """After the batch's imports (ContactStore.import_recipients): each record with its
+    recipients' contacts, in the same transaction."""
+    records = [dataclasses.replace(
+        record, group_id=imported[-1][1].group_id,
+        recipients=tuple(QueuedRecipient.imported(request.email, result)
+                         for request, result in imported))
+        for record, imported in items]
     try:
         return await _store_submissions_txn(cursor, records)
     except QuotaExceeded as refusal:

@@ -4,6 +4,7 @@ statement, and every caller still gets exactly its own rows (S-7, S-12, S-15, D-
 import uuid
 
 from twisted.internet import defer
+from txpostgres import txpostgres
 
 from mailgw.store import GROUP_COMMIT_IN_FLIGHT
 from mailgw.store.contacts import ContactLimitReached, RecipientImport
@@ -150,6 +151,39 @@ class BatchedWritesTests(DatabaseTestCase):
             self.assertEqual(rows, [("gone@example.net", "not_sent", "gone@example.net", f"g{i}"),
                                     (f"r{i}@example.net", "queued", f"r{i}@example.net",
                                      f"g{i}")])
+
+    async def test_a_batch_imports_in_one_statement(self):
+        """Imports alone and imports with their message share one statement per batch:
+        one order of row locks, so concurrent batches cannot deadlock on contacts."""
+        sent = []
+        real = txpostgres.Cursor.execute
+
+        def execute(cursor, query, params=None):
+            sent.append(query)
+            return real(cursor, query, params)
+
+        self.patch(txpostgres.Cursor, "execute", execute)
+        contacts, submissions = self.stores.contacts, self.stores.submissions
+        alone = [contacts.import_recipient(_import(self.account, f"w{i}", f"w{i}@example.net"))
+                 for i in range(GROUP_COMMIT_IN_FLIGHT)]
+        batch = [
+            contacts.import_recipient(_import(self.account, "g1", "b@example.net")),
+            submissions.store(_record(self.account, "s1"),
+                              [_import(self.account, "g2", "a@example.net")]),
+            contacts.import_recipient(_import(self.account, "g3", "a@example.net")),
+            submissions.store(_record(self.account, "s2"),
+                              [_import(self.account, "g4", "b@example.net")]),
+        ]
+        results = await self.gather([*alone, *batch])
+        imports = [q for q in sent if q.startswith("EXECUTE import_recipients")]
+        self.assertEqual(len(imports), GROUP_COMMIT_IN_FLIGHT + 1)
+        b_alone, _, a_alone, _ = results[-4:]
+        self.assertNotEqual(a_alone.contact_id, b_alone.contact_id)
+        self.assertEqual([r.queued for r in (results[-3], results[-1])], [1, 1])
+        rows = await self.sql("SELECT d.recipient, c.email FROM deliveries d"
+                              " JOIN contacts c ON c.id = d.contact_id ORDER BY 1")
+        self.assertEqual(rows, [("a@example.net", "a@example.net"),
+                                ("b@example.net", "b@example.net")])
 
     async def test_submission_over_quota_keeps_its_imports(self):
         """A message refused for its quota (S-15) still leaves its RCPTs' contacts (S-7),
