@@ -61,11 +61,12 @@ class ContactStore:
 
     async def import_recipients(self, requests: Sequence[RecipientImport],
                                 then: ThenTxn | None = None, payload: Any = None) -> Any:
-        """Import `requests` in the next group commit; with `then`, run it in the same
-        transaction after the batch's imports and fire with its result for `payload`,
-        else with the imported recipients. Every import of a batch, with a `then` or
-        not, goes in one statement: one order of row locks, so no deadlock between
-        concurrent batches."""
+        """Import `requests` (maybe none) in the next group commit; with `then`, run it
+        in the same transaction after the batch's imports and fire with its result for
+        `payload`, else with the imported recipients. Every import of a batch goes in
+        one statement, before any `then` (storing messages, which takes an account's
+        send-quota lock): one order of locks in every batch, so concurrent batches never
+        deadlock."""
         return await self.committer.run("import_recipients", _import_batch_txn,
                                         _Imports(tuple(requests), then, payload))
 
@@ -110,8 +111,8 @@ _IMPORT_RECIPIENTS = PreparedStatement(
 
 
 async def _import_batch_txn(cursor, items: list[_Imports]) -> list[Any]:
-    imported = iter(await _import_recipients_txn(
-        cursor, [request for item in items for request in item.requests]))
+    requests = [request for item in items for request in item.requests]
+    imported = iter(await _import_recipients_txn(cursor, requests) if requests else [])
     results: list[Any] = [[next(imported) for _ in item.requests] for item in items]
     continued: dict[ThenTxn, list[int]] = {}
     for position, item in enumerate(items):

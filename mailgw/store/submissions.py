@@ -86,10 +86,11 @@ class SubmissionStore:
                     imports: Sequence[RecipientImport] = ()) -> StoredSubmission:
         """Commit the submission; with `imports`, the recipients' imports as well, in the
         same transaction, and the record's recipients are those imports' contacts. The
-        imports are committed even when the submission is refused for its quota."""
-        if not imports:
-            return await self.committer.run("store_submissions", _store_submissions_txn,
-                                            record)
+        imports are committed even when the submission is refused for its quota.
+
+        Either way it goes through the batch step of the imports: a transaction then
+        locks contacts (the imports) before an account's send quota (the messages), in
+        every batch, so that two batches never wait for each other's locks."""
         result = await self.contacts.import_recipients(imports, _store_imported_txn, record)
         if isinstance(result, QuotaExceeded):
             raise result
@@ -198,12 +199,12 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
 
 async def _store_imported_txn(cursor, items: list[tuple[SubmissionRecord, Imported]]
                              ) -> list[StoredSubmission | QuotaExceeded]:
-    """After the batch's imports (ContactStore.import_recipients): each record with its
-    recipients' contacts, in the same transaction."""
+    """After the batch's imports (ContactStore.import_recipients): each record, with its
+    recipients' contacts when it came with imports, in the same transaction."""
     records = [dataclasses.replace(
         record, group_id=imported[-1][1].group_id,
         recipients=tuple(QueuedRecipient.imported(request.email, result)
-                         for request, result in imported))
+                         for request, result in imported)) if imported else record
         for record, imported in items]
     try:
         return await _store_submissions_txn(cursor, records)

@@ -43,6 +43,18 @@ class BatchedWritesTests(DatabaseTestCase):
     async def gather(self, calls):
         return await defer.gatherResults([defer.ensureDeferred(c) for c in calls])
 
+    def record_queries(self) -> list[str]:
+        """The SQL text of every statement sent from now on."""
+        sent: list[str] = []
+        real = txpostgres.Cursor.execute
+
+        def execute(cursor, query, params=None):
+            sent.append(query)
+            return real(cursor, query, params)
+
+        self.patch(txpostgres.Cursor, "execute", execute)
+        return sent
+
     async def transactions(self, table):
         """How many transactions wrote the rows of `table`."""
         return (await self.sql(f"SELECT count(DISTINCT xmin::text) FROM {table}"))[0][0]
@@ -155,14 +167,7 @@ class BatchedWritesTests(DatabaseTestCase):
     async def test_a_batch_imports_in_one_statement(self):
         """Imports alone and imports with their message share one statement per batch:
         one order of row locks, so concurrent batches cannot deadlock on contacts."""
-        sent = []
-        real = txpostgres.Cursor.execute
-
-        def execute(cursor, query, params=None):
-            sent.append(query)
-            return real(cursor, query, params)
-
-        self.patch(txpostgres.Cursor, "execute", execute)
+        sent = self.record_queries()
         contacts, submissions = self.stores.contacts, self.stores.submissions
         alone = [contacts.import_recipient(_import(self.account, f"w{i}", f"w{i}@example.net"))
                  for i in range(GROUP_COMMIT_IN_FLIGHT)]
@@ -184,6 +189,23 @@ class BatchedWritesTests(DatabaseTestCase):
                               " JOIN contacts c ON c.id = d.contact_id ORDER BY 1")
         self.assertEqual(rows, [("a@example.net", "a@example.net"),
                                 ("b@example.net", "b@example.net")])
+
+    async def test_contacts_locked_before_the_send_quota(self):
+        """A message stored without imports (its recipients imported already) and imports
+        in one batch: the imports run first whatever the order they came in, as in every
+        batch, so that two batches take contact rows and the quota lock in one order."""
+        sent = self.record_queries()
+        contacts, submissions = self.stores.contacts, self.stores.submissions
+        alone = [contacts.import_recipient(_import(self.account, f"w{i}", f"w{i}@example.net"))
+                 for i in range(GROUP_COMMIT_IN_FLIGHT)]
+        batch = [submissions.store(_record(self.account, "s1", "a@example.net", quota=10)),
+                 contacts.import_recipient(_import(self.account, "g1", "a@example.net"))]
+        stored, imported = (await self.gather([*alone, *batch]))[-2:]
+        self.assertEqual((stored.queued, imported.group_id > 0), (1, True))
+        last = {name: max(n for n, query in enumerate(sent)
+                          if query.startswith(f"EXECUTE {name}"))
+                for name in ("import_recipients", "store_submissions")}
+        self.assertLess(last["import_recipients"], last["store_submissions"])
 
     async def test_submission_over_quota_keeps_its_imports(self):
         """A message refused for its quota (S-15) still leaves its RCPTs' contacts (S-7),
