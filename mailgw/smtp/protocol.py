@@ -455,9 +455,6 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     async def _accept_when_imported(self, email: str) -> None:
         try:
             await self._imports.add_now(email)
-        except DatabaseUnavailable:
-            self.reply(replies.TEMPORARY_FAILURE)
-            return
         except ContactLimitReached:
             self.reply(replies.transaction_failed("contact limit reached"))
             return

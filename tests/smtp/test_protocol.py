@@ -471,6 +471,14 @@ class RCPTTests(unittest.TestCase):
         self.assertEqual(session.send(b"RCPT TO:<a@example.net> NOTIFY=NEVER"),
                          [b"504 5.5.4 A command parameter is not implemented"])
 
+    def test_database_known_down_with_a_contact_cap(self):
+        """The import is committed before the reply here, and cannot be: 451 as well."""
+        session = Session(max_contacts=10)
+        session.envelope()
+        self.assertEqual(session.send(b"RCPT TO:<down@example.net>"),
+                         [b"451 4.3.0 Temporary failure, try again later"])
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>"), [b"250 2.1.5 Accepted"])
+
     def test_contact_limit(self):
         session = Session(max_contacts=10)
         session.envelope()
