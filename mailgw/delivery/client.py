@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from mailgw.idle import IdleWaiters
 from mailgw.store.queue import Outcome
 
 TLS_OPPORTUNISTIC, TLS_VERIFY = "opportunistic", "verify"
@@ -352,7 +353,7 @@ class OutboundPool:
         self.connections_made = 0
         self._queues: dict[str, _DomainQueue] = {}
         self._blocked: deque[str] = deque()  # domains waiting for a free connection
-        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._no_connections = IdleWaiters()
         # A connection whose queue is empty stays open this long for the next message.
         self.idle_seconds = idle_seconds
         self._idle: dict[_Connection, interfaces.IDelayedCall] = {}  # oldest first
@@ -392,11 +393,7 @@ class OutboundPool:
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once no connection is open (graceful stop, tests)."""
-        if self.open_connections == 0:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
+        return self._no_connections.wait(self.open_connections == 0)
 
     def close_idle(self) -> defer.Deferred[None]:
         """Graceful stop: idle connections QUIT now, busy ones as soon as their queue is
@@ -512,9 +509,7 @@ class OutboundPool:
             self._unblock()
             if self.open_connections == 0:
                 self._closing_idle = False
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for d in waiters:
-                    d.callback(None)
+                self._no_connections.fire()
 
     def _fail_waiting(self, queue: _DomainQueue, reason: str) -> None:
         """No server of the domain could be reached: everything waiting is deferred."""

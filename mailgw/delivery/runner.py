@@ -31,6 +31,7 @@ from mailgw.content.render import (
 from mailgw.delivery.client import OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable
+from mailgw.idle import IdleWaiters
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome, QueueStore
 
 # Deferred deliveries are retried after retry_base, then twice as long each time, never
@@ -68,7 +69,7 @@ class QueueRunner:
         self.running = False
         self._loop_done: defer.Deferred[None] | None = None
         self._wakeup: defer.Deferred[None] | None = None
-        self._drained: list[defer.Deferred[None]] = []
+        self._drained = IdleWaiters()
         # message id -> (prepared message, bounce domain), most recently used last.
         self._prepared: OrderedDict[int, tuple[PreparedMessage, str]] = OrderedDict()
         # One signer per key, so that each key is parsed once, not once per message.
@@ -86,10 +87,7 @@ class QueueRunner:
         self._wake()
         if self._loop_done is not None:
             await self._loop_done
-        if self.in_flight:
-            d: defer.Deferred[None] = defer.Deferred()
-            self._drained.append(d)
-            await d
+        await self._drained.wait(self.in_flight == 0)
         with contextlib.suppress(DatabaseUnavailable):  # else the leases expire by themselves
             await self.queue.release(self.owner)
         await self.pool.close_idle()
@@ -133,9 +131,7 @@ class QueueRunner:
         self.in_flight -= 1
         self._wake()
         if self.in_flight == 0:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
+            self._drained.fire()
 
     async def _contexts(self, claimed: list[ClaimedDelivery]) -> dict[int, Any]:
         missing = sorted({d.message_id for d in claimed} - self._prepared.keys())

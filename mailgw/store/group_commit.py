@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailgw.errors import DatabaseUnavailable
+from mailgw.idle import IdleWaiters
 from mailgw.store.database import Database
 
 # fn(cursor, items) -> one result per item, in order.
@@ -34,7 +35,7 @@ class GroupCommitter:
         self.max_in_flight = max_in_flight
         self._queue: deque[_Call] = deque()
         self._in_flight = 0
-        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._idle = IdleWaiters()
 
     def run(self, desc: str, fn: BatchInteraction, item: Any) -> defer.Deferred[Any]:
         """Run `fn(cursor, [item, ...])` in a shared transaction; fires with this item's
@@ -48,11 +49,7 @@ class GroupCommitter:
         """Fires once nothing is queued or being written: a graceful stop waits for this
         before closing the pool, so that work already answered for (a RCPT's import) is
         committed, not cut off."""
-        if not self._queue and not self._in_flight:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
+        return self._idle.wait(not self._queue and not self._in_flight)
 
     def _start_batches(self) -> None:
         while self._queue and self._in_flight < self.max_in_flight:
@@ -65,9 +62,7 @@ class GroupCommitter:
         self._in_flight -= 1
         self._start_batches()
         if not self._queue and not self._in_flight:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self._idle.fire()
 
     async def _run_batch(self, batch: list[_Call]) -> None:
         if len(batch) > 1:
