@@ -3,11 +3,17 @@
 Hot paths (RCPT imports, message submissions, delivery outcomes) hand an item
 and a batch function `fn(cursor, items) -> results` to `GroupCommitter.run`.
 Items that arrive while earlier batches are in flight queue up; the next
-transaction calls each waiting function once with all of its items, so a
-burst of sessions pays for one statement and one commit (one WAL flush)
-instead of one each.  Every caller still gets its own result only after its
-rows are committed.  If the batch fails, its items are retried one
-transaction each, so a single bad item never fails its neighbours.
+transaction calls the function of the oldest waiting item once with all the
+waiting items of that function, so a burst of sessions pays for one statement
+and one commit (one WAL flush) instead of one each.  Every caller still gets
+its own result only after its rows are committed.  If the batch fails, its
+items are retried one transaction each, so a single bad item never fails its
+neighbours.
+
+A transaction holds one function's items only: each batch function takes its
+row locks (contacts, by account and address) in one sorted sequence, and two
+functions in one transaction would take two sequences, which can deadlock
+against another transaction doing the same in the other order.
 """
 
 from __future__ import annotations
@@ -53,10 +59,22 @@ class GroupCommitter:
 
     def _start_batches(self) -> None:
         while self._queue and self._in_flight < self.max_in_flight:
-            batch = [self._queue.popleft()
-                     for _ in range(min(self.max_batch, len(self._queue)))]
+            batch = self._take_batch()
             self._in_flight += 1
             defer.ensureDeferred(self._run_batch(batch)).addBoth(self._batch_done)
+
+    def _take_batch(self) -> list[_Call]:
+        """The oldest waiting call and up to max_batch - 1 later ones of its function;
+        the others keep their places."""
+        fn = self._queue[0][1]
+        batch: list[_Call] = []
+        others: deque[_Call] = deque()
+        while self._queue and len(batch) < self.max_batch:
+            call = self._queue.popleft()
+            (batch if call[1] is fn else others).append(call)
+        others.extend(self._queue)
+        self._queue = others
+        return batch
 
     def _batch_done(self, _: object) -> None:
         self._in_flight -= 1
@@ -65,38 +83,19 @@ class GroupCommitter:
             self._idle.fire()
 
     async def _run_batch(self, batch: list[_Call]) -> None:
-        if len(batch) > 1:
-            try:
-                results = await self.db.run_interaction(
-                    f"group_commit[{len(batch)}]", _batch_txn, batch)
-            except DatabaseUnavailable:
-                failure = Failure()
-                for *_, d in batch:
-                    d.errback(failure)
+        desc, fn = batch[0][:2]
+        try:
+            results = await self.db.run_interaction(f"{desc}[{len(batch)}]", fn,
+                                                    [item for _, _, item, _ in batch])
+        except Exception:
+            failure = Failure()
+            if len(batch) > 1 and not failure.check(DatabaseUnavailable):
+                # One item failed: retry each in its own transaction.
+                for call in batch:
+                    await self._run_batch([call])
                 return
-            except Exception:
-                pass  # one item failed: retry each in its own transaction below
-            else:
-                for (*_, d), result in zip(batch, results, strict=True):
-                    d.callback(result)
-                return
-        for desc, fn, item, d in batch:
-            try:
-                [result] = await self.db.run_interaction(desc, fn, [item])
-            except Exception:
-                d.errback(Failure())
-            else:
-                d.callback(result)
-
-
-async def _batch_txn(cursor, batch: list[_Call]) -> list[Any]:
-    """Each batch function once, with its items in arrival order."""
-    positions: dict[BatchInteraction, list[int]] = {}
-    for position, (_, fn, _, _) in enumerate(batch):
-        positions.setdefault(fn, []).append(position)
-    results: list[Any] = [None] * len(batch)
-    for fn, where in positions.items():
-        for position, result in zip(where, await fn(cursor, [batch[i][2] for i in where]),
-                                    strict=True):
-            results[position] = result
-    return results
+            for *_, d in batch:
+                d.errback(failure)
+            return
+        for (*_, d), result in zip(batch, results, strict=True):
+            d.callback(result)

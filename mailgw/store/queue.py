@@ -181,7 +181,7 @@ _RECORD_OUTCOMES = PreparedStatement(
 
 async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[bool]:
     """Outcomes and their events for a batch in one statement, each with its lease
-    checked; then the hard-bounce count of the contacts that bounced hard."""
+    checked; then the hard-bounce counts of the contacts that bounced hard."""
     outcomes = [r.outcome for r in recordings]
     await _RECORD_OUTCOMES.execute(cursor, {
         "ids": [o.delivery_id for o in outcomes], "owners": [r.owner for r in recordings],
@@ -189,32 +189,65 @@ async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[boo
         "retries": [o.retry_in for o in outcomes],
         "details": [Json(_event_details(o)) for o in outcomes]})
     recorded = {row[0]: row[1:] for row in cursor.fetchall()}
+    hard_bounces: dict[int, _HardBounces] = {}
     for recording in recordings:
-        outcome = recording.outcome
-        row = recorded.get(outcome.delivery_id)
-        if row is not None and outcome.bounce_type == "hard" and row[2] is not None:
+        row = recorded.get(recording.outcome.delivery_id)
+        if row is not None and recording.outcome.bounce_type == "hard" and row[2] is not None:
             account_id, send_id, contact_id, recipient = row
-            await _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,
-                                     recording.hard_bounce_limit)
+            previous = hard_bounces.get(contact_id)
+            hard_bounces[contact_id] = _HardBounces(
+                contact_id, account_id, send_id, recipient, recording.hard_bounce_limit,
+                1 + (previous.count if previous else 0))
+    if hard_bounces:
+        await _count_hard_bounces(cursor, list(hard_bounces.values()))
     return [r.outcome.delivery_id in recorded for r in recordings]
 
 
-async def _count_hard_bounce(cursor, account_id, send_id, contact_id, recipient,
-                             limit: int) -> None:
-    """D-7: a contact is invalidated after `limit` hard bounces, unless whitelisted."""
-    await cursor.execute(
-        "UPDATE contacts SET hard_bounces = hard_bounces + 1,"
-        " invalid = invalid OR (NOT whitelisted AND hard_bounces + 1 >= %s),"
-        " updated_at = now()"
-        " WHERE id = %s RETURNING NOT whitelisted AND hard_bounces = %s",
-        (limit, contact_id, limit))
-    row = cursor.fetchone()
-    if row is not None and row[0]:  # reached the limit just now
-        await cursor.execute(
-            "INSERT INTO events (account_id, send_id, contact_id, recipient, type, details)"
-            " VALUES (%s, %s, %s, %s, 'invalidated', %s)",
-            (account_id, send_id, contact_id, recipient,
-             Json({"reason": f"{limit} hard bounces"})))
+@dataclass(frozen=True)
+class _HardBounces:
+    """A contact's hard bounces in one batch; the ids of the last one name its event."""
+
+    contact_id: int
+    account_id: int
+    send_id: int
+    recipient: str
+    limit: int
+    count: int
+
+
+# D-7: a contact is invalidated after `limit` hard bounces, unless whitelisted; the
+# event is written once, by the batch in which the count reaches the limit.
+_COUNT_HARD_BOUNCES = PreparedStatement(
+    "count_hard_bounces",
+    "WITH input AS ("
+    "  SELECT * FROM unnest(%(contacts)s::bigint[], %(accounts)s::bigint[],"
+    "   %(sends)s::bigint[], %(recipients)s::text[], %(limits)s::integer[],"
+    "   %(counts)s::integer[]) AS i(contact_id, account_id, send_id, recipient, lim, n)),"
+    " counted AS ("
+    "  UPDATE contacts c SET hard_bounces = c.hard_bounces + i.n,"
+    "   invalid = c.invalid OR (NOT c.whitelisted AND c.hard_bounces + i.n >= i.lim),"
+    "   updated_at = now()"
+    "  FROM input i WHERE c.id = i.contact_id"
+    "  RETURNING c.id, NOT c.whitelisted AND c.hard_bounces >= i.lim"
+    "   AND c.hard_bounces - i.n < i.lim AS reached)"
+    " INSERT INTO events (account_id, send_id, contact_id, recipient, type, details)"
+    " SELECT i.account_id, i.send_id, i.contact_id, i.recipient, 'invalidated',"
+    "  jsonb_build_object('reason', i.lim || ' hard bounces')"
+    " FROM counted JOIN input i ON i.contact_id = counted.id WHERE counted.reached")
+
+
+async def _count_hard_bounces(cursor, bounces: list[_HardBounces]) -> None:
+    """The contacts are locked first, in the order the RCPT imports lock them (account,
+    then address), so that a batch of outcomes and a batch of imports never wait for
+    each other in a cycle. NO KEY UPDATE, like the UPDATE itself: the key-share locks
+    of deliveries being stored for these contacts are not in its way."""
+    contacts = [b.contact_id for b in bounces]
+    await cursor.execute("SELECT id FROM contacts WHERE id = ANY(%s)"
+                         " ORDER BY account_id, email FOR NO KEY UPDATE", (contacts,))
+    await _COUNT_HARD_BOUNCES.execute(cursor, {
+        "contacts": contacts, "accounts": [b.account_id for b in bounces],
+        "sends": [b.send_id for b in bounces], "recipients": [b.recipient for b in bounces],
+        "limits": [b.limit for b in bounces], "counts": [b.count for b in bounces]})
 
 
 async def _release_txn(cursor, owner: str) -> int:

@@ -244,3 +244,38 @@ class BatchedWritesTests(DatabaseTestCase):
             ("r1@example.net", "deferred", "deferred", {"reply": "451 later"}),
             ("r2@example.net", "bounced", "bounced", {"reply": "550 no", "type": "hard"}),
             ("r3@example.net", "queued", None, None)])
+
+    async def test_hard_bounces_counted_together_in_address_order(self):
+        """A batch's hard bounces (D-7) are counted by one statement, per contact, after
+        their rows are locked in the order the RCPT imports lock them (account, then
+        address; not id), so that outcomes and imports never deadlock."""
+        emails = ["z@example.net", "a@example.net"]  # ids in the other order
+        ids = [(await self.sql("INSERT INTO contacts (account_id, email) VALUES (%s, %s)"
+                               " RETURNING id", self.account, email))[0][0]
+               for email in emails]
+        fillers = [f"f{i}@example.net" for i in range(GROUP_COMMIT_IN_FLIGHT)]
+        await self.stores.submissions.store(_record(self.account, "f", *fillers))
+        for _ in range(2):
+            await self.stores.submissions.store(_record(self.account, "s", *emails,
+                                                        contact_ids=ids))
+        claimed = await self.stores.queue.claim("node-a", 10, 300)
+        alone = [d for d in claimed if d.recipient in fillers]
+        z1, a1, _, a2 = [d for d in claimed if d not in alone]
+        sent = self.record_queries()
+        await self.gather([
+            *(self.stores.queue.record("node-a", Outcome(d.id, "sent", "250 ok"), 2)
+              for d in alone),
+            *(self.stores.queue.record(
+                "node-a", Outcome(d.id, "bounced", "550 no", bounce_type="hard"), 2)
+              for d in (a1, z1, a2))])
+        self.assertEqual(await self.sql("SELECT email, hard_bounces, invalid FROM contacts"
+                                        " WHERE id = ANY(%s) ORDER BY email", ids),
+                         [("a@example.net", 2, True), ("z@example.net", 1, False)])
+        self.assertEqual(await self.sql("SELECT recipient, details FROM events"
+                                        " WHERE type = 'invalidated'"),
+                         [("a@example.net", {"reason": "2 hard bounces"})])
+        locks = [q for q in sent if "FOR NO KEY UPDATE" in q]
+        self.assertEqual(len(locks), 1)
+        self.assertIn("ORDER BY account_id, email", locks[0])
+        counts = [q for q in sent if q.startswith("EXECUTE count_hard_bounces")]
+        self.assertEqual(len(counts), 1)

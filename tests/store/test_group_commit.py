@@ -18,7 +18,9 @@ async def _insert_txn(cursor, names):
 
 
 async def _tag_txn(cursor, tags):
-    return [f"tag {tag}" for tag in tags]
+    await cursor.execute("SELECT txid_current()")
+    txid = cursor.fetchone()[0]
+    return [(f"tag {tag}", txid) for tag in tags]
 
 
 async def _names_txn(cursor):
@@ -45,9 +47,25 @@ class GroupCommitterTests(DatabaseTestCase):
                  committer.run("insert", _insert_txn, "x2"),
                  committer.run("tag", _tag_txn, 2)]
         results = await defer.gatherResults(calls)
-        self.assertEqual(results[2:5:2], ["tag 1", "tag 2"])
+        self.assertEqual([tag for tag, _ in results[2:5:2]], ["tag 1", "tag 2"])
         self.assertEqual(results[1], results[3])
         self.assertEqual(results[1][1], 2)
+
+    async def test_a_transaction_holds_one_batch_function(self):
+        """Functions that came mixed are written in one transaction each, the oldest
+        first: each takes its row locks in its own order, and two in one transaction
+        could deadlock against another batch that took them the other way round."""
+        committer = GroupCommitter(self.database, max_in_flight=1)
+        calls = [committer.run("insert", _insert_txn, "first"),
+                 committer.run("tag", _tag_txn, 1),
+                 committer.run("insert", _insert_txn, "x1"),
+                 committer.run("tag", _tag_txn, 2),
+                 committer.run("insert", _insert_txn, "x2")]
+        first, tag1, x1, tag2, x2 = await defer.gatherResults(calls)
+        self.assertEqual(tag1[1], tag2[1])
+        self.assertEqual((x1, x2), (x2, (x2[0], 2)))
+        self.assertLess(first[0], tag1[1])
+        self.assertLess(tag1[1], x1[0])
 
     async def test_one_failing_call_does_not_fail_its_batch(self):
         committer = GroupCommitter(self.database, max_in_flight=1)
