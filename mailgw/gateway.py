@@ -151,7 +151,7 @@ class Gateway(service.MultiService):
                             connect_timeout=delivery.connect_timeout,
                             reply_timeout=delivery.reply_timeout,
                             idle_seconds=delivery.connection_idle_seconds,
-                            per_domain=delivery.per_domain_connections,
+                            per_destination=delivery.per_domain_connections,
                             max_connections=delivery.max_connections, authenticate=authenticate,
                             per_domain_rate=delivery.per_domain_rate)
         signer = LinkSigner(await self.stores.keys.signing_key("links"),

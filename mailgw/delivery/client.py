@@ -1,19 +1,23 @@
 """The outbound SMTP client pool (D-4, D-5).
 
-Messages for one destination domain share connections: each connection
-takes the next waiting message as soon as the previous one is answered (RSET
-only after a refused envelope).  When
-none is left it stays open for `idle_seconds`, so that a steady flow to a
-domain does not open a connection per queue poll, then QUITs.  When the server
-offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write, saving
-two round trips a message.  A domain gets at most `per_domain` connections at
-once and the pool at most `max_connections`, idle ones included; a domain
-waiting for a slot makes the oldest idle connection of another domain quit.
+Connections are shared per destination: the set of mail servers a domain
+resolved to, so that domains with the same MX hosts, and every domain in
+smarthost mode, share them.  Each connection takes the next waiting message as
+soon as the previous one is answered (RSET only after a refused envelope).
+When none is left it stays open for `idle_seconds`, so that a steady flow to a
+destination does not open a connection per queue poll, then QUITs.  When the
+server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write,
+saving two round trips a message.  A destination gets at most
+`per_destination` connections at once and the pool at most `max_connections`,
+idle ones included; a destination waiting for a slot makes the oldest idle
+connection of another destination quit.  The rate limit stays per recipient
+domain: it is the receiving domain's policy, whoever hosts it.
 STARTTLS is used whenever the server offers it; with the "verify" policy it
 is required and the certificate must match the MX host name.  With the
 "opportunistic" policy a STARTTLS that fails (refused, or a handshake that
 breaks) is followed by a new connection in clear text, and that server is not
-offered STARTTLS again for TLS_FALLBACK_SECONDS.
+offered STARTTLS again for TLS_FALLBACK_SECONDS.  With credentials (AUTH to a
+smarthost) TLS is required whatever the policy: they never go in clear text.
 """
 
 from __future__ import annotations
@@ -60,13 +64,15 @@ def wire_format(data: bytes) -> bytes:
     return b"." + data if data.startswith(b".") else data
 
 
-def classify(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
-    """D-5: 2xx sent, 5xx a hard bounce, anything else (4xx, no answer) deferred."""
+def classify(delivery_id: int, code: int, reply: bytes | str,
+             bounce_type: str = "hard") -> Outcome:
+    """D-5: 2xx sent, 5xx a bounce (hard unless the reply says nothing about the
+    recipient), anything else (4xx, no answer) deferred."""
     text = _one_line(code, reply)
     if 200 <= code < 300:
         return Outcome(delivery_id, "sent", text)
     if 500 <= code < 600:
-        return Outcome(delivery_id, "bounced", text, bounce_type="hard")
+        return Outcome(delivery_id, "bounced", text, bounce_type=bounce_type)
     return Outcome(delivery_id, "deferred", text)
 
 
@@ -87,7 +93,19 @@ def _error_reply(exc: BaseException) -> tuple[int, bytes | str]:
     return (code if isinstance(code, int) else -1), reply
 
 
-class _DomainQueue:
+# What connections are shared by (D-4): the mail servers as (host name, port). A set, as
+# MX hosts of equal preference come in a random order.
+_Destination = frozenset[tuple[str, int]]
+
+
+def _destination(servers: list[tuple[str, str, int]]) -> _Destination:
+    return frozenset((host, port) for host, _, port in servers)
+
+
+class _DestinationQueue:
+    """The messages waiting for one destination, whatever their recipient domains, and
+    its connections."""
+
     def __init__(self, servers: list[tuple[str, str, int]]) -> None:
         # (MX host name, address, port) in the order to try.
         self.servers = servers
@@ -97,7 +115,7 @@ class _DomainQueue:
 
 
 class _Connection(smtp.ESMTPClient):
-    """One outbound connection, fed from its domain's queue; when the queue is empty the
+    """One outbound connection, fed from its destination's queue; when the queue is empty the
     pool parks it for a while (idle) or lets it QUIT.
 
     twisted.mail's ESMTPClient does EHLO, STARTTLS and AUTH; the mail transaction is
@@ -108,7 +126,8 @@ class _Connection(smtp.ESMTPClient):
     # twisted.mail's log of the last lines: outcomes carry the replies themselves.
     debug = False
 
-    def __init__(self, pool: OutboundPool, queue: _DomainQueue, host: str, tls_options) -> None:
+    def __init__(self, pool: OutboundPool, queue: _DestinationQueue, host: str,
+                 tls_options) -> None:
         authenticate = pool.authenticate
         secret = authenticate[1].encode() if authenticate else None
         super().__init__(secret, tls_options, pool.identity)
@@ -117,9 +136,8 @@ class _Connection(smtp.ESMTPClient):
         self.host = host
         self.timeout = pool.reply_timeout
         self.callLater = pool.clock.callLater
-        require_tls = pool.tls_policy == TLS_VERIFY
-        self.requireTransportSecurity = require_tls
-        self.heloFallback = not require_tls
+        self.requireTransportSecurity = pool.require_tls
+        self.heloFallback = not pool.require_tls
         self.current: OutgoingMessage | None = None
         self.sent = 0
         # The first error (a server's reply when there was one): why messages still
@@ -218,26 +236,26 @@ class _Connection(smtp.ESMTPClient):
         self._replies.append((code, resp))
         if len(self._replies) < 3 - len(self._unsent):
             return  # more pipelined replies to come
-        refusal = self._refusal()
+        refusal = self._refusal(self.current.delivery_id)
         if refusal is None and self._unsent:
             self.sendLine(self._unsent.pop(0))
         elif refusal is None:
             self._send_body()
+        elif code == 354:
+            # RFC 2920 3.1: a DATA accepted after a refusal gets an empty message; the
+            # refusal stays the outcome.
+            self._okresponse = lambda *_: self._finish(refusal)
+            self.sendLine(b".")
         else:
-            outcome = _refused(self.current.delivery_id, *refusal)
-            if code == 354:
-                # RFC 2920 3.1: a DATA accepted after a refusal gets an empty message; the
-                # refusal stays the outcome.
-                self._okresponse = lambda *_: self._finish(outcome)
-                self.sendLine(b".")
-            else:
-                self._finish(outcome, transaction_open=True)
+            self._finish(refusal, transaction_open=True)
 
-    def _refusal(self) -> tuple[int, bytes] | None:
-        """The first negative reply to the envelope: the outcome of a message not taken."""
+    def _refusal(self, delivery_id: int) -> Outcome | None:
+        """The outcome of a message whose envelope was refused: its first negative reply.
+        A 5xx to MAIL FROM refuses our sender (reputation, policy), not the recipient:
+        a soft bounce, which does not count towards invalidating the contact."""
         for i, (code, resp) in enumerate(self._replies):
             if not (code == 354 if i == 2 else 200 <= code < 300):
-                return code, resp
+                return _refused(delivery_id, code, resp, "soft" if i == 0 else "hard")
         return None
 
     def _send_body(self) -> None:
@@ -315,13 +333,14 @@ class _Connection(smtp.ESMTPClient):
             self.queue.waiting.appendleft(message)
             return
         # A pipelined refusal (a 421, say) read before the server hung up says more.
-        code, reply = self._refusal() or _error_reply(exc)
-        message.done.callback(_refused(message.delivery_id, code, reply))
+        message.done.callback(self._refusal(message.delivery_id)
+                              or _refused(message.delivery_id, *_error_reply(exc)))
 
 
-def _refused(delivery_id: int, code: int, reply: bytes | str) -> Outcome:
+def _refused(delivery_id: int, code: int, reply: bytes | str,
+             bounce_type: str = "hard") -> Outcome:
     """classify() for a reply or error that ends a transaction early: never `sent`."""
-    outcome = classify(delivery_id, code, reply)
+    outcome = classify(delivery_id, code, reply, bounce_type)
     if outcome.state == "sent":
         return Outcome(delivery_id, "deferred", outcome.reply)
     return outcome
@@ -332,7 +351,7 @@ class OutboundPool:
 
     def __init__(self, reactor, clock, hostname: str, tls_policy: str = TLS_OPPORTUNISTIC,
                  connect_timeout: float = 30, reply_timeout: float = 300,
-                 per_domain: int = 10, max_connections: int = 200,
+                 per_destination: int = 10, max_connections: int = 200,
                  authenticate: tuple[str, str] | None = None,
                  per_domain_rate: float = 0.0, idle_seconds: float = 2.0) -> None:
         self.reactor = reactor
@@ -341,18 +360,20 @@ class OutboundPool:
         self.tls_policy = tls_policy
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
-        self.per_domain = per_domain
+        self.per_destination = per_destination
         self.max_connections = max_connections
         self.authenticate = authenticate
-        # Messages per second per destination domain; 0: as fast as connections allow.
+        # Credentials never go in clear text: with them TLS is required, as with "verify".
+        self.require_tls = tls_policy == TLS_VERIFY or authenticate is not None
+        # Messages per second per recipient domain; 0: as fast as connections allow.
         self.per_domain_rate = per_domain_rate
         self._next_start: dict[str, float] = {}
         # (address, port) -> until when STARTTLS is skipped (opportunistic policy).
         self._tls_failed_until: dict[tuple[str, int], float] = {}
         self.open_connections = 0
         self.connections_made = 0
-        self._queues: dict[str, _DomainQueue] = {}
-        self._blocked: deque[str] = deque()  # domains waiting for a free connection
+        self._queues: dict[_Destination, _DestinationQueue] = {}
+        self._blocked: deque[_Destination] = deque()  # waiting for a free connection
         self._no_connections = IdleWaiters()
         # A connection whose queue is empty stays open this long for the next message.
         self.idle_seconds = idle_seconds
@@ -364,12 +385,13 @@ class OutboundPool:
 
     def deliver(self, domain: str, servers: list[tuple[str, str, int]],
                 message: OutgoingMessage) -> defer.Deferred[Outcome]:
-        """Queue `message` for `domain`, reachable at `servers` (name, address, port)."""
+        """Queue `message` for `domain`, reachable at `servers` (name, address, port);
+        it goes on a connection to those servers, shared with other domains they serve."""
         delay = self._rate_delay(domain)
         if delay > 0:
-            self.clock.callLater(delay, self._enqueue, domain, servers, message)
+            self.clock.callLater(delay, self._enqueue, servers, message)
         else:
-            self._enqueue(domain, servers, message)
+            self._enqueue(servers, message)
         return message.done
 
     def _rate_delay(self, domain: str) -> float:
@@ -383,13 +405,15 @@ class OutboundPool:
         self._next_start[domain] = start + 1.0 / self.per_domain_rate
         return start - now
 
-    def _enqueue(self, domain: str, servers: list[tuple[str, str, int]],
-                 message: OutgoingMessage) -> None:
-        queue = self._queues.get(domain)
+    def _enqueue(self, servers: list[tuple[str, str, int]], message: OutgoingMessage) -> None:
+        destination = _destination(servers)
+        queue = self._queues.get(destination)
         if queue is None:
-            queue = self._queues[domain] = _DomainQueue(servers)
+            queue = self._queues[destination] = _DestinationQueue(servers)
+        else:
+            queue.servers = servers  # the latest addresses and order, for new connections
         queue.waiting.append(message)
-        self._connect(domain, queue)
+        self._connect(destination, queue)
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once no connection is open (graceful stop, tests)."""
@@ -407,7 +431,7 @@ class OutboundPool:
 
     def _connection_free(self, connection: _Connection) -> None:
         """`connection` found its queue empty: park it for the next message, or let it go
-        when idling is off, the pool is stopping or a blocked domain wants the slot."""
+        when idling is off, the pool is stopping or a blocked destination wants the slot."""
         if (self.idle_seconds and not self._closing_idle
                 and self._slots_wanted() <= len(self._leaving)):
             self._idle[connection] = self.clock.callLater(self.idle_seconds, self._release,
@@ -435,16 +459,17 @@ class OutboundPool:
         self._leaving.discard(connection)
 
     def _slots_wanted(self) -> int:
-        """Connections that domains blocked by max_connections would open now."""
+        """Connections that destinations blocked by max_connections would open now."""
         wanted = 0
-        for domain in self._blocked:
-            queue = self._queues.get(domain)
+        for destination in self._blocked:
+            queue = self._queues.get(destination)
             if queue is not None:
-                wanted += max(0, min(len(queue.waiting), self.per_domain) - queue.connections)
+                wanted += max(0, min(len(queue.waiting), self.per_destination)
+                              - queue.connections)
         return wanted
 
     def _free_slots(self) -> None:
-        """Close idle connections, oldest first, while blocked domains want their slots."""
+        """Close idle connections, oldest first, while blocked destinations want slots."""
         wanted = self._slots_wanted()
         while self._idle and len(self._leaving) < wanted:
             self._release(next(iter(self._idle)))
@@ -456,25 +481,27 @@ class OutboundPool:
         return endpoints.TCP4ClientEndpoint(self.reactor, address, port,
                                             timeout=self.connect_timeout)
 
-    def _connect(self, domain: str, queue: _DomainQueue) -> None:
+    def _connect(self, destination: _Destination, queue: _DestinationQueue) -> None:
         """Idle connections take waiting messages first; then as many new connections as
-        messages waiting, within the per-domain and total caps."""
+        messages waiting, within the per-destination and total caps."""
         while queue.waiting and queue.idle:
             connection = queue.idle[-1]  # the most recent: older ones may time out
             self._unpark(connection)
             connection.resume()
-        while (len(queue.waiting) > queue.connections and queue.connections < self.per_domain
+        while (len(queue.waiting) > queue.connections
+               and queue.connections < self.per_destination
                and self.open_connections < self.max_connections):
             queue.connections += 1
             self.open_connections += 1
-            defer.ensureDeferred(self._run_connection(domain, queue)).addErrback(
+            defer.ensureDeferred(self._run_connection(destination, queue)).addErrback(
                 self._unexpected)
-        if len(queue.waiting) > queue.connections and queue.connections < self.per_domain:
-            if domain not in self._blocked:
-                self._blocked.append(domain)
+        if len(queue.waiting) > queue.connections and queue.connections < self.per_destination:
+            if destination not in self._blocked:
+                self._blocked.append(destination)
             self._free_slots()
 
-    async def _run_connection(self, domain: str, queue: _DomainQueue) -> None:
+    async def _run_connection(self, destination: _Destination,
+                              queue: _DestinationQueue) -> None:
         try:
             last_error = "no mail server"
             for host, address, port in queue.servers:
@@ -496,39 +523,39 @@ class OutboundPool:
                     last_error = client.failure or last_error
                     if not client.tls_failed:
                         break
-                    if self.tls_policy == TLS_OPPORTUNISTIC:
+                    if not self.require_tls:
                         self._remember_tls_failure(address, port)
             self._fail_waiting(queue, last_error)
         finally:
             queue.connections -= 1
             self.open_connections -= 1
             if queue.waiting:
-                self._connect(domain, queue)
+                self._connect(destination, queue)
             elif queue.connections == 0:
-                self._queues.pop(domain, None)
+                self._queues.pop(destination, None)
             self._unblock()
             if self.open_connections == 0:
                 self._closing_idle = False
                 self._no_connections.fire()
 
-    def _fail_waiting(self, queue: _DomainQueue, reason: str) -> None:
-        """No server of the domain could be reached: everything waiting is deferred."""
+    def _fail_waiting(self, queue: _DestinationQueue, reason: str) -> None:
+        """No server of the destination could be reached: everything waiting is deferred."""
         while queue.waiting:
             message = queue.waiting.popleft()
             message.done.callback(Outcome(message.delivery_id, "deferred", reason))
 
     def _unblock(self) -> None:
         while self._blocked and self.open_connections < self.max_connections:
-            domain = self._blocked.popleft()
-            queue = self._queues.get(domain)
+            destination = self._blocked.popleft()
+            queue = self._queues.get(destination)
             if queue is not None:
-                self._connect(domain, queue)
+                self._connect(destination, queue)
 
     def _starttls_attempts(self, address: str, port: int) -> tuple[bool, ...]:
         """Whether to use STARTTLS, per attempt: "opportunistic" tries again in clear text
         when TLS fails (better than not delivering), straight away for a server whose TLS
-        failed lately; "verify" never goes without."""
-        if self.tls_policy == TLS_VERIFY:
+        failed lately; "verify", and credentials, never go without."""
+        if self.require_tls:
             return (True,)
         if self._tls_failed_until.get((address, port), 0.0) > self.clock.seconds():
             return (False,)

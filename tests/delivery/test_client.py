@@ -1,6 +1,11 @@
 """The outbound client pool against a real receiving SMTP server on loopback."""
 
-from twisted.internet import defer, reactor, task
+from pathlib import Path
+
+from twisted.internet import defer, error, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailgw.delivery.client import OutboundPool, OutgoingMessage, classify, wire_format
@@ -19,6 +24,18 @@ def _text(data, rendered=None):
     return render
 
 
+def _tls_sink(test: unittest.TestCase, **options) -> tuple[SMTPSink, int]:
+    """A started SMTPSink offering STARTTLS, with a self-signed certificate for sink.test,
+    and its port."""
+    base = Path(test.mktemp())
+    ensure_self_signed(base / "cert.pem", base / "key.pem", "sink.test")
+    sink = SMTPSink(tls_options=server_tls_options(base / "cert.pem", base / "key.pem"),
+                    **options)
+    port = sink.start()
+    test.addCleanup(sink.stop)
+    return sink, port
+
+
 class PoolTests(unittest.TestCase):
     def setUp(self):
         self.sink = SMTPSink()
@@ -32,12 +49,12 @@ class PoolTests(unittest.TestCase):
         pool = pool or self.pool
         self.addCleanup(pool.close_idle)
         return defer.gatherResults([
-            pool.deliver("example.net", servers,
+            pool.deliver(rcpt.rpartition("@")[2], servers,
                          OutgoingMessage(i, "b-1@bounces.example.org", rcpt, _text(DATA)))
             for i, rcpt in enumerate(recipients)])
 
     async def test_messages_share_one_connection(self):
-        pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=1)
         outcomes = await self.send(*[f"r{i}@example.net" for i in range(5)], pool=pool)
         self.assertEqual([o.state for o in outcomes], ["sent"] * 5)
         self.assertEqual(self.sink.connections, 1)
@@ -47,10 +64,40 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(self.sink.messages[0].sender, "b-1@bounces.example.org")
         self.assertTrue(outcomes[0].reply.startswith("250 "))
 
-    async def test_per_domain_concurrency(self):
-        pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=2)
+    async def test_per_destination_concurrency(self):
+        pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=2)
         await self.send(*[f"r{i}@example.net" for i in range(6)], pool=pool)
         self.assertEqual(self.sink.connections, 2)
+
+    async def test_smarthost_connection_serves_every_recipient_domain(self):
+        """D-4: connections are per destination host, and a smarthost is one, whatever
+        the recipients' domains."""
+        pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=1)
+        relay = [("relay.example.org", "127.0.0.1", self.port)]
+        outcomes = await self.send(*[f"r@example{i}.net" for i in range(4)], servers=relay,
+                                   pool=pool)
+        self.assertEqual([o.state for o in outcomes], ["sent"] * 4)
+        self.assertEqual(self.sink.connections, 1)
+
+    async def test_domains_with_the_same_mail_servers_share_connections(self):
+        pool = OutboundPool(reactor, task.Clock(), "gw.example.org")  # idle until closed
+        hosted = [("mx1.hosting.example", "127.0.0.1", self.port),
+                  ("mx2.hosting.example", "127.0.0.1", self.port)]
+        await self.send("a@example.net", servers=hosted, pool=pool)
+        # Equal preferences come in any order: the same servers all the same.
+        await self.send("b@example.com", servers=hosted[::-1], pool=pool)
+        self.assertEqual(self.sink.connections, 1)
+        await self.send("c@example.org", pool=pool,
+                        servers=[("mx.example.org", "127.0.0.1", self.port)])
+        self.assertEqual(self.sink.connections, 2)
+
+    async def test_rate_limit_stays_per_recipient_domain(self):
+        """Domains served by the same servers do not share one domain's rate limit."""
+        pool = OutboundPool(reactor, task.Clock(), "gw.example.org", per_domain_rate=1.0)
+        # The clock never moves: a message held back by the other's limit would time out.
+        outcomes = await self.send("a@example.net", "b@example.com", pool=pool).addTimeout(
+            5, reactor)
+        self.assertEqual([o.state for o in outcomes], ["sent"] * 2)
 
     async def test_per_domain_rate_limit(self):
         clock = task.Clock()
@@ -84,54 +131,34 @@ class PoolTests(unittest.TestCase):
         self.assertIn("cannot connect to mx1.example.net", outcome.reply)
 
     async def test_starttls_used_when_offered(self):
-        base = self.mktemp()
-        cert, key = (f"{base}/cert.pem", f"{base}/key.pem")
-        from pathlib import Path
-        ensure_self_signed(Path(cert), Path(key), "sink.test")
-        sink = SMTPSink(tls_options=server_tls_options(Path(cert), Path(key)))
-        port = sink.start()
-        self.addCleanup(sink.stop)
+        sink, port = _tls_sink(self)
         (outcome,) = await self.send("ok@example.net",
                                      servers=[("sink.test", "127.0.0.1", port)])
         self.assertEqual(outcome.state, "sent")
         self.assertIn(b"STARTTLS", sink.commands)
 
     async def test_smarthost_with_auth(self):
-        relay = SMTPSink(users={b"gw": b"relay-secret"})
-        port = relay.start()
-        self.addCleanup(relay.stop)
+        relay, port = _tls_sink(self, users={b"gw": b"relay-secret"})
         servers = [("relay.example.org", "127.0.0.1", port)]
         pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw",
                                                                              "relay-secret"))
         (outcome,) = await self.send("ok@example.net", servers=servers, pool=pool)
         self.assertEqual(outcome.state, "sent")
-        self.assertIn(b"AUTH", relay.commands)
-        wrong = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
-        (outcome,) = await self.send("ok@example.net", servers=servers, pool=wrong)
-        self.assertEqual(outcome.state, "deferred")
-        self.assertEqual(len(relay.messages), 1)
+        # The credentials went through TLS: AUTH after STARTTLS and the new EHLO.
+        self.assertEqual(relay.commands[:4], [b"EHLO", b"STARTTLS", b"EHLO", b"AUTH"])
 
     async def test_smarthost_refusing_auth_defers_with_its_reply(self):
-        relay = ScriptedServer({
-            b"EHLO": b"250-script.test\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING",
-            b"AUTH": b"535 5.7.8 Authentication credentials invalid"})
-        servers = [("relay.example.org", "127.0.0.1", relay.start())]
-        self.addCleanup(relay.stop)
+        relay, port = _tls_sink(self, users={b"gw": b"relay-secret"})
+        servers = [("relay.example.org", "127.0.0.1", port)]
         pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
         outcomes = await self.send("a@example.net", "b@example.net", servers=servers,
                                    pool=pool)
         self.assertEqual([(o.state, o.reply) for o in outcomes],
-                         [("deferred", "535 5.7.8 Authentication credentials invalid")] * 2)
-        self.assertNotIn(b"MAIL", b"".join(relay.sessions[0]))
+                         [("deferred", "535 Authentication failed")] * 2)
+        self.assertNotIn(b"MAIL", relay.commands)
 
     async def test_verify_policy_refuses_an_unverifiable_certificate(self):
-        from pathlib import Path
-
-        base = Path(self.mktemp())
-        ensure_self_signed(base / "cert.pem", base / "key.pem", "sink.test")
-        sink = SMTPSink(tls_options=server_tls_options(base / "cert.pem", base / "key.pem"))
-        port = sink.start()
-        self.addCleanup(sink.stop)
+        sink, port = _tls_sink(self)
         pool = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
         (outcome,) = await self.send("ok@example.net", pool=pool,
                                      servers=[("sink.test", "127.0.0.1", port)])
@@ -174,7 +201,7 @@ class PipeliningTests(unittest.TestCase):
 
     def send(self, *envelopes):
         self.rendered = []
-        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=1)
         self.addCleanup(pool.close_idle)
         return defer.gatherResults([
             pool.deliver("example.net", self.servers,
@@ -218,7 +245,7 @@ class PipeliningTests(unittest.TestCase):
 
     async def test_failed_render_defers_and_sends_no_partial_message(self):
         sink = self.sink(pipelining=True)
-        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_domain=1)
+        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=1)
         self.addCleanup(pool.close_idle)
 
         def broken():
@@ -235,15 +262,24 @@ class PipeliningTests(unittest.TestCase):
         self.assertEqual([m.recipient for m in sink.messages], ["b@example.net"])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
-    async def test_refused_sender_is_the_outcome(self):
+    async def test_refused_sender_is_the_outcome_and_a_soft_bounce(self):
+        """A 5xx to MAIL FROM refuses our sender, not the recipient: it must not count
+        towards invalidating the contact, as hard bounces do."""
         for pipelining in (True, False):
             sink = self.sink(pipelining=pipelining)
             (outcome,) = await self.send(("refused@bounces.example.org", "ok@example.net"))
-            self.assertEqual((outcome.state, outcome.bounce_type), ("bounced", "hard"))
+            self.assertEqual((outcome.state, outcome.bounce_type), ("bounced", "soft"))
             self.assertTrue(outcome.reply.startswith("550 "), outcome.reply)
             self.assertIn("5.7.1 Sender refused", outcome.reply)
             self.assertEqual(sink.messages, [])
 
+    async def test_refused_sender_then_hang_up_is_a_soft_bounce(self):
+        server = ScriptedServer({b"MAIL": b"550 5.7.1 Sender IP listed", b"RCPT": None})
+        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.addCleanup(server.stop)
+        (outcome,) = await self.send(("b-1@bounces.example.org", "ok@example.net"))
+        self.assertEqual((outcome.state, outcome.bounce_type, outcome.reply),
+                         ("bounced", "soft", "550 5.7.1 Sender IP listed"))
 
     async def test_data_accepted_after_a_refusal_gets_an_empty_message(self):
         """RFC 2920 3.1: a server may take DATA with no recipient; the RCPT reply counts."""
@@ -271,7 +307,8 @@ class IdleConnectionTests(unittest.TestCase):
 
     def setUp(self):
         self.sink = SMTPSink()
-        self.servers = [("mx.example.net", "127.0.0.1", self.sink.start())]
+        self.port = self.sink.start()
+        self.servers = [("mx.example.net", "127.0.0.1", self.port)]
         self.addCleanup(self.sink.stop)
         self.clock = task.Clock()
 
@@ -280,8 +317,8 @@ class IdleConnectionTests(unittest.TestCase):
         self.addCleanup(pool.close_idle)
         return pool
 
-    def send(self, pool, recipient, domain="example.net"):
-        d = pool.deliver(domain, self.servers,
+    def send(self, pool, recipient, servers=None):
+        d = pool.deliver(recipient.rpartition("@")[2], servers or self.servers,
                          OutgoingMessage(1, "b-1@bounces.example.org", recipient, _text(DATA)))
         return d.addTimeout(5, reactor)
 
@@ -301,17 +338,18 @@ class IdleConnectionTests(unittest.TestCase):
         self.assertEqual(self.sink.commands[-1], b"QUIT")
 
     async def test_idle_connection_counts_against_max_connections(self):
-        """Another domain needing the only slot makes the idle connection quit early."""
+        """Another destination needing the only slot makes the idle connection quit early."""
         pool = self.pool(max_connections=1)
         await self.send(pool, "a@example.net")
         await until(lambda: pool._idle)
-        outcome = await self.send(pool, "b@example.com", domain="example.com")
+        other = [("mx.example.com", "127.0.0.1", self.port)]
+        outcome = await self.send(pool, "b@example.com", servers=other)
         self.assertEqual(outcome.state, "sent")
         self.assertEqual(self.sink.commands[:9], [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
                          + [b"EHLO", b"MAIL", b"RCPT", b"DATA"])
 
-    async def test_idle_connection_counts_against_per_domain(self):
-        pool = self.pool(per_domain=1)
+    async def test_idle_connection_counts_against_per_destination(self):
+        pool = self.pool(per_destination=1)
         await self.send(pool, "a@example.net")
         await until(lambda: pool._idle)
         outcomes = await defer.gatherResults([self.send(pool, f"r{i}@example.net")
@@ -347,12 +385,20 @@ class IdleConnectionTests(unittest.TestCase):
 
 
 class STARTTLSFallbackTests(unittest.TestCase):
-    """Opportunistic TLS: when STARTTLS fails, deliver in clear text rather than not at all."""
+    """Opportunistic TLS: when STARTTLS fails, deliver in clear text rather than not at all;
+    but never with credentials, nor under the "verify" policy."""
 
-    EHLO = b"250-script.test\r\n250-STARTTLS\r\n250 PIPELINING"
+    EHLO = b"250-script.test\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 PIPELINING"
 
-    def server(self, starttls_reply):
-        server = ScriptedServer({b"EHLO": self.EHLO, b"STARTTLS": starttls_reply})
+    def server(self, starttls_reply: bytes | None) -> ScriptedServer:
+        """A server offering AUTH, and STARTTLS answered with `starttls_reply` (None: not
+        offered)."""
+        replies = {b"EHLO": self.EHLO, b"AUTH": b"235 2.7.0 Authentication successful"}
+        if starttls_reply is None:
+            replies[b"EHLO"] = self.EHLO.replace(b"250-STARTTLS\r\n", b"")
+        else:
+            replies[b"STARTTLS"] = starttls_reply
+        server = ScriptedServer(replies)
         self.servers = [("mx.example.net", "127.0.0.1", server.start())]
         self.addCleanup(server.stop)
         return server
@@ -393,6 +439,83 @@ class STARTTLSFallbackTests(unittest.TestCase):
         self.assertEqual(outcome.state, "deferred")
         self.assertEqual([b"STARTTLS" in session for session in server.sessions], [True] * 2)
         self.assertNotIn(b"DATA", b"".join(b"".join(session) for session in server.sessions))
+
+    async def assert_credentials_kept_from_clear_text(self, server: ScriptedServer) -> str:
+        """Two messages in turn are deferred, each after one connection with no AUTH;
+        the last one's reply."""
+        pool = OutboundPool(reactor, reactor, "gw.example.org",
+                            authenticate=("gw", "relay-secret"))
+        for _ in range(2):  # the second is not sent in clear text as a known TLS failure
+            outcome = await self.send(pool)
+            self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(len(server.sessions), 2)
+        lines = [line.upper() for session in server.sessions for line in session]
+        self.assertEqual([line for line in lines if line.startswith((b"AUTH", b"MAIL"))], [])
+        return outcome.reply
+
+    async def test_credentials_not_sent_after_a_refused_starttls(self):
+        reply = await self.assert_credentials_kept_from_clear_text(
+            self.server(b"454 4.7.0 TLS not available due to local problem"))
+        self.assertEqual(reply, "mx.example.net: STARTTLS failed: 454 4.7.0 TLS not available "
+                                "due to local problem")
+
+    async def test_credentials_not_sent_after_a_broken_handshake(self):
+        reply = await self.assert_credentials_kept_from_clear_text(
+            self.server(b"220 2.0.0 Ready to start TLS"))
+        self.assertIn("mx.example.net: STARTTLS failed", reply)
+
+    async def test_credentials_not_sent_without_starttls(self):
+        reply = await self.assert_credentials_kept_from_clear_text(self.server(None))
+        self.assertEqual(reply, "mx.example.net: Server does not support secure communication "
+                                "via TLS / SSL")
+
+
+class TimeoutTests(unittest.TestCase):
+    """Timeouts on a MemoryReactorClock: the test answers for the server, and time moves
+    only when it says so."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.pool = OutboundPool(self.reactor, self.reactor, "gw.example.org",
+                                 connect_timeout=7, reply_timeout=30)
+
+    def deliver(self, servers) -> defer.Deferred:
+        return self.pool.deliver("example.net", servers, OutgoingMessage(
+            1, "b-1@bounces.example.org", "ok@example.net", _text(DATA)))
+
+    def test_connect_timeout_reaches_the_connection_attempts(self):
+        outcome = self.deliver([("mx4.example.net", "192.0.2.1", 25),
+                                ("mx6.example.net", "2001:db8::1", 25)])
+        for attempt, address in enumerate(("192.0.2.1", "2001:db8::1")):
+            host, _, factory, timeout, _ = self.reactor.tcpClients[attempt]
+            self.assertEqual((host, timeout), (address, 7))
+            # What the reactor does when the timeout passes.
+            factory.clientConnectionFailed(self.reactor.connectors[attempt],
+                                           Failure(error.TimeoutError()))
+        outcome = self.successResultOf(outcome)
+        self.assertEqual(outcome.state, "deferred")
+        self.assertIn("cannot connect to mx6.example.net [2001:db8::1]:25", outcome.reply)
+
+    def test_silence_after_the_message_defers_it_and_closes_the_connection(self):
+        outcome = self.deliver([("mx.example.net", "192.0.2.1", 25)])
+        host, port, factory, _, _ = self.reactor.tcpClients[0]
+        client = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransportWithDisconnection()
+        transport.protocol = client
+        client.makeConnection(transport)
+        for reply in (b"220 mx.example.net ESMTP", b"250 mx.example.net", b"250 2.1.0 Ok",
+                      b"250 2.1.5 Ok", b"354 Go ahead"):
+            client.dataReceived(reply + b"\r\n")
+        self.assertTrue(transport.value().endswith(b"\r\nHello\r\n.\r\n"))
+        self.reactor.advance(29)
+        self.assertNoResult(outcome)
+        self.reactor.advance(1)
+        outcome = self.successResultOf(outcome)
+        self.assertEqual((outcome.state, outcome.reply),
+                         ("deferred", "Timeout waiting for SMTP server response"))
+        self.assertFalse(transport.connected)
+        self.assertEqual(self.pool.open_connections, 0)
+
 
 class ClassifyTests(unittest.TestCase):
     def test_codes(self):
