@@ -77,9 +77,12 @@ class DeliveryConfig:
     remote_smtp_port: int = 25
     # "host:port" of an upstream that relays everything; empty delivers by MX.
     smarthost: str = ""
+    # With a username: AUTH PLAIN, only over TLS (STARTTLS required whatever tls_policy).
     smarthost_username: str = ""
     smarthost_password: str = ""
     max_connections: int = 200
+    # Connections to one destination: a domain's set of MX hosts (shared by the domains
+    # that have the same set), or the smarthost.
     per_domain_connections: int = 10
     # Messages per second to one destination domain; 0 means no limit.
     per_domain_rate: float = 0.0
@@ -93,6 +96,9 @@ class DeliveryConfig:
     tls_policy: str = "opportunistic"
     # Hard bounces after which a contact is invalidated (D-7; whitelisted ones never are).
     hard_bounce_limit: int = 2
+    # Domain of the return path and unsubscribe mailto: of senders whose domain has no
+    # return-path domain of its own; empty: the hostname (Config.bounce_domain).
+    bounce_domain: str = ""
     # Seconds between queue polls when nothing is due.
     poll_interval: float = 1.0
 
@@ -135,6 +141,11 @@ class Config:
         if self.tls.private_key:
             return Path(self.tls.private_key)
         return self.state_path / "tls" / "key.pem"
+
+    @property
+    def bounce_domain(self) -> str:
+        """delivery.bounce_domain; when empty, the hostname, which names this gateway."""
+        return self.delivery.bounce_domain or self.hostname
 
     def replace(self, **changes: Any) -> Config:
         """A copy with top-level keys changed (tests and the CLI use it)."""
@@ -256,6 +267,10 @@ def _check_values(config: Config) -> None:
                           f"{config.delivery.tls_policy!r}")
     if config.delivery.smarthost:
         _check_host_ports("delivery.smarthost", [config.delivery.smarthost])
+    bounce_domain = config.delivery.bounce_domain
+    if bounce_domain and ("@" in bounce_domain or any(c.isspace() for c in bounce_domain)
+                          or not all(bounce_domain.split("."))):
+        raise ConfigError(f"delivery.bounce_domain: not a domain name: {bounce_domain!r}")
 
 
 def _check_networks(key: str, networks: list[str]) -> None:

@@ -157,8 +157,8 @@ class Gateway(service.MultiService):
         signer = LinkSigner(await self.stores.keys.signing_key("links"),
                             self.config.http.public_base_url)
         return QueueRunner(self.stores.queue, resolver, pool, signer, self.clock, delivery,
-                           self.config.hostname, node_name(self.config.hostname),
-                           self.key_threads.run)
+                           self.config.hostname, self.config.bounce_domain,
+                           node_name(self.config.hostname), self.key_threads.run)
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account

@@ -37,6 +37,13 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(config.smtp.implicit_tls_listeners, ["tcp:46500"])
         self.assertEqual(config.database.pool_size, 9)
 
+    def test_bounce_domain_defaults_to_the_hostname(self):
+        self.assertEqual(parse_config({"hostname": "mx.example.org"}).bounce_domain,
+                         "mx.example.org")
+        config = parse_config({"hostname": "mx.example.org",
+                               "delivery": {"bounce_domain": "bounces.example.org"}})
+        self.assertEqual(config.bounce_domain, "bounces.example.org")
+
     def test_default_tls_paths_are_under_state_dir(self):
         config = parse_config({"state_dir": "/srv/mailgw"})
         self.assertEqual(config.certificate_path, Path("/srv/mailgw/tls/cert.pem"))
@@ -88,6 +95,9 @@ class ErrorTests(unittest.TestCase):
                                    "delivery.connection_idle_seconds")
         self.assertConfigError({"tls": {"certificate": "/c.pem"}}, "tls.private_key")
         self.assertConfigError({"hostname": "two words"}, "hostname")
+        for domain in ("bounces@example.org", "two words", "example..org"):
+            self.assertConfigError({"delivery": {"bounce_domain": domain}},
+                                   "delivery.bounce_domain")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/8"]}},
                                "smtp.trusted_account")
 

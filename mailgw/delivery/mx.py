@@ -40,6 +40,10 @@ class PermanentDNSFailure(Exception):
         self.ttl = ttl
 
 
+class NullMX(PermanentDNSFailure):
+    """The domain publishes a null MX (RFC 7505): it accepts no mail at all."""
+
+
 class TemporaryDNSFailure(Exception):
     """DNS did not answer usefully now (SERVFAIL, timeout, refused): retry later."""
 
@@ -136,7 +140,7 @@ class MXResolver:
                 seen.add(host)
                 servers.append(MailServer(host, self.port, preference))
         if not servers:
-            raise PermanentDNSFailure(f"domain {name} accepts no mail (null MX)", ttl)
+            raise NullMX(f"domain {name} accepts no mail (null MX)", ttl)
         return servers, ttl
 
     async def _host_addresses(self, name: str) -> list[str]:
@@ -209,7 +213,7 @@ class MXResolver:
             return _MISS
         self._cache.move_to_end(key)
         if isinstance(value, PermanentDNSFailure):
-            raise PermanentDNSFailure(str(value), value.ttl)
+            raise type(value)(str(value), value.ttl)
         return value
 
     def _store(self, key: tuple[str, str], value: Any, ttl: float) -> None:

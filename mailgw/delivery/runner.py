@@ -3,8 +3,11 @@
 A loop claims a batch with one query, starts every delivery of it at once
 (the pool groups them into connections per domain) and claims again while
 fewer than `max_in_flight` are running.  Each outcome is written through the
-group committer with the lease checked.  A message is prepared once and kept
-in a small cache, so its other recipients only pay for personalisation.
+group committer with the lease checked.  The leases of the deliveries still
+running are renewed on a timer: a message held back by a rate limit or a slow
+server may outlast one lease, and its row must not become claimable while
+this node still has it.  A message is prepared once and kept in a small cache,
+so its other recipients only pay for personalisation.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.internet import defer, task
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from mailgw.config import DeliveryConfig
 from mailgw.content.render import (
@@ -29,7 +33,7 @@ from mailgw.content.render import (
     SenderContext,
 )
 from mailgw.delivery.client import OutboundPool, OutgoingMessage
-from mailgw.delivery.mx import PermanentDNSFailure, TemporaryDNSFailure
+from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable
 from mailgw.idle import IdleWaiters
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome, QueueStore
@@ -42,6 +46,28 @@ MAX_RETRY_INTERVAL = 6 * 3600
 # independent of the queue's size (issue 4: 1k and 100k queued within 10%).
 PREPARED_CACHE_SIZE = 100
 DKIM_SIGNER_CACHE_SIZE = 500
+# A graceful stop waits this long for running deliveries, then gives back the leases of
+# those whose text is not being sent yet (held by a rate limit, waiting for a connection),
+# then this long for the connections to QUIT: the whole stop stays well inside systemd's
+# 90 s, after the SMTP sessions' grace.
+STOP_DELIVERIES_SECONDS = 15.0
+STOP_CONNECTIONS_SECONDS = 5.0
+# Leases are renewed this many times per lease: a renewal that a busy database delays
+# still comes before the lease runs out.
+RENEWALS_PER_LEASE = 3
+
+
+class LeaseReleased(Exception):
+    """The delivery's lease was given back by a graceful stop: it is no longer this
+    node's to send."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ready:
+    """A message prepared for personalisation, and the domain of its return path."""
+
+    prepared: PreparedMessage
+    bounce_domain: str
 
 
 def node_name(hostname: str) -> str:
@@ -53,8 +79,10 @@ class QueueRunner:
     log = Logger()
 
     def __init__(self, queue: QueueStore, resolver, pool: OutboundPool, signer: LinkSigner,
-                 clock, config: DeliveryConfig, hostname: str, owner: str,
+                 clock, config: DeliveryConfig, hostname: str, bounce_domain: str, owner: str,
                  run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
+        """`bounce_domain`: of the return path and the unsubscribe mailto: address of
+        senders whose domain has no return-path domain of its own."""
         self.queue = queue
         self.resolver = resolver
         self.pool = pool
@@ -62,35 +90,64 @@ class QueueRunner:
         self.clock = clock
         self.config = config
         self.hostname = hostname
+        self.bounce_domain = bounce_domain
         self.owner = owner
         self.run_in_thread = run_in_thread
         self.max_in_flight = 2 * config.batch_size
-        self.in_flight = 0
         self.running = False
         self._loop_done: defer.Deferred[None] | None = None
         self._wakeup: defer.Deferred[None] | None = None
         self._drained = IdleWaiters()
-        # message id -> (prepared message, bounce domain), most recently used last.
-        self._prepared: OrderedDict[int, tuple[PreparedMessage, str]] = OrderedDict()
+        # Deliveries started and not finished: their leases are renewed.
+        self._working: set[int] = set()
+        # Those of them whose text is being sent: a stop keeps their leases.
+        self._sending: set[int] = set()
+        # A stop gave up waiting and gave back the leases of the others.
+        self._leases_released = False
+        self._renewals = task.LoopingCall(
+            lambda: defer.ensureDeferred(self._renew_leases()))
+        self._renewals.clock = clock
+        # message id -> prepared message, most recently used last.
+        self._prepared: OrderedDict[int, _Ready] = OrderedDict()
         # One signer per key, so that each key is parsed once, not once per message.
         self._dkim_signers: dict[tuple[str, str, str, str], DKIMSigner] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._working)
 
     def start(self) -> None:
         self.running = True
         self._loop_done = defer.ensureDeferred(self._loop())
         self._loop_done.addErrback(lambda f: self.log.failure("queue runner stopped", f))
+        renewing = self._renewals.start(self.config.lease_seconds / RENEWALS_PER_LEASE,
+                                        now=False)
+        renewing.addErrback(lambda f: self.log.failure("lease renewal stopped", f))
 
     async def stop(self) -> None:
-        """Graceful stop (O-5): no new claims, running deliveries finish, leases freed,
-        then the pool's connections QUIT without waiting out their idle time."""
+        """Graceful stop (O-5): no new claims; running deliveries get a bounded time to
+        finish, then those not being sent yet are given up and their leases freed; then
+        the pool's connections QUIT without waiting out their idle time."""
         self.running = False
         self._wake()
         if self._loop_done is not None:
             await self._loop_done
-        await self._drained.wait(self.in_flight == 0)
+        try:
+            await self._drained.wait(not self._working).addTimeout(STOP_DELIVERIES_SECONDS,
+                                                                    self.clock)
+        except defer.TimeoutError:
+            self._leases_released = True
+            self.log.warn("stopping with {count} deliveries unfinished; {sending} of them "
+                          "being sent keep their leases until they expire",
+                          count=len(self._working), sending=len(self._sending))
+        if self._renewals.running:
+            self._renewals.stop()
         with contextlib.suppress(DatabaseUnavailable):  # else the leases expire by themselves
-            await self.queue.release(self.owner)
-        await self.pool.close_idle()
+            await self.queue.release(self.owner, sorted(self._sending))
+        try:
+            await self.pool.close_idle().addTimeout(STOP_CONNECTIONS_SECONDS, self.clock)
+        except defer.TimeoutError:
+            self.log.warn("stopping with outbound connections still open")
 
     def _wake(self) -> None:
         wakeup, self._wakeup = self._wakeup, None
@@ -114,35 +171,69 @@ class QueueRunner:
                 claimed = await self.queue.claim(
                     self.owner, min(self.config.batch_size, self.max_in_flight - self.in_flight),
                     self.config.lease_seconds)
-                contexts = await self._contexts(claimed)
+                messages = await self._messages(claimed)
             except DatabaseUnavailable:
                 claimed = []
             if not claimed:
                 await self._pause(self.config.poll_interval)
                 continue
             for delivery in claimed:
-                self.in_flight += 1
+                self._working.add(delivery.id)
                 d = defer.ensureDeferred(self._deliver(delivery,
-                                                       contexts.get(delivery.message_id)))
+                                                       messages.get(delivery.message_id)))
                 d.addErrback(lambda f: self.log.failure("delivery failed unexpectedly", f))
-                d.addBoth(self._finished)
+                d.addBoth(self._finished, delivery.id)
 
-    def _finished(self, _: object) -> None:
-        self.in_flight -= 1
+    def _finished(self, _: object, delivery_id: int) -> None:
+        self._working.discard(delivery_id)
+        self._sending.discard(delivery_id)
         self._wake()
-        if self.in_flight == 0:
+        if not self._working:
             self._drained.fire()
 
-    async def _contexts(self, claimed: list[ClaimedDelivery]) -> dict[int, Any]:
-        missing = sorted({d.message_id for d in claimed} - self._prepared.keys())
-        contexts: dict[int, Any] = {}
-        if missing:
-            contexts.update(await self.queue.messages(missing))
-        return contexts
+    async def _renew_leases(self) -> None:
+        """Every running delivery's lease in one statement, until it has finished."""
+        if not self._working:
+            return
+        try:
+            await self.queue.renew(self.owner, sorted(self._working), self.config.lease_seconds)
+        except Exception:
+            # The next renewal tries again, well before the leases run out.
+            self.log.failure("leases of {count} deliveries not renewed", Failure(),
+                             LogLevel.warn, count=len(self._working))
 
-    async def _deliver(self, delivery: ClaimedDelivery, context: MessageContext | None
+    async def _messages(self, claimed: list[ClaimedDelivery]
+                        ) -> dict[int, _Ready | Exception]:
+        """The prepared messages of a claimed batch, held by the batch itself: preparing
+        one may push another out of the cache, and that must not make it look deleted.
+        A message of a delivery not suppressed that is missing from the result is not in
+        the database; an exception is why it cannot be prepared."""
+        wanted = {d.message_id for d in claimed if not d.suppressed}
+        messages: dict[int, _Ready | Exception] = {}
+        for message_id in wanted & self._prepared.keys():
+            self._prepared.move_to_end(message_id)
+            messages[message_id] = self._prepared[message_id]
+        missing = sorted(wanted - messages.keys())
+        if missing:
+            for message_id, context in (await self.queue.messages(missing)).items():
+                messages[message_id] = self._prepared_or_error(context)
+        return messages
+
+    def _prepared_or_error(self, context: MessageContext) -> _Ready | Exception:
+        """A message that cannot be prepared (broken content) is logged once per batch;
+        its deliveries are deferred, so that the maximum age bounces them in the end."""
+        try:
+            return self._prepare(context)
+        except Exception as e:
+            self.log.failure("message {id} cannot be prepared; its deliveries are deferred",
+                             id=context.id, level=LogLevel.error)
+            return e
+
+    async def _deliver(self, delivery: ClaimedDelivery, message: _Ready | Exception | None
                        ) -> None:
-        outcome = self._retry_policy(delivery, await self._attempt(delivery, context))
+        outcome = self._retry_policy(delivery, await self._attempt(delivery, message))
+        if self._leases_released and delivery.id not in self._sending:
+            return  # stop() gave its lease back: the next claim tries it again
         self.log.info("delivery {id} to {rcpt}: {state} ({reply})", id=delivery.id,
                       rcpt=delivery.recipient, state=outcome.state, reply=outcome.reply)
         try:
@@ -152,30 +243,38 @@ class QueueRunner:
             # only case where a recipient may get a message twice).
             self.log.warn("outcome of delivery {id} not recorded", id=delivery.id)
 
-    async def _attempt(self, delivery: ClaimedDelivery, context: MessageContext | None
+    async def _attempt(self, delivery: ClaimedDelivery, message: _Ready | Exception | None
                        ) -> Outcome:
         if delivery.suppressed:
             return Outcome(delivery.id, "not_sent", delivery.suppressed)
-        if context is None and delivery.message_id not in self._prepared:
+        if message is None:
             return Outcome(delivery.id, "not_sent", "message deleted")
-        prepared, bounce_domain = self._prepare(delivery.message_id, context)
+        if isinstance(message, Exception):
+            return Outcome(delivery.id, "deferred", f"message could not be prepared: {message}")
         domain = delivery.recipient.rpartition("@")[2]
         try:
             servers = await self._servers(domain)
+        except NullMX as e:  # RFC 7505 4.1
+            return Outcome(delivery.id, "bounced", f"556 5.1.10 {e}", bounce_type="hard")
         except PermanentDNSFailure as e:
             return Outcome(delivery.id, "bounced", f"5.1.2 {e}", bounce_type="hard")
         except TemporaryDNSFailure as e:
             return Outcome(delivery.id, "deferred", f"4.4.3 {e}")
         recipient = RecipientContext(delivery.id, delivery.recipient,
                                      _strings(delivery.fields), {})
-        message = OutgoingMessage(delivery.id,
-                                  self.signer.bounce_address(delivery.id, bounce_domain),
-                                  delivery.recipient, lambda: self._render(prepared, recipient))
-        return await self.pool.deliver(domain, servers, message)
+        outgoing = OutgoingMessage(
+            delivery.id, self.signer.bounce_address(delivery.id, message.bounce_domain),
+            delivery.recipient, lambda: self._render(delivery.id, message.prepared, recipient))
+        return await self.pool.deliver(domain, servers, outgoing)
 
-    async def _render(self, prepared: PreparedMessage, recipient: RecipientContext) -> bytes:
+    async def _render(self, delivery_id: int, prepared: PreparedMessage,
+                      recipient: RecipientContext) -> bytes:
         """The recipient's copy, signed. The DKIM key operation (~1 ms for RSA-2048) runs
-        in a thread: the reactor that would sign also answers SMTP submissions."""
+        in a thread: the reactor that would sign also answers SMTP submissions. Called
+        when the server has taken the envelope: from then on a stop keeps the lease."""
+        if self._leases_released:
+            raise LeaseReleased(f"delivery {delivery_id} was given back to the queue")
+        self._sending.add(delivery_id)
         data, signature = prepared.render_unsigned(recipient)
         if signature is None:
             return data
@@ -194,27 +293,16 @@ class QueueRunner:
             raise TemporaryDNSFailure(f"no address for any mail server of {domain}")
         return servers
 
-    def _prepare(self, message_id: int, context: MessageContext | None
-                 ) -> tuple[PreparedMessage, str]:
-        cached = self._prepared.get(message_id)
-        if cached is not None:
-            self._prepared.move_to_end(message_id)
-            return cached
+    def _prepare(self, context: MessageContext) -> _Ready:
+        """The message prepared and cached; raises what its content makes fail."""
         settings = context.account_settings or {}
-        bounce_domain = context.return_path_domain or context.sender.rpartition("@")[2]
-        dkim = None
-        if context.dkim_private_key:
-            key = (context.dkim_domain, context.dkim_selector, context.dkim_algorithm,
-                   context.dkim_private_key)
-            dkim = self._dkim_signers.get(key)
-            if dkim is None:
-                if len(self._dkim_signers) >= DKIM_SIGNER_CACHE_SIZE:
-                    self._dkim_signers.clear()
-                dkim = self._dkim_signers[key] = DKIMSigner(*key)
+        # Never the sender's own domain: a single verified address at a mail provider
+        # would get its bounces and unsubscribes there, out of mailgw's reach.
+        bounce_domain = context.return_path_domain or self.bounce_domain
         sender = SenderContext(
             from_address=context.sender, from_name=context.body.get("from_name"),
             hostname=self.hostname, bounce_domain=bounce_domain,
-            unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=dkim,
+            unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
             reply_to=context.reply_to,
             language=int(context.options.get("language", 3)),
             show_cab=bool(settings.get("show_cab", True)),
@@ -224,17 +312,32 @@ class QueueRunner:
         try:
             prepared = PreparedMessage.from_body(context.body, context.options, sender,
                                                  self.signer)
-        except ValueError as e:
-            # An unusable DKIM key is the operator's to fix; the mail still goes, unsigned.
-            self.log.error("DKIM key of {domain} unusable ({error}); sending unsigned",
-                           domain=context.dkim_domain, error=e)
+        except Exception as e:
+            if sender.dkim is None:
+                raise
+            # Without the key it fails again when the content is at fault (that error
+            # goes up); if not, the key was: the operator's to fix, the mail goes unsigned.
             prepared = PreparedMessage.from_body(
                 context.body, context.options, dataclasses.replace(sender, dkim=None),
                 self.signer)
-        self._prepared[message_id] = (prepared, bounce_domain)
+            self.log.error("DKIM key of {domain} unusable ({error}); sending unsigned",
+                           domain=context.dkim_domain, error=e)
+        ready = self._prepared[context.id] = _Ready(prepared, bounce_domain)
         while len(self._prepared) > PREPARED_CACHE_SIZE:
             self._prepared.popitem(last=False)
-        return prepared, bounce_domain
+        return ready
+
+    def _dkim_signer(self, context: MessageContext) -> DKIMSigner | None:
+        if not context.dkim_private_key:
+            return None
+        key = (context.dkim_domain, context.dkim_selector, context.dkim_algorithm,
+               context.dkim_private_key)
+        dkim = self._dkim_signers.get(key)
+        if dkim is None:
+            if len(self._dkim_signers) >= DKIM_SIGNER_CACHE_SIZE:
+                self._dkim_signers.clear()
+            dkim = self._dkim_signers[key] = DKIMSigner(*key)
+        return dkim
 
     def _retry_policy(self, delivery: ClaimedDelivery, outcome: Outcome) -> Outcome:
         """D-5: deferred with growing intervals until max_age, then bounced (soft)."""

@@ -9,6 +9,7 @@ lost its lease cannot overwrite another's result.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ class ClaimedDelivery:
     contact_id: int | None
     recipient: str
     attempts: int
-    # Seconds since the first attempt (by the database's clock, shared by all nodes).
+    # Seconds since the delivery was queued (by the database's clock, shared by all
+    # nodes): the maximum age counts from arrival, as Postfix's maximal_queue_lifetime.
     age: float
     fields: dict[str, Any]
     # Set when the recipient became suppressed after submission (D-6).
@@ -84,9 +86,16 @@ class QueueStore:
         return await self.committer.run("record_outcomes", _record_outcomes_txn,
                                         _Recording(owner, outcome, hard_bounce_limit))
 
-    async def release(self, owner: str) -> int:
-        """Give back the leases of deliveries not attempted (graceful stop)."""
-        return await self.db.run_interaction("release_leases", _release_txn, owner)
+    async def renew(self, owner: str, delivery_ids: list[int], lease_seconds: int) -> int:
+        """Extend `owner`'s leases of deliveries still being worked on, in one statement,
+        so that they never become claimable while this node holds them."""
+        return await self.db.run_interaction("renew_leases", _renew_txn, owner, delivery_ids,
+                                             lease_seconds)
+
+    async def release(self, owner: str, keep: Sequence[int] = ()) -> int:
+        """Give back the leases of deliveries not attempted (graceful stop), except those
+        in `keep` (being sent: they must not be claimed by another node meanwhile)."""
+        return await self.db.run_interaction("release_leases", _release_txn, owner, list(keep))
 
 
 _CLAIM_DELIVERIES = PreparedStatement(
@@ -103,9 +112,9 @@ _CLAIM_DELIVERIES = PreparedStatement(
     "   last_attempt_at = now(), updated_at = now()"
     "  FROM due WHERE d.id = due.id"
     "  RETURNING d.id, d.message_id, d.account_id, d.contact_id, d.recipient, d.attempts,"
-    "   d.first_attempt_at)"
+    "   d.created_at)"
     " SELECT c.id, c.message_id, c.account_id, m.send_id, c.contact_id, c.recipient,"
-    "  c.attempts, extract(epoch FROM now() - c.first_attempt_at)::float8,"
+    "  c.attempts, extract(epoch FROM now() - c.created_at)::float8,"
     "  coalesce(ct.fields, '{}'::jsonb),"
     "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
     "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
@@ -250,9 +259,21 @@ async def _count_hard_bounces(cursor, bounces: list[_HardBounces]) -> None:
         "limits": [b.limit for b in bounces], "counts": [b.count for b in bounces]})
 
 
-async def _release_txn(cursor, owner: str) -> int:
+async def _renew_txn(cursor, owner: str, delivery_ids: list[int], lease_seconds: int) -> int:
+    """SKIP LOCKED: a row locked now is having its outcome written, which ends its lease;
+    waiting for it could deadlock against that batch, which locks its rows in its own
+    order."""
+    await cursor.execute(
+        "UPDATE deliveries SET lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE id IN (SELECT id FROM deliveries WHERE id = ANY(%s) AND lease_owner = %s"
+        "  FOR NO KEY UPDATE SKIP LOCKED)", (lease_seconds, delivery_ids, owner))
+    return cursor.rowcount
+
+
+async def _release_txn(cursor, owner: str, keep: list[int]) -> int:
     await cursor.execute(
         "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL,"
         " attempts = greatest(attempts - 1, 0), updated_at = now()"
-        " WHERE lease_owner = %s AND state IN ('queued', 'deferred')", (owner,))
+        " WHERE lease_owner = %s AND state IN ('queued', 'deferred')"
+        " AND NOT id = ANY(%s::bigint[])", (owner, keep))
     return cursor.rowcount

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 from mailgw.delivery.mx import (
     MailServer,
     MXResolver,
+    NullMX,
     PermanentDNSFailure,
     Smarthost,
     TemporaryDNSFailure,
@@ -82,6 +83,13 @@ class MXResolverTests(unittest.TestCase):
             defer.ensureDeferred(self.resolver.mail_servers("nullmx.example")),
             PermanentDNSFailure)
         self.assertEqual(str(e), "domain nullmx.example accepts no mail (null MX)")
+
+    async def test_null_mx_is_told_apart_also_from_the_cache(self):
+        """The runner bounces a null MX with its own codes (RFC 7505: 556 5.1.10)."""
+        for _ in range(2):
+            await self.assertFailure(
+                defer.ensureDeferred(self.resolver.mail_servers("nullmx.example")), NullMX)
+        self.assertEqual(self.dns.count("nullmx.example"), 1)
 
     async def test_nxdomain_is_permanent_and_cached_briefly(self):
         e = await self.assertFailure(

@@ -1,24 +1,45 @@
-"""The queue runner with a real queue and stand-ins for DNS and the outbound pool."""
+"""The queue runner with a real queue and stand-ins for DNS and the outbound pool.
 
+The runner's timers (polls, lease renewals, the stop's grace) run on a task.Clock;
+its database work runs on the real reactor, and `NotingQueue.settle` waits for it.
+"""
+
+import binascii
+import email
+import email.policy
+import re
 import threading
 import uuid
 
 import dkim
+import psycopg2
 from twisted.internet import defer, reactor, task, threads
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from mailgw.config import DeliveryConfig
 from mailgw.content.dkim import generate_dkim_key
 from mailgw.content.render import LinkSigner
-from mailgw.delivery.mx import MailServer
-from mailgw.delivery.runner import MAX_RETRY_INTERVAL, QueueRunner
-from mailgw.store.queue import ClaimedDelivery, Outcome
+from mailgw.delivery import runner as runner_module
+from mailgw.delivery.mx import MailServer, NullMX
+from mailgw.delivery.runner import (
+    MAX_RETRY_INTERVAL,
+    STOP_DELIVERIES_SECONDS,
+    LeaseReleased,
+    QueueRunner,
+)
+from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import DatabaseTestCase
+
+BODY = {"subject": "s", "html": "<p>x</p>", "text": "x"}
+GATEWAY_BOUNCES = "bounces.gw.example.org"
 
 
 class StubResolver:
     async def mail_servers(self, domain):
+        if domain == "nullmx.example":
+            raise NullMX("domain nullmx.example accepts no mail (null MX)")
         return [MailServer("mx." + domain, 25, 10)]
 
     async def addresses(self, host):
@@ -40,10 +61,39 @@ class HeldPool:
         self.closed = True
         return defer.succeed(None)
 
+    def recipients(self):
+        return sorted(message.recipient for message in self.held)
 
-async def _sql_txn(cursor, sql):
-    await cursor.execute(sql)
-    return cursor.fetchall()
+
+class NotingQueue:
+    """The real queue, noting every call, so that a test can wait until the runner's
+    database work is done and count what it asked for."""
+
+    def __init__(self, queue):
+        self._queue = queue
+        self.calls = []
+
+    def __getattr__(self, name):
+        method = getattr(self._queue, name)
+
+        def noted(*args):
+            d = defer.ensureDeferred(method(*args))
+            self.calls.append((name, d))
+            return d
+        return noted
+
+    def count(self, name):
+        return sum(1 for called, _ in self.calls if called == name)
+
+    async def settle(self):
+        """Until no call is under way (one that finishes may make the runner start more)."""
+        while pending := [d for _, d in self.calls if not d.called]:
+            await defer.DeferredList(pending)
+
+
+async def _sql_txn(cursor, sql, params):
+    await cursor.execute(sql, params)
+    return cursor.fetchall() if cursor.description else None
 
 
 def _inline(fn, *args):
@@ -55,18 +105,17 @@ class RunnerTests(DatabaseTestCase):
         await super().setUp()
         account = await self.stores.accounts.create_account("acme")
         self.account_id = account.id
-        await self.stores.submissions.store(SubmissionRecord(
-            account_id=account.id, origin="api", message_uid=uuid.uuid4().hex,
-            sender="news@example.org", subject="s", html="<p>x</p>",
-            body={"subject": "s", "html": "<p>x</p>", "text": "x"},
-            recipients=tuple(QueuedRecipient(f"r{i}@example.net", None) for i in range(3))))
+        self.clock = task.Clock()
+        self.queue = NotingQueue(self.stores.queue)
         self.pool = HeldPool()
-        self.runner = QueueRunner(
-            self.stores.queue, StubResolver(), self.pool,
-            LinkSigner(b"k" * 32, "http://localhost:8080"), reactor,
-            DeliveryConfig(batch_size=2, poll_interval=0.01), "gw.example.org", "node-a",
-            self.run_in_thread)
+        self.runner = self.make_runner()
         self.threads = []
+
+    def make_runner(self, **config):
+        return QueueRunner(
+            self.queue, StubResolver(), self.pool, LinkSigner(b"k" * 32, "http://localhost:8080"),
+            self.clock, DeliveryConfig(**{"batch_size": 2, **config}), "gw.example.org",
+            GATEWAY_BOUNCES, "node-a", self.run_in_thread)
 
     def run_in_thread(self, fn, *args):
         """deferToThread, noting the function and the thread it ran in."""
@@ -75,50 +124,244 @@ class RunnerTests(DatabaseTestCase):
             return fn(*args)
         return threads.deferToThread(noted)
 
-    async def wait_for_held(self, count):
-        while len(self.pool.held) < count:
-            await task.deferLater(reactor, 0.01, lambda: None)
+    async def sql(self, sql, *params):
+        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
+
+    async def submit(self, *emails, sender="news@example.org", body=BODY):
+        recipients = []
+        for address in emails:
+            (contact,) = await self.sql(
+                "INSERT INTO contacts (account_id, email) VALUES (%s, %s)"
+                " ON CONFLICT (account_id, email) DO UPDATE SET email = EXCLUDED.email"
+                " RETURNING id", self.account_id, address)
+            recipients.append(QueuedRecipient(address, contact[0]))
+        return await self.stores.submissions.store(SubmissionRecord(
+            account_id=self.account_id, origin="api", message_uid=uuid.uuid4().hex,
+            sender=sender, subject="s", html=body.get("html"), body=body,
+            recipients=tuple(recipients)))
+
+    async def start(self):
+        """Start the runner and wait for its first claims and what follows them."""
+        self.runner.start()
+        await self.queue.settle()
+
+    async def advance(self, seconds):
+        self.clock.advance(seconds)
+        await self.queue.settle()
+
+    async def age_leases(self, seconds):
+        """What the database's clock moving on by `seconds` does to the leases."""
+        await self.sql("UPDATE deliveries SET lease_expires_at = lease_expires_at"
+                       " - make_interval(secs => %s)", seconds)
+
+    async def answer_all(self, state="sent", reply="250 ok", **outcome):
+        for message in self.pool.held:
+            message.done.callback(Outcome(message.delivery_id, state, reply, **outcome))
+        await self.queue.settle()
 
     async def test_stop_waits_for_running_deliveries_then_frees_leases(self):
-        self.runner.start()
-        await self.wait_for_held(3)
+        await self.submit("r0@example.net", "r1@example.net", "r2@example.net")
+        await self.start()
+        self.assertEqual(len(self.pool.held), 3)
         stopping = defer.ensureDeferred(self.runner.stop())
-        await task.deferLater(reactor, 0.05, lambda: None)
+        await self.queue.settle()
         self.assertFalse(stopping.called)  # deliveries still running
-        for message in self.pool.held:
-            message.done.callback(Outcome(message.delivery_id, "sent", "250 ok"))
+        await self.answer_all()
         await stopping
-        rows = await self.database.run_interaction(
-            "rows", _sql_txn, "SELECT state, lease_owner FROM deliveries")
+        rows = await self.sql("SELECT state, lease_owner FROM deliveries")
         self.assertEqual(rows, [("sent", None)] * 3)
         self.assertFalse(self.runner.running)
         self.assertTrue(self.pool.closed)  # idle connections QUIT at once
+
+    async def test_stop_gives_back_the_leases_of_held_deliveries(self):
+        """Messages held in the pool (rate limits, slow connects) bound the stop: after
+        STOP_DELIVERIES_SECONDS the deliveries whose text is not being sent yet go back
+        to the queue, their attempt not counted, and are never sent by this node."""
+        await self.submit("r0@example.net", "r1@example.net", "r2@example.net")
+        await self.start()
+        being_sent, *held = self.pool.held
+        await being_sent.render()  # the server took its envelope
+        stopping = defer.ensureDeferred(self.runner.stop())
+        await self.queue.settle()
+        self.assertFalse(stopping.called)
+        self.clock.advance(STOP_DELIVERIES_SECONDS)
+        await stopping
+        self.assertTrue(self.pool.closed)
+
+        taken = await self.stores.queue.claim("node-b", 10, 300)
+        self.assertEqual(sorted((d.recipient, d.attempts) for d in taken),
+                         [("r1@example.net", 1), ("r2@example.net", 1)])
+        for message in held:
+            await self.assertFailure(defer.ensureDeferred(message.render()), LeaseReleased)
+        # The one being sent kept its lease, and its result still counts.
+        being_sent.done.callback(Outcome(being_sent.delivery_id, "sent", "250 ok"))
+        await self.queue.settle()
+        rows = await self.sql("SELECT state FROM deliveries WHERE id = %s",
+                              being_sent.delivery_id)
+        self.assertEqual(rows, [("sent",)])
+
+    async def test_leases_renewed_while_held_and_expire_once_the_node_is_gone(self):
+        await self.submit("r0@example.net", "r1@example.net", "r2@example.net")
+        self.runner = self.make_runner(lease_seconds=30)  # renewed every 10 s
+        await self.start()
+        for _ in range(6):  # twice the lease, the messages still held by the pool
+            await self.age_leases(10)
+            await self.advance(10)
+        self.assertEqual(await self.stores.queue.claim("node-b", 10, 30), [])
+        self.assertEqual(len(self.pool.held), 3)  # not claimed again by this node either
+        self.assertEqual(self.queue.count("renew"), 6)  # one statement for all, each time
+
+        # The node dies: nothing renews its leases any more, and they run out.
+        await self.age_leases(31)
+        taken = await self.stores.queue.claim("node-b", 10, 30)
+        self.assertEqual(len(taken), 3)
+
+    async def test_a_failed_renewal_does_not_end_the_renewals(self):
+        """A renewal that fails (a deadlock, a statement error) is logged and the next one
+        comes on time: the loop that renews must never stop while deliveries run."""
+        await self.submit("r0@example.net")
+        self.runner = self.make_runner(lease_seconds=30)
+        await self.start()
+        real_renew = self.stores.queue.renew
+        failures = [psycopg2.errors.DeadlockDetected("deadlock detected")]
+
+        async def renew(*args):
+            if failures:
+                raise failures.pop()
+            return await real_renew(*args)
+
+        self.patch(self.stores.queue, "renew", renew)
+        await self.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(psycopg2.errors.DeadlockDetected)), 1)
+        await self.age_leases(25)
+        await self.advance(10)
+        rows = await self.sql("SELECT lease_expires_at > now() + interval '29 seconds'"
+                              " FROM deliveries")
+        self.assertEqual(rows, [(True,)])
+
+    async def test_message_pushed_out_of_the_cache_by_its_batch_is_still_sent(self):
+        """A batch larger than the cache: preparing its other messages must not make a
+        message cached before the batch look deleted."""
+        self.patch(runner_module, "PREPARED_CACHE_SIZE", 2)
+        await self.submit("a@example.net")
+        await self.submit("b@example.net")
+        await self.submit("c1@example.net", "c2@example.net")
+        await self.sql("UPDATE deliveries SET next_attempt_at = now() + interval '1 hour'"
+                       " WHERE recipient <> 'c1@example.net'")
+        self.runner = self.make_runner(batch_size=5)
+        await self.start()  # the last message is prepared and cached
+        self.assertEqual(self.pool.recipients(), ["c1@example.net"])
+        await self.sql("UPDATE deliveries SET next_attempt_at = now()")
+        await self.advance(self.runner.config.poll_interval)
+        self.assertEqual(self.pool.recipients(), ["a@example.net", "b@example.net",
+                                                  "c1@example.net", "c2@example.net"])
+        self.assertEqual(await self.sql("SELECT state, count(*) FROM deliveries GROUP BY 1"),
+                         [("queued", 4)])
+
+    async def test_message_that_cannot_be_prepared_is_deferred_until_max_age(self):
+        key = generate_dkim_key("ed25519")
+        await self.stores.senders.add_domain(self.account_id, "example.org", "mg1", "ed25519",
+                                             key.private_key_pem, key.public_key,
+                                             "bounces.example.org")
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        broken = {**BODY, "attachments": [{"filename": "a.pdf", "content_type":
+                                           "application/pdf", "data": "abc"}]}
+        await self.submit("r0@example.net", "r1@example.net", "r2@example.net", body=broken)
+        self.runner = self.make_runner(batch_size=5)
+        await self.start()
+        self.assertEqual(self.pool.held, [])
+        rows = await self.sql("SELECT state, last_reply, next_attempt_at > now() + interval"
+                              " '4 minutes' FROM deliveries")
+        self.assertEqual(rows, [("deferred", "message could not be prepared: Incorrect padding",
+                                 True)] * 3)
+        self.assertEqual(len(self.flushLoggedErrors(binascii.Error)), 1)  # once, not each
+        self.assertFalse([e for e in logged if "DKIM" in (e.get("log_format") or "")])
+
+        # Retried on the normal schedule until the maximum age, counted from queueing.
+        await self.sql("UPDATE deliveries SET next_attempt_at = now(),"
+                       " created_at = now() - interval '5 days'")
+        await self.advance(self.runner.config.poll_interval)
+        rows = await self.sql("SELECT state, last_reply FROM deliveries")
+        self.assertEqual(rows, [("bounced", "gave up after 2 attempts: message could not be "
+                                 "prepared: Incorrect padding")] * 3)
+        self.flushLoggedErrors(binascii.Error)
+
+    async def test_null_mx_bounces_with_556_5_1_10(self):
+        await self.submit("someone@nullmx.example")
+        await self.start()
+        self.assertEqual(self.pool.held, [])
+        rows = await self.sql("SELECT state, last_reply FROM deliveries")
+        self.assertEqual(rows, [("bounced", "556 5.1.10 domain nullmx.example accepts no mail"
+                                 " (null MX)")])
+        events = await self.sql("SELECT details->>'type' FROM events WHERE type = 'bounced'")
+        self.assertEqual(events, [("hard",)])
+
+    async def test_return_path_of_an_unregistered_sender_domain_is_the_gateways(self):
+        """alice@gmail.com must not get b-N-...@gmail.com and unsubscribe@gmail.com:
+        bounces and unsubscribes would never reach mailgw."""
+        key = generate_dkim_key("ed25519")
+        await self.stores.senders.add_domain(self.account_id, "example.org", "mg1", "ed25519",
+                                             key.private_key_pem, key.public_key,
+                                             "bounces.example.org")
+        await self.submit("r0@example.net", sender="alice@gmail.com")
+        await self.submit("r1@example.net", sender="news@example.org")
+        await self.start()
+        for message, bounce_domain in zip(self.pool.held,
+                                          (GATEWAY_BOUNCES, "bounces.example.org"), strict=True):
+            self.assertRegex(message.sender, rf"^b-\d+-[a-z0-9]+@{re.escape(bounce_domain)}$")
+            rendered = email.message_from_bytes(await message.render(),
+                                                policy=email.policy.default)
+            self.assertIn(f"<mailto:unsubscribe@{bounce_domain}", rendered["List-Unsubscribe"])
+
+    async def test_recipient_suppressed_after_submission_is_not_sent(self):
+        await self.submit("a@example.net")
+        await self.sql("INSERT INTO suppressions (account_id, address, reason)"
+                       " VALUES (%s, 'a@example.net', 'complaint')", self.account_id)
+        await self.start()
+        self.assertEqual(self.pool.held, [])
+        rows = await self.sql("SELECT state, last_reply, lease_owner FROM deliveries")
+        self.assertEqual(rows, [("not_sent", "complaint", None)])
+        events = await self.sql("SELECT details FROM events WHERE type = 'not_sent'")
+        self.assertEqual(events, [({"reason": "complaint"},)])
+
+    async def test_hard_bounce_limit_comes_from_the_config(self):
+        await self.submit("gone@example.net")
+        self.runner = self.make_runner(hard_bounce_limit=1)
+        await self.start()
+        await self.answer_all("bounced", "550 5.1.1 no such user", bounce_type="hard")
+        rows = await self.sql("SELECT hard_bounces, invalid FROM contacts")
+        self.assertEqual(rows, [(1, True)])
 
     async def test_dkim_key_operation_runs_in_a_thread(self):
         key = generate_dkim_key("rsa")
         await self.stores.senders.add_domain(self.account_id, "example.org", "mg1", "rsa",
                                              key.private_key_pem, key.public_key,
                                              "bounces.example.org")
+        await self.submit("r0@example.net", "r1@example.net", "r2@example.net")
         record = f"v=DKIM1; k=rsa; p={key.public_key}".encode()
-        self.runner.start()
-        self.addCleanup(self.runner.stop)
-        await self.wait_for_held(3)
+        await self.start()
+        self.assertEqual(len(self.pool.held), 3)
         for message in self.pool.held:
             data = await message.render()
             self.assertTrue(data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
             self.assertTrue(dkim.verify(data,
                                         dnsfunc=lambda name, timeout=5: record))
-            message.done.callback(Outcome(message.delivery_id, "sent", "250 ok"))
+        await self.answer_all()
         self.assertEqual([name for name, _ in self.threads], ["key_signature"] * 3)
         self.assertNotIn(threading.get_ident(), {thread for _, thread in self.threads})
 
 
 class RetryPolicyTests(unittest.TestCase):
+    def runner(self, **config):
+        return QueueRunner(None, None, None, None, reactor, DeliveryConfig(**config), "gw",
+                           "gw", "n", _inline)
+
     def policy(self, attempts, age, **config):
-        runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(**config), "gw",
-                             "n", _inline)
         delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", attempts, age, {}, None)
-        return runner._retry_policy(delivery, Outcome(1, "deferred", "451 later"))
+        return self.runner(**config)._retry_policy(delivery,
+                                                   Outcome(1, "deferred", "451 later"))
 
     def test_intervals_double(self):
         self.assertEqual([self.policy(n, 0).retry_in for n in (1, 2, 3)], [300, 600, 1200])
@@ -130,27 +373,20 @@ class RetryPolicyTests(unittest.TestCase):
         self.assertIn("451 later", outcome.reply)
 
     def test_other_outcomes_untouched(self):
-        runner = QueueRunner(None, None, None, None, reactor, DeliveryConfig(), "gw", "n",
-                             _inline)
         delivery = ClaimedDelivery(1, 1, 1, 1, None, "a@example.net", 1, 0, {}, None)
         sent = Outcome(1, "sent", "250 ok")
-        self.assertIs(runner._retry_policy(delivery, sent), sent)
+        self.assertIs(self.runner()._retry_policy(delivery, sent), sent)
 
 
 class PreparedCacheTests(unittest.TestCase):
     def test_one_dkim_signer_per_key(self):
         """Parsing an RSA key costs ~40 ms: messages of one domain must share its signer."""
-        from mailgw.content.dkim import generate_dkim_key
-        from mailgw.store.queue import MessageContext
-
         key = generate_dkim_key("rsa")
         runner = QueueRunner(None, None, None, LinkSigner(b"k" * 32, "http://x"), reactor,
-                             DeliveryConfig(), "gw", "n", _inline)
+                             DeliveryConfig(), "gw", "gw", "n", _inline)
         for message_id in (1, 2):
-            context = MessageContext(message_id, 1, "news@example.org", None,
-                                     {"subject": "s", "html": "<p>x</p>", "text": "x"}, {}, {},
-                                     "example.org", "s1", "rsa", key.private_key_pem,
-                                     "bounces.example.org")
-            runner._prepare(message_id, context)
+            runner._prepare(MessageContext(message_id, 1, "news@example.org", None, BODY, {}, {},
+                                           "example.org", "s1", "rsa", key.private_key_pem,
+                                           "bounces.example.org"))
         self.assertEqual(len(runner._dkim_signers), 1)
         self.assertEqual(len(runner._prepared), 2)

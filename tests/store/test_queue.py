@@ -2,6 +2,7 @@
 
 import uuid
 
+import psycopg2
 from twisted.internet import defer
 
 from mailgw.store.queue import Outcome
@@ -116,3 +117,47 @@ class QueueTests(DatabaseTestCase):
         self.assertEqual(await self.queue.release("node-a"), 2)
         again = await self.queue.claim("node-b", 10, 300)
         self.assertEqual([d.attempts for d in again], [1, 1])
+
+    async def test_release_keeps_the_leases_asked_for(self):
+        await self.submit("a@example.net", "b@example.net")
+        sending, _ = await self.queue.claim("node-a", 10, 300)
+        self.assertEqual(await self.queue.release("node-a", [sending.id]), 1)
+        (again,) = await self.queue.claim("node-b", 10, 300)
+        self.assertNotEqual(again.id, sending.id)
+
+    async def test_renewal_extends_only_the_owners_leases(self):
+        await self.submit("a@example.net", "b@example.net")
+        mine, lost = await self.queue.claim("node-a", 10, 30)
+        await self.sql("UPDATE deliveries SET lease_owner = 'node-b' WHERE id = %s", lost.id)
+        await self.sql("UPDATE deliveries SET lease_expires_at = now() + interval '1 second'")
+        self.assertEqual(await self.queue.renew("node-a", [mine.id, lost.id], 30), 1)
+        rows = await self.sql("SELECT id, lease_expires_at > now() + interval '29 seconds'"
+                              " FROM deliveries ORDER BY id")
+        self.assertEqual(rows, [(mine.id, True), (lost.id, False)])
+
+    async def test_renewal_skips_a_row_being_recorded(self):
+        """A row locked by another transaction (its outcome being written, which ends the
+        lease anyway) is skipped, not waited for: waiting could deadlock."""
+        await self.submit("a@example.net", "b@example.net")
+        locked, free = await self.queue.claim("node-a", 10, 30)
+        other = psycopg2.connect(self.dsn)
+        self.addCleanup(other.close)
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM deliveries WHERE id = %s FOR UPDATE", (locked.id,))
+            self.assertEqual(await self.queue.renew("node-a", [locked.id, free.id], 30), 1)
+        other.rollback()
+
+    # Without SKIP LOCKED the renewal waits for the other transaction, which the test holds.
+    test_renewal_skips_a_row_being_recorded.timeout = 15  # type: ignore[attr-defined]
+
+    async def test_age_counts_from_queueing(self):
+        """Like Postfix's maximal_queue_lifetime: time waiting for a first attempt counts."""
+        await self.submit("a@example.net")
+        await self.sql("UPDATE deliveries SET created_at = now() - interval '1 day'")
+        (first,) = await self.queue.claim("node-a", 10, 300)
+        await self.queue.record("node-a", Outcome(first.id, "deferred", "451 later",
+                                                  retry_in=0.0), 2)
+        (retry,) = await self.queue.claim("node-a", 10, 300)
+        for claimed in (first, retry):
+            self.assertGreaterEqual(claimed.age, 24 * 3600)
+            self.assertLess(claimed.age, 24 * 3600 + 60)
