@@ -125,6 +125,11 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _MARKDOWN_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 _TRAILING_SPACES = re.compile(r"[ \t]+$", re.MULTILINE)
 _CID_SRC = re.compile(r"""(\bsrc\s*=\s*)(["'])cid:(.*?)\2""", re.IGNORECASE)
+# A CSS reference, in a style attribute or block: url(cid:x), url('cid:x'), url("cid:x"),
+# or url(&quot;cid:x&quot;) as editors write quotes inside attributes. Linear: the id
+# cannot run past a parenthesis or a quote.
+_CSS_CID_URL = re.compile(
+    r"""(\burl\(\s*)(["']|&quot;|&\#39;|)cid:([^"'()\s<>]+?)\2(?=\s*\))""", re.IGNORECASE)
 # One address, bare or after a display name of plain words: what getaddresses reads the
 # same way without any of its special cases (quotes, comments, groups, dots in names).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -406,25 +411,31 @@ def _text_from_html(document: str) -> str:
     return _TRAILING_SPACES.sub("", text).strip() + "\n"
 
 
-def replace_cid_references(html_document: str, urls: dict[str, str]) -> str:
-    """Teenvio: images embedded with cid: become images hosted at the given URLs."""
+def replace_cid_references(html_document: str, urls: dict[str, str]
+                           ) -> tuple[str, set[str]]:
+    """Teenvio: images embedded with cid: (in src attributes and CSS url()) become images
+    hosted at the given URLs; and the Content-IDs of the images the HTML now shows."""
+    shown: set[str] = set()
 
     def hosted(match: re.Match[str]) -> str:
         content_id = match.group(3)
-        url = urls.get(content_id) or urls.get(unquote(content_id))  # RFC 2392 %-encodes
+        if content_id not in urls:
+            content_id = unquote(content_id)  # a cid: URL %-encodes the Content-ID (RFC 2392)
+        url = urls.get(content_id)
         if url is None:
             return match.group(0)
+        shown.add(content_id)
         return f"{match.group(1)}{match.group(2)}{html.escape(url)}{match.group(2)}"
 
-    return _CID_SRC.sub(hosted, html_document)
+    return _CSS_CID_URL.sub(hosted, _CID_SRC.sub(hosted, html_document)), shown
 
 
 def append_attachment_links(message: ParsedMessage,
                             links: list[tuple[str, str]]) -> ParsedMessage:
-    """S-8 `links`: files reach the reader as download links instead of attachments."""
-    inline = tuple(attachment for attachment in message.attachments if attachment.inline)
+    """S-8 `links`: files reach the reader as download links instead of attachments;
+    nothing stays attached (the images the HTML shows are hosted)."""
     if not links:
-        return replace(message, attachments=inline)
+        return replace(message, attachments=())
     items = "".join(f'<li><a href="{html.escape(url)}">{html.escape(name)}</a></li>\n'
                     for name, url in links)
     block = f'<ul class="mailgw-attachments">\n{items}</ul>\n'
@@ -435,7 +446,7 @@ def append_attachment_links(message: ParsedMessage,
         document = (document + block if body_end < 0
                     else document[:body_end] + block + document[body_end:])
     text = None if message.text is None else f"{message.text.rstrip()}\n\n{listing}\n"
-    return replace(message, attachments=inline, html=document, text=text)
+    return replace(message, attachments=(), html=document, text=text)
 
 
 def split_template_tag(subject: str) -> tuple[str | None, str]:

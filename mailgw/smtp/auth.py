@@ -81,8 +81,10 @@ class AccountCredentialsChecker:
             raise error.UnauthorizedLogin()
         if username.startswith(CAMPAIGN_USER_PREFIX):
             numid = username[len(CAMPAIGN_USER_PREFIX):]
-            found = await self.accounts.campaign_key_hash(int(numid)) if numid.isdigit() \
-                else None
+            # ASCII digits only: int() reads "٣" as 3 and str.isdigit() takes "²", which
+            # int() refuses.
+            found = (await self.accounts.campaign_key_hash(int(numid))
+                     if numid.isascii() and numid.isdigit() else None)
             if found and hmac.compare_digest(found[1], hash_api_key(password)):
                 return found[0], username
             raise error.UnauthorizedLogin()

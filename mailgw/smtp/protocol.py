@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import html
 import ipaddress
 import re
 import time
@@ -30,6 +31,7 @@ from twisted.python.failure import Failure
 
 from mailgw.content.message import (
     ContentRefused,
+    ParsedMessage,
     parse_message,
     split_template_tag,
     template_variables,
@@ -54,6 +56,10 @@ from mailgw.submit.service import DisallowedSender, Submission, SubmissionServic
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
                    rb"(?P<params>(?:\s+\S+)*)\s*$", re.IGNORECASE)
 _DATA_END = re.compile(rb"\n\.\r?\n")
+# Where an HTML document's text starts, and its tags. Linear scans whatever the HTML: no
+# match can run past the next "<".
+_HTML_TEXT_START = re.compile(r"</head\s*>|<body\b[^<>]*>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"<[^<>]*>")
 _COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
 
 
@@ -294,6 +300,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.clearLineBuffer()
             self.transport.startTLS(self.ctx)
             self.startedTLS = True
+            # RFC 3207 4.2: nothing learnt before TLS counts, a (loopback) login included.
+            self.account = None
             self._reset_transaction()
 
     def ext_AUTH(self, rest: bytes) -> None:  # noqa: N802
@@ -395,6 +403,12 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                     return
             elif name == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    self._error(replies.BAD_ARGUMENTS)
+                    return
+            elif name == b"AUTH":
+                # RFC 4954 5: the original submitter of a relayed message; a server that
+                # offers AUTH must take the parameter, and submission has no use for it.
+                if not value:
                     self._error(replies.BAD_ARGUMENTS)
                     return
             else:
@@ -500,7 +514,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             template_id, subject = split_template_tag(content.subject)
             variables = {}
             if template_id is not None:
-                variables = template_variables(content.text)
+                variables = template_variables(_variables_text(content))
                 content = dataclasses.replace(content, subject=subject)
             stored = await self.factory.service.submit(Submission(
                 account=self.account, origin="smtp", sender=sender,
@@ -567,6 +581,17 @@ def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]
         name, _, value = param.partition(b"=")
         params.append((name.upper(), value))
     return address, params
+
+
+def _variables_text(content: ParsedMessage) -> str | None:
+    """S-10: a template's variables are the text body. A message with only HTML (the
+    "Body HTML" of Aldeamo's example) carries them as the text of its HTML body, in
+    whatever markup the client's editor or library wrapped them."""
+    if content.text is not None or content.html is None:
+        return content.text
+    start = _HTML_TEXT_START.search(content.html)
+    markup = content.html[start.end():] if start else content.html
+    return " ".join(html.unescape(_HTML_TAG.sub("", markup)).split())
 
 
 def _is_loopback(address: str) -> bool:

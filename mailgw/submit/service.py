@@ -171,23 +171,22 @@ class SubmissionService:
 
     def _link_attachments(self, content: ParsedMessage
                           ) -> tuple[ParsedMessage, tuple[StoredAttachment, ...]]:
-        """S-8 `links`: files become download links, cid: images become hosted images."""
-        stored, links, hosted = [], [], {}
-        for attachment in content.attachments:
-            token = secrets.token_urlsafe(18)
-            url = f"{self.public_base_url}/a/{token}"
-            stored.append(StoredAttachment(token, attachment.filename, attachment.content_type,
-                                           attachment.data))
-            if attachment.inline and attachment.content_id:
-                hosted[attachment.content_id] = url
-            else:
-                links.append((attachment.filename, url))
-        if hosted and content.html:
-            content = dataclasses.replace(
-                content, html=replace_cid_references(content.html, hosted),
-                attachments=tuple(a for a in content.attachments
-                                  if not (a.inline and a.content_id in hosted)))
-        return append_attachment_links(content, links), tuple(stored)
+        """S-8 `links` (Teenvio): images the HTML shows through cid: become hosted images,
+        every other part a download link; nothing stays attached."""
+        tokens = [secrets.token_urlsafe(18) for _ in content.attachments]
+        urls = [f"{self.public_base_url}/a/{token}" for token in tokens]
+        images = {attachment.content_id: url
+                  for attachment, url in zip(content.attachments, urls, strict=True)
+                  if attachment.inline and attachment.content_id}
+        document, shown = (replace_cid_references(content.html, images) if content.html
+                           else (content.html, set()))
+        links = [(attachment.filename, url)
+                 for attachment, url in zip(content.attachments, urls, strict=True)
+                 if not (attachment.inline and attachment.content_id in shown)]
+        stored = tuple(StoredAttachment(token, a.filename, a.content_type, a.data)
+                       for a, token in zip(content.attachments, tokens, strict=True))
+        return append_attachment_links(dataclasses.replace(content, html=document),
+                                       links), stored
 
 
 def _prepared_body(content: ParsedMessage) -> dict:

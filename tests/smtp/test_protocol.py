@@ -10,6 +10,7 @@ import dataclasses
 
 from twisted.cred import checkers, portal
 from twisted.internet import address, defer, task
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -96,18 +97,33 @@ class StubRealm:
         return ISubmissionAccount, account, lambda: None
 
 
+@implementer(ITLSTransport)
+class StartTLSTransport(StringTransport):
+    """A transport that can start TLS: it records the options it was started with."""
+
+    tls_options = None
+
+    def startTLS(self, contextFactory):  # noqa: N802, N803 (Twisted's names)
+        self.tls_options = contextFactory
+
+    def setTcpNoDelay(self, enabled):  # noqa: N802 (ITLSTransport is an ITCPTransport)
+        pass
+
+
 class Session:
-    """A session on a StringTransport; `send` returns the replies it caused."""
+    """A session on a StringTransport; `send` returns the replies it caused. With
+    `starttls`, the transport and the factory can start TLS (a listener's STARTTLS)."""
 
     def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
                  max_recipients=1000, allow_plaintext_auth=False, trusted_networks=(),
-                 max_contacts=None):
+                 max_contacts=None, starttls=False):
         self.clock = task.Clock()
         self.service = StubService(self.clock)
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
         self.throttle = AuthThrottle(self.clock)
         self.factory = SubmissionFactory(
-            "mx.example.org", tls_options=None, clock=self.clock, idle_timeout=300,
+            "mx.example.org", tls_options=object() if starttls else None, clock=self.clock,
+            idle_timeout=300,
             portal=portal.Portal(StubRealm(networks, max_contacts), [users]),
             service=self.service,
             throttle=self.throttle, max_message_size=max_size, max_recipients=max_recipients,
@@ -115,7 +131,8 @@ class Session:
             trusted_account=self.trusted_account)
         peer_address = address.IPv4Address("TCP", peer, 40000)
         self.protocol = self.factory.buildProtocol(peer_address)
-        self.transport = StringTransport(peerAddress=peer_address)
+        transport_class = StartTLSTransport if starttls else StringTransport
+        self.transport = transport_class(peerAddress=peer_address)
         self.protocol.makeConnection(self.transport)
         self.protocol.startedTLS = secure
         self.banner = self.take()
@@ -142,6 +159,12 @@ class Session:
         self.send(b"MAIL FROM:<sender@example.org>")
         for rcpt in recipients or (b"rcpt@example.net",):
             self.send(b"RCPT TO:<" + rcpt + b">")
+
+    def submit(self, message: bytes) -> list[bytes]:
+        """The replies to a whole transaction whose DATA is `message`."""
+        self.envelope()
+        self.send(b"DATA")
+        return self.send(message + b".")
 
 
 def b64(text: bytes) -> bytes:
@@ -194,6 +217,19 @@ class STARTTLSTests(unittest.TestCase):
     def test_already_active(self):
         self.assertEqual(Session(secure=True).send(b"STARTTLS"),
                          [b"503 5.5.1 TLS already active"])
+
+    def test_forgets_a_login_made_before_tls(self):
+        """RFC 3207 4.2: nothing the client said before TLS counts, a loopback AUTH
+        included; it logs in again over TLS."""
+        session = Session(starttls=True)
+        session.login()
+        self.assertEqual(session.send(b"STARTTLS"), [b"220 2.0.0 Ready to start TLS"])
+        self.assertIs(session.transport.tls_options, session.factory.tls_options)
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org>"),
+                         [b"530 5.7.0 Authentication required"])
+        self.assertIn(b"250-AUTH LOGIN PLAIN", session.send(b"EHLO client"))
+        session.login()
+        self.assertEqual(session.send(b"MAIL FROM:<sender@example.org>"), [b"250 2.1.0 OK"])
 
 
 class AUTHTests(unittest.TestCase):
@@ -325,6 +361,16 @@ class MAILTests(unittest.TestCase):
         session.login()
         self.assertEqual(session.send(b"MAIL FROM:<sender@example.org> SMTPUTF8"),
                          [b"504 5.5.4 A command parameter is not implemented"])
+
+    def test_auth_parameter_accepted_and_ignored(self):
+        """RFC 4954 5: a server that offers AUTH takes MAIL's AUTH= parameter."""
+        replies = {b"AUTH=<>": b"250 2.1.0 OK", b"AUTH=sender+40example.org": b"250 2.1.0 OK",
+                   b"AUTH=": b"501 5.5.4 Syntax error in parameters"}
+        for parameter, reply in replies.items():
+            session = Session()
+            session.login()
+            self.assertEqual(session.send(b"MAIL FROM:<sender@example.org> " + parameter),
+                             [reply])
 
     def test_bad_syntax(self):
         session = Session()
@@ -487,6 +533,9 @@ class RCPTTests(unittest.TestCase):
 
 
 class DATATests(unittest.TestCase):
+    def test_requires_auth(self):
+        self.assertEqual(Session().send(b"DATA"), [b"530 5.7.0 Authentication required"])
+
     def test_requires_mail_and_rcpt(self):
         session = Session()
         session.login()
@@ -529,30 +578,48 @@ class DATATests(unittest.TestCase):
     def test_content_refused(self):
         session = Session()
         session.service.refuse = ContentRefused("Not allowed attachment type exe")
-        session.envelope()
-        session.send(b"DATA")
-        self.assertEqual(session.send(MESSAGE + b"."),
+        self.assertEqual(session.submit(MESSAGE),
                          [b"554 5.6.0 Transaction failed: Not allowed attachment type exe"])
 
     def test_quota(self):
         session = Session()
         session.service.refuse = QuotaExceeded()
-        session.envelope()
-        session.send(b"DATA")
-        self.assertEqual(session.send(MESSAGE + b"."),
+        self.assertEqual(session.submit(MESSAGE),
                          [b"554 5.6.0 Transaction failed: no sends left"])
 
     def test_template_tag_and_variables(self):
         session = Session()
-        session.envelope()
-        session.send(b"DATA")
         message = (b"Subject: *|tid:42eqy7oaigql|* Hola {nombre}\r\n"
-                   b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana\"}\r\n.")
-        self.assertEqual(session.send(message)[0][:3], b"250")
+                   b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana\"}\r\n")
+        self.assertEqual(session.submit(message)[0][:3], b"250")
         (submission,) = session.service.submissions
         self.assertEqual(submission.template_id, "42eqy7oaigql")
         self.assertEqual(submission.variables, {"nombre": "Ana"})
         self.assertEqual(submission.content.subject, "Hola {nombre}")
+
+    def test_template_variables_in_an_html_only_body(self):
+        """Aldeamo's "Body HTML": the variables are the text of the HTML body."""
+        bodies = {
+            b"<html><head><title>Pedido</title></head><body>\r\n<p>{&quot;nombre&quot;:"
+            b"<br>\r\n \"Ana&nbsp;Mar&iacute;a\"}</p></body></html>":
+                {"nombre": "Ana María"},
+            b"<html><head><title>Pedido</title></head>\r\n<pre>{\"a\": 1}</pre></html>": {"a": "1"},
+            b"<div>null</div>": {},
+        }
+        for body, variables in bodies.items():
+            session = Session()
+            message = (b"Subject: *|tid:42eqy7oaigql|* x\r\n"
+                       b"Content-Type: text/html; charset=utf-8\r\n\r\n" + body + b"\r\n")
+            self.assertEqual(session.submit(message)[0][:3], b"250")
+            (submission,) = session.service.submissions
+            self.assertEqual(submission.variables, variables)
+
+    def test_bad_variables_in_an_html_only_body(self):
+        message = (b"Subject: *|tid:42eqy7oaigql|* x\r\nContent-Type: text/html\r\n\r\n"
+                   b"<p>{nombre: Ana}</p>\r\n")
+        (reply,) = Session().submit(message)
+        self.assertTrue(reply.startswith(b"554 5.6.0 Transaction failed: template variables"
+                                         b" are not a valid JSON object"), reply)
 
     def test_pipelined_transaction(self):
         session = Session()

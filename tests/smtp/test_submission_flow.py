@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from mailgw import credentials
 from mailgw.config import DatabaseConfig
+from mailgw.smtp import protocol as smtp_protocol
 from mailgw.store.templates import Template
 from tests.harness import fresh_database, gateway_config, new_cluster, start_gateway
 
@@ -89,6 +90,11 @@ def _client(port: int, implicit_tls: bool = False) -> smtplib.SMTP:
     client._host = "127.0.0.1"  # TLS's server_hostname; smtplib sets it only in __init__
     client.connect("127.0.0.1", port)
     return client
+
+
+def _plain(user: str, password: str) -> str:
+    """The AUTH PLAIN initial response."""
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
 
 def _seed_conversation(port: int) -> list[tuple[int, bytes]]:
@@ -173,6 +179,20 @@ class SubmissionFlowTests(unittest.TestCase):
         await stores.senders.add_sender(self.account.id, SENDER, verified=True)
         self.port = self.gateway.port_for("smtp.starttls_listeners[1]")
 
+    async def submit(self, message: bytes) -> tuple[int, bytes]:
+        """The reply to `message` (DATA text up to its final dot) from SENDER to
+        a@example.net."""
+        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
+                                      "RCPT TO:<a@example.net>", "DATA", message)
+        return replies[-1]
+
+    async def accepted_body(self, message: bytes) -> dict:
+        """The prepared body of `message`, submitted and accepted as the only one."""
+        reply = await self.submit(message)
+        self.assertEqual(reply[0], 250, reply)
+        (row,) = await _rows(self.gateway, "SELECT body FROM messages")
+        return json.loads(bytes(row[0]))
+
     async def set_account(self, **columns):
         for column, value in columns.items():
             await _rows(self.gateway, f"UPDATE accounts SET {column} = %s WHERE id = %s"
@@ -226,9 +246,7 @@ class SubmissionFlowTests(unittest.TestCase):
         replies = await deferToThread(_dialogue, self.port, "MAIL FROM:<x@elsewhere.org>")
         self.assertEqual(replies, [(553, b"5.7.1 Disallowed source address: x@elsewhere.org")])
         message = b"Reply-To: boss@elsewhere.org\r\n" + SIMPLE + b".\r\n"
-        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
-                                      "RCPT TO:<a@example.net>", "DATA", message)
-        self.assertEqual(replies[-1],
+        self.assertEqual(await self.submit(message),
                          (553, b"5.7.1 Disallowed source address: boss@elsewhere.org"))
 
     async def test_verified_domain_allows_any_address_in_it(self):
@@ -311,9 +329,7 @@ class SubmissionFlowTests(unittest.TestCase):
                    b"Content-Type: application/pdf\r\nContent-Disposition: attachment;"
                    b" filename=report.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
                    b"JVBERi0=\r\n--XX--\r\n.\r\n")
-        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
-                                      "RCPT TO:<a@example.net>", "DATA", message)
-        self.assertEqual(replies[-1],
+        self.assertEqual(await self.submit(message),
                          (554, b"5.6.0 Transaction failed: Not allowed attachment type pdf"))
 
     async def test_attachment_policy_links(self):
@@ -329,11 +345,7 @@ class SubmissionFlowTests(unittest.TestCase):
                    b"Content-Type: application/pdf\r\nContent-Disposition: attachment;"
                    b" filename=report.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
                    b"JVBERi0=\r\n--XX--\r\n.\r\n")
-        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
-                                      "RCPT TO:<a@example.net>", "DATA", message)
-        self.assertEqual(replies[-1][0], 250)
-        (row,) = await _rows(self.gateway, "SELECT body FROM messages")
-        body = json.loads(bytes(row[0]))
+        body = await self.accepted_body(message)
         self.assertEqual(body["attachments"], [])
         tokens = re.findall(r"http://localhost:8080/a/([\w-]+)", body["html"])
         self.assertEqual(len(tokens), 2)  # the hosted image and the download link
@@ -353,14 +365,58 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual(missing.code, 404)
         await missing.content()
 
+    async def test_attachment_policy_links_hosts_only_referenced_images(self):
+        """An inline image is hosted only where the HTML shows it, through src or CSS
+        url(); one it does not show becomes a download link like any other file."""
+        await self.set_account(settings=json.dumps({"attachments": "links"}))
+        message = (b"From: remitente@dominio.com\r\nSubject: images\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/related; boundary=YY\r\n\r\n--YY\r\n"
+                   b"Content-Type: text/html\r\n\r\n<html><body style=\"background:"
+                   b" url(&quot;cid:back@x&quot;)\"><img src=\"cid:logo@x\"></body></html>\r\n"
+                   + b"".join(b"--YY\r\nContent-Type: image/png\r\nContent-ID: <%s@x>\r\n"
+                              b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0K\r\n" % name
+                              for name in (b"logo", b"back", b"unused"))
+                   + b"--YY--\r\n.\r\n")
+        body = await self.accepted_body(message)
+        self.assertEqual(body["attachments"], [])
+        self.assertNotIn("cid:", body["html"])
+        url = r"http://localhost:8080/a/[\w-]+"
+        self.assertRegex(body["html"], rf'<img src="{url}">')
+        self.assertRegex(body["html"], rf'style="background: url\(&quot;{url}&quot;\)"')
+        (link,) = re.findall(rf'<li><a href="({url})">attachment-3</a></li>', body["html"])
+        self.assertIn(f"attachment-3: {link}", body["text"])
+        stored = await _rows(self.gateway, "SELECT count(*) FROM attachments")
+        self.assertEqual(stored, [(3,)])
+
+    async def test_archive_keeps_the_raw_message(self):
+        """S-14: with archiving on, the message as received (DATA without its dot
+        transparency and final dot) is kept; without it, nothing of it."""
+        data = SIMPLE + b"..a line that starts with a dot\r\n.\r\n"
+        for archive in (True, False):
+            await self.set_account(settings=json.dumps({"archive": archive}))
+            reply = await self.submit(data)
+            self.assertEqual(reply[0], 250)
+        rows = await _rows(self.gateway, "SELECT s.archive, m.raw, m.size FROM messages m"
+                           " JOIN sends s ON s.id = m.send_id ORDER BY m.id")
+        received = SIMPLE + b".a line that starts with a dot\r\n"
+        self.assertEqual([(archive, raw and bytes(raw), size) for archive, raw, size in rows],
+                         [(True, received, len(received)), (False, None, len(received))])
+
+    async def test_custom_headers_stored(self):
+        """S-9: other X- headers are kept for the events; control headers are not."""
+        message = b"X-Order-Id: 42\r\nX-Teenvio-ShowCab: no\r\n" + SIMPLE + b".\r\n"
+        reply = await self.submit(message)
+        self.assertEqual(reply[0], 250)
+        rows = await _rows(self.gateway, "SELECT custom_headers FROM messages")
+        self.assertEqual(rows, [({"X-Order-Id": "42"},)])
+
     async def test_stored_template_with_variables(self):
         await self.gateway.stores.templates.put(self.account.id, Template(
             "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
         message = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* Para {nombre}\r\n"
                    b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana <3\"}\r\n.\r\n")
-        replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
-                                      "RCPT TO:<a@example.net>", "DATA", message)
-        self.assertEqual(replies[-1][0], 250)
+        reply = await self.submit(message)
+        self.assertEqual(reply[0], 250)
         (row,) = await _rows(self.gateway, "SELECT subject, body FROM messages")
         self.assertEqual(row[0], "Para Ana <3")
         body = json.loads(bytes(row[1]))
@@ -391,28 +447,84 @@ class SubmissionFlowTests(unittest.TestCase):
             await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
                                 user=f"dmdsid-{row[0]}", password="wrong")
 
+    async def test_campaign_ids_are_ascii_digits(self):
+        """A Unicode digit is no campaign id: "²" (which int() refuses) and the campaign's
+        id in Arabic-Indic digits (which int() reads as the id) are wrong credentials,
+        counted by the throttle like any other."""
+        key = credentials.new_api_key()
+        (row,) = await _rows(self.gateway, "INSERT INTO campaigns (account_id, type, name,"
+                             " api_key_hash) VALUES (%s, 'api', 'c', %s) RETURNING numid",
+                             self.account.id, credentials.hash_api_key(key))
+        arabic_indic = str(row[0]).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+        users = ["dmdsid-\u00b2", f"dmdsid-{arabic_indic}"]
+        port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
+
+        def attempts():
+            client = _client(port, implicit_tls=True)
+            client.ehlo("c")
+            replies = [client.docmd("AUTH PLAIN", _plain(user, key)) for user in users]
+            client.close()
+            return replies
+
+        replies = await deferToThread(attempts)
+        self.assertEqual(replies, [(535, b"5.7.8 Authentication credentials invalid")] * 2)
+        throttle = self.gateway.smtp_factory.throttle
+        self.assertEqual([throttle._count("user:" + user) for user in users], [1, 1])
+
+    async def test_auth_offered_to_other_networks_only_over_tls(self):
+        """S-2: from a client not on loopback, AUTH is offered over implicit TLS (and no
+        STARTTLS there), and refused with 538 over plain TCP."""
+        self.patch(smtp_protocol, "_is_loopback", lambda address: False)
+        tls_port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
+
+        def conversations():
+            replies = []
+            for port, implicit_tls in ((tls_port, True), (self.port, False)):
+                client = _client(port, implicit_tls)
+                replies += [client.ehlo("c"), client.docmd("AUTH LOGIN")]
+                client.close()
+            return replies
+
+        tls_ehlo, tls_auth, plain_ehlo, plain_auth = await deferToThread(conversations)
+        self.assertIn(b"\nAUTH LOGIN PLAIN\n", tls_ehlo[1])
+        self.assertNotIn(b"STARTTLS", tls_ehlo[1])
+        self.assertEqual(tls_auth, (334, b"VXNlcm5hbWU6"))
+        self.assertIn(b"\nSTARTTLS\n", plain_ehlo[1])
+        self.assertNotIn(b"AUTH", plain_ehlo[1])
+        self.assertEqual(plain_auth, (538, b"5.7.11 Encryption required for requested"
+                                           b" authentication mechanism"))
+
 
 class DatabaseTroubleTests(unittest.TestCase):
-    async def test_451_never_250_when_postgresql_goes_away(self):
-        cluster = new_cluster("mailgw-test-smtp-outage-")
-        config = gateway_config(self, cluster.dsn).replace(
-            database=DatabaseConfig(dsn=cluster.dsn, pool_size=2))
-        gateway = await start_gateway(self, config)
-        account = await gateway.stores.accounts.create_account("acme")
-        await gateway.stores.accounts.create_user(account.id, USER,
-                                                  credentials.hash_password(PASSWORD))
-        await gateway.stores.senders.add_sender(account.id, SENDER, verified=True)
-        port = gateway.port_for("smtp.starttls_listeners[0]")
+    """A gateway on a cluster of its own, which the tests stop under it."""
 
+    async def setUp(self):
+        self.cluster = new_cluster("mailgw-test-smtp-outage-")
+        config = gateway_config(self, self.cluster.dsn).replace(
+            database=DatabaseConfig(dsn=self.cluster.dsn, pool_size=2))
+        self.gateway = await start_gateway(self, config)
+        # Cleanups run last first: PostgreSQL is back before the gateway stops.
+        self.addCleanup(self.cluster.start)
+        account = await self.gateway.stores.accounts.create_account("acme")
+        await self.gateway.stores.accounts.create_user(account.id, USER,
+                                                       credentials.hash_password(PASSWORD))
+        await self.gateway.stores.senders.add_sender(account.id, SENDER, verified=True)
+        self.port = self.gateway.port_for("smtp.starttls_listeners[0]")
+
+    def _tls_client(self) -> smtplib.SMTP:
+        client = _client(self.port)
+        client.ehlo("c")
+        client.starttls(context=_tls())
+        client.ehlo("c")
+        return client
+
+    async def test_451_never_250_when_postgresql_goes_away(self):
         def conversation():
-            client = _client(port)
-            client.ehlo("c")
-            client.starttls(context=_tls())
-            client.ehlo("c")
+            client = self._tls_client()
             client.login(USER, PASSWORD)
             replies = [client.docmd(f"MAIL FROM:<{SENDER}>"),
                        client.docmd("RCPT TO:<a@example.net>"), client.docmd("DATA")]
-            cluster.stop()  # PostgreSQL goes away before the end of DATA
+            self.cluster.stop()  # PostgreSQL goes away before the end of DATA
             client.send(SIMPLE + b".\r\n")
             replies.append(client.getreply())
             replies.append(client.docmd(f"MAIL FROM:<{SENDER}>"))  # a cached sender
@@ -423,7 +535,20 @@ class DatabaseTroubleTests(unittest.TestCase):
         replies = await deferToThread(conversation)
         self.assertEqual([r[0] for r in replies], [250, 250, 354, 451, 250, 451])
         self.assertEqual(replies[3][1], b"4.3.0 Temporary failure, try again later")
-        cluster.start()
+
+    async def test_451_not_535_when_postgresql_is_gone_at_auth(self):
+        """Credentials that cannot be checked are not wrong: 451, and no failure
+        counted against the user."""
+        def conversation():
+            client = self._tls_client()
+            self.cluster.stop()
+            reply = client.docmd("AUTH PLAIN", _plain(USER, PASSWORD))
+            client.close()
+            return reply
+
+        reply = await deferToThread(conversation)
+        self.assertEqual(reply, (451, b"4.3.0 Temporary failure, try again later"))
+        self.assertEqual(self.gateway.smtp_factory.throttle._count("user:" + USER), 0)
 
 
 class TrustedNetworkTests(unittest.TestCase):
