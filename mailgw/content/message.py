@@ -119,7 +119,9 @@ _DELIVERY_HEADERS = frozenset({
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _LINE_BREAKS = re.compile(r"[\r\n]+")
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?(.*?)\?=")
+# The encoded text holds no "?" (RFC 2047 2): a lazy ".*?" there would rescan the rest
+# of the header from every "=?" that never ends, quadratic in a crafted header's size.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
 _DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70})[ \t]*\r?$", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _MARKDOWN_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
@@ -134,8 +136,16 @@ _CSS_CID_URL = re.compile(
 # same way without any of its special cases (quotes, comments, groups, dots in names).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ADDR_SPEC = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+# The name's words and the blanks between them cannot overlap (a name that could end in
+# blanks would be tried at every length against them: quadratic in a run of blanks).
+_NAME_WORDS = r"[A-Za-z0-9_-]+(?:[ \t]+[A-Za-z0-9_-]+)*"
 _SIMPLE_ADDRESS = re.compile(
-    rf"[ \t]*(?:([A-Za-z0-9_ \t-]*?)[ \t]*<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*")
+    rf"[ \t]*(?:({_NAME_WORDS})?[ \t]*<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*")
+# What Python's HTMLParser (before 3.11.13, CVE-2025-6069) rescans the rest of the
+# document for, once per occurrence: declarations and processing instructions (nothing
+# of them is text), and a "<" whose tag does not end before the next "<" or the end.
+_DECLARATION = re.compile(r"<[!?][^<>]*>")
+_UNENDED_TAG = re.compile(r"<(?=[^<>]*(?:<|\Z))")
 _TEMPLATE_TAG = re.compile(r"\s*\*\|tid:([^|\s]+)\|\*[ \t]?")
 
 
@@ -300,7 +310,8 @@ def _parse_addresses(values: list[str]) -> list[tuple[str, str]]:
         if simple is None:
             return getaddresses(values)
         name, bracketed, bare = simple.groups()
-        parsed.append((" ".join(name.split()), bracketed) if bracketed else ("", bare))
+        parsed.append((" ".join((name or "").split()), bracketed) if bracketed
+                      else ("", bare))
     return parsed
 
 
@@ -407,8 +418,22 @@ def _text_from_html(document: str) -> str:
     # html2text writes Markdown; people reading text/plain need no backslash escapes, and
     # an escaped href="[Unsubscribe]" would no longer be a merge tag. Nor do they need the
     # two trailing spaces of Markdown's line breaks.
-    text = _MARKDOWN_ESCAPE.sub(r"\1", converter.handle(document))
+    text = _MARKDOWN_ESCAPE.sub(r"\1", converter.handle(_parseable_html(document)))
     return _TRAILING_SPACES.sub("", text).strip() + "\n"
+
+
+def _parseable_html(document: str) -> str:
+    """The document without what would make HTMLParser quadratic in its size: comments
+    (an unended one runs to the end, as in HTML5), declarations, and a "<" that starts no
+    complete tag, which becomes text. Each step is one linear pass."""
+    pieces: list[str] = []
+    start = 0
+    while (opened := document.find("<!--", start)) >= 0:
+        pieces.append(document[start:opened])
+        closed = document.find("-->", opened + 4)
+        start = len(document) if closed < 0 else closed + 3
+    pieces.append(document[start:])
+    return _UNENDED_TAG.sub("&lt;", _DECLARATION.sub("", "".join(pieces)))
 
 
 def replace_cid_references(html_document: str, urls: dict[str, str]

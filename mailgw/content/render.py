@@ -507,7 +507,9 @@ def _multipart(subtype: str, children: list, boundary: str, params: str = "") ->
 
 # --- HTML ---
 
-_ATTRIBUTES = r"""(?:[^>"']|"[^"]*"|'[^']*')*"""
+# A tag's attributes: possessive, and no "<" outside quotes, so that a "<a " that never
+# ends costs a scan to the next "<", not a rescan of the rest of the document.
+_ATTRIBUTES = r"""(?:[^<>"']++|"[^"]*+"|'[^']*+')*+"""
 _LINK_TAG = re.compile(r"<(?:a|area)\b" + _ATTRIBUTES + ">", re.IGNORECASE)
 _HREF = re.compile(r"""(?<![\w:-])href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+))""",
                    re.IGNORECASE)

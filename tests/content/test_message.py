@@ -21,6 +21,7 @@ from mailgw.content.message import (
     split_template_tag,
     template_variables,
 )
+from tests.child import assert_finishes
 
 # The conversation of Teenvio's SMTP-API document, section 3.2.2, lines 022-069.
 TEENVIO_SAMPLE = b"\r\n".join([
@@ -565,3 +566,43 @@ class AddressParsingTests(unittest.TestCase):
             self.assertIsNotNone(_SIMPLE_ADDRESS.fullmatch(value), value)
         for value in ('"Quoted" <a@b.com>', "J. Smith <a@b.com>", "a@b.com, c@d.com"):
             self.assertIsNone(_SIMPLE_ADDRESS.fullmatch(value), value)
+
+
+def parse_with_policy(*raw_messages: bytes) -> None:
+    for raw in raw_messages:
+        apply_policy(parse_message(raw), ContentPolicy())
+
+
+class CraftedInputTests(unittest.TestCase):
+    """R-3: input built so that a parser's work grows with the square of its size (tens
+    of seconds to hours at this size before, one linear pass now) must not stall the
+    reactor that parses it. Each is parsed by a child Python, killed if it hangs."""
+
+    SIZE = 120_000
+
+    def test_encoded_words_that_never_end(self):
+        word = b"=?a?q?x"
+        assert_finishes(self, parse_with_policy,
+                        message(b"Subject: " + word * (self.SIZE // len(word))))
+
+    def test_an_address_after_a_run_of_blanks(self):
+        assert_finishes(self, parse_with_policy,
+                        *(message(header + b" " * self.SIZE + b"b")
+                          for header in (b"From: a", b"Reply-To: a")))
+
+    def test_html_that_never_ends_its_tags(self):
+        """Each makes Python's HTMLParser (before 3.11.13) rescan the rest of the document
+        per occurrence when the missing text part is generated."""
+        assert_finishes(self, parse_with_policy,
+                        *(message(b"Content-Type: text/html; charset=utf-8",
+                                  body=pattern * (self.SIZE // len(pattern)))
+                          for pattern in (b"<a ", b"</", b"<!--", b"<!-- >", b"<?",
+                                          b"<![CDATA[ >", b'<a "')))
+
+    def test_text_generated_from_html_keeps_its_words(self):
+        """What the parser is spared does not cost the text its words: comments and
+        declarations hold none, and a lone "<" is text."""
+        document = ("<!DOCTYPE html><!-- hidden <b>x</b> --><p>1 < 2 and 3 > 2</p>"
+                    "<![CDATA[ y ]]><p>a <b>bold</b> end</p><!-- never closed <p>gone")
+        result = apply_policy(parsed(text=None, html=document), ContentPolicy())
+        self.assertEqual(result.text, "1 < 2 and 3 > 2\n\na **bold** end\n")

@@ -21,6 +21,7 @@ from mailgw.content.render import (
     RecipientContext,
     SenderContext,
 )
+from tests.child import assert_finishes
 
 BASE = "https://mx.example.org"
 SECRET = b"s" * 32
@@ -609,3 +610,24 @@ class DKIMTests(unittest.TestCase):
         broken = DKIMSigner("example.org", "s1", "rsa", "not a key")
         self.assertRaises(ValueError, PreparedMessage.from_body, body(), options(),
                           sender(dkim=broken), SIGNER)
+
+
+def prepare_and_render(*documents: str) -> None:
+    for document in documents:
+        for track_clicks in (True, False):
+            prepared = PreparedMessage.from_body(
+                body(html=document), options(track_clicks=track_clicks), sender(), SIGNER)
+            assert b"<a " in prepared.render(RECIPIENT)
+
+
+class CraftedHTMLTests(unittest.TestCase):
+    """R-3: HTML whose tags never end, prepared for delivery with and without click
+    tracking. Finding the link, body and html tags rescanned the rest of the document
+    from each "<a " (minutes at this size, and the message stays queued, so every start
+    of mailgw would stall on it); now each costs a scan to the next "<". They run in a
+    child Python, killed if it hangs."""
+
+    def test_tags_that_never_end(self):
+        assert_finishes(self, prepare_and_render,
+                        *(pattern * (120_000 // len(pattern))
+                          for pattern in ("<a ", '<a "', "<body ", "<html ")))
