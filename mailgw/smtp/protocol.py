@@ -55,7 +55,11 @@ from mailgw.submit.service import DisallowedSender, Submission, SubmissionServic
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
                    rb"(?P<params>(?:\s+\S+)*)\s*$", re.IGNORECASE)
-_DATA_END = re.compile(rb"\n\.\r?\n")
+# The end of DATA: CRLF.CRLF for clients that end their lines with CRLF, so that a
+# bare "\n.\n" in a message a relay passes on is text, not the end of it followed by
+# commands of the relay's session (SMTP smuggling); LF.LF for bare-LF clients.
+_DATA_END = re.compile(rb"\r\n\.\r\n")
+_BARE_LF_DATA_END = re.compile(rb"\n\.\r?\n")
 # Where an HTML document's text starts, and its tags. Linear scans whatever the HTML: no
 # match can run past the next "<".
 _HTML_TEXT_START = re.compile(r"</head\s*>|<body\b[^<>]*>", re.IGNORECASE)
@@ -66,17 +70,20 @@ _COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
 class DataCollector:
     """The message text of one DATA: up to the line holding only a dot.
 
-    Lines may end in CRLF or a bare LF.  Past `limit` bytes the text is
-    dropped (the reply will be 552) but the final dot is still looked for.
+    The line ends the way the client ended its DATA command: CRLF, or a bare LF.
+    Past `limit` bytes the text is dropped (the reply will be 552) but the final
+    dot is still looked for.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, bare_lf: bool = False) -> None:
         self.limit = limit
         self.size = 0
         self._chunks: list[bytes] = []
-        # The last byte kept: the terminator "\n.\n" starts with the end of the previous
-        # line, and the start of DATA counts as one.
-        self._last = b"\n"
+        self._line_end = b"\n" if bare_lf else b"\r\n"
+        self._end = _BARE_LF_DATA_END if bare_lf else _DATA_END
+        # The last bytes kept: the terminator starts with the end of the previous line,
+        # and the start of DATA counts as one.
+        self._last = self._line_end
         # Received but not kept yet: "." or ".\r" that may begin the terminator.
         self._pending = b""
 
@@ -87,14 +94,17 @@ class DataCollector:
     def feed(self, data: bytes) -> bytes | None:
         """Take more data; once the final dot is seen, returns what follows it."""
         region = self._last + self._pending + data
-        match = _DATA_END.search(region)
+        start, line_end = len(self._last), len(self._line_end)
+        match = self._end.search(region)
         if match is not None:
-            self._keep(region[1:match.start() + 1])
+            self._keep(region[start:match.start() + line_end])
             return region[match.end():]
-        hold = 2 if region.endswith(b"\n.\r") else 1 if region.endswith(b"\n.") else 0
-        self._keep(region[1:len(region) - hold])
-        self._pending = region[len(region) - hold:]
-        self._last = region[len(region) - hold - 1:len(region) - hold]
+        hold = (2 if region.endswith(self._line_end + b".\r")
+                else 1 if region.endswith(self._line_end + b".") else 0)
+        kept = len(region) - hold
+        self._keep(region[start:kept])
+        self._pending = region[kept:]
+        self._last = region[kept - line_end:kept]
         return None
 
     def _keep(self, data: bytes) -> None:
@@ -130,6 +140,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self.recipients_total = 0
         self._exchange = None
         self._collector: DataCollector | None = None
+        # How the client ended its last command line: DATA's text ends the same way.
+        self._bare_lf = False
         self._started = time.monotonic()
         self._closing = False
         self._busy = False
@@ -196,6 +208,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         self.resetTimeout()
+        self._bare_lf = not line.endswith(b"\r")
         line = line.rstrip(b"\r")
         if self.mode == _AUTH:
             self._auth_response(line)
@@ -484,7 +497,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         if rest:
             self._error(replies.BAD_ARGUMENTS)
             return
-        self._collector = DataCollector(self.factory.max_message_size)
+        self._collector = DataCollector(self.factory.max_message_size, self._bare_lf)
         self.reply(replies.START_DATA)
         self.setRawMode()
 

@@ -631,9 +631,23 @@ class DATATests(unittest.TestCase):
     def test_bare_lf_message(self):
         session = Session()
         session.envelope()
-        session.send(b"DATA")
+        session.send(b"DATA", end=b"\n")
         reply = session.send(MESSAGE.replace(b"\r\n", b"\n") + b".", end=b"\n")
         self.assertEqual(reply[0][:3], b"250")
+
+    def test_no_smuggling_through_a_bare_lf_dot(self):
+        """A CRLF client's message ends only at CRLF.CRLF: a relay in front of mailgw that
+        passes a bare "\\n.\\n" on must not make the rest a second message of its own
+        session (SMTP smuggling)."""
+        session = Session()
+        session.envelope()
+        session.send(b"DATA")
+        smuggled = (b"Subject: s\r\n\r\nhello\n.\nMAIL FROM:<boss@example.org>\n"
+                    b"RCPT TO:<victim@example.net>\nDATA\nSubject: forged\n\nx\n.\n")
+        replies = session.send(smuggled + b"end\r\n.")
+        self.assertEqual([reply[:3] for reply in replies], [b"250"])
+        (submission,) = session.service.submissions
+        self.assertIn("MAIL FROM:<boss@example.org>", submission.content.text)
 
     def test_transaction_reset_after_data(self):
         session = Session()
@@ -737,8 +751,8 @@ class ShutdownTests(unittest.TestCase):
 
 
 class DataCollectorTests(unittest.TestCase):
-    def feed_all(self, *chunks: bytes, limit=1000):
-        collector = DataCollector(limit)
+    def feed_all(self, *chunks: bytes, limit=1000, bare_lf=False):
+        collector = DataCollector(limit, bare_lf)
         for chunk in chunks:
             rest = collector.feed(chunk)
             if rest is not None:
@@ -758,6 +772,15 @@ class DataCollectorTests(unittest.TestCase):
     def test_dot_unstuffing(self):
         collector, _ = self.feed_all(b"..one\r\n...\r\nx.y\r\n.\r\n")
         self.assertEqual(collector.message(), b".one\r\n..\r\nx.y\r\n")
+
+    def test_crlf_data_ends_only_at_crlf_dot_crlf(self):
+        collector, rest = self.feed_all(b"a\n.\nb\r\n.\n", b"c\r", b"\n.", b"\r\nQUIT\r\n")
+        self.assertEqual(collector.message(), b"a\n\nb\r\n\nc\r\n")
+        self.assertEqual(rest, b"QUIT\r\n")
+
+    def test_bare_lf_data_ends_at_lf_dot_lf(self):
+        collector, rest = self.feed_all(b"a\n", b".", b"\nQUIT\n", bare_lf=True)
+        self.assertEqual((collector.message(), rest), (b"a\n", b"QUIT\n"))
 
     def test_dot_inside_a_line_is_not_the_end(self):
         collector, rest = self.feed_all(b"a\r\n.b\r\n", b"c.\r\n")
