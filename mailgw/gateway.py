@@ -176,7 +176,7 @@ class Gateway(service.MultiService):
             self.config.hostname, tls_options, self.clock, smtp.idle_timeout,
             portal=Portal(realm, [checker]),
             service=SubmissionService(self.stores, self.config.http.public_base_url,
-                                      self.clock),
+                                      self.clock, self._run_in_thread),
             throttle=AuthThrottle(self.clock), max_message_size=smtp.max_message_size,
             max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth,
             trusted_networks=tuple(smtp.trusted_networks),
@@ -184,7 +184,7 @@ class Gateway(service.MultiService):
                                                                  username))
 
     def _run_in_thread(self, fn, *args):
-        """CPU-heavy work (password hashing) off the reactor thread."""
+        """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def _prepare_state_dir(self) -> None:
