@@ -304,7 +304,6 @@ class QueueRunner:
             hostname=self.hostname, bounce_domain=bounce_domain,
             unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
             reply_to=context.reply_to,
-            language=int(context.options.get("language", 3)),
             show_cab=bool(settings.get("show_cab", True)),
             social_links=dict(settings.get("social_links") or {}),
             track_opens=bool(settings.get("track_opens", True)),

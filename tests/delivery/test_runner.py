@@ -13,6 +13,7 @@ import uuid
 
 import dkim
 import psycopg2
+from psycopg2.extras import Json
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -127,7 +128,7 @@ class RunnerTests(DatabaseTestCase):
     async def sql(self, sql, *params):
         return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
 
-    async def submit(self, *emails, sender="news@example.org", body=BODY):
+    async def submit(self, *emails, sender="news@example.org", body=BODY, options=None):
         recipients = []
         for address in emails:
             (contact,) = await self.sql(
@@ -138,7 +139,7 @@ class RunnerTests(DatabaseTestCase):
         return await self.stores.submissions.store(SubmissionRecord(
             account_id=self.account_id, origin="api", message_uid=uuid.uuid4().hex,
             sender=sender, subject="s", html=body.get("html"), body=body,
-            recipients=tuple(recipients)))
+            options=options or {}, recipients=tuple(recipients)))
 
     async def start(self):
         """Start the runner and wait for its first claims and what follows them."""
@@ -314,6 +315,26 @@ class RunnerTests(DatabaseTestCase):
             rendered = email.message_from_bytes(await message.render(),
                                                 policy=email.policy.default)
             self.assertIn(f"<mailto:unsubscribe@{bounce_domain}", rendered["List-Unsubscribe"])
+
+    async def test_account_switches_and_message_language_reach_the_copy(self):
+        """The account's tracking switches (T-5) and social links, and the message's
+        language and social-links switch (S-9), as the runner reads them from the queue."""
+        body = {**BODY, "html": '<p>x <a href="https://example.com/offer">offer</a></p>'}
+        await self.sql("UPDATE accounts SET settings = %s WHERE id = %s", Json({
+            "track_opens": False, "track_clicks": False,
+            "social_links": {"facebook": "https://facebook.com/acme"}}), self.account_id)
+        await self.submit("a@example.net", body=body,
+                          options={"language": 4, "social_links": True})
+        await self.start()
+        (message,) = self.pool.held
+        rendered = email.message_from_bytes(await message.render(), policy=email.policy.default)
+        html = rendered.get_body(("html",)).get_content()
+        self.assertNotIn("/t/o/", html)
+        self.assertNotIn("/t/c/", html)
+        self.assertIn('href="https://example.com/offer"', html)
+        self.assertIn("View it in your browser", html)
+        self.assertIn("Follow us", html)
+        self.assertIn("https://facebook.com/acme", html)
 
     async def test_recipient_suppressed_after_submission_is_not_sent(self):
         await self.submit("a@example.net")
