@@ -8,13 +8,17 @@ those starting with "defer" with 451, and senders whose local part starts with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from twisted.cred import checkers, portal
 from twisted.internet import defer, protocol, reactor
 from twisted.mail import smtp
 from twisted.mail._cred import PLAINCredentials
 from twisted.protocols import basic
+from twisted.trial import unittest
 from zope.interface import implementer
+
+from mailgw.tlscert import ensure_self_signed, server_tls_options
 
 REFUSALS = {"bounce": (550, "5.1.1 No such user here"), "defer": (451, "4.3.0 Try later")}
 
@@ -93,6 +97,18 @@ class SMTPSink:
             if len(self.messages) >= d.count:
                 self.arrived.remove(d)
                 d.callback(self.messages)
+
+
+def tls_sink(test: unittest.TestCase, **options) -> tuple[SMTPSink, int]:
+    """A started SMTPSink offering STARTTLS, with a self-signed certificate for sink.test,
+    and its port."""
+    base = Path(test.mktemp())
+    ensure_self_signed(base / "cert.pem", base / "key.pem", "sink.test")
+    sink = SMTPSink(tls_options=server_tls_options(base / "cert.pem", base / "key.pem"),
+                    **options)
+    port = sink.start()
+    test.addCleanup(sink.stop)
+    return sink, port
 
 
 class _RecordingESMTP(smtp.ESMTP):

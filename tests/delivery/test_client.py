@@ -1,6 +1,5 @@
 """The outbound client pool against a real receiving SMTP server on loopback."""
 
-from pathlib import Path
 
 from twisted.internet import defer, error, reactor, task
 from twisted.internet.address import IPv4Address
@@ -9,8 +8,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailgw.delivery.client import OutboundPool, OutgoingMessage, classify, wire_format
-from mailgw.tlscert import ensure_self_signed, server_tls_options
-from tests.smtp_sink import ScriptedServer, SMTPSink
+from tests.smtp_sink import ScriptedServer, SMTPSink, tls_sink
 
 DATA = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -22,18 +20,6 @@ def _text(data, rendered=None):
             rendered.append(data)
         return defer.succeed(data)
     return render
-
-
-def _tls_sink(test: unittest.TestCase, **options) -> tuple[SMTPSink, int]:
-    """A started SMTPSink offering STARTTLS, with a self-signed certificate for sink.test,
-    and its port."""
-    base = Path(test.mktemp())
-    ensure_self_signed(base / "cert.pem", base / "key.pem", "sink.test")
-    sink = SMTPSink(tls_options=server_tls_options(base / "cert.pem", base / "key.pem"),
-                    **options)
-    port = sink.start()
-    test.addCleanup(sink.stop)
-    return sink, port
 
 
 class PoolTests(unittest.TestCase):
@@ -131,14 +117,14 @@ class PoolTests(unittest.TestCase):
         self.assertIn("cannot connect to mx1.example.net", outcome.reply)
 
     async def test_starttls_used_when_offered(self):
-        sink, port = _tls_sink(self)
+        sink, port = tls_sink(self)
         (outcome,) = await self.send("ok@example.net",
                                      servers=[("sink.test", "127.0.0.1", port)])
         self.assertEqual(outcome.state, "sent")
         self.assertIn(b"STARTTLS", sink.commands)
 
     async def test_smarthost_with_auth(self):
-        relay, port = _tls_sink(self, users={b"gw": b"relay-secret"})
+        relay, port = tls_sink(self, users={b"gw": b"relay-secret"})
         servers = [("relay.example.org", "127.0.0.1", port)]
         pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw",
                                                                              "relay-secret"))
@@ -148,7 +134,7 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(relay.commands[:4], [b"EHLO", b"STARTTLS", b"EHLO", b"AUTH"])
 
     async def test_smarthost_refusing_auth_defers_with_its_reply(self):
-        relay, port = _tls_sink(self, users={b"gw": b"relay-secret"})
+        relay, port = tls_sink(self, users={b"gw": b"relay-secret"})
         servers = [("relay.example.org", "127.0.0.1", port)]
         pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
         outcomes = await self.send("a@example.net", "b@example.net", servers=servers,
@@ -158,7 +144,7 @@ class PoolTests(unittest.TestCase):
         self.assertNotIn(b"MAIL", relay.commands)
 
     async def test_verify_policy_refuses_an_unverifiable_certificate(self):
-        sink, port = _tls_sink(self)
+        sink, port = tls_sink(self)
         pool = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
         (outcome,) = await self.send("ok@example.net", pool=pool,
                                      servers=[("sink.test", "127.0.0.1", port)])

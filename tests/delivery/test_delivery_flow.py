@@ -16,7 +16,7 @@ from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.dns_server import LocalDNS
 from tests.harness import fresh_database, gateway_config, start_gateway
 from tests.smtp.test_submission_flow import PASSWORD, USER, _client, _rows, _tls
-from tests.smtp_sink import SMTPSink
+from tests.smtp_sink import SMTPSink, tls_sink
 
 SENDER = "news@example.org"
 HTML_MESSAGE = (
@@ -181,3 +181,30 @@ class MultiNodeTests(unittest.TestCase):
         sent = await _rows(disabled, "SELECT count(*) FROM deliveries WHERE state = 'sent'")
         self.assertEqual(sent, [(2000,)])
         self.assertEqual(sorted(m.recipient for m in sink.messages), recipients)
+
+
+class SmarthostFlowTests(unittest.TestCase):
+    """D-3 smarthost mode as the Gateway wires it from the config: every recipient domain,
+    none of them in DNS, goes through the one relay, over TLS, with AUTH; the relay is one
+    destination, so one connection (its cap here) serves all three domains."""
+
+    async def test_everything_through_the_relay(self):
+        sink, sink_port = tls_sink(self, users={b"relay-user": b"relay-secret"})
+        dsn = fresh_database()
+        delivery = DeliveryConfig(smarthost=f"127.0.0.1:{sink_port}",
+                                  smarthost_username="relay-user",
+                                  smarthost_password="relay-secret", poll_interval=0.05,
+                                  per_domain_connections=1)
+        gateway = await start_gateway(self, gateway_config(self, dsn, delivery=delivery))
+        account = await gateway.stores.accounts.create_account("acme")
+        recipients = ("a@one.example.org", "b@two.example.org", "c@three.example.org")
+        await gateway.stores.submissions.store(SubmissionRecord(
+            account_id=account.id, origin="api", message_uid=uuid.uuid4().hex,
+            sender=SENDER, subject="s", html="<p>x</p>",
+            body={"subject": "s", "html": "<p>x</p>", "text": "x"},
+            recipients=tuple(QueuedRecipient(r, None) for r in recipients)))
+        await sink.wait_for(3)
+        self.assertEqual(sorted(m.recipient for m in sink.messages), list(recipients))
+        self.assertEqual(sink.connections, 1)
+        self.assertLess(sink.commands.index(b"STARTTLS"),
+                        next(i for i, c in enumerate(sink.commands) if c.startswith(b"AUTH")))
