@@ -23,8 +23,9 @@ smarthost) TLS is required whatever the policy: they never go in clear text.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from twisted.internet import defer, endpoints, error, interfaces, protocol, ssl
 from twisted.logger import Logger
@@ -93,21 +94,35 @@ def _error_reply(exc: BaseException) -> tuple[int, bytes | str]:
     return (code if isinstance(code, int) else -1), reply
 
 
-# What connections are shared by (D-4): the mail servers as (host name, port). A set, as
-# MX hosts of equal preference come in a random order.
-_Destination = frozenset[tuple[str, int]]
+class MailHost(NamedTuple):
+    """One address of a recipient's mail server (or the smarthost), in the order to try."""
+
+    host: str
+    address: str
+    port: int
+    # The MX preference: a lower one is tried first (RFC 5321 5.1).
+    preference: int = 0
 
 
-def _destination(servers: list[tuple[str, str, int]]) -> _Destination:
-    return frozenset((host, port) for host, _, port in servers)
+# What connections are shared by (D-4): the mail servers as (host name, port), one set per
+# preference, lowest first. Sets, as MX hosts of equal preference come in a random order;
+# levels, so that domains whose backup is another's primary do not share.
+_Destination = tuple[frozenset[tuple[str, int]], ...]
+
+
+def _destination(servers: list[MailHost]) -> _Destination:
+    levels: dict[int, set[tuple[str, int]]] = {}
+    for server in servers:
+        levels.setdefault(server.preference, set()).add((server.host, server.port))
+    return tuple(frozenset(levels[preference]) for preference in sorted(levels))
 
 
 class _DestinationQueue:
     """The messages waiting for one destination, whatever their recipient domains, and
     its connections."""
 
-    def __init__(self, servers: list[tuple[str, str, int]]) -> None:
-        # (MX host name, address, port) in the order to try.
+    def __init__(self, servers: list[MailHost]) -> None:
+        # In the order to try.
         self.servers = servers
         self.waiting: deque[OutgoingMessage] = deque()
         self.connections = 0  # open, idle ones included
@@ -374,6 +389,8 @@ class OutboundPool:
         self.connections_made = 0
         self._queues: dict[_Destination, _DestinationQueue] = {}
         self._blocked: deque[_Destination] = deque()  # waiting for a free connection
+        # Deliveries given up by a graceful stop (withdraw).
+        self._withdrawn: set[int] = set()
         self._no_connections = IdleWaiters()
         # A connection whose queue is empty stays open this long for the next message.
         self.idle_seconds = idle_seconds
@@ -383,9 +400,9 @@ class OutboundPool:
         # Tests replace this to connect somewhere else; (address, port) -> endpoint.
         self.endpoint_for: Callable[[str, int], object] = self._tcp_endpoint
 
-    def deliver(self, domain: str, servers: list[tuple[str, str, int]],
+    def deliver(self, domain: str, servers: list[MailHost],
                 message: OutgoingMessage) -> defer.Deferred[Outcome]:
-        """Queue `message` for `domain`, reachable at `servers` (name, address, port);
+        """Queue `message` for `domain`, reachable at `servers` (in preference order);
         it goes on a connection to those servers, shared with other domains they serve."""
         delay = self._rate_delay(domain)
         if delay > 0:
@@ -405,7 +422,25 @@ class OutboundPool:
         self._next_start[domain] = start + 1.0 / self.per_domain_rate
         return start - now
 
-    def _enqueue(self, servers: list[tuple[str, str, int]], message: OutgoingMessage) -> None:
+    def withdraw(self, delivery_ids: Collection[int]) -> None:
+        """Give up the messages of `delivery_ids` that no connection has started (a
+        graceful stop gave their leases back): those waiting leave their queues at once,
+        those held by the rate limit when their time comes; each is answered deferred
+        without a command sent, so no server sees a transaction begun for nothing."""
+        self._withdrawn.update(delivery_ids)
+        given_up = []
+        for queue in self._queues.values():
+            kept: deque[OutgoingMessage] = deque()
+            for message in queue.waiting:
+                (given_up if message.delivery_id in self._withdrawn else kept).append(message)
+            queue.waiting = kept
+        for message in given_up:  # answered once the queues are consistent again
+            self._answer_withdrawn(message)
+
+    def _enqueue(self, servers: list[MailHost], message: OutgoingMessage) -> None:
+        if message.delivery_id in self._withdrawn:
+            self._answer_withdrawn(message)
+            return
         destination = _destination(servers)
         queue = self._queues.get(destination)
         if queue is None:
@@ -414,6 +449,11 @@ class OutboundPool:
             queue.servers = servers  # the latest addresses and order, for new connections
         queue.waiting.append(message)
         self._connect(destination, queue)
+
+    @staticmethod
+    def _answer_withdrawn(message: OutgoingMessage) -> None:
+        message.done.callback(Outcome(message.delivery_id, "deferred",
+                                      "withdrawn: mailgw is stopping"))
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once no connection is open (graceful stop, tests)."""
@@ -504,7 +544,7 @@ class OutboundPool:
                               queue: _DestinationQueue) -> None:
         try:
             last_error = "no mail server"
-            for host, address, port in queue.servers:
+            for host, address, port, _ in queue.servers:
                 for starttls in self._starttls_attempts(address, port):
                     if not queue.waiting:
                         return

@@ -12,7 +12,6 @@ so its other recipients only pay for personalisation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import uuid
@@ -32,7 +31,7 @@ from mailgw.content.render import (
     RecipientContext,
     SenderContext,
 )
-from mailgw.delivery.client import OutboundPool, OutgoingMessage
+from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable
 from mailgw.idle import IdleWaiters
@@ -137,13 +136,16 @@ class QueueRunner:
                                                                     self.clock)
         except defer.TimeoutError:
             self._leases_released = True
+            self.pool.withdraw(self._working - self._sending)
             self.log.warn("stopping with {count} deliveries unfinished; {sending} of them "
                           "being sent keep their leases until they expire",
                           count=len(self._working), sending=len(self._sending))
         if self._renewals.running:
             self._renewals.stop()
-        with contextlib.suppress(DatabaseUnavailable):  # else the leases expire by themselves
+        try:
             await self.queue.release(self.owner, sorted(self._sending))
+        except Exception:  # the leases expire by themselves; the rest of the stop goes on
+            self.log.failure("leases not released", Failure(), LogLevel.warn)
         try:
             await self.pool.close_idle().addTimeout(STOP_CONNECTIONS_SECONDS, self.clock)
         except defer.TimeoutError:
@@ -280,15 +282,16 @@ class QueueRunner:
             return data
         return signature.header(await self.run_in_thread(signature.key_signature)) + data
 
-    async def _servers(self, domain: str) -> list[tuple[str, str, int]]:
-        """(MX name, address, port) in preference order (D-3)."""
+    async def _servers(self, domain: str) -> list[MailHost]:
+        """The addresses of the domain's mail servers in preference order (D-3)."""
         servers = []
         for server in await self.resolver.mail_servers(domain):
             try:
                 addresses = await self.resolver.addresses(server.host)
             except TemporaryDNSFailure:
                 continue
-            servers.extend((server.host, address, server.port) for address in addresses)
+            servers.extend(MailHost(server.host, address, server.port, server.preference)
+                           for address in addresses)
         if not servers:
             raise TemporaryDNSFailure(f"no address for any mail server of {domain}")
         return servers

@@ -271,9 +271,11 @@ async def _renew_txn(cursor, owner: str, delivery_ids: list[int], lease_seconds:
 
 
 async def _release_txn(cursor, owner: str, keep: list[int]) -> int:
+    """SKIP LOCKED, as a renewal: a row locked now is having its outcome written."""
     await cursor.execute(
         "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL,"
         " attempts = greatest(attempts - 1, 0), updated_at = now()"
-        " WHERE lease_owner = %s AND state IN ('queued', 'deferred')"
-        " AND NOT id = ANY(%s::bigint[])", (owner, keep))
+        " WHERE id IN (SELECT id FROM deliveries WHERE lease_owner = %s"
+        "  AND state IN ('queued', 'deferred') AND NOT id = ANY(%s::bigint[])"
+        "  FOR NO KEY UPDATE SKIP LOCKED)", (owner, keep))
     return cursor.rowcount

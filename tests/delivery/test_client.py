@@ -7,7 +7,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisc
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailgw.delivery.client import OutboundPool, OutgoingMessage, classify, wire_format
+from mailgw.delivery.client import (
+    MailHost,
+    OutboundPool,
+    OutgoingMessage,
+    classify,
+    wire_format,
+)
 from tests.smtp_sink import ScriptedServer, SMTPSink, tls_sink
 
 DATA = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
@@ -31,13 +37,32 @@ class PoolTests(unittest.TestCase):
                                  reply_timeout=10)
 
     def send(self, *recipients, servers=None, pool=None):
-        servers = servers or [("mx.example.net", "127.0.0.1", self.port)]
+        servers = servers or [MailHost("mx.example.net", "127.0.0.1", self.port)]
         pool = pool or self.pool
         self.addCleanup(pool.close_idle)
         return defer.gatherResults([
             pool.deliver(rcpt.rpartition("@")[2], servers,
                          OutgoingMessage(i, "b-1@bounces.example.org", rcpt, _text(DATA)))
             for i, rcpt in enumerate(recipients)])
+
+    async def test_withdrawn_messages_never_start(self):
+        """A graceful stop gives up what no connection has started: waiting messages and
+        one held by the rate limit are answered deferred, and no server sees them."""
+        clock = task.Clock()
+        pool = OutboundPool(reactor, clock, "gw.example.org", per_destination=1,
+                            per_domain_rate=1.0)
+        sends = self.send("r0@example.net", "r1@example.com", "r2@example.com",
+                          "r3@example.com", pool=pool)  # r2 and r3 wait for the rate limit
+        pool.withdraw({1, 2})
+        clock.advance(2)
+        await self.sink.wait_for(2)
+        clock.advance(1)
+        outcomes = await sends
+        self.assertEqual([o.state for o in outcomes], ["sent", "deferred", "deferred", "sent"])
+        self.assertEqual(outcomes[1].reply, "withdrawn: mailgw is stopping")
+        self.assertEqual(sorted(m.recipient for m in self.sink.messages),
+                         ["r0@example.net", "r3@example.com"])
+        self.assertEqual(self.sink.commands.count(b"RCPT"), 2)  # no transaction begun for nothing
 
     async def test_messages_share_one_connection(self):
         pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=1)
@@ -59,7 +84,7 @@ class PoolTests(unittest.TestCase):
         """D-4: connections are per destination host, and a smarthost is one, whatever
         the recipients' domains."""
         pool = OutboundPool(reactor, reactor, "gw.example.org", per_destination=1)
-        relay = [("relay.example.org", "127.0.0.1", self.port)]
+        relay = [MailHost("relay.example.org", "127.0.0.1", self.port)]
         outcomes = await self.send(*[f"r@example{i}.net" for i in range(4)], servers=relay,
                                    pool=pool)
         self.assertEqual([o.state for o in outcomes], ["sent"] * 4)
@@ -67,14 +92,25 @@ class PoolTests(unittest.TestCase):
 
     async def test_domains_with_the_same_mail_servers_share_connections(self):
         pool = OutboundPool(reactor, task.Clock(), "gw.example.org")  # idle until closed
-        hosted = [("mx1.hosting.example", "127.0.0.1", self.port),
-                  ("mx2.hosting.example", "127.0.0.1", self.port)]
+        hosted = [MailHost("mx1.hosting.example", "127.0.0.1", self.port, 10),
+                  MailHost("mx2.hosting.example", "127.0.0.1", self.port, 10)]
         await self.send("a@example.net", servers=hosted, pool=pool)
         # Equal preferences come in any order: the same servers all the same.
         await self.send("b@example.com", servers=hosted[::-1], pool=pool)
         self.assertEqual(self.sink.connections, 1)
         await self.send("c@example.org", pool=pool,
-                        servers=[("mx.example.org", "127.0.0.1", self.port)])
+                        servers=[MailHost("mx.example.org", "127.0.0.1", self.port)])
+        self.assertEqual(self.sink.connections, 2)
+
+    async def test_domains_whose_backup_is_the_others_primary_do_not_share(self):
+        """RFC 5321 5.1: each domain's mail goes to its own most preferred server first, so
+        the same servers at other preferences are another destination."""
+        pool = OutboundPool(reactor, task.Clock(), "gw.example.org")  # idle until closed
+        first = [MailHost("mx1.hosting.example", "127.0.0.1", self.port, 10),
+                 MailHost("mx2.hosting.example", "127.0.0.1", self.port, 20)]
+        second = [first[1]._replace(preference=10), first[0]._replace(preference=20)]
+        await self.send("a@example.net", servers=first, pool=pool)
+        await self.send("b@example.com", servers=second, pool=pool)
         self.assertEqual(self.sink.connections, 2)
 
     async def test_rate_limit_stays_per_recipient_domain(self):
@@ -105,27 +141,27 @@ class PoolTests(unittest.TestCase):
         self.assertIn("550 5.1.1 No such user here", outcomes[0].reply)
 
     async def test_next_mx_when_first_refuses_connection(self):
-        servers = [("mx1.example.net", "127.0.0.1", 1), ("mx2.example.net", "127.0.0.1",
-                                                         self.port)]
+        servers = [MailHost("mx1.example.net", "127.0.0.1", 1, 10),
+                   MailHost("mx2.example.net", "127.0.0.1", self.port, 20)]
         (outcome,) = await self.send("ok@example.net", servers=servers)
         self.assertEqual(outcome.state, "sent")
 
     async def test_unreachable_domain_deferred(self):
         (outcome,) = await self.send("ok@example.net",
-                                     servers=[("mx1.example.net", "127.0.0.1", 1)])
+                                     servers=[MailHost("mx1.example.net", "127.0.0.1", 1)])
         self.assertEqual(outcome.state, "deferred")
         self.assertIn("cannot connect to mx1.example.net", outcome.reply)
 
     async def test_starttls_used_when_offered(self):
         sink, port = tls_sink(self)
         (outcome,) = await self.send("ok@example.net",
-                                     servers=[("sink.test", "127.0.0.1", port)])
+                                     servers=[MailHost("sink.test", "127.0.0.1", port)])
         self.assertEqual(outcome.state, "sent")
         self.assertIn(b"STARTTLS", sink.commands)
 
     async def test_smarthost_with_auth(self):
         relay, port = tls_sink(self, users={b"gw": b"relay-secret"})
-        servers = [("relay.example.org", "127.0.0.1", port)]
+        servers = [MailHost("relay.example.org", "127.0.0.1", port)]
         pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw",
                                                                              "relay-secret"))
         (outcome,) = await self.send("ok@example.net", servers=servers, pool=pool)
@@ -135,7 +171,7 @@ class PoolTests(unittest.TestCase):
 
     async def test_smarthost_refusing_auth_defers_with_its_reply(self):
         relay, port = tls_sink(self, users={b"gw": b"relay-secret"})
-        servers = [("relay.example.org", "127.0.0.1", port)]
+        servers = [MailHost("relay.example.org", "127.0.0.1", port)]
         pool = OutboundPool(reactor, reactor, "gw.example.org", authenticate=("gw", "nope"))
         outcomes = await self.send("a@example.net", "b@example.net", servers=servers,
                                    pool=pool)
@@ -147,7 +183,7 @@ class PoolTests(unittest.TestCase):
         sink, port = tls_sink(self)
         pool = OutboundPool(reactor, reactor, "gw.example.org", tls_policy="verify")
         (outcome,) = await self.send("ok@example.net", pool=pool,
-                                     servers=[("sink.test", "127.0.0.1", port)])
+                                     servers=[MailHost("sink.test", "127.0.0.1", port)])
         self.assertEqual(outcome.state, "deferred")
         self.assertIn("sink.test: STARTTLS failed", outcome.reply)
         self.assertIn("certificate verify failed", outcome.reply)
@@ -168,7 +204,7 @@ class PoolTests(unittest.TestCase):
         clock = task.Clock()
         pool = OutboundPool(reactor, clock, "gw.example.org", reply_timeout=30)
         d = self.send("ok@example.net", pool=pool,
-                      servers=[("mx.example.net", "127.0.0.1", silent.getHost().port)])
+                      servers=[MailHost("mx.example.net", "127.0.0.1", silent.getHost().port)])
         while pool.connections_made == 0:
             await task.deferLater(reactor, 0.01, lambda: None)
         clock.advance(31)
@@ -181,7 +217,7 @@ class PipeliningTests(unittest.TestCase):
 
     def sink(self, pipelining):
         sink = SMTPSink(pipelining=pipelining)
-        self.servers = [("mx.example.net", "127.0.0.1", sink.start())]
+        self.servers = [MailHost("mx.example.net", "127.0.0.1", sink.start())]
         self.addCleanup(sink.stop)
         return sink
 
@@ -261,7 +297,7 @@ class PipeliningTests(unittest.TestCase):
 
     async def test_refused_sender_then_hang_up_is_a_soft_bounce(self):
         server = ScriptedServer({b"MAIL": b"550 5.7.1 Sender IP listed", b"RCPT": None})
-        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.servers = [MailHost("mx.example.net", "127.0.0.1", server.start())]
         self.addCleanup(server.stop)
         (outcome,) = await self.send(("b-1@bounces.example.org", "ok@example.net"))
         self.assertEqual((outcome.state, outcome.bounce_type, outcome.reply),
@@ -270,7 +306,7 @@ class PipeliningTests(unittest.TestCase):
     async def test_data_accepted_after_a_refusal_gets_an_empty_message(self):
         """RFC 2920 3.1: a server may take DATA with no recipient; the RCPT reply counts."""
         server = ScriptedServer({b"RCPT": b"550 5.1.1 Unknown user"})
-        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.servers = [MailHost("mx.example.net", "127.0.0.1", server.start())]
         self.addCleanup(server.stop)
         (outcome,) = await self.send(("b-1@bounces.example.org", "nobody@example.net"))
         self.assertEqual((outcome.state, outcome.reply), ("bounced", "550 5.1.1 Unknown user"))
@@ -294,7 +330,7 @@ class IdleConnectionTests(unittest.TestCase):
     def setUp(self):
         self.sink = SMTPSink()
         self.port = self.sink.start()
-        self.servers = [("mx.example.net", "127.0.0.1", self.port)]
+        self.servers = [MailHost("mx.example.net", "127.0.0.1", self.port)]
         self.addCleanup(self.sink.stop)
         self.clock = task.Clock()
 
@@ -328,7 +364,7 @@ class IdleConnectionTests(unittest.TestCase):
         pool = self.pool(max_connections=1)
         await self.send(pool, "a@example.net")
         await until(lambda: pool._idle)
-        other = [("mx.example.com", "127.0.0.1", self.port)]
+        other = [MailHost("mx.example.com", "127.0.0.1", self.port)]
         outcome = await self.send(pool, "b@example.com", servers=other)
         self.assertEqual(outcome.state, "sent")
         self.assertEqual(self.sink.commands[:9], [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
@@ -361,7 +397,7 @@ class IdleConnectionTests(unittest.TestCase):
         """No reply at all after idling: nothing was accepted, so no deferral either."""
         server = ScriptedServer({b"MAIL": lambda lines: None if sum(
             line.startswith(b"MAIL") for line in lines) > 1 else b"250 2.1.0 Ok"})
-        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.servers = [MailHost("mx.example.net", "127.0.0.1", server.start())]
         self.addCleanup(server.stop)
         pool = self.pool()
         await self.send(pool, "a@example.net")
@@ -385,7 +421,7 @@ class STARTTLSFallbackTests(unittest.TestCase):
         else:
             replies[b"STARTTLS"] = starttls_reply
         server = ScriptedServer(replies)
-        self.servers = [("mx.example.net", "127.0.0.1", server.start())]
+        self.servers = [MailHost("mx.example.net", "127.0.0.1", server.start())]
         self.addCleanup(server.stop)
         return server
 
@@ -470,8 +506,8 @@ class TimeoutTests(unittest.TestCase):
             1, "b-1@bounces.example.org", "ok@example.net", _text(DATA)))
 
     def test_connect_timeout_reaches_the_connection_attempts(self):
-        outcome = self.deliver([("mx4.example.net", "192.0.2.1", 25),
-                                ("mx6.example.net", "2001:db8::1", 25)])
+        outcome = self.deliver([MailHost("mx4.example.net", "192.0.2.1", 25),
+                                MailHost("mx6.example.net", "2001:db8::1", 25)])
         for attempt, address in enumerate(("192.0.2.1", "2001:db8::1")):
             host, _, factory, timeout, _ = self.reactor.tcpClients[attempt]
             self.assertEqual((host, timeout), (address, 7))
@@ -483,7 +519,7 @@ class TimeoutTests(unittest.TestCase):
         self.assertIn("cannot connect to mx6.example.net [2001:db8::1]:25", outcome.reply)
 
     def test_silence_after_the_message_defers_it_and_closes_the_connection(self):
-        outcome = self.deliver([("mx.example.net", "192.0.2.1", 25)])
+        outcome = self.deliver([MailHost("mx.example.net", "192.0.2.1", 25)])
         host, port, factory, _, _ = self.reactor.tcpClients[0]
         client = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = StringTransportWithDisconnection()
@@ -528,6 +564,6 @@ class WireFormatTests(unittest.TestCase):
         pool = OutboundPool(reactor, reactor, "gw.example.org")
         self.addCleanup(pool.close_idle)
         data = b"Subject: dots\r\n\r\n.\r\n..two\r\nend"
-        await pool.deliver("example.net", [("mx", "127.0.0.1", port)],
+        await pool.deliver("example.net", [MailHost("mx", "127.0.0.1", port)],
                            OutgoingMessage(1, "a@example.org", "b@example.net", _text(data)))
         self.assertEqual(sink.messages[0].data, b"Subject: dots\r\n\r\n.\r\n..two\r\nend")

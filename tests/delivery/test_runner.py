@@ -53,6 +53,7 @@ class HeldPool:
     def __init__(self):
         self.held = []
         self.closed = False
+        self.withdrawn = []
 
     def deliver(self, domain, servers, message):
         self.held.append(message)
@@ -61,6 +62,13 @@ class HeldPool:
     def close_idle(self):
         self.closed = True
         return defer.succeed(None)
+
+    def withdraw(self, delivery_ids):
+        """As the real pool: the messages not started are answered, never sent."""
+        self.withdrawn = sorted(delivery_ids)
+        for message in self.held:
+            if message.delivery_id in delivery_ids and not message.done.called:
+                message.done.callback(Outcome(message.delivery_id, "deferred", "withdrawn"))
 
     def recipients(self):
         return sorted(message.recipient for message in self.held)
@@ -188,6 +196,7 @@ class RunnerTests(DatabaseTestCase):
         self.clock.advance(STOP_DELIVERIES_SECONDS)
         await stopping
         self.assertTrue(self.pool.closed)
+        self.assertEqual(self.pool.withdrawn, sorted(m.delivery_id for m in held))
 
         taken = await self.stores.queue.claim("node-b", 10, 300)
         self.assertEqual(sorted((d.recipient, d.attempts) for d in taken),
@@ -200,6 +209,21 @@ class RunnerTests(DatabaseTestCase):
         rows = await self.sql("SELECT state FROM deliveries WHERE id = %s",
                               being_sent.delivery_id)
         self.assertEqual(rows, [("sent",)])
+
+    async def test_stop_goes_on_when_the_leases_cannot_be_released(self):
+        """Whatever releasing fails with (a deadlock, say), the leases expire by themselves
+        and the stop goes on: the Gateway still has to commit imports and close the pool."""
+        await self.submit("r0@example.net")
+        await self.start()
+        await self.answer_all()
+
+        async def release(*args):
+            raise psycopg2.errors.DeadlockDetected("deadlock detected")
+
+        self.patch(self.stores.queue, "release", release)
+        await self.runner.stop()
+        self.assertTrue(self.pool.closed)
+        self.assertEqual(len(self.flushLoggedErrors(psycopg2.errors.DeadlockDetected)), 1)
 
     async def test_leases_renewed_while_held_and_expire_once_the_node_is_gone(self):
         await self.submit("r0@example.net", "r1@example.net", "r2@example.net")

@@ -150,6 +150,20 @@ class QueueTests(DatabaseTestCase):
     # Without SKIP LOCKED the renewal waits for the other transaction, which the test holds.
     test_renewal_skips_a_row_being_recorded.timeout = 15  # type: ignore[attr-defined]
 
+    async def test_release_skips_a_row_being_recorded(self):
+        """A graceful stop releases its leases while outcomes may still be written: a row
+        locked by such a batch is skipped (its outcome ends the lease), not waited for."""
+        await self.submit("a@example.net", "b@example.net")
+        locked, free = await self.queue.claim("node-a", 10, 30)
+        other = psycopg2.connect(self.dsn)
+        self.addCleanup(other.close)
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM deliveries WHERE id = %s FOR UPDATE", (locked.id,))
+            self.assertEqual(await self.queue.release("node-a"), 1)
+        other.rollback()
+
+    test_release_skips_a_row_being_recorded.timeout = 15  # type: ignore[attr-defined]
+
     async def test_age_counts_from_queueing(self):
         """Like Postfix's maximal_queue_lifetime: time waiting for a first attempt counts."""
         await self.submit("a@example.net")
