@@ -135,32 +135,33 @@ class QueueTests(DatabaseTestCase):
                               " FROM deliveries ORDER BY id")
         self.assertEqual(rows, [(mine.id, True), (lost.id, False)])
 
-    async def test_renewal_skips_a_row_being_recorded(self):
-        """A row locked by another transaction (its outcome being written, which ends the
-        lease anyway) is skipped, not waited for: waiting could deadlock."""
+    async def with_one_row_locked(self, leases):
+        """`leases(locked, free)` while another transaction holds the first of two claimed
+        deliveries, as a batch writing its outcome would; its result."""
         await self.submit("a@example.net", "b@example.net")
         locked, free = await self.queue.claim("node-a", 10, 30)
         other = psycopg2.connect(self.dsn)
         self.addCleanup(other.close)
         with other.cursor() as cursor:
             cursor.execute("SELECT id FROM deliveries WHERE id = %s FOR UPDATE", (locked.id,))
-            self.assertEqual(await self.queue.renew("node-a", [locked.id, free.id], 30), 1)
+            result = await leases(locked, free)
         other.rollback()
+        return result
 
-    # Without SKIP LOCKED the renewal waits for the other transaction, which the test holds.
+    # Without SKIP LOCKED these wait for the other transaction, which the test holds.
+    async def test_renewal_skips_a_row_being_recorded(self):
+        """Its outcome ends the lease anyway; waiting for it could deadlock."""
+        renewed = await self.with_one_row_locked(
+            lambda locked, free: self.queue.renew("node-a", [locked.id, free.id], 30))
+        self.assertEqual(renewed, 1)
+
     test_renewal_skips_a_row_being_recorded.timeout = 15  # type: ignore[attr-defined]
 
     async def test_release_skips_a_row_being_recorded(self):
-        """A graceful stop releases its leases while outcomes may still be written: a row
-        locked by such a batch is skipped (its outcome ends the lease), not waited for."""
-        await self.submit("a@example.net", "b@example.net")
-        locked, free = await self.queue.claim("node-a", 10, 30)
-        other = psycopg2.connect(self.dsn)
-        self.addCleanup(other.close)
-        with other.cursor() as cursor:
-            cursor.execute("SELECT id FROM deliveries WHERE id = %s FOR UPDATE", (locked.id,))
-            self.assertEqual(await self.queue.release("node-a"), 1)
-        other.rollback()
+        """A graceful stop releases its leases while outcomes may still be written."""
+        released = await self.with_one_row_locked(
+            lambda locked, free: self.queue.release("node-a"))
+        self.assertEqual(released, 1)
 
     test_release_skips_a_row_being_recorded.timeout = 15  # type: ignore[attr-defined]
 
