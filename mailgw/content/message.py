@@ -45,6 +45,9 @@ class MessageOptions:
     language: int = 3
     track_opens: bool = True
     track_clicks: bool = True
+    # The campaign category (X-Mailgw-Category): recipients who unsubscribed from it for
+    # the sender's domain are not sent to (D-6).
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,9 @@ _CONTROL_SWITCHES = {
     "language": "language",
     "trackingopening": "track_opens",
     "trackingclicks": "track_clicks",
+    "category": "category",
 }
+CATEGORY_MAX_LENGTH = 64
 _YES = frozenset({"yes", "si", "sí", "true", "1"})
 _NO = frozenset({"no", "false", "0"})
 # Everything else (Received, DKIM-Signature, Bcc, Content-*, ...) is rebuilt or must not leak.
@@ -180,7 +185,7 @@ def _parse(message: Message) -> ParsedMessage:
 
 def _read_headers(message: Message
                   ) -> tuple[MessageOptions, dict[str, str], tuple[tuple[str, str], ...]]:
-    switches: dict[str, bool | int] = {}
+    switches: dict[str, bool | int | str] = {}
     custom_headers: dict[str, str] = {}
     kept: list[tuple[str, str]] = []
     for name, value in message.items():
@@ -199,9 +204,15 @@ def _read_headers(message: Message
     return MessageOptions(**switches), custom_headers, tuple(kept)
 
 
-def _switch_value(header: str, switch: str, value: str) -> bool | int:
+def _switch_value(header: str, switch: str, value: str) -> bool | int | str:
     """A value a client got wrong is refused, so it learns at once rather than from a
     campaign sent with tracking it meant to turn off."""
+    if switch == "category":
+        name = value.strip()
+        if name and len(name) <= CATEGORY_MAX_LENGTH and name.isprintable():
+            return name
+        raise ContentRefused(f"{header} must be a category name of 1 to "
+                             f"{CATEGORY_MAX_LENGTH} characters, not {value[:40]!a}")
     word = value.strip().lower()
     if switch == "language":
         if word.isascii() and word.isdigit() and int(word) in LANGUAGES:

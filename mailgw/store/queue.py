@@ -118,9 +118,10 @@ _CLAIM_DELIVERIES = PreparedStatement(
     "  coalesce(ct.fields, '{}'::jsonb),"
     "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
     "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
-    "   AND s.address = c.recipient AND s.category IS NULL"
+    "   AND s.address = c.recipient"
+    "   AND (s.category IS NULL OR s.category = m.options->>'category')"
     "   AND (s.scope_domain IS NULL OR s.scope_domain = split_part(m.sender, '@', 2))"
-    "   ORDER BY s.scope_domain NULLS FIRST LIMIT 1) END"
+    "   ORDER BY s.scope_domain NULLS FIRST, s.category NULLS FIRST LIMIT 1) END"
     " FROM claimed c JOIN messages m ON m.id = c.message_id"
     " LEFT JOIN contacts ct ON ct.id = c.contact_id"
     " ORDER BY c.message_id, c.id")

@@ -268,6 +268,16 @@ class ControlHeaderTests(unittest.TestCase):
                                   message(b"X-Mailgw-ShowCab: maybe"))
         self.assertEqual(str(error), "X-Mailgw-ShowCab must be yes or no, not 'maybe'")
 
+    def test_category(self):
+        """D-6: the campaign category, as written (trimmed); kept out of the headers."""
+        result = parse_message(message(b"X-Mailgw-Category:  Ofertas de primavera "))
+        self.assertEqual(result.options.category, "Ofertas de primavera")
+        self.assertEqual(result.headers, ())
+        for value in (b"", b"x" * 65, b"a\x01b"):
+            error = self.assertRaises(ContentRefused, parse_message,
+                                      message(b"X-Mailgw-Category: " + value))
+            self.assertIn("X-Mailgw-Category must be a category name of 1 to 64", str(error))
+
     def test_control_headers_never_kept(self):
         result = parse_message(message(b"X-Teenvio-ShowCab: no", b"X-Mailgw-TrackingClicks: no",
                                        b"X-Teenvio-Unknown: 1", b"X-Campaign: verano"))

@@ -26,7 +26,7 @@ class QueueTests(DatabaseTestCase):
     async def sql(self, sql, *params):
         return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
 
-    async def submit(self, *emails):
+    async def submit(self, *emails, options=None):
         recipients = []
         for email in emails:
             contact = await self.sql("INSERT INTO contacts (account_id, email) VALUES (%s, %s)"
@@ -38,7 +38,7 @@ class QueueTests(DatabaseTestCase):
             account_id=self.account.id, origin="smtp", message_uid=uuid.uuid4().hex,
             sender="news@example.org", subject="s", html="<p>x</p>",
             body={"subject": "s", "html": "<p>x</p>", "text": "x"},
-            recipients=tuple(recipients)))
+            options=options or {}, recipients=tuple(recipients)))
 
     async def test_concurrent_claims_never_share_a_row(self):
         await self.submit(*[f"r{i}@example.net" for i in range(30)])
@@ -110,6 +110,27 @@ class QueueTests(DatabaseTestCase):
                        self.account.id)
         (claimed,) = await self.queue.claim("node-a", 10, 300)
         self.assertEqual(claimed.suppressed, "unsubscribed")
+
+    async def test_suppressions_by_sender_domain_and_category(self):
+        """D-6: an unsubscribe counts for its sender domain (or all of them) and its
+        category (or all of them), nothing wider."""
+        for scope_domain, category, address in (
+                ("example.org", "Ofertas", "cat@example.net"),
+                ("other.example", None, "elsewhere@example.net"),
+                ("example.org", None, "domain@example.net")):
+            await self.sql("INSERT INTO suppressions (account_id, address, scope_domain,"
+                           " category, reason) VALUES (%s, %s, %s, %s, 'unsubscribed')",
+                           self.account.id, address, scope_domain, category)
+        addresses = ("cat@example.net", "elsewhere@example.net", "domain@example.net")
+        for category in ("Ofertas", "Noticias", None):
+            await self.submit(*addresses, options={"category": category} if category else {})
+        claimed = await self.queue.claim("node-a", 20, 300)
+        suppressed = {(d.recipient, d.message_id): d.suppressed for d in claimed}
+        offers, news, plain = sorted({d.message_id for d in claimed})
+        self.assertEqual(
+            [suppressed[(address, message)] for message in (offers, news, plain)
+             for address in addresses],
+            ["unsubscribed", None, "unsubscribed"] + [None, None, "unsubscribed"] * 2)
 
     async def test_release_gives_leases_back(self):
         await self.submit("a@example.net", "b@example.net")
