@@ -332,6 +332,9 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.transport.loseConnection()
             return
         mechanism, _, initial = rest.partition(b" ")
+        if not mechanism:
+            self._error(replies.BAD_ARGUMENTS)  # RFC 4954 4: the mechanism is required
+            return
         exchange_class = MECHANISMS.get(mechanism.upper())
         if exchange_class is None:
             self._error(replies.UNKNOWN_MECHANISM)

@@ -268,6 +268,10 @@ class AUTHTests(unittest.TestCase):
         self.assertEqual(Session().send(b"AUTH CRAM-MD5"),
                          [b"504 5.5.4 Unrecognized authentication type"])
 
+    def test_missing_mechanism(self):
+        """RFC 4954 4: AUTH needs a mechanism; without one it is a syntax error."""
+        self.assertEqual(Session().send(b"AUTH"), [b"501 5.5.4 Syntax error in parameters"])
+
     def test_abort_and_bad_base64(self):
         session = Session()
         session.send(b"AUTH LOGIN")
