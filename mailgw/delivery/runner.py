@@ -136,10 +136,10 @@ class QueueRunner:
                                                                     self.clock)
         except defer.TimeoutError:
             self._leases_released = True
-            self.pool.withdraw(self._working - self._sending)
             self.log.warn("stopping with {count} deliveries unfinished; {sending} of them "
                           "being sent keep their leases until they expire",
                           count=len(self._working), sending=len(self._sending))
+            self.pool.withdraw(self._working - self._sending)
         if self._renewals.running:
             self._renewals.stop()
         try:
