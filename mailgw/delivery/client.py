@@ -288,9 +288,15 @@ class _Connection(smtp.ESMTPClient):
 
     def _render_failed(self, message: OutgoingMessage, failure: Failure) -> None:
         """No message text to send after DATA: the server must not get a partial one, so
-        the connection is dropped and the delivery deferred with the reason."""
-        self.pool.log.failure("rendering delivery {id} failed", failure,
-                              id=message.delivery_id)
+        the connection is dropped and the delivery deferred with the reason. A delivery
+        withdrawn by a graceful stop while its envelope was under way ends the same way,
+        which is no error."""
+        if message.delivery_id in self.pool._withdrawn:
+            self.pool.log.info("delivery {id} withdrawn after its envelope: connection "
+                               "dropped before the text", id=message.delivery_id)
+        else:
+            self.pool.log.failure("rendering delivery {id} failed", failure,
+                                  id=message.delivery_id)
         if self.current is message:
             self.current = None
             self.sent += 1  # answered: the server is fine, the others may go on a new connection

@@ -284,6 +284,24 @@ class PipeliningTests(unittest.TestCase):
         self.assertEqual([m.recipient for m in sink.messages], ["b@example.net"])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
+    async def test_withdrawn_during_its_envelope_is_dropped_quietly(self):
+        """A stop that gives up a delivery whose envelope is under way: at 354 its text is
+        refused (the lease is back in the queue), so the connection is dropped with no
+        text sent and no error logged."""
+        sink = self.sink(pipelining=True)
+        self.pool = pool = OutboundPool(reactor, reactor, "gw.example.org")
+        self.addCleanup(pool.close_idle)
+
+        def withdrawn_meanwhile():
+            pool.withdraw({1})  # too late for the queue: it is the connection's message
+            raise RuntimeError("delivery 1 was given back to the queue")
+
+        outcome = await pool.deliver("example.net", self.servers, OutgoingMessage(
+            1, "b-1@bounces.example.org", "a@example.net", withdrawn_meanwhile))
+        self.assertEqual(outcome.state, "deferred")
+        self.assertEqual(sink.messages, [])
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
+
     async def test_refused_sender_is_the_outcome_and_a_soft_bounce(self):
         """A 5xx to MAIL FROM refuses our sender, not the recipient: it must not count
         towards invalidating the contact, as hard bounces do."""
