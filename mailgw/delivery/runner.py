@@ -54,6 +54,9 @@ STOP_CONNECTIONS_SECONDS = 5.0
 # Leases are renewed this many times per lease: a renewal that a busy database delays
 # still comes before the lease runs out.
 RENEWALS_PER_LEASE = 3
+# An outcome the database could not take is written again after 1, 2, 4 ... seconds, at
+# most this far apart; its lease is renewed meanwhile, so it is never tried again.
+MAX_RECORD_RETRY_SECONDS = 30.0
 
 
 class LeaseReleased(Exception):
@@ -173,8 +176,16 @@ class QueueRunner:
                 claimed = await self.queue.claim(
                     self.owner, min(self.config.batch_size, self.max_in_flight - self.in_flight),
                     self.config.lease_seconds)
+                # After an outage longer than a lease, rows still being worked on here come
+                # back: they are this node's already, and must not be sent a second time.
+                claimed = [d for d in claimed if d.id not in self._working]
                 messages = await self._messages(claimed)
             except DatabaseUnavailable:
+                claimed = []
+            except Exception:
+                # Any other database error (a failover to a read-only server, say) must not
+                # end the loop: nothing would be delivered until a restart.
+                self.log.failure("claiming deliveries failed", Failure(), LogLevel.error)
                 claimed = []
             if not claimed:
                 await self._pause(self.config.poll_interval)
@@ -238,12 +249,24 @@ class QueueRunner:
             return  # stop() gave its lease back: the next claim tries it again
         self.log.info("delivery {id} to {rcpt}: {state} ({reply})", id=delivery.id,
                       rcpt=delivery.recipient, state=outcome.state, reply=outcome.reply)
-        try:
-            await self.queue.record(self.owner, outcome, self.config.hard_bounce_limit)
-        except DatabaseUnavailable:
-            # Not recorded: the lease expires and the delivery is tried again (R-1: the
-            # only case where a recipient may get a message twice).
-            self.log.warn("outcome of delivery {id} not recorded", id=delivery.id)
+        await self._record(outcome)
+
+    async def _record(self, outcome: Outcome) -> None:
+        """Write the outcome, again and again while the database cannot take it: the
+        delivery stays this node's (its lease renewed), so a message already sent is not
+        sent again once the database is back (R-1, R-2)."""
+        delay = 1.0
+        while True:
+            try:
+                await self.queue.record(self.owner, outcome, self.config.hard_bounce_limit)
+                return
+            except Exception as e:
+                self.log.warn("outcome of delivery {id} not recorded ({error}); again in "
+                              "{delay} s", id=outcome.delivery_id, error=e, delay=delay)
+            if self._leases_released and outcome.delivery_id not in self._sending:
+                return
+            await task.deferLater(self.clock, delay, lambda: None)
+            delay = min(delay * 2, MAX_RECORD_RETRY_SECONDS)
 
     async def _attempt(self, delivery: ClaimedDelivery, message: _Ready | Exception | None
                        ) -> Outcome:

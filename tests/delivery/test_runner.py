@@ -29,6 +29,7 @@ from mailgw.delivery.runner import (
     LeaseReleased,
     QueueRunner,
 )
+from mailgw.errors import DatabaseUnavailable
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import DatabaseTestCase
@@ -224,6 +225,61 @@ class RunnerTests(DatabaseTestCase):
         await self.runner.stop()
         self.assertTrue(self.pool.closed)
         self.assertEqual(len(self.flushLoggedErrors(psycopg2.errors.DeadlockDetected)), 1)
+
+    async def test_an_outcome_not_recorded_is_recorded_later_not_sent_again(self):
+        """R-1, R-2: the server said 250, then PostgreSQL failed to take the outcome. The
+        delivery stays this node's (lease renewed) and its outcome is written once the
+        database is back; it is never claimed and sent a second time."""
+        await self.submit("r0@example.net")
+        self.runner = self.make_runner(lease_seconds=30)
+        await self.start()
+        real_record = self.stores.queue.record
+        failures = [DatabaseUnavailable("record_outcomes")]
+
+        async def record(*args):
+            if failures:
+                raise failures.pop()
+            return await real_record(*args)
+
+        self.patch(self.stores.queue, "record", record)
+        await self.answer_all()
+        for _ in range(4):  # twice the lease: renewed all along
+            await self.age_leases(15)
+            await self.advance(15)
+        self.assertEqual(await self.stores.queue.claim("node-b", 10, 30), [])
+        self.assertEqual(len(self.pool.held), 1)
+        rows = await self.sql("SELECT state, lease_owner FROM deliveries")
+        self.assertEqual(rows, [("sent", None)])
+
+    async def test_a_claim_never_restarts_a_delivery_still_running_here(self):
+        """After an outage longer than a lease, this node's own running deliveries are
+        claimable again: the claim may take them, the runner must not start them twice."""
+        await self.submit("r0@example.net")
+        self.runner = self.make_runner(lease_seconds=30)
+        await self.start()
+        await self.age_leases(31)  # the renewals could not reach the database
+        await self.advance(self.runner.config.poll_interval)
+        self.assertEqual(len(self.pool.held), 1)
+
+    async def test_the_loop_survives_any_database_error(self):
+        """A claim failing with something else than a lost connection (a read-only server
+        after a failover) is logged; the next poll claims again."""
+        await self.submit("r0@example.net")
+        real_claim = self.stores.queue.claim
+        failures = [psycopg2.errors.ReadOnlySqlTransaction("read-only transaction")]
+
+        async def claim(*args):
+            if failures:
+                raise failures.pop()
+            return await real_claim(*args)
+
+        self.patch(self.stores.queue, "claim", claim)
+        await self.start()
+        self.assertEqual(self.pool.held, [])
+        self.assertEqual(len(self.flushLoggedErrors(psycopg2.errors.ReadOnlySqlTransaction)),
+                         1)
+        await self.advance(self.runner.config.poll_interval)
+        self.assertEqual(self.pool.recipients(), ["r0@example.net"])
 
     async def test_leases_renewed_while_held_and_expire_once_the_node_is_gone(self):
         await self.submit("r0@example.net", "r1@example.net", "r2@example.net")
