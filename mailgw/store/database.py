@@ -2,9 +2,10 @@
 
 Every database interaction in mailgw is an `async def *_txn(cursor, ...)`
 function run through `Database.run_interaction(desc, fn, ...)`, inside one
-transaction on a pooled connection.  Connection trouble becomes
+transaction on a pooled connection.  A lost session becomes
 `DatabaseUnavailable` (SMTP 451, HTTP 503), and the pool reconnects by
-itself when PostgreSQL comes back (R-2).
+itself when PostgreSQL comes back (R-2); a statement refused on a live
+session (a deadlock, a lock timeout) fails only its transaction.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ Interaction = Callable[..., Awaitable[T]]
 
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError,
                      reconnection.ConnectionDead, txpostgres.RollbackFailed)
+# SQLSTATEs of a session that is gone: connection exceptions (class 08) and the server
+# shutting down or restarting (57P01-57P03).
+_SESSION_GONE = ("08", "57P01", "57P02", "57P03")
+
+
+def is_connection_loss(error: BaseException) -> bool:
+    """The session lost (the server gone or restarting, the network), as opposed to a
+    statement PostgreSQL refused on a live one: a deadlock, a timeout or a full disk are
+    OperationalErrors too, but they fail one transaction, not the database."""
+    if isinstance(error, psycopg2.OperationalError):
+        return error.pgcode is None or error.pgcode.startswith(_SESSION_GONE)
+    return isinstance(error, CONNECTION_ERRORS)
 
 
 def _reconnect_delays():
@@ -71,6 +84,8 @@ class Database:
             result = await self._pool.runInteraction(
                 lambda cursor: defer.ensureDeferred(fn(cursor, *args, **kwargs)))
         except CONNECTION_ERRORS as e:
+            if not is_connection_loss(e):
+                raise
             self.log.warn("database unavailable during {desc}: {error}", desc=desc,
                           error=_one_line(e))
             self._pool.reconnect_idle(Failure(e))
@@ -162,7 +177,8 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
         self.every_connection = frozenset(self.connections)
 
     def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
-        detector = _Detector(reconnectionIterator=_reconnect_delays, reactor=reactor)
+        detector = _Detector(deathChecker=lambda failure: is_connection_loss(failure.value),
+                             reconnectionIterator=_reconnect_delays, reactor=reactor)
         return _Connection(reactor, cooperator, detector=detector)
 
     def close(self) -> None:

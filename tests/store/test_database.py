@@ -6,6 +6,7 @@ DatabaseUnavailable, nothing is logged as an unhandled error (trial turns such a
 entry into a test error), the pool recovers, and it closes cleanly even while it is
 reconnecting."""
 
+import psycopg2
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
@@ -67,6 +68,37 @@ async def _session_ended_txn(cursor):
 async def _select_one_txn(cursor):
     await cursor.execute("SELECT 1")
     return cursor.fetchone()[0]
+
+
+async def _lock_timed_out_txn(cursor):
+    await cursor.execute("SET LOCAL lock_timeout = '10ms'")
+    await cursor.execute("LOCK TABLE accounts")
+
+
+async def _backend_pid_txn(cursor):
+    await cursor.execute("SELECT pg_backend_pid()")
+    return cursor.fetchone()[0]
+
+
+class StatementRefusedTests(DatabaseTestCase):
+    async def test_a_refused_statement_is_not_a_lost_database(self):
+        """A timeout, a deadlock or a full disk fails one transaction on a live session
+        (they are OperationalErrors too): the caller gets that error, not
+        DatabaseUnavailable (SMTP 451 for a whole commit batch), and the connection is
+        kept, not renewed."""
+        self.database = Database(self.dsn, 1, reactor)
+        await self.database.start()
+        self.addCleanup(self.database.close)
+        before = await self.database.run_interaction("pid", _backend_pid_txn)
+        other = psycopg2.connect(self.dsn)
+        self.addCleanup(other.close)
+        with other.cursor() as cursor:
+            cursor.execute("LOCK TABLE accounts")
+            with self.assertRaises(psycopg2.errors.LockNotAvailable):
+                await self.database.run_interaction("lock_timed_out", _lock_timed_out_txn)
+        other.rollback()
+        self.assertTrue(self.database.available)
+        self.assertEqual(await self.database.run_interaction("pid", _backend_pid_txn), before)
 
 
 class SessionEndedTests(DatabaseTestCase):
