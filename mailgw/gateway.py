@@ -42,6 +42,10 @@ from mailgw.tlscert import ensure_self_signed, server_tls_options
 
 # How long a stop waits for SMTP sessions in the middle of a command.
 SHUTDOWN_GRACE_SECONDS = 30
+# After the sessions and deliveries, writes already answered for (RCPT imports) get this
+# long to commit: with the SMTP grace, the queue runner's bounded stop running side by
+# side, and the embedded PostgreSQL's shutdown, a stop stays within systemd's 90 s.
+COMMIT_GRACE_SECONDS = 15
 
 
 @dataclass(frozen=True)
@@ -223,18 +227,22 @@ class Gateway(service.MultiService):
         listeners, self.listeners = self.listeners, []
         await defer.gatherResults([defer.maybeDeferred(listener.port.stopListening)
                                    for listener in listeners])
+        # Side by side: sessions finishing and deliveries finishing wait for different
+        # things, so the slower of the two bounds the stop, not their sum.
+        stopping = []
         if self.smtp_factory is not None:
-            await self.smtp_factory.shutdown(SHUTDOWN_GRACE_SECONDS)
-            self.smtp_factory = None
+            stopping.append(defer.ensureDeferred(
+                self.smtp_factory.shutdown(SHUTDOWN_GRACE_SECONDS)))
         if self.runner is not None:
-            await self.runner.stop()
-            self.runner = None
+            stopping.append(defer.ensureDeferred(self.runner.stop()))
+        await defer.gatherResults(stopping, consumeErrors=True)
+        self.smtp_factory = self.runner = None
         if self.key_threads is not None:
             self.key_threads.stop()
             self.key_threads = None
         if self.stores is not None:  # answered-for writes (RCPT imports) still commit
             try:
-                await self.stores.committer.idle().addTimeout(SHUTDOWN_GRACE_SECONDS,
+                await self.stores.committer.idle().addTimeout(COMMIT_GRACE_SECONDS,
                                                               self.clock)
             except defer.TimeoutError:
                 self.log.warn("stopping with database writes still under way")

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
 from mailgw.errors import StartupError
+from mailgw.gateway import Gateway
 from mailgw.store.contacts import RecipientImport
 from tests.harness import (
     LOOPBACK_PORT,
@@ -104,6 +105,39 @@ class ListenerTests(unittest.TestCase):
         with connection.cursor() as cursor:
             cursor.execute("SELECT email FROM contacts")
             self.assertEqual(cursor.fetchall(), [("ana@example.net",)])
+
+
+class _Stopping:
+    """Stands in for the SMTP factory or the queue runner: notes when its stop began,
+    finishes when the test says."""
+
+    def __init__(self, began):
+        self.began = began
+        self.done = defer.Deferred()
+
+    async def shutdown(self, grace_seconds):
+        self.began.append("smtp")
+        await self.done
+
+    async def stop(self):
+        self.began.append("runner")
+        await self.done
+
+
+class StopTests(unittest.TestCase):
+    def test_sessions_and_deliveries_stop_side_by_side(self):
+        """Their waits (the SMTP grace, the runner's bounded stop) overlap instead of
+        adding up, so that a stop stays within systemd's 90 s."""
+        gateway = Gateway(gateway_config(self, "dbname=unused"), reactor)
+        began = []
+        gateway.smtp_factory, gateway.runner = _Stopping(began), _Stopping(began)
+        smtp, runner = gateway.smtp_factory, gateway.runner
+        stopping = defer.ensureDeferred(gateway._stop())
+        self.assertEqual(began, ["smtp", "runner"])  # the runner did not wait for SMTP
+        smtp.done.callback(None)
+        self.assertFalse(stopping.called)
+        runner.done.callback(None)
+        self.successResultOf(stopping)
 
 
 class DatabaseOutageTests(unittest.TestCase):

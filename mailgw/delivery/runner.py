@@ -47,8 +47,8 @@ PREPARED_CACHE_SIZE = 100
 DKIM_SIGNER_CACHE_SIZE = 500
 # A graceful stop waits this long for running deliveries, then gives back the leases of
 # those whose text is not being sent yet (held by a rate limit, waiting for a connection),
-# then this long for the connections to QUIT: the whole stop stays well inside systemd's
-# 90 s, after the SMTP sessions' grace.
+# then this long for the connections to QUIT: within the SMTP sessions' grace, which the
+# Gateway's stop waits out side by side with this one.
 STOP_DELIVERIES_SECONDS = 15.0
 STOP_CONNECTIONS_SECONDS = 5.0
 # Leases are renewed this many times per lease: a renewal that a busy database delays
