@@ -155,6 +155,18 @@ class RunnerTests(DatabaseTestCase):
         self.runner.start()
         await self.queue.settle()
 
+    def fail_once(self, method, error):
+        """The queue's `method` raises `error` the first time it is called."""
+        real = getattr(self.stores.queue, method)
+        failures = [error]
+
+        async def failing_once(*args):
+            if failures:
+                raise failures.pop()
+            return await real(*args)
+
+        self.patch(self.stores.queue, method, failing_once)
+
     async def advance(self, seconds):
         self.clock.advance(seconds)
         await self.queue.settle()
@@ -233,15 +245,7 @@ class RunnerTests(DatabaseTestCase):
         await self.submit("r0@example.net")
         self.runner = self.make_runner(lease_seconds=30)
         await self.start()
-        real_record = self.stores.queue.record
-        failures = [DatabaseUnavailable("record_outcomes")]
-
-        async def record(*args):
-            if failures:
-                raise failures.pop()
-            return await real_record(*args)
-
-        self.patch(self.stores.queue, "record", record)
+        self.fail_once("record", DatabaseUnavailable("record_outcomes"))
         await self.answer_all()
         for _ in range(4):  # twice the lease: renewed all along
             await self.age_leases(15)
@@ -265,15 +269,7 @@ class RunnerTests(DatabaseTestCase):
         """A claim failing with something else than a lost connection (a read-only server
         after a failover) is logged; the next poll claims again."""
         await self.submit("r0@example.net")
-        real_claim = self.stores.queue.claim
-        failures = [psycopg2.errors.ReadOnlySqlTransaction("read-only transaction")]
-
-        async def claim(*args):
-            if failures:
-                raise failures.pop()
-            return await real_claim(*args)
-
-        self.patch(self.stores.queue, "claim", claim)
+        self.fail_once("claim", psycopg2.errors.ReadOnlySqlTransaction("read-only"))
         await self.start()
         self.assertEqual(self.pool.held, [])
         self.assertEqual(len(self.flushLoggedErrors(psycopg2.errors.ReadOnlySqlTransaction)),
@@ -303,15 +299,7 @@ class RunnerTests(DatabaseTestCase):
         await self.submit("r0@example.net")
         self.runner = self.make_runner(lease_seconds=30)
         await self.start()
-        real_renew = self.stores.queue.renew
-        failures = [psycopg2.errors.DeadlockDetected("deadlock detected")]
-
-        async def renew(*args):
-            if failures:
-                raise failures.pop()
-            return await real_renew(*args)
-
-        self.patch(self.stores.queue, "renew", renew)
+        self.fail_once("renew", psycopg2.errors.DeadlockDetected("deadlock detected"))
         await self.advance(10)
         self.assertEqual(len(self.flushLoggedErrors(psycopg2.errors.DeadlockDetected)), 1)
         await self.age_leases(25)
