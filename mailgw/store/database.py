@@ -43,6 +43,19 @@ def is_connection_loss(error: BaseException) -> bool:
     return isinstance(error, CONNECTION_ERRORS)
 
 
+# TCP keepalives unless the DSN sets its own: a database host that vanishes without a
+# reset (a crashed VM, a dropped route) is noticed within about a minute, instead of
+# after the system's TCP timeout (minutes, or hours for an idle connection).
+_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+               "keepalives_count": "3"}
+
+
+def with_keepalives(dsn: str) -> str:
+    given = psycopg2.extensions.parse_dsn(dsn)
+    return psycopg2.extensions.make_dsn(
+        dsn, **{key: value for key, value in _KEEPALIVES.items() if key not in given})
+
+
 def _reconnect_delays():
     """Quick first retry, then at most 2 s apart, forever."""
     return retrying.simpleBackoffIterator(initialDelay=0.2, maxDelay=2.0, factor=2.0,
@@ -58,7 +71,7 @@ class Database:
         self.dsn = dsn
         self.pool_size = pool_size
         self.reactor = reactor
-        self._pool = _ReconnectingPool(reactor, dsn, min=pool_size)
+        self._pool = _ReconnectingPool(reactor, with_keepalives(dsn), min=pool_size)
 
     async def start(self) -> None:
         try:

@@ -11,7 +11,7 @@ from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from mailgw.errors import DatabaseUnavailable
-from mailgw.store.database import Database, PreparedStatement
+from mailgw.store.database import Database, PreparedStatement, with_keepalives
 from tests.harness import DatabaseTestCase, fresh_database
 
 _ADD = PreparedStatement("test_add", "SELECT %(a)s::integer + %(b)s::integer, %(a)s::integer")
@@ -78,6 +78,19 @@ async def _lock_timed_out_txn(cursor):
 async def _backend_pid_txn(cursor):
     await cursor.execute("SELECT pg_backend_pid()")
     return cursor.fetchone()[0]
+
+
+class KeepaliveTests(DatabaseTestCase):
+    async def test_keepalives_unless_the_dsn_sets_them(self):
+        """A vanished database host is noticed within about a minute (R-2)."""
+        connection = next(iter(self.database._pool.every_connection))
+        parameters = connection._connection.get_dsn_parameters()
+        self.assertEqual((parameters["keepalives_idle"], parameters["keepalives_count"]),
+                         ("30", "3"))
+        own = psycopg2.extensions.parse_dsn(with_keepalives(
+            "postgresql://u@db.example/mail?keepalives_idle=5"))
+        self.assertEqual((own["keepalives_idle"], own["keepalives_interval"], own["host"]),
+                         ("5", "10", "db.example"))
 
 
 class StatementRefusedTests(DatabaseTestCase):
