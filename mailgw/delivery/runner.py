@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import psycopg2.errors
 from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -57,6 +58,10 @@ RENEWALS_PER_LEASE = 3
 # An outcome the database could not take is written again after 1, 2, 4 ... seconds, at
 # most this far apart; its lease is renewed meanwhile, so it is never tried again.
 MAX_RECORD_RETRY_SECONDS = 30.0
+# What may pass: the database out of reach, or a transaction that lost a deadlock or a
+# serialization conflict, or waited too long for a lock.
+_PASSING_TROUBLE = (DatabaseUnavailable, psycopg2.errors.TransactionRollbackError,
+                    psycopg2.errors.LockNotAvailable, defer.CancelledError)
 
 
 class LeaseReleased(Exception):
@@ -252,18 +257,23 @@ class QueueRunner:
         await self._record(outcome)
 
     async def _record(self, outcome: Outcome) -> None:
-        """Write the outcome, again and again while the database cannot take it: the
-        delivery stays this node's (its lease renewed), so a message already sent is not
-        sent again once the database is back (R-1, R-2)."""
+        """Write the outcome, again and again while the database cannot take it for now:
+        the delivery stays this node's (its lease renewed), so a message already sent is
+        not sent again once the database is back (R-1, R-2). An outcome the database
+        refuses for itself is logged and left: retrying could not help."""
         delay = 1.0
         while True:
             try:
                 await self.queue.record(self.owner, outcome, self.config.hard_bounce_limit)
                 return
-            except Exception as e:
+            except _PASSING_TROUBLE as e:
                 self.log.warn("outcome of delivery {id} not recorded ({error}); again in "
                               "{delay} s", id=outcome.delivery_id, error=e, delay=delay)
-            if self._leases_released and outcome.delivery_id not in self._sending:
+            except Exception:
+                self.log.failure("outcome of delivery {id} refused", Failure(),
+                                 id=outcome.delivery_id)
+                return
+            if not self._renewals.running:  # stopped: the lease runs out by itself
                 return
             await task.deferLater(self.clock, delay, lambda: None)
             delay = min(delay * 2, MAX_RECORD_RETRY_SECONDS)

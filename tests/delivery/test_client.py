@@ -566,6 +566,12 @@ class ClassifyTests(unittest.TestCase):
                          ("bounced", "hard", "554 5.7.1 rejected by policy"))
         self.assertEqual(classify(1, -1, "connection lost").state, "deferred")
 
+    def test_control_characters_blanked(self):
+        """A server may put a NUL in its reply, which PostgreSQL refuses in text: the
+        outcome could never be recorded."""
+        self.assertEqual(classify(1, 250, b"2.0.0 Ok\x00queued\x1b[0m").reply,
+                         "250 2.0.0 Ok queued [0m")
+
 
 class WireFormatTests(unittest.TestCase):
     def test_line_ends_and_dots(self):

@@ -24,6 +24,7 @@ from mailgw.content.render import LinkSigner
 from mailgw.delivery import runner as runner_module
 from mailgw.delivery.mx import MailServer, NullMX
 from mailgw.delivery.runner import (
+    MAX_RECORD_RETRY_SECONDS,
     MAX_RETRY_INTERVAL,
     STOP_DELIVERIES_SECONDS,
     LeaseReleased,
@@ -254,6 +255,43 @@ class RunnerTests(DatabaseTestCase):
         self.assertEqual(len(self.pool.held), 1)
         rows = await self.sql("SELECT state, lease_owner FROM deliveries")
         self.assertEqual(rows, [("sent", None)])
+
+    async def test_an_outcome_the_database_refuses_is_not_retried(self):
+        """Retrying helps only while the database is out of reach or a transaction lost a
+        conflict: an outcome refused for itself is logged and the delivery let go, not
+        kept (its runner slot taken) forever."""
+        await self.submit("r0@example.net")
+        await self.start()
+        self.fail_once("record", ValueError("A string literal cannot contain NUL"))
+        await self.answer_all()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        await self.advance(60)
+        self.assertEqual((self.runner.in_flight, self.queue.count("record")), (0, 1))
+
+    async def test_retries_end_with_the_stop(self):
+        """Once stopped, an outcome the database cannot take is left to the lease, which
+        runs out by itself: no retries go on in the background."""
+        await self.submit("r0@example.net")
+        await self.start()
+
+        attempts = []
+
+        async def record(*args):
+            attempts.append(self.clock.seconds())
+            raise DatabaseUnavailable("record_outcomes")
+
+        self.patch(self.stores.queue, "record", record)
+        (message,) = self.pool.held
+        await message.render()  # its text was sent: the stop keeps its lease
+        await self.answer_all()
+        stopping = defer.ensureDeferred(self.runner.stop())
+        await self.advance(STOP_DELIVERIES_SECONDS)
+        await stopping
+        await self.advance(MAX_RECORD_RETRY_SECONDS)  # the wait under way when it stopped
+        stopped_after = len(attempts)
+        await self.advance(10 * MAX_RECORD_RETRY_SECONDS)
+        self.assertEqual(len(attempts), stopped_after)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     async def test_a_claim_never_restarts_a_delivery_still_running_here(self):
         """After an outage longer than a lease, this node's own running deliveries are
