@@ -194,6 +194,10 @@ class StartupErrorTests(unittest.TestCase):
         config = gateway_config(self, "host=/nonexistent dbname=mailgw user=mailgw")
         await self.assertStartupError(config, "cannot connect to the database")
 
+    async def test_unreadable_dsn(self):
+        config = gateway_config(self, "host=db.example port")
+        await self.assertStartupError(config, "cannot connect to the database")
+
     async def test_state_dir_cannot_be_created(self):
         blocker = self.mktemp()
         with open(blocker, "w"):

@@ -51,7 +51,14 @@ _KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval"
 
 
 def with_keepalives(dsn: str) -> str:
-    given = psycopg2.extensions.parse_dsn(dsn)
+    """A DSN that names a service (pg_service.conf may set keepalives) or that libpq
+    cannot read is left as it is: connecting reports the latter as a startup error."""
+    try:
+        given = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return dsn
+    if "service" in given:
+        return dsn
     return psycopg2.extensions.make_dsn(
         dsn, **{key: value for key, value in _KEEPALIVES.items() if key not in given})
 

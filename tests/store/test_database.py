@@ -91,6 +91,8 @@ class KeepaliveTests(DatabaseTestCase):
             "postgresql://u@db.example/mail?keepalives_idle=5"))
         self.assertEqual((own["keepalives_idle"], own["keepalives_interval"], own["host"]),
                          ("5", "10", "db.example"))
+        for left_alone in ("service=mail", "not a dsn"):
+            self.assertEqual(with_keepalives(left_alone), left_alone)
 
 
 class StatementRefusedTests(DatabaseTestCase):
