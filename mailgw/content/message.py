@@ -493,9 +493,12 @@ def split_template_tag(subject: str) -> tuple[str | None, str]:
     return match.group(1), subject[match.end():]
 
 
-def template_variables(body: str | None) -> dict[str, str]:
+def template_variables(body: str | None, html_body: str | None = None) -> dict[str, str]:
     """S-10: the text body carries the template's variables as a flat JSON object; 'null'
-    means none. Numbers are kept exactly as written (a price stays '1.50')."""
+    means none. Numbers are kept exactly as written (a price stays '1.50'). A message
+    with only HTML (Aldeamo's "Body HTML") carries them as the text of its HTML body."""
+    if body is None and html_body is not None:
+        body = _text_from_html(html_body)
     if body is None or body.strip() in ("", "null"):
         return {}
     try:

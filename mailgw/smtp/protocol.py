@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import html
 import ipaddress
 import re
 import time
@@ -31,7 +30,6 @@ from twisted.python.failure import Failure
 
 from mailgw.content.message import (
     ContentRefused,
-    ParsedMessage,
     parse_message,
     split_template_tag,
     template_variables,
@@ -60,10 +58,6 @@ _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>
 # commands of the relay's session (SMTP smuggling); LF.LF for bare-LF clients.
 _DATA_END = re.compile(rb"\r\n\.\r\n")
 _BARE_LF_DATA_END = re.compile(rb"\n\.\r?\n")
-# Where an HTML document's text starts, and its tags. Linear scans whatever the HTML: no
-# match can run past the next "<".
-_HTML_TEXT_START = re.compile(r"</head\s*>|<body\b[^<>]*>", re.IGNORECASE)
-_HTML_TAG = re.compile(r"<[^<>]*>")
 _COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
 
 
@@ -530,7 +524,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             template_id, subject = split_template_tag(content.subject)
             variables = {}
             if template_id is not None:
-                variables = template_variables(_variables_text(content))
+                variables = template_variables(content.text, content.html)
                 content = dataclasses.replace(content, subject=subject)
             stored = await self.factory.service.submit(Submission(
                 account=self.account, origin="smtp", sender=sender,
@@ -597,17 +591,6 @@ def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]
         name, _, value = param.partition(b"=")
         params.append((name.upper(), value))
     return address, params
-
-
-def _variables_text(content: ParsedMessage) -> str | None:
-    """S-10: a template's variables are the text body. A message with only HTML (the
-    "Body HTML" of Aldeamo's example) carries them as the text of its HTML body, in
-    whatever markup the client's editor or library wrapped them."""
-    if content.text is not None or content.html is None:
-        return content.text
-    start = _HTML_TEXT_START.search(content.html)
-    markup = content.html[start.end():] if start else content.html
-    return " ".join(html.unescape(_HTML_TAG.sub("", markup)).split())
 
 
 def _is_loopback(address: str) -> bool:
