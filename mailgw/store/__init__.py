@@ -42,6 +42,6 @@ class Stores:
         contacts = ContactStore(committer)
         return cls(database=database, committer=committer, accounts=AccountStore(database),
                    senders=SenderStore(database), contacts=contacts,
-                   submissions=SubmissionStore(database, committer, contacts),
+                   submissions=SubmissionStore(database, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
                    keys=KeyStore(database))

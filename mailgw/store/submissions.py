@@ -13,7 +13,6 @@ from psycopg2.extras import Json
 
 from mailgw.store.contacts import ContactStore, Imported, ImportedRecipient, RecipientImport
 from mailgw.store.database import SEND_QUOTA_LOCK, Database, PreparedStatement, lock_account
-from mailgw.store.group_commit import GroupCommitter
 
 
 class QuotaExceeded(Exception):
@@ -76,10 +75,9 @@ class StoredSubmission:
 
 
 class SubmissionStore:
-    def __init__(self, database: Database, committer: GroupCommitter,
-                 contacts: ContactStore) -> None:
+    def __init__(self, database: Database, contacts: ContactStore) -> None:
         self.db = database
-        self.committer = committer
+        # Submissions are committed through the imports' batch step (store()).
         self.contacts = contacts
 
     async def store(self, record: SubmissionRecord,
