@@ -81,10 +81,10 @@ class DeliveryConfig:
     smarthost_username: str = ""
     smarthost_password: str = ""
     max_connections: int = 200
-    # Connections to one destination: a domain's set of MX hosts (shared by the domains
-    # that have the same set), or the smarthost.
+    # Connections to one destination: a domain's MX hosts by preference (shared by the
+    # domains that have the same ones), or the smarthost.
     per_domain_connections: int = 10
-    # Messages per second to one destination domain; 0 means no limit.
+    # Messages per second to one recipient domain; 0 means no limit.
     per_domain_rate: float = 0.0
     connect_timeout: int = 30
     reply_timeout: int = 300

@@ -1,9 +1,10 @@
 """The outbound SMTP client pool (D-4, D-5).
 
-Connections are shared per destination: the set of mail servers a domain
-resolved to, so that domains with the same MX hosts, and every domain in
-smarthost mode, share them.  Each connection takes the next waiting message as
-soon as the previous one is answered (RSET only after a refused envelope).
+Connections are shared per destination: the mail servers a domain resolved
+to, preference by preference, so that domains with the same MX hosts at the
+same preferences, and every domain in smarthost mode, share them.  Each
+connection takes the next waiting message as soon as the previous one is
+answered (RSET only after a refused envelope).
 When none is left it stays open for `idle_seconds`, so that a steady flow to a
 destination does not open a connection per queue poll, then QUITs.  When the
 server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write,
