@@ -548,6 +548,17 @@ def mib(kib: int) -> str:
 
 # --- rounds -----------------------------------------------------------------------------
 
+def cpu_ceiling(messages: int, server_cpu: float, client_cpu: float) -> float:
+    """Messages per second this machine would reach with every core busy, at the CPU per
+    message that the server (its whole process tree) and the load generator used.
+
+    Concurrency, processes or nodes can bring a server up to its ceiling, never past
+    it: the ratio of two ceilings is what the servers' CPU costs allow, whatever the
+    architecture. Connection set-up (TLS handshakes, AUTH) is counted in."""
+    used = server_cpu + client_cpu
+    return len(os.sched_getaffinity(0)) * messages / used if used else 0.0
+
+
 class Rounds:
     """The rates of the peer and of mailgw, measured alternately, round after round.
 
@@ -558,10 +569,13 @@ class Rounds:
     def __init__(self, peer: str) -> None:
         self.peer = peer
         self.pairs: list[tuple[float, float]] = []  # (peer, mailgw) of each finished round
+        self.ceilings: list[tuple[float, float]] = []  # their cpu_ceiling, same order
 
-    def add(self, peer_rate: float, mailgw_rate: float) -> None:
+    def add(self, peer_rate: float, mailgw_rate: float, peer_ceiling: float,
+            mailgw_ceiling: float) -> None:
         if peer_rate and mailgw_rate:
             self.pairs.append((peer_rate, mailgw_rate))
+            self.ceilings.append((peer_ceiling, mailgw_ceiling))
 
     @property
     def mailgw(self) -> float:
@@ -576,3 +590,8 @@ class Rounds:
         for number, (peer, mailgw) in enumerate(self.pairs, 1):
             print(f"  {number}: {self.peer} {peer:.2f}, mailgw {mailgw:.2f}, "
                   f"ratio {mailgw / peer:.2f}")
+        print(f"CPU ceilings ({unit} with every core busy, at the CPU per message each server "
+              "and the load generator used; common.cpu_ceiling):")
+        for number, (peer, mailgw) in enumerate(self.ceilings, 1):
+            ratio = mailgw / peer if peer else 0.0
+            print(f"  {number}: {self.peer} {peer:.0f}, mailgw {mailgw:.0f}, ratio {ratio:.2f}")

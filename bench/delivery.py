@@ -60,6 +60,7 @@ from common import (  # noqa: E402
     MemorySampler,
     Rounds,
     Server,
+    cpu_ceiling,
     embedded_dsn,
     ensure_postfix,
     free_port,
@@ -318,6 +319,10 @@ class DeliveryMeasurement:
     def rate(self) -> float:
         return self.delivered / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def ceiling(self) -> float:
+        return cpu_ceiling(self.delivered, self.memory.cpu_seconds, self.load.client_cpu)
+
 
 async def measure_delivery(server: Server, sink: Sink, args: argparse.Namespace
                            ) -> DeliveryMeasurement:
@@ -534,7 +539,7 @@ def report(results: list[DeliveryMeasurement], cases: list[QueueCase],
         cpu = m.memory
         print(f"  server CPU: {cpu.cpu_seconds:.1f} s ({1000 * cpu.cpu_seconds / total:.2f} ms "
               f"per message), of which the main process {cpu.root_cpu_seconds:.1f} s; "
-              f"load generator {load.client_cpu:.1f} s")
+              f"load generator {load.client_cpu:.1f} s; CPU ceiling {m.ceiling:.0f} msgs/s")
         if m.server.name == "mailgw":
             print(f"  peak RSS: twistd {mib(cpu.root_hwm)} (VmHWM); embedded PostgreSQL "
                   f"{mib(cpu.children_rss)} summed RSS, {mib(cpu.children_pss)} PSS")
@@ -647,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"whole run: {time.monotonic() - started:.0f} s")
     rounds = Rounds("postfix")
     for postfix, mailgw in zip(results[::2], results[1::2], strict=False):
-        rounds.add(postfix.rate, mailgw.rate)
+        rounds.add(postfix.rate, mailgw.rate, postfix.ceiling, mailgw.ceiling)
     if results:
         report(results, cases, args)
         rounds.print("delivered msgs/s")

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     MemorySampler,
     Rounds,
     Server,
+    cpu_ceiling,
     ensure_postfix,
     log,
     mailgw_server,
@@ -90,6 +91,11 @@ class Measurement:
     load: LoadResult
     memory: MemoryPeaks
 
+    @property
+    def ceiling(self) -> float:
+        return cpu_ceiling(self.load.accepted + self.load.warmup_accepted,
+                           self.memory.cpu_seconds, self.load.client_cpu)
+
 
 async def measure(server: Server, args: argparse.Namespace) -> Measurement:
     """Run the load against `server` while sampling its process tree."""
@@ -123,7 +129,8 @@ def report(results: list[Measurement], rounds: Rounds) -> None:
         print("  " + m.load.summary().replace("\n", "\n  "))
         cpu = m.memory
         print(f"  server CPU: {cpu.cpu_seconds:.1f} s ({per_message:.2f} ms per message), of "
-              f"which {m.server.name}'s main process {cpu.root_cpu_seconds:.1f} s")
+              f"which {m.server.name}'s main process {cpu.root_cpu_seconds:.1f} s; "
+              f"CPU ceiling {m.ceiling:.0f} msgs/s")
         if m.server.name == "mailgw":
             print(f"  peak RSS: twistd {mib(m.memory.root_hwm)} (VmHWM); embedded PostgreSQL "
                   f"{mib(m.memory.children_rss)} summed RSS, {mib(m.memory.children_pss)} PSS")
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     rounds = Rounds("postfix")
     for postfix, mailgw in zip(results[::2], results[1::2], strict=False):
-        rounds.add(postfix.load.rate, mailgw.load.rate)
+        rounds.add(postfix.load.rate, mailgw.load.rate, postfix.ceiling, mailgw.ceiling)
     if results:
         report(results, rounds)
     mailgw, ratio = rounds.mailgw, rounds.ratio
