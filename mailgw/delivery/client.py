@@ -23,7 +23,6 @@ smarthost) TLS is required whatever the policy: they never go in clear text.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -79,14 +78,9 @@ def classify(delivery_id: int, code: int, reply: bytes | str,
     return Outcome(delivery_id, "deferred", text)
 
 
-_REPLY_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _one_line(code: int, reply: bytes | str) -> str:
-    """A reply as one line ("550 5.1.1 No such user"); without a code, the text alone.
-    Control characters (a NUL, which PostgreSQL refuses in text) become blanks."""
+    """A reply as one line ("550 5.1.1 No such user"); without a code, the text alone."""
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    text = _REPLY_CONTROLS.sub(" ", text)
     return " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
 
 

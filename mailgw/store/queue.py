@@ -9,6 +9,7 @@ lost its lease cannot overwrite another's result.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,17 +56,26 @@ class MessageContext:
     return_path_domain: str | None
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The result of one delivery attempt (D-5)."""
 
     delivery_id: int
     state: str  # sent, deferred, bounced or not_sent
+    # A remote reply, or our own words (a connection error, a DNS failure, a name from
+    # DNS); its control characters become blanks, as PostgreSQL refuses a NUL in text
+    # and in jsonb, and the outcome could then never be recorded.
     reply: str
     # When to try again (deferred only), in seconds from now.
     retry_in: float | None = None
     # "hard" or "soft" for bounces.
     bounce_type: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reply", _CONTROLS.sub(" ", self.reply))
 
 
 class QueueStore:

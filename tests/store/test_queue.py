@@ -77,6 +77,18 @@ class QueueTests(DatabaseTestCase):
         events = await self.sql("SELECT type, details FROM events WHERE type = 'sent'")
         self.assertEqual(events, [("sent", {"reply": "250 ok"})])
 
+    async def test_an_outcome_with_a_nul_is_recorded(self):
+        """Not only remote replies: our own texts (a host name from DNS in a connection
+        error) may carry a NUL, which PostgreSQL refuses in text and in jsonb."""
+        await self.submit("a@example.net")
+        (claimed,) = await self.queue.claim("node-a", 10, 300)
+        self.assertTrue(await self.queue.record("node-a", Outcome(
+            claimed.id, "deferred", "cannot connect to mx\x00.example.net", retry_in=60.0), 2))
+        rows = await self.sql("SELECT state, last_reply FROM deliveries")
+        self.assertEqual(rows, [("deferred", "cannot connect to mx .example.net")])
+        events = await self.sql("SELECT details FROM events WHERE type = 'deferred'")
+        self.assertEqual(events, [({"reply": "cannot connect to mx .example.net"},)])
+
     async def test_deferred_waits_for_its_retry_time(self):
         await self.submit("a@example.net")
         (claimed,) = await self.queue.claim("node-a", 10, 300)
