@@ -120,6 +120,15 @@ class DatabaseTestCase(unittest.TestCase):
         self.addCleanup(self.database.close)
         self.stores = Stores.on(self.database)
 
+    async def sql(self, sql: str, *params: Any) -> list[tuple] | None:
+        """One statement in its own transaction: its rows, or None if it returns none."""
+        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
+
+
+async def _sql_txn(cursor, sql: str, params: tuple) -> list[tuple] | None:
+    await cursor.execute(sql, params)
+    return cursor.fetchall() if cursor.description else None
+
 
 def gateway_config(test: unittest.TestCase, dsn: str, **changes: Any) -> Config:
     """Every listener on an ephemeral loopback port, state in the test's temp dir, and no

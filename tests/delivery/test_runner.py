@@ -102,11 +102,6 @@ class NotingQueue:
             await defer.DeferredList(pending)
 
 
-async def _sql_txn(cursor, sql, params):
-    await cursor.execute(sql, params)
-    return cursor.fetchall() if cursor.description else None
-
-
 def _inline(fn, *args):
     return defer.maybeDeferred(fn, *args)
 
@@ -134,9 +129,6 @@ class RunnerTests(DatabaseTestCase):
             self.threads.append((fn.__name__, threading.get_ident()))
             return fn(*args)
         return threads.deferToThread(noted)
-
-    async def sql(self, sql, *params):
-        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
 
     async def submit(self, *emails, sender="news@example.org", body=BODY, options=None):
         recipients = []

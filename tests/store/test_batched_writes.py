@@ -13,11 +13,6 @@ from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, SubmissionR
 from tests.harness import DatabaseTestCase
 
 
-async def _sql_txn(cursor, sql, params=()):
-    await cursor.execute(sql, params)
-    return cursor.fetchall()
-
-
 def _record(account_id, subject, *emails, contact_ids=(), suppressed=None, quota=None):
     contact_ids = contact_ids or [None] * len(emails)
     return SubmissionRecord(
@@ -36,9 +31,6 @@ class BatchedWritesTests(DatabaseTestCase):
     async def setUp(self):
         await super().setUp()
         self.account = (await self.stores.accounts.create_account("acme")).id
-
-    async def sql(self, sql, *params):
-        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
 
     async def gather(self, calls):
         return await defer.gatherResults([defer.ensureDeferred(c) for c in calls])

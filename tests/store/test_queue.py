@@ -10,11 +10,6 @@ from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import DatabaseTestCase
 
 
-async def _sql_txn(cursor, sql, params=()):
-    await cursor.execute(sql, params)
-    return cursor.fetchall() if cursor.description else None
-
-
 class QueueTests(DatabaseTestCase):
     async def setUp(self):
         await super().setUp()
@@ -22,9 +17,6 @@ class QueueTests(DatabaseTestCase):
         await self.stores.senders.add_domain(self.account.id, "example.org", "s1", "rsa", "PEM",
                                              "PUB", "bounces.example.org")
         self.queue = self.stores.queue
-
-    async def sql(self, sql, *params):
-        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
 
     async def submit(self, *emails, options=None):
         recipients = []
