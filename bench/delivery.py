@@ -539,7 +539,7 @@ def report(results: list[DeliveryMeasurement], cases: list[QueueCase],
         cpu = m.memory
         print(f"  server CPU: {cpu.cpu_seconds:.1f} s ({1000 * cpu.cpu_seconds / total:.2f} ms "
               f"per message), of which the main process {cpu.root_cpu_seconds:.1f} s; "
-              f"load generator {load.client_cpu:.1f} s; CPU ceiling {m.ceiling:.0f} msgs/s")
+              f"load generator {load.client_cpu:.1f} s")
         if m.server.name == "mailgw":
             print(f"  peak RSS: twistd {mib(cpu.root_hwm)} (VmHWM); embedded PostgreSQL "
                   f"{mib(cpu.children_rss)} summed RSS, {mib(cpu.children_pss)} PSS")
@@ -602,7 +602,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-queue", action="store_true",
                         help="skip the memory-against-queue-size cases")
     parser.add_argument("--mailgw-log", type=Path,
-                        help="keep a copy of mailgw's twistd log of the measured run here")
+                        help="keep a copy of mailgw's twistd log of the last round's run here")
     parser.add_argument("--serve-dns", metavar="ZONE_JSON", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
