@@ -1,8 +1,9 @@
 """The queue runner: claims due deliveries, renders, resolves and sends them (D-1 to D-6).
 
 A loop claims a batch with one query, starts every delivery of it at once
-(the pool groups them into connections per domain) and claims again while
-fewer than `max_in_flight` are running.  Each outcome is written through the
+(the pool groups them into connections per destination: a domain's MX hosts,
+or the smarthost) and claims again while fewer than `max_in_flight` are
+running.  Each outcome is written through the
 group committer with the lease checked.  The leases of the deliveries still
 running are renewed on a timer: a message held back by a rate limit or a slow
 server may outlast one lease, and its row must not become claimable while
