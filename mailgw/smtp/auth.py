@@ -240,5 +240,6 @@ class AuthThrottle:
         return min(2.0 ** (worst - self.free_attempts - 1), self.max_delay)
 
     def record_success(self, ip: str, username: str) -> None:
-        self._failures.pop("ip:" + ip, None)
+        """Clears the username's count only: the address's stays, or an attacker's own
+        login would reset the count of the guesses it makes for others (R-6)."""
         self._failures.pop("user:" + username.lower(), None)

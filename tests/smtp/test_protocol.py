@@ -6,6 +6,7 @@ verb (ARCHITECTURE: tests).
 """
 
 import base64
+import copy
 import dataclasses
 
 from twisted.cred import checkers, portal
@@ -129,6 +130,9 @@ class Session:
             throttle=self.throttle, max_message_size=max_size, max_recipients=max_recipients,
             allow_plaintext_auth=allow_plaintext_auth, trusted_networks=trusted_networks,
             trusted_account=self.trusted_account)
+        self._connect(peer, secure, starttls)
+
+    def _connect(self, peer, secure, starttls):
         peer_address = address.IPv4Address("TCP", peer, 40000)
         self.protocol = self.factory.buildProtocol(peer_address)
         transport_class = StartTLSTransport if starttls else StringTransport
@@ -136,6 +140,12 @@ class Session:
         self.protocol.makeConnection(self.transport)
         self.protocol.startedTLS = secure
         self.banner = self.take()
+
+    def another(self, peer="127.0.0.1") -> "Session":
+        """A second connection to the same server (its throttle, its clock), from `peer`."""
+        other = copy.copy(self)
+        other._connect(peer, secure=True, starttls=False)
+        return other
 
     async def trusted_account(self, username):
         return SubmissionAccount(2, "relay", username)
@@ -321,6 +331,26 @@ class AUTHTests(unittest.TestCase):
         self.assertEqual(session.send(b"AUTH LOGIN"),
                          [b"421 4.7.0 Too many failed attempts, closing connection"])
         self.assertTrue(session.transport.disconnecting)
+
+    def test_own_login_does_not_reset_the_address_count(self):
+        """R-6: 29 wrong AUTHs in parallel for different usernames, then a login with the
+        attacker's own account: the next failure is the address's 30th, and then the
+        address is cut off."""
+        session = Session()
+        guesses = [session.another() for _ in range(29)]
+        replies = [guess.send(b"AUTH PLAIN " + b64(b"\0victim%d\0guess" % n))
+                   for n, guess in enumerate(guesses)]
+        session.clock.advance(30)  # the longest delay
+        replies = [early + guess.take() for early, guess in zip(replies, guesses, strict=True)]
+        self.assertEqual(replies, [[b"535 5.7.8 Authentication credentials invalid"]] * 29)
+        session.another().login()
+        thirtieth = session.another()
+        early = thirtieth.send(b"AUTH PLAIN " + b64(b"\0victim\0guess"))
+        session.clock.advance(30)
+        self.assertEqual(early + thirtieth.take(),
+                         [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(session.another().send(b"AUTH LOGIN"),
+                         [b"421 4.7.0 Too many failed attempts, closing connection"])
 
     def test_failures_forgotten_after_a_quiet_while(self):
         session = Session()
