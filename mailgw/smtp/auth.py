@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +209,8 @@ class AuthThrottle:
         self.forget_after = forget_after
         self.max_entries = max_entries
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Attempts being checked, per client address.
+        self._checking: Counter[str] = Counter()
 
     def _count(self, key: str) -> int:
         entry = self._failures.get(key)
@@ -220,7 +223,19 @@ class AuthThrottle:
         return count
 
     def ip_blocked(self, ip: str) -> bool:
-        return self._count("ip:" + ip) >= self.max_ip_failures
+        return self._count("ip:" + ip) + self._checking[ip] >= self.max_ip_failures
+
+    @contextlib.contextmanager
+    def checking(self, ip: str) -> Iterator[None]:
+        """An attempt being checked counts against its address until it is answered:
+        attempts sent all at once cannot pass the cap before their failures count."""
+        self._checking[ip] += 1
+        try:
+            yield
+        finally:
+            self._checking[ip] -= 1
+            if not self._checking[ip]:
+                del self._checking[ip]
 
     def user_blocked(self, username: str) -> bool:
         return self._count("user:" + username.lower()) >= self.max_user_failures

@@ -98,6 +98,19 @@ class StubRealm:
         return ISubmissionAccount, account, lambda: None
 
 
+@implementer(checkers.ICredentialsChecker)
+class SlowChecker:
+    """Another checker's answers, `seconds` later (as scrypt in a thread would be)."""
+
+    def __init__(self, checker, clock, seconds):
+        self.credentialInterfaces = checker.credentialInterfaces
+        self.checker, self.clock, self.seconds = checker, clock, seconds
+
+    def requestAvatarId(self, credentials):  # noqa: N802 (Twisted's name)
+        return task.deferLater(self.clock, self.seconds, self.checker.requestAvatarId,
+                               credentials)
+
+
 @implementer(ITLSTransport)
 class StartTLSTransport(StringTransport):
     """A transport that can start TLS: it records the options it was started with."""
@@ -117,10 +130,12 @@ class Session:
 
     def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
                  max_recipients=1000, allow_plaintext_auth=False, trusted_networks=(),
-                 max_contacts=None, starttls=False):
+                 max_contacts=None, starttls=False, check_seconds=0):
         self.clock = task.Clock()
         self.service = StubService(self.clock)
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
+        if check_seconds:
+            users = SlowChecker(users, self.clock, check_seconds)
         self.throttle = AuthThrottle(self.clock)
         self.factory = SubmissionFactory(
             "mx.example.org", tls_options=object() if starttls else None, clock=self.clock,
@@ -351,6 +366,21 @@ class AUTHTests(unittest.TestCase):
                          [b"535 5.7.8 Authentication credentials invalid"])
         self.assertEqual(session.another().send(b"AUTH LOGIN"),
                          [b"421 4.7.0 Too many failed attempts, closing connection"])
+
+    def test_attempts_being_checked_count_against_the_address(self):
+        """Attempts sent all at once cannot pass the address's cap of 30 before their
+        failures are counted: an attempt being checked counts until it is answered."""
+        session = Session(check_seconds=0.1)
+        clients = [session.another() for _ in range(40)]
+        for client in clients:
+            self.assertEqual(client.send(b"AUTH LOGIN", b64(b"victim")),
+                             [b"334 VXNlcm5hbWU6", b"334 UGFzc3dvcmQ6"])
+        refused = [client.send(b64(b"guess")) for client in clients]
+        self.assertEqual(refused, [[]] * 30 + [
+            [b"421 4.7.0 Too many failed attempts, closing connection"]] * 10)
+        session.clock.advance(0.1)
+        session.clock.advance(30)
+        self.assertEqual([client.take()[0][:3] for client in clients[:30]], [b"535"] * 30)
 
     def test_failures_forgotten_after_a_quiet_while(self):
         session = Session()
