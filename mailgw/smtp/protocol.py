@@ -388,18 +388,22 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                 _, account, _ = await self.factory.portal.login(creds, None,
                                                                 ISubmissionAccount)
             except cred_error.UnauthorizedLogin:
-                account, reply = None, replies.BAD_CREDENTIALS
-            else:
-                reply = replies.not_allowed_from(self.peer_ip)
+                account = None
             if account is not None and account.allows_client(self.peer_ip):
                 throttle.record_success(self.peer_ip, username)
                 self.account = account
                 self.reply(replies.AUTH_OK)
                 return
+            if account is not None:
+                # S-4: the client hears what a wrong password gets, or it would learn that
+                # a guess was right; the operator reads why here.
+                self.log.warn("AUTH as {user} from {ip} refused: the right password, from"
+                              " outside account {account}'s networks", user=username,
+                              ip=self.peer_ip, account=account.name)
             delay = throttle.record_failure(self.peer_ip, username)
         if delay:
             await _sleep(self.factory.clock, delay)
-        self.reply(reply)
+        self.reply(replies.BAD_CREDENTIALS)
 
     def do_MAIL(self, rest: bytes) -> None:  # noqa: N802
         if self.account is None and not self.factory.is_trusted(self.peer_ip):

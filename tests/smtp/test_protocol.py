@@ -8,11 +8,13 @@ verb (ARCHITECTURE: tests).
 import base64
 import copy
 import dataclasses
+import ipaddress
 
 from twisted.cred import checkers, portal
 from twisted.internet import address, defer, task
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -313,15 +315,33 @@ class AUTHTests(unittest.TestCase):
                          [b"503 5.5.1 Already authenticated"])
 
     def test_network_allow_list(self):
-        import ipaddress
-
+        """S-4; the plain 535 from outside (it said "not allowed from <ip>": a password
+        oracle, issue 12 point 8)."""
         outside = Session(networks=(ipaddress.ip_network("10.0.0.0/8"),))
         self.assertEqual(outside.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
-                         [b"535 5.7.8 Authentication credentials invalid: not allowed from"
-                          b" 127.0.0.1"])
+                         [b"535 5.7.8 Authentication credentials invalid"])
         inside = Session(networks=(ipaddress.ip_network("127.0.0.0/8"),))
         self.assertEqual(inside.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_allow_list_is_no_password_oracle(self):
+        """From outside an account's networks the right password gets the reply a wrong one
+        gets and counts as a failure too; the operator finds the reason in the log."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        session = Session(networks=(ipaddress.ip_network("10.0.0.0/8"),))
+        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
+        wrong = b"AUTH PLAIN " + b64(b"\0user.plan\0wrong")
+        for attempt in (right, wrong, right):
+            self.assertEqual(session.send(attempt),
+                             [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(session.send(right), [])  # the 4th failure waits 1 s
+        session.clock.advance(1)
+        self.assertEqual(session.take(), [b"535 5.7.8 Authentication credentials invalid"])
+        reasons = [formatEvent(event) for event in logged if "AUTH" in formatEvent(event)]
+        self.assertEqual(reasons, ["AUTH as user.plan from 127.0.0.1 refused: the right"
+                                   " password, from outside account acme's networks"] * 3)
 
     def test_failures_are_slowed_then_refused(self):
         session = Session()
