@@ -189,13 +189,18 @@ def decode_response(line: bytes) -> bytes | None:
 
 
 class AuthThrottle:
-    """Failed AUTH attempts per client IP and per username (S-3).
+    """Failed AUTH attempts per client address, per username, and per username at
+    each address (S-3, R-6).
 
     A few failures are free; after that each failure's reply waits longer
-    (1, 2, 4 ... seconds, at most `max_delay`).  A username is then refused
-    (454) after `max_user_failures`, and a client address cut off (421) after
-    `max_ip_failures` (higher: one address may serve many users behind NAT),
-    until `forget_after` seconds pass without failures.
+    (1, 2, 4 ... seconds, at most `max_delay`), by the largest of its three
+    counts.  A client address is cut off (421) after `max_ip_failures` (high:
+    one address may serve many users behind NAT).  A username is refused (454)
+    at an address that failed `max_user_failures` times for it, or
+    `free_attempts` times once the username has `max_user_failures` failures
+    from all addresses together: an address without recent failures for a
+    username is never refused it, so guessing cannot lock the owner out.
+    A count is forgotten `forget_after` seconds after its last failure.
     """
 
     def __init__(self, clock, free_attempts: int = 3, max_user_failures: int = 10,
@@ -208,6 +213,7 @@ class AuthThrottle:
         self.max_delay = max_delay
         self.forget_after = forget_after
         self.max_entries = max_entries
+        # (count, time of the last failure) by key, least recently failed first.
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         # Attempts being checked, per client address.
         self._checking: Counter[str] = Counter()
@@ -222,8 +228,18 @@ class AuthThrottle:
             return 0
         return count
 
+    def user_failures(self, username: str) -> int:
+        """The username's recent failures, from every address."""
+        return self._count(_user_key(username))
+
     def ip_blocked(self, ip: str) -> bool:
-        return self._count("ip:" + ip) + self._checking[ip] >= self.max_ip_failures
+        return self._count(_address_key(ip)) + self._checking[ip] >= self.max_ip_failures
+
+    def user_blocked(self, ip: str, username: str) -> bool:
+        at_address = self._count(_user_at_key(ip, username))
+        return at_address >= self.max_user_failures or (
+            at_address >= self.free_attempts
+            and self.user_failures(username) >= self.max_user_failures)
 
     @contextlib.contextmanager
     def checking(self, ip: str) -> Iterator[None]:
@@ -237,13 +253,10 @@ class AuthThrottle:
             if not self._checking[ip]:
                 del self._checking[ip]
 
-    def user_blocked(self, username: str) -> bool:
-        return self._count("user:" + username.lower()) >= self.max_user_failures
-
     def record_failure(self, ip: str, username: str) -> float:
         """Count a failure; returns how long to wait before answering it."""
         worst = 0
-        for key in ("ip:" + ip, "user:" + username.lower()):
+        for key in (_address_key(ip), _user_key(username), _user_at_key(ip, username)):
             count = self._count(key) + 1
             self._failures[key] = (count, self.clock.seconds())
             self._failures.move_to_end(key)
@@ -255,6 +268,21 @@ class AuthThrottle:
         return min(2.0 ** (worst - self.free_attempts - 1), self.max_delay)
 
     def record_success(self, ip: str, username: str) -> None:
-        """Clears the username's count only: the address's stays, or an attacker's own
-        login would reset the count of the guesses it makes for others (R-6)."""
-        self._failures.pop("user:" + username.lower(), None)
+        """Clears the username's count at this address only.  Not the address's count,
+        or an attacker's own login would reset the count of its guesses for others;
+        not the username's total either, which holds back guessing from many addresses
+        and never refuses an address without failures for the username."""
+        self._failures.pop(_user_at_key(ip, username), None)
+
+
+def _address_key(ip: str) -> str:
+    return "ip:" + ip
+
+
+def _user_key(username: str) -> str:
+    return "user:" + username.lower()
+
+
+def _user_at_key(ip: str, username: str) -> str:
+    # An address holds no "/": the key cannot be read two ways.
+    return f"user@ip:{ip}/{username.lower()}"

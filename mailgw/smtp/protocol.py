@@ -380,7 +380,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         if throttle.ip_blocked(self.peer_ip):
             self._cut_off()
             return
-        if throttle.user_blocked(username):
+        if throttle.user_blocked(self.peer_ip, username):
             self.reply(replies.AUTH_THROTTLED)
             return
         with throttle.checking(self.peer_ip):

@@ -359,6 +359,32 @@ class AUTHTests(unittest.TestCase):
         self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"454 4.7.0 Too many authentication failures, try again later"])
 
+    def test_guesses_cannot_lock_the_owner_out(self):
+        """R-6: ten wrong passwords for a username from one address refuse it there (454),
+        not at an address without failures for it, where the owner logs in."""
+        session = Session()
+        for _ in range(10):
+            session.throttle.record_failure("192.0.2.66", "user.plan")
+        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
+        self.assertEqual(session.another("192.0.2.66").send(right),
+                         [b"454 4.7.0 Too many authentication failures, try again later"])
+        self.assertEqual(session.another("198.51.100.7").send(right),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_guesses_from_many_addresses(self):
+        """Once a username has ten failures from all addresses together, an address that
+        failed three times for it is refused it; one with fewer failures is not."""
+        session = Session()
+        for n in range(7):
+            session.throttle.record_failure(f"192.0.2.{n}", "User.Plan")
+        for _ in range(3):
+            session.throttle.record_failure("192.0.2.66", "user.plan")
+        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
+        self.assertEqual(session.another("192.0.2.66").send(right),
+                         [b"454 4.7.0 Too many authentication failures, try again later"])
+        self.assertEqual(session.another("192.0.2.0").send(right),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
     def test_client_address_cut_off(self):
         session = Session()
         for attempt in range(30):

@@ -469,7 +469,7 @@ class SubmissionFlowTests(unittest.TestCase):
         replies = await deferToThread(attempts)
         self.assertEqual(replies, [(535, b"5.7.8 Authentication credentials invalid")] * 2)
         throttle = self.gateway.smtp_factory.throttle
-        self.assertEqual([throttle._count("user:" + user) for user in users], [1, 1])
+        self.assertEqual([throttle.user_failures(user) for user in users], [1, 1])
 
     async def test_auth_offered_to_other_networks_only_over_tls(self):
         """S-2: from a client not on loopback, AUTH is offered over implicit TLS (and no
@@ -548,7 +548,7 @@ class DatabaseTroubleTests(unittest.TestCase):
 
         reply = await deferToThread(conversation)
         self.assertEqual(reply, (451, b"4.3.0 Temporary failure, try again later"))
-        self.assertEqual(self.gateway.smtp_factory.throttle._count("user:" + USER), 0)
+        self.assertEqual(self.gateway.smtp_factory.throttle.user_failures(USER), 0)
 
 
 class TrustedNetworkTests(unittest.TestCase):
