@@ -376,6 +376,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     async def _authenticate(self, creds) -> None:
         username = creds.username.decode("utf-8", "replace")
         throttle: AuthThrottle = self.factory.throttle
+        await throttle.refresh()
         # Again here: other attempts may have failed since this one's AUTH command.
         if throttle.ip_blocked(self.peer_ip):
             self._cut_off()
@@ -390,7 +391,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             except cred_error.UnauthorizedLogin:
                 account = None
             if account is not None and account.allows_client(self.peer_ip):
-                throttle.record_success(self.peer_ip, username)
+                await throttle.record_success(self.peer_ip, username)
                 self.account = account
                 self.reply(replies.AUTH_OK)
                 return
@@ -400,7 +401,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                 self.log.warn("AUTH as {user} from {ip} refused: the right password, from"
                               " outside account {account}'s networks", user=username,
                               ip=self.peer_ip, account=account.name)
-            delay = throttle.record_failure(self.peer_ip, username)
+            delay = await throttle.record_failure(self.peer_ip, username)
         if delay:
             await _sleep(self.factory.clock, delay)
         self.reply(replies.BAD_CREDENTIALS)

@@ -113,6 +113,15 @@ class SlowChecker:
                                credentials)
 
 
+class UnreachableFailureStore:
+    """The store of failure counts shared by the nodes, while PostgreSQL is gone."""
+
+    async def record(self, *args):
+        raise DatabaseUnavailable("record_auth_failure")
+
+    reset = changed_since = record
+
+
 @implementer(ITLSTransport)
 class StartTLSTransport(StringTransport):
     """A transport that can start TLS: it records the options it was started with."""
@@ -132,13 +141,13 @@ class Session:
 
     def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
                  max_recipients=1000, allow_plaintext_auth=False, trusted_networks=(),
-                 max_contacts=None, starttls=False, check_seconds=0):
+                 max_contacts=None, starttls=False, check_seconds=0, shared_failures=None):
         self.clock = task.Clock()
         self.service = StubService(self.clock)
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
         if check_seconds:
             users = SlowChecker(users, self.clock, check_seconds)
-        self.throttle = AuthThrottle(self.clock)
+        self.throttle = AuthThrottle(self.clock, shared=shared_failures)
         self.factory = SubmissionFactory(
             "mx.example.org", tls_options=object() if starttls else None, clock=self.clock,
             idle_timeout=300,
@@ -196,6 +205,13 @@ class Session:
 
 def b64(text: bytes) -> bytes:
     return base64.b64encode(text)
+
+
+def record_failures(throttle, ip, username, times=1):
+    """Failures counted straight into a throttle that shares nothing (they wait for
+    nothing, so they are counted on return)."""
+    for _ in range(times):
+        defer.ensureDeferred(throttle.record_failure(ip, username))
 
 
 class GreetingTests(unittest.TestCase):
@@ -363,8 +379,7 @@ class AUTHTests(unittest.TestCase):
         """R-6: ten wrong passwords for a username from one address refuse it there (454),
         not at an address without failures for it, where the owner logs in."""
         session = Session()
-        for _ in range(10):
-            session.throttle.record_failure("192.0.2.66", "user.plan")
+        record_failures(session.throttle, "192.0.2.66", "user.plan", 10)
         right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
         self.assertEqual(session.another("192.0.2.66").send(right),
                          [b"454 4.7.0 Too many authentication failures, try again later"])
@@ -376,9 +391,8 @@ class AUTHTests(unittest.TestCase):
         failed three times for it is refused it; one with fewer failures is not."""
         session = Session()
         for n in range(7):
-            session.throttle.record_failure(f"192.0.2.{n}", "User.Plan")
-        for _ in range(3):
-            session.throttle.record_failure("192.0.2.66", "user.plan")
+            record_failures(session.throttle, f"192.0.2.{n}", "User.Plan")
+        record_failures(session.throttle, "192.0.2.66", "user.plan", 3)
         right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
         self.assertEqual(session.another("192.0.2.66").send(right),
                          [b"454 4.7.0 Too many authentication failures, try again later"])
@@ -388,7 +402,7 @@ class AUTHTests(unittest.TestCase):
     def test_client_address_cut_off(self):
         session = Session()
         for attempt in range(30):
-            session.throttle.record_failure("127.0.0.1", f"guess{attempt}")
+            record_failures(session.throttle, "127.0.0.1", f"guess{attempt}")
         self.assertEqual(session.send(b"AUTH LOGIN"),
                          [b"421 4.7.0 Too many failed attempts, closing connection"])
         self.assertTrue(session.transport.disconnecting)
@@ -428,12 +442,19 @@ class AUTHTests(unittest.TestCase):
         session.clock.advance(30)
         self.assertEqual([client.take()[0][:3] for client in clients[:30]], [b"535"] * 30)
 
+    def test_counts_stay_local_while_the_shared_counts_are_unreachable(self):
+        session = Session(shared_failures=UnreachableFailureStore())
+        for _ in range(3):
+            self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0wrong")),
+                             [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(session.throttle.user_failures("user.plan"), 3)
+        session.login()
+
     def test_failures_forgotten_after_a_quiet_while(self):
         session = Session()
         clock = task.Clock()  # the throttle's own clock: the session must not time out
         session.factory.throttle = AuthThrottle(clock)
-        for _ in range(30):
-            session.factory.throttle.record_failure("127.0.0.1", "user.plan")
+        record_failures(session.factory.throttle, "127.0.0.1", "user.plan", 30)
         clock.advance(901)
         self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"235 2.7.0 Authentication Succeeded"])
