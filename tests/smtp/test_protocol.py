@@ -375,16 +375,22 @@ class AUTHTests(unittest.TestCase):
         self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"454 4.7.0 Too many authentication failures, try again later"])
 
+    def assert_right_password(self, session, refused_at, accepted_at):
+        """The right password is refused (454) from `refused_at`, accepted from
+        `accepted_at`."""
+        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
+        self.assertEqual(session.another(refused_at).send(right),
+                         [b"454 4.7.0 Too many authentication failures, try again later"])
+        self.assertEqual(session.another(accepted_at).send(right),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
     def test_guesses_cannot_lock_the_owner_out(self):
         """R-6: ten wrong passwords for a username from one address refuse it there (454),
         not at an address without failures for it, where the owner logs in."""
         session = Session()
         record_failures(session.throttle, "192.0.2.66", "user.plan", 10)
-        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
-        self.assertEqual(session.another("192.0.2.66").send(right),
-                         [b"454 4.7.0 Too many authentication failures, try again later"])
-        self.assertEqual(session.another("198.51.100.7").send(right),
-                         [b"235 2.7.0 Authentication Succeeded"])
+        self.assert_right_password(session, refused_at="192.0.2.66",
+                                   accepted_at="198.51.100.7")
 
     def test_guesses_from_many_addresses(self):
         """Once a username has ten failures from all addresses together, an address that
@@ -393,11 +399,7 @@ class AUTHTests(unittest.TestCase):
         for n in range(7):
             record_failures(session.throttle, f"192.0.2.{n}", "User.Plan")
         record_failures(session.throttle, "192.0.2.66", "user.plan", 3)
-        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
-        self.assertEqual(session.another("192.0.2.66").send(right),
-                         [b"454 4.7.0 Too many authentication failures, try again later"])
-        self.assertEqual(session.another("192.0.2.0").send(right),
-                         [b"235 2.7.0 Authentication Succeeded"])
+        self.assert_right_password(session, refused_at="192.0.2.66", accepted_at="192.0.2.0")
 
     def test_client_address_cut_off(self):
         session = Session()
