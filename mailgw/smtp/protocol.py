@@ -322,8 +322,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._error(replies.ENCRYPTION_REQUIRED)
             return
         if self.factory.throttle.ip_blocked(self.peer_ip):
-            self.reply(replies.TOO_MANY_FAILURES)
-            self.transport.loseConnection()
+            self._cut_off()
             return
         mechanism, _, initial = rest.partition(b" ")
         if not mechanism:
@@ -369,27 +368,43 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             return
         self._run(self._authenticate(creds))
 
+    def _cut_off(self) -> None:
+        """Too many failures from this client address: 421 and close."""
+        self.reply(replies.TOO_MANY_FAILURES)
+        self.transport.loseConnection()
+
     async def _authenticate(self, creds) -> None:
         username = creds.username.decode("utf-8", "replace")
         throttle: AuthThrottle = self.factory.throttle
-        if throttle.user_blocked(username):
+        await throttle.refresh()
+        # Again here: other attempts may have failed since this one's AUTH command.
+        if throttle.ip_blocked(self.peer_ip):
+            self._cut_off()
+            return
+        if throttle.user_blocked(self.peer_ip, username):
             self.reply(replies.AUTH_THROTTLED)
             return
-        try:
-            _, account, _ = await self.factory.portal.login(creds, None, ISubmissionAccount)
-        except cred_error.UnauthorizedLogin:
-            account, reply = None, replies.BAD_CREDENTIALS
-        else:
-            reply = replies.not_allowed_from(self.peer_ip)
-        if account is not None and account.allows_client(self.peer_ip):
-            throttle.record_success(self.peer_ip, username)
-            self.account = account
-            self.reply(replies.AUTH_OK)
-            return
-        delay = throttle.record_failure(self.peer_ip, username)
+        with throttle.checking(self.peer_ip):
+            try:
+                _, account, _ = await self.factory.portal.login(creds, None,
+                                                                ISubmissionAccount)
+            except cred_error.UnauthorizedLogin:
+                account = None
+            if account is not None and account.allows_client(self.peer_ip):
+                await throttle.record_success(self.peer_ip, username)
+                self.account = account
+                self.reply(replies.AUTH_OK)
+                return
+            if account is not None:
+                # S-4: the client hears what a wrong password gets, or it would learn that
+                # a guess was right; the operator reads why here.
+                self.log.warn("AUTH as {user} from {ip} refused: the right password, from"
+                              " outside account {account}'s networks", user=username,
+                              ip=self.peer_ip, account=account.name)
+            delay = await throttle.record_failure(self.peer_ip, username)
         if delay:
             await _sleep(self.factory.clock, delay)
-        self.reply(reply)
+        self.reply(replies.BAD_CREDENTIALS)
 
     def do_MAIL(self, rest: bytes) -> None:  # noqa: N802
         if self.account is None and not self.factory.is_trusted(self.peer_ip):

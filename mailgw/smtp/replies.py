@@ -64,11 +64,6 @@ def transaction_failed(reason: str) -> Reply:
     return (554, b"5.6.0 Transaction failed: " + _text(reason))
 
 
-def not_allowed_from(address: str) -> Reply:
-    """S-4: the account accepts connections only from its listed networks."""
-    return (535, b"5.7.8 Authentication credentials invalid: not allowed from " + _text(address))
-
-
 def accepted(send_id: int, message_uid: str) -> Reply:
     """S-12, as in the Teenvio dialogue: `250 OK id=1166 fa8896c2...`."""
     return (250, b"OK id=%d %s" % (send_id, message_uid.encode("ascii")))

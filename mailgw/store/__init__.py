@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailgw.store.accounts import AccountStore
+from mailgw.store.auth_failures import AuthFailureStore
 from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
 from mailgw.store.group_commit import GroupCommitter
@@ -35,6 +36,7 @@ class Stores:
     templates: TemplateStore
     queue: QueueStore
     keys: KeyStore
+    auth_failures: AuthFailureStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -44,4 +46,4 @@ class Stores:
                    senders=SenderStore(database), contacts=contacts,
                    submissions=SubmissionStore(database, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
-                   keys=KeyStore(database))
+                   keys=KeyStore(database), auth_failures=AuthFailureStore(database))

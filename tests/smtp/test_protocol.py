@@ -6,12 +6,15 @@ verb (ARCHITECTURE: tests).
 """
 
 import base64
+import copy
 import dataclasses
+import ipaddress
 
 from twisted.cred import checkers, portal
 from twisted.internet import address, defer, task
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -97,6 +100,28 @@ class StubRealm:
         return ISubmissionAccount, account, lambda: None
 
 
+@implementer(checkers.ICredentialsChecker)
+class SlowChecker:
+    """Another checker's answers, `seconds` later (as scrypt in a thread would be)."""
+
+    def __init__(self, checker, clock, seconds):
+        self.credentialInterfaces = checker.credentialInterfaces
+        self.checker, self.clock, self.seconds = checker, clock, seconds
+
+    def requestAvatarId(self, credentials):  # noqa: N802 (Twisted's name)
+        return task.deferLater(self.clock, self.seconds, self.checker.requestAvatarId,
+                               credentials)
+
+
+class UnreachableFailureStore:
+    """The store of failure counts shared by the nodes, while PostgreSQL is gone."""
+
+    async def record(self, *args):
+        raise DatabaseUnavailable("record_auth_failure")
+
+    reset = changed_since = record
+
+
 @implementer(ITLSTransport)
 class StartTLSTransport(StringTransport):
     """A transport that can start TLS: it records the options it was started with."""
@@ -116,11 +141,13 @@ class Session:
 
     def __init__(self, peer="127.0.0.1", secure=False, networks=None, max_size=512000,
                  max_recipients=1000, allow_plaintext_auth=False, trusted_networks=(),
-                 max_contacts=None, starttls=False):
+                 max_contacts=None, starttls=False, check_seconds=0, shared_failures=None):
         self.clock = task.Clock()
         self.service = StubService(self.clock)
         users = checkers.InMemoryUsernamePasswordDatabaseDontUse(**{"user.plan": b"secret"})
-        self.throttle = AuthThrottle(self.clock)
+        if check_seconds:
+            users = SlowChecker(users, self.clock, check_seconds)
+        self.throttle = AuthThrottle(self.clock, shared=shared_failures)
         self.factory = SubmissionFactory(
             "mx.example.org", tls_options=object() if starttls else None, clock=self.clock,
             idle_timeout=300,
@@ -129,6 +156,9 @@ class Session:
             throttle=self.throttle, max_message_size=max_size, max_recipients=max_recipients,
             allow_plaintext_auth=allow_plaintext_auth, trusted_networks=trusted_networks,
             trusted_account=self.trusted_account)
+        self._connect(peer, secure, starttls)
+
+    def _connect(self, peer, secure, starttls):
         peer_address = address.IPv4Address("TCP", peer, 40000)
         self.protocol = self.factory.buildProtocol(peer_address)
         transport_class = StartTLSTransport if starttls else StringTransport
@@ -136,6 +166,12 @@ class Session:
         self.protocol.makeConnection(self.transport)
         self.protocol.startedTLS = secure
         self.banner = self.take()
+
+    def another(self, peer="127.0.0.1") -> "Session":
+        """A second connection to the same server (its throttle, its clock), from `peer`."""
+        other = copy.copy(self)
+        other._connect(peer, secure=True, starttls=False)
+        return other
 
     async def trusted_account(self, username):
         return SubmissionAccount(2, "relay", username)
@@ -169,6 +205,13 @@ class Session:
 
 def b64(text: bytes) -> bytes:
     return base64.b64encode(text)
+
+
+def record_failures(throttle, ip, username, times=1):
+    """Failures counted straight into a throttle that shares nothing (they wait for
+    nothing, so they are counted on return)."""
+    for _ in range(times):
+        defer.ensureDeferred(throttle.record_failure(ip, username))
 
 
 class GreetingTests(unittest.TestCase):
@@ -288,15 +331,33 @@ class AUTHTests(unittest.TestCase):
                          [b"503 5.5.1 Already authenticated"])
 
     def test_network_allow_list(self):
-        import ipaddress
-
+        """S-4; the plain 535 from outside (it said "not allowed from <ip>": a password
+        oracle, issue 12 point 8)."""
         outside = Session(networks=(ipaddress.ip_network("10.0.0.0/8"),))
         self.assertEqual(outside.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
-                         [b"535 5.7.8 Authentication credentials invalid: not allowed from"
-                          b" 127.0.0.1"])
+                         [b"535 5.7.8 Authentication credentials invalid"])
         inside = Session(networks=(ipaddress.ip_network("127.0.0.0/8"),))
         self.assertEqual(inside.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_allow_list_is_no_password_oracle(self):
+        """From outside an account's networks the right password gets the reply a wrong one
+        gets and counts as a failure too; the operator finds the reason in the log."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        session = Session(networks=(ipaddress.ip_network("10.0.0.0/8"),))
+        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
+        wrong = b"AUTH PLAIN " + b64(b"\0user.plan\0wrong")
+        for attempt in (right, wrong, right):
+            self.assertEqual(session.send(attempt),
+                             [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(session.send(right), [])  # the 4th failure waits 1 s
+        session.clock.advance(1)
+        self.assertEqual(session.take(), [b"535 5.7.8 Authentication credentials invalid"])
+        reasons = [formatEvent(event) for event in logged if "AUTH" in formatEvent(event)]
+        self.assertEqual(reasons, ["AUTH as user.plan from 127.0.0.1 refused: the right"
+                                   " password, from outside account acme's networks"] * 3)
 
     def test_failures_are_slowed_then_refused(self):
         session = Session()
@@ -314,20 +375,88 @@ class AUTHTests(unittest.TestCase):
         self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"454 4.7.0 Too many authentication failures, try again later"])
 
+    def assert_right_password(self, session, refused_at, accepted_at):
+        """The right password is refused (454) from `refused_at`, accepted from
+        `accepted_at`."""
+        right = b"AUTH PLAIN " + b64(b"\0user.plan\0secret")
+        self.assertEqual(session.another(refused_at).send(right),
+                         [b"454 4.7.0 Too many authentication failures, try again later"])
+        self.assertEqual(session.another(accepted_at).send(right),
+                         [b"235 2.7.0 Authentication Succeeded"])
+
+    def test_guesses_cannot_lock_the_owner_out(self):
+        """R-6: ten wrong passwords for a username from one address refuse it there (454),
+        not at an address without failures for it, where the owner logs in."""
+        session = Session()
+        record_failures(session.throttle, "192.0.2.66", "user.plan", 10)
+        self.assert_right_password(session, refused_at="192.0.2.66",
+                                   accepted_at="198.51.100.7")
+
+    def test_guesses_from_many_addresses(self):
+        """Once a username has ten failures from all addresses together, an address that
+        failed three times for it is refused it; one with fewer failures is not."""
+        session = Session()
+        for n in range(7):
+            record_failures(session.throttle, f"192.0.2.{n}", "User.Plan")
+        record_failures(session.throttle, "192.0.2.66", "user.plan", 3)
+        self.assert_right_password(session, refused_at="192.0.2.66", accepted_at="192.0.2.0")
+
     def test_client_address_cut_off(self):
         session = Session()
         for attempt in range(30):
-            session.throttle.record_failure("127.0.0.1", f"guess{attempt}")
+            record_failures(session.throttle, "127.0.0.1", f"guess{attempt}")
         self.assertEqual(session.send(b"AUTH LOGIN"),
                          [b"421 4.7.0 Too many failed attempts, closing connection"])
         self.assertTrue(session.transport.disconnecting)
+
+    def test_own_login_does_not_reset_the_address_count(self):
+        """R-6: 29 wrong AUTHs in parallel for different usernames, then a login with the
+        attacker's own account: the next failure is the address's 30th, and then the
+        address is cut off."""
+        session = Session()
+        guesses = [session.another() for _ in range(29)]
+        replies = [guess.send(b"AUTH PLAIN " + b64(b"\0victim%d\0guess" % n))
+                   for n, guess in enumerate(guesses)]
+        session.clock.advance(30)  # the longest delay
+        replies = [early + guess.take() for early, guess in zip(replies, guesses, strict=True)]
+        self.assertEqual(replies, [[b"535 5.7.8 Authentication credentials invalid"]] * 29)
+        session.another().login()
+        thirtieth = session.another()
+        early = thirtieth.send(b"AUTH PLAIN " + b64(b"\0victim\0guess"))
+        session.clock.advance(30)
+        self.assertEqual(early + thirtieth.take(),
+                         [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(session.another().send(b"AUTH LOGIN"),
+                         [b"421 4.7.0 Too many failed attempts, closing connection"])
+
+    def test_attempts_being_checked_count_against_the_address(self):
+        """Attempts sent all at once cannot pass the address's cap of 30 before their
+        failures are counted: an attempt being checked counts until it is answered."""
+        session = Session(check_seconds=0.1)
+        clients = [session.another() for _ in range(40)]
+        for client in clients:
+            self.assertEqual(client.send(b"AUTH LOGIN", b64(b"victim")),
+                             [b"334 VXNlcm5hbWU6", b"334 UGFzc3dvcmQ6"])
+        refused = [client.send(b64(b"guess")) for client in clients]
+        self.assertEqual(refused, [[]] * 30 + [
+            [b"421 4.7.0 Too many failed attempts, closing connection"]] * 10)
+        session.clock.advance(0.1)
+        session.clock.advance(30)
+        self.assertEqual([client.take()[0][:3] for client in clients[:30]], [b"535"] * 30)
+
+    def test_counts_stay_local_while_the_shared_counts_are_unreachable(self):
+        session = Session(shared_failures=UnreachableFailureStore())
+        for _ in range(3):
+            self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0wrong")),
+                             [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(session.throttle.user_failures("user.plan"), 3)
+        session.login()
 
     def test_failures_forgotten_after_a_quiet_while(self):
         session = Session()
         clock = task.Clock()  # the throttle's own clock: the session must not time out
         session.factory.throttle = AuthThrottle(clock)
-        for _ in range(30):
-            session.factory.throttle.record_failure("127.0.0.1", "user.plan")
+        record_failures(session.factory.throttle, "127.0.0.1", "user.plan", 30)
         clock.advance(901)
         self.assertEqual(session.send(b"AUTH PLAIN " + b64(b"\0user.plan\0secret")),
                          [b"235 2.7.0 Authentication Succeeded"])

@@ -9,12 +9,15 @@ import ssl
 
 import psycopg2
 import treq
+from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailgw import credentials
 from mailgw.config import DatabaseConfig
 from mailgw.smtp import protocol as smtp_protocol
+from mailgw.smtp.auth import SHARED_REFRESH_SECONDS, AuthThrottle
+from mailgw.store.auth_failures import AuthFailureStore
 from mailgw.store.templates import Template
 from tests.harness import fresh_database, gateway_config, new_cluster, start_gateway
 
@@ -469,7 +472,30 @@ class SubmissionFlowTests(unittest.TestCase):
         replies = await deferToThread(attempts)
         self.assertEqual(replies, [(535, b"5.7.8 Authentication credentials invalid")] * 2)
         throttle = self.gateway.smtp_factory.throttle
-        self.assertEqual([throttle._count("user:" + user) for user in users], [1, 1])
+        self.assertEqual([throttle.user_failures(user) for user in users], [1, 1])
+
+    async def test_failures_are_counted_with_the_other_nodes(self):
+        """Issue 12 point 9: a failure on this gateway counts on another node (a throttle
+        of its own on the same database)."""
+        clock = task.Clock()
+        clock.advance(reactor.seconds())
+        other_node = AuthThrottle(clock, max_ip_failures=1,
+                                  shared=AuthFailureStore(self.gateway.database))
+        await other_node.refresh()
+        self.assertFalse(other_node.ip_blocked("127.0.0.1"))
+        port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
+
+        def attempt():
+            client = _client(port, implicit_tls=True)
+            client.ehlo("c")
+            reply = client.docmd("AUTH PLAIN", _plain(USER, "wrong"))
+            client.close()
+            return reply
+
+        self.assertEqual((await deferToThread(attempt))[0], 535)
+        clock.advance(SHARED_REFRESH_SECONDS)
+        await other_node.refresh()
+        self.assertTrue(other_node.ip_blocked("127.0.0.1"))
 
     async def test_auth_offered_to_other_networks_only_over_tls(self):
         """S-2: from a client not on loopback, AUTH is offered over implicit TLS (and no
@@ -548,7 +574,7 @@ class DatabaseTroubleTests(unittest.TestCase):
 
         reply = await deferToThread(conversation)
         self.assertEqual(reply, (451, b"4.3.0 Temporary failure, try again later"))
-        self.assertEqual(self.gateway.smtp_factory.throttle._count("user:" + USER), 0)
+        self.assertEqual(self.gateway.smtp_factory.throttle.user_failures(USER), 0)
 
 
 class TrustedNetworkTests(unittest.TestCase):
