@@ -62,6 +62,9 @@ class DatabaseConfig:
     pool_size: int = 5
     # Unprivileged system user that runs the embedded cluster when mailgw runs as root.
     embedded_user: str = "mailgw"
+    # Seconds mailgw keeps restarting an embedded PostgreSQL that exited before it gives
+    # up and exits with status 1 (for systemd to restart it); 0 exits at once.
+    embedded_restart_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -256,12 +259,11 @@ def _check_values(config: Config) -> None:
         except ValueError:
             raise ConfigError(f"delivery.dns_servers: {server!r} is not an IP address and "
                               "port") from None
+    _check_seconds("database.embedded_restart_seconds",
+                   config.database.embedded_restart_seconds)
     if config.delivery.per_domain_rate < 0:
         raise ConfigError("delivery.per_domain_rate: must not be negative")
-    idle = config.delivery.connection_idle_seconds
-    if not (math.isfinite(idle) and idle >= 0):
-        raise ConfigError(f"delivery.connection_idle_seconds: must be a number of seconds, 0 "
-                          f"or more, got {idle}")
+    _check_seconds("delivery.connection_idle_seconds", config.delivery.connection_idle_seconds)
     if config.delivery.tls_policy not in TLS_POLICIES:
         raise ConfigError(f"delivery.tls_policy: must be one of {', '.join(TLS_POLICIES)}, got "
                           f"{config.delivery.tls_policy!r}")
@@ -271,6 +273,11 @@ def _check_values(config: Config) -> None:
     if bounce_domain and ("@" in bounce_domain or any(c.isspace() for c in bounce_domain)
                           or not all(bounce_domain.split("."))):
         raise ConfigError(f"delivery.bounce_domain: not a domain name: {bounce_domain!r}")
+
+
+def _check_seconds(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key}: must be a number of seconds, 0 or more, got {value}")
 
 
 def _check_networks(key: str, networks: list[str]) -> None:

@@ -7,8 +7,9 @@ belongs to an unprivileged system user (`database.embedded_user`), created on
 first use.
 
 Two ways to run it: `EmbeddedPostgresService` runs `postgres` as a child of
-the twistd process (stopped with it); `Cluster.start()`/`stop()` use pg_ctl
-for the admin CLI and the test harness, which need it only for a while.
+the twistd process (stopped with it, and restarted by a `Supervisor` when it
+ends on its own); `Cluster.start()`/`stop()` use pg_ctl for the admin CLI and
+the test harness, which need it only for a while.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +226,9 @@ class _PostgresProcess(protocol.ProcessProtocol):
     log = Logger(namespace="mailgw.postgres")
 
     def __init__(self) -> None:
-        self.ended: defer.Deferred[None] = defer.Deferred()
+        # Fires with how the process ended ("exit status 1", "killed by SIGKILL").
+        self.ended: defer.Deferred[str] = defer.Deferred()
+        self.how_it_ended: str | None = None
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
@@ -233,7 +237,95 @@ class _PostgresProcess(protocol.ProcessProtocol):
     outReceived = errReceived
 
     def processEnded(self, reason) -> None:
-        self.ended.callback(None)
+        self.how_it_ended = describe_exit(reason.value)
+        self.ended.callback(self.how_it_ended)
+
+
+def describe_exit(ended: error.ProcessDone | error.ProcessTerminated) -> str:
+    """"exit status N" or "killed by SIGNAME", as an operator reads it in the log."""
+    if ended.signal is not None:
+        try:
+            return f"killed by {signal.Signals(ended.signal).name}"
+        except ValueError:
+            return f"killed by signal {ended.signal}"
+    return f"exit status {ended.exitCode}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a postmaster that ended on its own is started again, and when mailgw gives up.
+
+    The delays double from `first_delay` up to `max_delay`; once a postmaster has
+    stayed up `stable_seconds`, its next exit starts over from `first_delay`.  If
+    it has not stayed up that long within `give_up_seconds` of the first exit,
+    mailgw gives up and exits non-zero, for systemd to restart the whole service.
+    """
+
+    first_delay: float = 1.0
+    max_delay: float = 30.0
+    stable_seconds: float = 60.0
+    give_up_seconds: float = 300.0
+
+
+class Supervisor:
+    """Decides, on `clock`, when to call `restart` after `down()`, and when `give_up`.
+
+    The service reports `up()` when a postmaster accepts connections and
+    `down(how)` when one exits or fails to start; each is logged.  `stop()`
+    (mailgw stopping) cancels a pending restart and ignores later reports.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, policy: RestartPolicy, restart: Callable[[], None],
+                 give_up: Callable[[], None]) -> None:
+        self.clock = clock
+        self.policy = policy
+        self.restart = restart
+        self.give_up = give_up
+        self._delay = policy.first_delay
+        self._up_since: float | None = None
+        self._down_since: float | None = None
+        self._pending = None  # IDelayedCall of the next restart
+        self._stopped = False
+
+    def up(self) -> None:
+        if self._down_since is not None:
+            self.log.info("embedded PostgreSQL restarted")
+        self._up_since = self.clock.seconds()
+
+    def down(self, how: str) -> None:
+        if self._stopped:
+            return
+        now = self.clock.seconds()
+        if self._up_since is not None and now - self._up_since >= self.policy.stable_seconds:
+            self._delay, self._down_since = self.policy.first_delay, None
+        self._up_since = None
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since >= self.policy.give_up_seconds:
+            self._stopped = True
+            self.log.critical(
+                "embedded PostgreSQL {how}; giving up after {elapsed:g} s of restarts "
+                "(database.embedded_restart_seconds = {limit:g}): mailgw stops with exit "
+                "status 1", how=how, elapsed=now - self._down_since,
+                limit=self.policy.give_up_seconds)
+            self.give_up()
+            return
+        self.log.error("embedded PostgreSQL {how}; restarting it in {delay:g} s",
+                       how=how, delay=self._delay)
+        self._pending = self.clock.callLater(self._delay, self._restart)
+        self._delay = min(self._delay * 2, self.policy.max_delay)
+
+    def _restart(self) -> None:
+        self._pending = None
+        self.restart()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
 
 
 class EmbeddedPostgresService:
@@ -245,23 +337,38 @@ class EmbeddedPostgresService:
     connection due to administrator command"), then after
     `smart_shutdown_seconds` for a fast one (open transactions roll back,
     nothing committed is lost); it fires when the postmaster has exited.
+
+    In between, a postmaster that exits (killed, crashed) is started again
+    after a back-off on `clock` (`restart_policy`): the pool reconnects by
+    itself.  When restarting does not work, `on_give_up` is called: mailgw
+    exits non-zero and systemd restarts all of it.
     """
 
     log = Logger()
 
-    def __init__(self, cluster: Cluster, reactor, poll_interval: float = 0.05,
-                 start_timeout: float = 60.0, smart_shutdown_seconds: float = 5.0) -> None:
+    def __init__(self, cluster: Cluster, reactor, on_give_up: Callable[[], None],
+                 clock=None, restart_policy: RestartPolicy = RestartPolicy(),
+                 poll_interval: float = 0.05, start_timeout: float = 60.0,
+                 smart_shutdown_seconds: float = 5.0) -> None:
         self.cluster = cluster
         self.reactor = reactor
         self.poll_interval = poll_interval
         self.start_timeout = start_timeout
         self.smart_shutdown_seconds = smart_shutdown_seconds
+        self.supervisor = Supervisor(clock or reactor, restart_policy, self._restart,
+                                     on_give_up)
         self._process = None
         self._protocol: _PostgresProcess | None = None
 
     async def start(self) -> None:
         self.cluster.initialize()
-        orphan = self.cluster.running_pid()
+        await self._launch()
+        self.cluster.ensure_database()
+        self.log.info("embedded PostgreSQL ready in {dir}", dir=self.cluster.root)
+
+    async def _launch(self) -> None:
+        """Start a postmaster, wait until it accepts connections, then supervise it."""
+        orphan = self.cluster.running_pid()  # also removes a stale postmaster.pid
         if orphan is not None:
             # A postmaster left behind by a mailgw that was killed: stop it so
             # that the cluster is ours again.
@@ -279,16 +386,27 @@ class EmbeddedPostgresService:
         waited = 0.0
         while not self.cluster.is_ready():
             if self._protocol.ended.called:
-                raise StartupError(f"PostgreSQL exited during start-up; see the log lines "
+                raise StartupError(f"PostgreSQL exited during start-up "
+                                   f"({self._protocol.how_it_ended}); see the log lines "
                                    f"above and {self.cluster.data_dir}")
             if waited >= self.start_timeout:
+                await self._stop_postmaster()  # a restart must not leave it behind
                 raise StartupError("PostgreSQL did not become ready in time")
             await _sleep(self.reactor, self.poll_interval)
             waited += self.poll_interval
-        self.cluster.ensure_database()
-        self.log.info("embedded PostgreSQL ready in {dir}", dir=self.cluster.root)
+        self.supervisor.up()
+        self._protocol.ended.addCallback(lambda how: self.supervisor.down(f"exited ({how})"))
+
+    def _restart(self) -> None:
+        d = defer.ensureDeferred(self._launch())
+        d.addErrback(lambda failure: self.supervisor.down(
+            f"did not restart ({failure.getErrorMessage()})"))
 
     async def stop(self) -> None:
+        self.supervisor.stop()
+        await self._stop_postmaster()
+
+    async def _stop_postmaster(self) -> None:
         if self._protocol is None or self._protocol.ended.called:
             return
         try:

@@ -4,7 +4,8 @@
 sequence that has to wait (embedded PostgreSQL ready, pool connected,
 migrations applied) before the listeners open, so it runs as one coroutine;
 `ready` fires when everything listens, or fails with a `StartupError` whose
-message is the one line the operator sees.
+message is the one line the operator sees; `failed` fires if mailgw cannot go
+on after that (the embedded PostgreSQL could not be restarted).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
-from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
+from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
 from mailgw.errors import NotFound, StartupError
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot
@@ -94,6 +95,8 @@ class Gateway(service.MultiService):
         self.runner: QueueRunner | None = None
         self.key_threads: KeyThreads | None = None
         self.ready: defer.Deferred[Gateway] = defer.Deferred()
+        # Fires if mailgw must stop after start-up: twistd then exits 1 (tap.py).
+        self.failed: defer.Deferred[None] = defer.Deferred()
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
@@ -109,7 +112,10 @@ class Gateway(service.MultiService):
         self._prepare_state_dir()
         tls_options = self._tls_options()
         if not self.config.database.dsn:
-            self.embedded = EmbeddedPostgresService(embedded_cluster(self.config), self.reactor)
+            self.embedded = EmbeddedPostgresService(
+                embedded_cluster(self.config), self.reactor, self._embedded_gave_up,
+                clock=self.clock, restart_policy=RestartPolicy(
+                    give_up_seconds=self.config.database.embedded_restart_seconds))
             await self.embedded.start()
         self.database = await open_database(self.config, self.reactor)
         self.stores = Stores.on(self.database)
@@ -136,6 +142,10 @@ class Gateway(service.MultiService):
             self.runner.start()
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
+
+    def _embedded_gave_up(self) -> None:
+        if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
+            self.failed.callback(None)
 
     async def _queue_runner(self) -> QueueRunner:
         delivery = self.config.delivery

@@ -37,6 +37,8 @@ def makeService(options: Options) -> Gateway:  # noqa: N802 (Twisted's name)
 
     gateway = Gateway(options["config_object"], reactor)
     gateway.ready.addErrback(_stop_on_startup_failure, reactor)
+    # Its cause is logged where it happens (the embedded PostgreSQL's supervisor).
+    gateway.failed.addCallback(lambda _: _stop_with_exit_status_1(reactor))
     return gateway
 
 
@@ -46,6 +48,12 @@ def _stop_on_startup_failure(failure, reactor) -> None:
         log.critical("mailgw cannot start: {reason}", reason=failure.value)
     else:
         log.failure("mailgw cannot start", failure)
+    _stop_with_exit_status_1(reactor)
+
+
+def _stop_with_exit_status_1(reactor) -> None:
+    """A clean stop, then exit 1: systemd sees the failure, and Restart=on-failure
+    restarts mailgw."""
     # twistd always exits 0 once the reactor has run; exit 1 after it has cleaned up.
     atexit.register(_exit_failed)
     reactor.callWhenRunning(reactor.stop)

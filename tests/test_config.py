@@ -37,6 +37,12 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(config.smtp.implicit_tls_listeners, ["tcp:46500"])
         self.assertEqual(config.database.pool_size, 9)
 
+    def test_embedded_restart_seconds(self):
+        self.assertEqual(Config().database.embedded_restart_seconds, 300)
+        for seconds in (0, 12.5):
+            config = parse_config({"database": {"embedded_restart_seconds": seconds}})
+            self.assertEqual(config.database.embedded_restart_seconds, seconds)
+
     def test_bounce_domain_defaults_to_the_hostname(self):
         self.assertEqual(parse_config({"hostname": "mx.example.org"}).bounce_domain,
                          "mx.example.org")
@@ -90,9 +96,11 @@ class ErrorTests(unittest.TestCase):
         self.assertConfigError({"delivery": {"tls_policy": "maybe"}}, "delivery.tls_policy")
         self.assertConfigError({"delivery": {"remote_smtp_port": 70000}},
                                "delivery.remote_smtp_port")
-        for idle in (-1, float("nan"), float("inf")):
-            self.assertConfigError({"delivery": {"connection_idle_seconds": idle}},
+        for seconds in (-1, float("nan"), float("inf")):
+            self.assertConfigError({"delivery": {"connection_idle_seconds": seconds}},
                                    "delivery.connection_idle_seconds")
+            self.assertConfigError({"database": {"embedded_restart_seconds": seconds}},
+                                   "database.embedded_restart_seconds", "0 or more")
         self.assertConfigError({"tls": {"certificate": "/c.pem"}}, "tls.private_key")
         self.assertConfigError({"hostname": "two words"}, "hostname")
         for domain in ("bounces@example.org", "two words", "example..org"):

@@ -1,17 +1,26 @@
 """The embedded default database (O-2): a cluster under the state dir, run by the Gateway."""
 
+import dataclasses
+import inspect
 import os
 import pwd
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 import psycopg2
-from twisted.internet import reactor
-from twisted.logger import globalLogPublisher
+from twisted.internet import reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RunAs
+from mailgw.embedded_pg import (
+    Cluster,
+    EmbeddedPostgresService,
+    RestartPolicy,
+    RunAs,
+    Supervisor,
+)
 from mailgw.errors import StartupError
 from mailgw.gateway import embedded_cluster
 from tests.harness import gateway_config, start_gateway
@@ -26,16 +35,67 @@ def _uid_of(pid: int) -> int:
     return os.stat(f"/proc/{pid}").st_uid
 
 
+def _embedded_config(test: unittest.TestCase):
+    """A gateway config with the embedded cluster, in a state dir its user can reach."""
+    state = tempfile.mkdtemp(prefix="mailgw-test-state-")
+    os.chmod(state, 0o755)
+    test.addCleanup(shutil.rmtree, state, True)
+    return gateway_config(test, dsn="").replace(state_dir=state)
+
+
+def _embedded_service(test: unittest.TestCase, clock=None,
+                      **kwargs) -> EmbeddedPostgresService:
+    """An EmbeddedPostgresService to start, stopped when the test ends."""
+    service = EmbeddedPostgresService(embedded_cluster(_embedded_config(test)), reactor,
+                                      lambda: None, clock=clock, **kwargs)
+    test.addCleanup(service.stop)
+    return service
+
+
+def _supervisor_events(test: unittest.TestCase) -> list[dict]:
+    """The supervisor's log events from now to the end of the test."""
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == Supervisor.log.namespace:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
+
+
+async def _until(condition, clock=None, announced=(), timeout=30.0):
+    """Poll `condition()` (awaited if it must be) on the real reactor, the processes being
+    real, until it holds; meanwhile move `clock` through each restart delay announced."""
+    deadline = reactor.seconds() + timeout
+    advanced = 0
+    while not await _holds(condition):
+        delays = [event["delay"] for event in announced if "delay" in event]
+        for delay in delays[advanced:]:
+            clock.advance(delay)
+        advanced = len(delays)
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still not true after {timeout} s")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+def _lines(events: list[dict]) -> list[str]:
+    return [formatEvent(event) for event in events]
+
+
+async def _holds(condition) -> bool:
+    result = condition()
+    return await result if inspect.isawaitable(result) else result
+
+
 class EmbeddedGatewayTests(unittest.TestCase):
     def setUp(self):
-        state = tempfile.mkdtemp(prefix="mailgw-test-state-")
-        os.chmod(state, 0o755)
-        self.addCleanup(shutil.rmtree, state, True)
-        self.config = gateway_config(self, dsn="").replace(state_dir=state)
+        self.config = _embedded_config(self)
         self.cluster = embedded_cluster(self.config)
 
-    async def start(self):
-        gateway = await start_gateway(self, self.config)
+    async def start(self, clock=None):
+        gateway = await start_gateway(self, self.config, clock)
         pid = self.cluster.running_pid()
         self.assertIsNotNone(pid)
         return gateway, pid
@@ -78,18 +138,176 @@ class EmbeddedGatewayTests(unittest.TestCase):
         self.assertEqual(_parent_pid(pid), os.getpid())
         self.assertTrue(await gateway.database.is_reachable())
 
+    async def test_killed_postmaster_is_restarted_and_the_gateway_recovers(self):
+        """Point 6 of issue 12: the same twistd serves again, nothing restarted by hand."""
+        clock = task.Clock()
+        announced = _supervisor_events(self)
+        gateway, pid = await self.start(clock)
+        os.kill(pid, signal.SIGKILL)
+        # Not the database alone: the killed postmaster's backends may still answer.
+        await _until(lambda: "embedded PostgreSQL restarted" in _lines(announced), clock,
+                     announced)
+        await _until(gateway.database.is_reachable)
+        self.assertEqual(_lines(announced)[0],
+                         "embedded PostgreSQL exited (killed by SIGKILL); restarting it in 1 s")
+        restarted = self.cluster.running_pid()
+        self.assertNotEqual(restarted, pid)
+        self.assertEqual(_parent_pid(restarted), os.getpid())
+        account = await gateway.stores.accounts.create_account("acme")
+        self.assertEqual(account.name, "acme")
+
+    async def test_giving_up_while_stopping_leaves_the_stop_alone(self):
+        """The stop under way ends mailgw: `failed` (twistd's exit 1) is for a running one."""
+        self.config = self.config.replace(database=dataclasses.replace(
+            self.config.database, embedded_restart_seconds=0))
+        gateway, _ = await self.start()
+        stopping = gateway.stopService()  # closing its listeners: not at the postmaster yet
+        gateway.embedded.supervisor.down("exited (killed by SIGKILL)")
+        await stopping
+        self.assertFalse(gateway.failed.called)
+
+
+class SupervisedServiceTests(unittest.TestCase):
+    """The real postmaster killed under an EmbeddedPostgresService; back-off on a Clock."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.announced = _supervisor_events(self)
+
+    async def kill_postmaster(self, service) -> None:
+        os.kill(service.cluster.running_pid(), signal.SIGKILL)
+        await _until(lambda: self.announced)
+
+    async def test_a_restart_that_fails_is_tried_again(self):
+        service = _embedded_service(self, self.clock)
+        await service.start()
+        conf = service.cluster.data_dir / "postgresql.conf"
+        good = conf.read_text()
+        conf.write_text(good + "no_such_setting = 1\n")  # postgres refuses to start
+        await self.kill_postmaster(service)
+        self.clock.advance(self.announced[0]["delay"])
+        await _until(lambda: len(self.announced) == 2)
+        self.assertRegex(_lines(self.announced)[1],
+                         r"^embedded PostgreSQL did not restart \(PostgreSQL exited during "
+                         r"start-up \(exit status 1\); see .*\); restarting it in 2 s$")
+        conf.write_text(good)
+        self.clock.advance(self.announced[1]["delay"])
+        await _until(lambda: len(self.announced) == 3)
+        self.assertEqual(_lines(self.announced)[2], "embedded PostgreSQL restarted")
+        connection = psycopg2.connect(service.cluster.dsn)
+        connection.close()
+
+    async def test_not_ready_in_time_is_stopped(self):
+        """A start (or restart) that times out leaves no postmaster behind to retry over."""
+        service = _embedded_service(self, start_timeout=0, smart_shutdown_seconds=0.2)
+        with self.assertRaises(StartupError) as caught:
+            await service.start()
+        self.assertIn("did not become ready in time", str(caught.exception))
+        self.assertTrue(service._protocol.ended.called)
+
+    async def test_stop_during_the_back_off_cancels_the_restart(self):
+        service = _embedded_service(self, self.clock)
+        await service.start()
+        await self.kill_postmaster(service)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        await service.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(service.cluster.running_pid())
+
+
+class SupervisorTests(unittest.TestCase):
+    """The restart policy on a task.Clock, with restarts that fail or work at once."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.restarts: list[float] = []
+        self.gave_up: list[float] = []
+        self.restart_works = False
+        self.announced = _supervisor_events(self)
+
+    def start_supervisor(self, **policy) -> Supervisor:
+        self.supervisor = Supervisor(self.clock, RestartPolicy(**policy), self.restart,
+                                     lambda: self.gave_up.append(self.clock.seconds()))
+        self.supervisor.up()
+        return self.supervisor
+
+    def restart(self) -> None:
+        self.restarts.append(self.clock.seconds())
+        if self.restart_works:
+            self.supervisor.up()
+        else:
+            self.supervisor.down("did not restart (exit status 1)")
+
+    def run_for(self, seconds: int) -> None:
+        for _ in range(seconds):
+            self.clock.advance(1)
+
+    def test_delays_double_up_to_the_maximum(self):
+        self.start_supervisor().down("exited (killed by SIGKILL)")
+        self.run_for(121)
+        self.assertEqual(self.restarts, [1, 3, 7, 15, 31, 61, 91, 121])
+        self.assertEqual(_lines(self.announced)[:2], [
+            "embedded PostgreSQL exited (killed by SIGKILL); restarting it in 1 s",
+            "embedded PostgreSQL did not restart (exit status 1); restarting it in 2 s"])
+        self.assertEqual(self.gave_up, [])
+
+    def test_delays_start_over_once_it_stayed_up(self):
+        self.restart_works = True
+        supervisor = self.start_supervisor()
+        supervisor.down("exited (exit status 1)")
+        self.run_for(20)  # up 19 s since the restart at 1
+        supervisor.down("exited (exit status 1)")
+        self.run_for(61)  # restarted at 22, up 59 s
+        supervisor.down("exited (exit status 1)")
+        self.run_for(64)  # restarted at 85, up 60 s
+        supervisor.down("exited (exit status 1)")
+        self.run_for(1)
+        self.assertEqual(self.restarts, [1, 22, 85, 146])
+        self.assertEqual(_lines(self.announced)[:2], [
+            "embedded PostgreSQL exited (exit status 1); restarting it in 1 s",
+            "embedded PostgreSQL restarted"])
+
+    def test_gives_up_after_the_bound(self):
+        self.start_supervisor(give_up_seconds=300).down("exited (killed by SIGKILL)")
+        self.run_for(400)
+        self.assertEqual(self.restarts[-2:], [271, 301])
+        self.assertEqual(self.gave_up, [301])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(
+            _lines(self.announced)[-1],
+            "embedded PostgreSQL did not restart (exit status 1); giving up after 301 s of "
+            "restarts (database.embedded_restart_seconds = 300): mailgw stops with exit "
+            "status 1")
+
+    def test_a_postmaster_that_keeps_exiting_soon_is_given_up_too(self):
+        self.restart_works = True
+        supervisor = self.start_supervisor(give_up_seconds=300)
+        supervisor.down("exited (exit status 1)")
+        for _ in range(6):
+            self.run_for(50)  # up 49 s at most: never the 60 that start the delays over
+            supervisor.down("exited (exit status 1)")
+        self.assertEqual(self.gave_up, [300])
+
+    def test_zero_gives_up_at_the_first_exit(self):
+        self.start_supervisor(give_up_seconds=0).down("exited (killed by SIGKILL)")
+        self.assertEqual(self.gave_up, [0])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_a_pending_restart(self):
+        supervisor = self.start_supervisor()
+        supervisor.down("exited (killed by SIGKILL)")
+        supervisor.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        supervisor.down("exited (exit status 0)")  # the postmaster stopping with mailgw
+        self.run_for(400)
+        self.assertEqual((self.restarts, self.gave_up), ([], []))
+
 
 class ShutdownTests(unittest.TestCase):
     """The postmaster lets the sessions of a closed pool end, and ends any left over."""
 
     async def start(self, smart_shutdown_seconds):
-        state = tempfile.mkdtemp(prefix="mailgw-test-state-")
-        os.chmod(state, 0o755)
-        self.addCleanup(shutil.rmtree, state, True)
-        config = gateway_config(self, dsn="").replace(state_dir=state)
-        service = EmbeddedPostgresService(embedded_cluster(config), reactor,
-                                          smart_shutdown_seconds=smart_shutdown_seconds)
-        self.addCleanup(service.stop)
+        service = _embedded_service(self, smart_shutdown_seconds=smart_shutdown_seconds)
         await service.start()
         self.lines = []
 

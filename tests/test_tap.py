@@ -15,6 +15,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
+from mailgw.embedded_pg import Cluster, RunAs
 from mailgw.tap import Options
 from tests.harness import LOOPBACK_PORT
 
@@ -82,7 +83,7 @@ class _Daemon(protocol.ProcessProtocol):
 
 
 class DaemonTests(unittest.TestCase):
-    def write_config(self, state: str, **listeners: str) -> Path:
+    def write_config(self, state: str, database: str = "", **listeners: str) -> Path:
         listen = {"starttls": LOOPBACK_PORT, "implicit": LOOPBACK_PORT, "http": LOOPBACK_PORT,
                   **listeners}
         path = Path(self.mktemp()).resolve()
@@ -91,7 +92,8 @@ class DaemonTests(unittest.TestCase):
             f'[smtp]\nstarttls_listeners = ["{listen["starttls"]}"]\n'
             f'implicit_tls_listeners = ["{listen["implicit"]}"]\n'
             f'[http]\nlistener = "{listen["http"]}"\n'
-            "[delivery]\nenabled = false\n")
+            "[delivery]\nenabled = false\n"
+            f"[database]\n{database}")
         return path
 
     def state_dir(self) -> str:
@@ -140,6 +142,24 @@ class DaemonTests(unittest.TestCase):
         output = daemon.output.decode()
         self.assertEqual(code, 1, output)
         self.assertIn("mailgw cannot start: http.listener: cannot listen", output)
+        self.assertNotIn("Traceback", output)
+
+    async def test_embedded_postgres_given_up_is_exit_1_for_systemd(self):
+        """Point 6 of issue 12: past database.embedded_restart_seconds (here 0: the first
+        exit) of a postmaster that does not come back, twistd stops and exits 1, so that
+        Restart=on-failure starts everything again."""
+        state = self.state_dir()
+        daemon = self.spawn(self.write_config(state, "embedded_restart_seconds = 0\n"))
+        await daemon.wait_ready()
+        postmaster = Cluster(Path(state, "pg"), RunAs.for_cluster("mailgw")).running_pid()
+        os.kill(postmaster, signal.SIGKILL)
+        code = await daemon.ended
+        output = daemon.output.decode()
+        self.assertEqual(code, 1, output)
+        self.assertIn("embedded PostgreSQL exited (killed by SIGKILL); giving up after 0 s of "
+                      "restarts (database.embedded_restart_seconds = 0): mailgw stops with "
+                      "exit status 1", output)
+        self.assertIn("Server Shut Down", output)
         self.assertNotIn("Traceback", output)
 
     async def test_bad_config_stops_start_up(self):
