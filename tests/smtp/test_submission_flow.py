@@ -75,6 +75,22 @@ SIMPLE = (b"From: remitente@dominio.com\r\nTo: a@example.net\r\nSubject: hi\r\n"
           b"</a></p>\r\n")
 
 
+def _text_part(encoding: bytes, body: bytes, subtype: bytes = b"plain") -> bytes:
+    return (b"From: remitente@dominio.com\r\nSubject: s\r\nContent-Type: text/%s;"
+            b" charset=utf-8\r\nContent-Transfer-Encoding: %s\r\n\r\n%s\r\n"
+            % (subtype, encoding, body))
+
+
+def _with_attachment(disposition: bytes, data: bytes = b"%PDF-") -> bytes:
+    """A text part and a PDF attached with the given Content-Disposition parameter."""
+    return (b"From: remitente@dominio.com\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+            b"Content-Type: text/plain\r\n\r\nsee file\r\n--XX\r\n"
+            b"Content-Type: application/pdf\r\nContent-Disposition: attachment; "
+            + disposition + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.b64encode(data) + b"\r\n--XX--\r\n")
+
+
 def _tls() -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -433,6 +449,64 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual(replies[3], (554, b"5.6.0 Transaction failed: unknown template nope"))
         self.assertEqual(replies[-1][0], 554)
         self.assertIn(b"not a valid JSON object", replies[-1][1])
+
+    async def test_nul_refused_for_good_in_text_and_headers(self):
+        """PostgreSQL text and jsonb hold no NUL: one in a header or a text part, raw or
+        encoded, is a permanent 554 naming where, never a 451 the client would retry for
+        days nor a logged traceback (trial fails a test that logs one), and the session
+        goes on."""
+        cases = [
+            (b"Subject: a\x00b\r\n" + SIMPLE, "the Subject header"),
+            (b"X-Order: 4\x002\r\n" + SIMPLE, "the X-Order header"),
+            (b"X-Order: =?utf-8?q?4=002?=\r\n" + SIMPLE, "the X-Order header"),
+            (SIMPLE.replace(b"From: remitente", b"From: =?utf-8?b?QQBC?= <remitente"
+                            ).replace(b".com\r\n", b".com>\r\n", 1), "the From header"),
+            (b"Reply-To: remitente\x00@dominio.com\r\n" + SIMPLE, "the Reply-To header"),
+            (b"Reply-To: =?utf-8?q?=00?= <remitente@dominio.com>\r\n" + SIMPLE,
+             "the Reply-To header"),
+            (SIMPLE.replace(b"<p>Hi", b"<p>H\x00i"), "the text/html part"),
+            (_text_part(b"8bit", b"raw \x00 byte"), "the text/plain part"),
+            (_text_part(b"quoted-printable", b"encoded =00 byte"), "the text/plain part"),
+            (_text_part(b"base64", base64.b64encode(b"in\x00base64")), "the text/plain part"),
+            (_text_part(b"base64", base64.b64encode(b"<p>in\x00base64</p>"), b"html"),
+             "the text/html part"),
+            (_with_attachment(b"filename*=utf-8''a%00b.pdf"), "the file name of an attachment"),
+            (_with_attachment(b'filename="a\x00b.pdf"'),
+             "the Content-Disposition header of a MIME part"),
+        ]
+        commands = []
+        for message, _ in cases:
+            commands += [f"MAIL FROM:<{SENDER}>", "RCPT TO:<a@example.net>", "DATA",
+                         message + b".\r\n"]
+        commands += [f"MAIL FROM:<{SENDER}>", "RCPT TO:<a@example.net>", "DATA",
+                     SIMPLE + b".\r\n"]
+        replies = await deferToThread(_dialogue, self.port, *commands)
+        self.assertEqual(replies[3::4], [
+            (554, b"5.6.0 Transaction failed: message contains a NUL character in "
+                  + where.encode()) for _, where in cases] + [replies[-1]])
+        self.assertEqual(replies[-1][0], 250)
+        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM messages"), [(1,)])
+
+    async def test_nul_in_template_variable_refused(self):
+        await self.gateway.stores.templates.put(self.account.id, Template(
+            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
+        message = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* x\r\n"
+                   b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"A\\u0000B\"}\r\n.\r\n")
+        self.assertEqual(await self.submit(message), (
+            554, b"5.6.0 Transaction failed: message contains a NUL character in"
+                 b" the template variable 'nombre'"))
+
+    async def test_nul_kept_in_binary_attachments(self):
+        """Attachment data is binary (bytea, base64 in the body): its NULs are faithful,
+        attached or behind a download link."""
+        data = b"%PDF\x00\x00\x01\x00"
+        message = _with_attachment(b"filename=a.pdf", data) + b".\r\n"
+        body = await self.accepted_body(message)
+        self.assertEqual(base64.b64decode(body["attachments"][0]["data"]), data)
+        await self.set_account(settings=json.dumps({"attachments": "links"}))
+        self.assertEqual((await self.submit(message))[0], 250)
+        (row,) = await _rows(self.gateway, "SELECT filename, data FROM attachments")
+        self.assertEqual((row[0], bytes(row[1])), ("a.pdf", data))
 
     async def test_campaign_credential(self):
         key = credentials.new_api_key()
