@@ -158,6 +158,7 @@ _SIMPLE_ADDRESS = re.compile(
 # of them is text), and a "<" whose tag does not end before the next "<" or the end.
 _DECLARATION = re.compile(r"<[!?][^<>]*>")
 _UNENDED_TAG = re.compile(r"<(?=[^<>]*(?:<|\Z))")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _TEMPLATE_TAG = re.compile(r"\s*\*\|tid:([^|\s]+)\|\*[ \t]?")
 
 
@@ -347,11 +348,16 @@ def _parse_addresses(values: list[str]) -> list[tuple[str, str]]:
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> str:
-    """The declared charset, else UTF-8, else Latin-1, which decodes anything."""
+    """The declared charset, else UTF-8, else Latin-1, which decodes anything. A decoding
+    with lone surrogates (UTF-7 and the escape codecs make them of "+2AA-" or "\\ud800")
+    is a wrong one: PostgreSQL could not store it, and the write would fail with a 451."""
     for codec in (_codec(charset), "utf-8"):
         if codec is not None:
             try:
-                return data.decode(codec)
+                text = data.decode(codec)
+                if codec != "utf-8":  # whose decoder never makes surrogates
+                    text.encode("utf-8")
+                return text
             except (LookupError, UnicodeError):
                 pass
     return data.decode("latin-1")
@@ -543,8 +549,11 @@ def template_variables(body: str | None, html_body: str | None = None) -> dict[s
             raise _bad_variables(f"value of {name[:40]!a} is not a string or number")
         if isinstance(item, bool):
             item = "true" if item else "false"
-        if isinstance(item, str) and "\x00" in item:  # written \u0000
-            raise _nul_refused(f"the template variable {name[:40]!a}")
+        if isinstance(item, str):
+            if "\x00" in item:  # written \u0000
+                raise _nul_refused(f"the template variable {name[:40]!a}")
+            if _SURROGATE.search(item):  # written \ud800, which no UTF-8 can hold
+                raise _bad_variables(f"value of {name[:40]!a} is not valid Unicode")
         variables[name] = "" if item is None else item
     return variables
 

@@ -177,6 +177,17 @@ class CharsetTests(unittest.TestCase):
         self.assertEqual(self.body(b"text/plain; charset=utf-8", b"Y2Fmw6k=",
                                    b"Content-Transfer-Encoding: base64"), "café")
 
+    def test_no_lone_surrogates(self):
+        """UTF-7 and the escape codecs decode to lone surrogates, which neither UTF-8 nor
+        PostgreSQL can hold: such a decoding is a wrong charset, read as UTF-8. (Compared
+        as ascii(), which a failure report can print.)"""
+        self.assertEqual(self.body(b"text/plain; charset=utf-7", b"a +AOk-"), "a é")
+        for charset, data in [(b"utf-7", b"a +2AA-"), (b"unicode-escape", b"\\ud800")]:
+            self.assertEqual(ascii(self.body(b"text/plain; charset=" + charset, data)),
+                             ascii(data.decode()))
+        raw = message(b"Subject: =?utf-7?q?+2AA-?= =?unicode-escape?q?=5Cudc00?=")
+        self.assertEqual(ascii(parse_message(raw).subject), ascii("+2AA-\\udc00"))
+
     def test_byte_order_mark_dropped(self):
         self.assertEqual(self.body(b"text/plain; charset=utf-8", b"\xef\xbb\xbfhi"), "hi")
 
@@ -603,6 +614,9 @@ class TemplateTests(unittest.TestCase):
         error = self.assertRaises(ContentRefused, template_variables, '{"a": "x\\u0000"}')
         self.assertEqual(str(error),
                          "message contains a NUL character in the template variable 'a'")
+        error = self.assertRaises(ContentRefused, template_variables, '{"b": "\\udfff"}')
+        self.assertEqual(str(error), "template variables are not a valid JSON object:"
+                                     " value of 'b' is not valid Unicode")
 
     def test_bad_variables(self):
         for body, detail in [('{"a": ', "Expecting value at line 1 column 7"),

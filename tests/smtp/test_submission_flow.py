@@ -496,6 +496,25 @@ class SubmissionFlowTests(unittest.TestCase):
             554, b"5.6.0 Transaction failed: message contains a NUL character in"
                  b" the template variable 'nombre'"))
 
+    async def test_lone_surrogates_never_reach_postgresql(self):
+        """UTF-7 and the escape codecs decode "+2AA-" and "\\ud800" to lone surrogates,
+        which PostgreSQL cannot store (a 451 again): such a decoding is a wrong charset,
+        read as UTF-8 instead; a template variable written \\ud800 is bad JSON input."""
+        message = (b"From: remitente@dominio.com\r\nSubject: =?utf-7?q?+2AA-?=\r\n"
+                   b"X-Note: =?unicode-escape?q?=5Cud800?=\r\n"
+                   b"Content-Type: text/plain; charset=utf-7\r\n\r\nhi +2AA-\r\n.\r\n")
+        body = await self.accepted_body(message)
+        self.assertEqual((body["subject"], body["text"]), ("+2AA-", "hi +2AA-\n"))
+        self.assertEqual(await _rows(self.gateway, "SELECT custom_headers FROM messages"),
+                         [({"X-Note": "\\ud800"},)])
+        await self.gateway.stores.templates.put(self.account.id, Template(
+            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
+        variables = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* x\r\n"
+                     b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"\\ud800\"}\r\n.\r\n")
+        self.assertEqual(await self.submit(variables), (
+            554, b"5.6.0 Transaction failed: template variables are not a valid JSON object:"
+                 b" value of 'nombre' is not valid Unicode"))
+
     async def test_nul_kept_in_binary_attachments(self):
         """Attachment data is binary (bytea, base64 in the body): its NULs are faithful,
         attached or behind a download link."""
