@@ -214,6 +214,14 @@ class SubmissionFlowTests(unittest.TestCase):
             await _rows(self.gateway, f"UPDATE accounts SET {column} = %s WHERE id = %s"
                         " RETURNING id", value, self.account.id)
 
+    async def submit_for_template(self, variables: bytes) -> tuple[int, bytes]:
+        """The reply to a message for a stored template, with these variables (JSON)."""
+        await self.gateway.stores.templates.put(self.account.id, Template(
+            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
+        return await self.submit(
+            b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* x\r\n"
+            b"Content-Type: text/plain\r\n\r\n" + variables + b"\r\n.\r\n")
+
     async def test_teenvio_seed_conversation(self):
         replies = await deferToThread(_seed_conversation, self.port)
         codes = [code for code, _ in replies]
@@ -488,11 +496,7 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM messages"), [(1,)])
 
     async def test_nul_in_template_variable_refused(self):
-        await self.gateway.stores.templates.put(self.account.id, Template(
-            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
-        message = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* x\r\n"
-                   b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"A\\u0000B\"}\r\n.\r\n")
-        self.assertEqual(await self.submit(message), (
+        self.assertEqual(await self.submit_for_template(b'{"nombre": "A\\u0000B"}'), (
             554, b"5.6.0 Transaction failed: message contains a NUL character in"
                  b" the template variable 'nombre'"))
 
@@ -507,11 +511,7 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual((body["subject"], body["text"]), ("+2AA-", "hi +2AA-\n"))
         self.assertEqual(await _rows(self.gateway, "SELECT custom_headers FROM messages"),
                          [({"X-Note": "\\ud800"},)])
-        await self.gateway.stores.templates.put(self.account.id, Template(
-            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
-        variables = (b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* x\r\n"
-                     b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"\\ud800\"}\r\n.\r\n")
-        self.assertEqual(await self.submit(variables), (
+        self.assertEqual(await self.submit_for_template(b'{"nombre": "\\ud800"}'), (
             554, b"5.6.0 Transaction failed: template variables are not a valid JSON object:"
                  b" value of 'nombre' is not valid Unicode"))
 
