@@ -312,7 +312,7 @@ def _filename(part: Message) -> str:
     name = part.get_filename()
     if not name:
         return ""
-    name = _decode_header(name)
+    name = decode_header(name)
     if "\x00" in name:  # RFC 2231 %00 or an RFC 2047 word
         raise _nul_refused("the file name of an attachment")
     name = name.replace("\\", "/").rpartition("/")[2]
@@ -381,7 +381,7 @@ def _one_line(value: str) -> str:
     return _LINE_BREAKS.sub(" ", _FOLD.sub("", value)).strip()
 
 
-def _decode_header(value: str) -> str:
+def decode_header(value: str) -> str:
     """RFC 2047 decoding that, unlike the email package's, survives unknown charsets and
     8-bit headers; whitespace between adjacent encoded words is dropped (RFC 2047 6.2)."""
     value = _one_line(value)
@@ -398,8 +398,8 @@ def _decode_header(value: str) -> str:
 
 
 def _decoded(header: str, value: str) -> str:
-    """_decode_header, refusing a NUL that RFC 2047 or RFC 2231 encoding hid."""
-    decoded = _decode_header(value)
+    """decode_header, refusing a NUL that RFC 2047 or RFC 2231 encoding hid."""
+    decoded = decode_header(value)
     if "\x00" in decoded:
         raise _nul_refused(f"the {header} header")
     return decoded
