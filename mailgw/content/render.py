@@ -31,11 +31,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import (
-    Relaxed,
-    correct_empty_body,
-    strip_trailing_lines,
-)
+from dkim.canonicalization import correct_empty_body, strip_trailing_lines
 
 from mailgw.content.dkim import DKIM_ALGORITHMS
 from mailgw.content.footer_texts import header_footer_texts
@@ -294,12 +290,14 @@ def _relaxed_value(value: bytes) -> bytes:
 
 
 def _relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4 relaxed body canonicalization, by dkimpy. Rendered bodies (QP or
-    base64) rarely hold a tab, a run of spaces or a space before a line end, and without
-    them only the empty lines at the end change: that much is done without its regular
-    expressions."""
+    """RFC 6376 3.4.4 relaxed body canonicalization, as dkimpy computes it, in one pass:
+    dkimpy drops the white space before line ends with `[\\t ]+\\r\\n` first, which is
+    tried from every blank of a run that no line end follows, quadratic in the run (0.4 s
+    a recipient for an attached message of 400 lines of 990 blanks); runs made one space
+    first, the same spaces go. Rendered bodies (QP or base64) rarely hold a tab, a run of
+    spaces or a space before a line end: then only the empty lines at the end change."""
     if b"\t" in body or b"  " in body or b" \r\n" in body:
-        return Relaxed.canonicalize_body(body)
+        body = _WSP_RUN.sub(b" ", body).replace(b" \r\n", b"\r\n")
     return correct_empty_body(strip_trailing_lines(body))
 
 
