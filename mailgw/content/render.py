@@ -422,8 +422,11 @@ def _mailbox_words(display_name: str, address: str) -> list[str] | None:
     """`Display Name <address>` as words (RFC 5322 3.4), the domain in IDNA; None when the
     address cannot be written in 7 bits."""
     local, at, domain = address.rpartition("@")
-    if at:
-        address = f"{local}@{_ascii_domain(domain)}"
+    if at and not domain.isascii():
+        try:
+            address = f"{local}@{domain.encode('idna').decode('ascii')}"
+        except UnicodeError:
+            return None
     if not address.isascii() or len(address) > _LONGEST_WORD:
         return None
     if not display_name:
