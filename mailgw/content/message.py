@@ -31,6 +31,13 @@ class ContentRefused(Exception):
     '554 5.6.0 Transaction failed: '."""
 
 
+def _nul_refused(where: str) -> ContentRefused:
+    """RFC 5322 and MIME allow no NUL in headers and text, and PostgreSQL can store none in
+    text or jsonb: refused for good, naming where, rather than failing the write (a 451
+    the client would retry for days). Attachments are binary and keep theirs."""
+    return ContentRefused(f"message contains a NUL character in {where}")
+
+
 LANGUAGES = frozenset({3, 4, 5, 6, 7, 8, 11, 13, 14, 15, 16, 17, 18})
 MULTIPART_MODES = ("generate", "strict")
 ATTACHMENT_MODES = ("keep", "links", "reject")
@@ -151,6 +158,7 @@ _SIMPLE_ADDRESS = re.compile(
 # of them is text), and a "<" whose tag does not end before the next "<" or the end.
 _DECLARATION = re.compile(r"<[!?][^<>]*>")
 _UNENDED_TAG = re.compile(r"<(?=[^<>]*(?:<|\Z))")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _TEMPLATE_TAG = re.compile(r"\s*\*\|tid:([^|\s]+)\|\*[ \t]?")
 
 
@@ -167,13 +175,14 @@ def parse_message(raw: bytes) -> ParsedMessage:
 def _parse(message: Message) -> ParsedMessage:
     options, custom_headers, headers = _read_headers(message)
     bodies, attachments = _read_parts(message)
-    senders = _addresses(message.get_all("From", []))
+    senders = _addresses("From", message.get_all("From", []))
     from_name, from_address = senders[0] if senders else (None, None)
     return ParsedMessage(
-        subject=_decode_header(message.get("Subject", "")),
+        subject=_decoded("Subject", message.get("Subject", "")),
         from_address=from_address,
         from_name=from_name,
-        reply_to=[address for _, address in _addresses(message.get_all("Reply-To", []))],
+        reply_to=[address
+                  for _, address in _addresses("Reply-To", message.get_all("Reply-To", []))],
         text=bodies.get("text/plain"),
         html=bodies.get("text/html"),
         attachments=attachments,
@@ -189,15 +198,17 @@ def _read_headers(message: Message
     custom_headers: dict[str, str] = {}
     kept: list[tuple[str, str]] = []
     for name, value in message.items():
+        if "\x00" in value:
+            raise _nul_refused(f"the {name} header")
         lowered = name.lower()
         prefix = next((p for p in _CONTROL_PREFIXES if lowered.startswith(p)), None)
         if prefix is not None:
             # Unknown X-Teenvio-* / X-Mailgw-* headers are dropped too: they are ours.
             switch = _CONTROL_SWITCHES.get(lowered[len(prefix):])
             if switch is not None:
-                switches[switch] = _switch_value(name, switch, _decode_header(value))
+                switches[switch] = _switch_value(name, switch, _decoded(name, value))
         elif lowered.startswith("x-"):
-            custom_headers[name] = _decode_header(value)
+            custom_headers[name] = _decoded(name, value)
             kept.append((name, _one_line(value)))
         elif lowered in _DELIVERY_HEADERS or lowered.startswith("list-"):
             kept.append((name, _one_line(value)))
@@ -226,11 +237,16 @@ def _switch_value(header: str, switch: str, value: str) -> bool | int | str:
     raise ContentRefused(f"{header} must be yes or no, not {value[:40]!a}")
 
 
-def _leaves(part: Message, in_alternative: bool = False
+def _leaves(part: Message, in_alternative: bool = False, nested: bool = False
             ) -> Iterator[tuple[Message, str, bool]]:
     """Non-multipart parts in order, each with its content type and whether it is one of
     several alternatives. (The email package parses the Content-Type header again for
-    each of its getters: once per part is enough.)"""
+    each of its getters: once per part is enough.) The headers of nested parts are
+    checked for NUL here, those of the message in _read_headers."""
+    if nested:
+        for name, value in part.items():
+            if "\x00" in value:
+                raise _nul_refused(f"the {name} header of a MIME part")
     content_type = part.get_content_type()
     maintype, _, subtype = content_type.partition("/")
     if maintype != "multipart":
@@ -239,7 +255,7 @@ def _leaves(part: Message, in_alternative: bool = False
     alternative = subtype == "alternative"
     children = part.get_payload() if part.is_multipart() else _guess_boundary(part)
     for child in children:
-        yield from _leaves(child, alternative)
+        yield from _leaves(child, alternative, nested=True)
 
 
 def _guess_boundary(part: Message) -> list[Message]:
@@ -263,6 +279,8 @@ def _read_parts(message: Message) -> tuple[dict[str, str], tuple[Attachment, ...
                     and part.get_content_disposition() != "attachment")
         if readable and content_type in ("text/plain", "text/html") and content_type not in bodies:
             body = _decode_bytes(part.get_payload(decode=True) or b"", part.get_content_charset())
+            if "\x00" in body:  # raw, or encoded: quoted-printable =00, base64
+                raise _nul_refused(f"the {content_type} part")
             body = body.replace("\r\n", "\n").removeprefix("\ufeff")
             if body.strip():  # a blank body is no body: the other one gets generated
                 bodies[content_type] = body
@@ -294,17 +312,20 @@ def _filename(part: Message) -> str:
     name = part.get_filename()
     if not name:
         return ""
-    name = _decode_header(name).replace("\\", "/").rpartition("/")[2]
+    name = decode_header(name)
+    if "\x00" in name:  # RFC 2231 %00 or an RFC 2047 word
+        raise _nul_refused("the file name of an attachment")
+    name = name.replace("\\", "/").rpartition("/")[2]
     return "".join(char for char in name if char.isprintable()).strip()
 
 
-def _addresses(values: list[str]) -> list[tuple[str | None, str]]:
+def _addresses(header: str, values: list[str]) -> list[tuple[str | None, str]]:
     """(display name, addr-spec with its domain lowercased) for each address in the headers."""
     found = []
     for name, address in _parse_addresses([_one_line(value) for value in values]):
         local, at, domain = address.rpartition("@")
         if local and at and domain:
-            display = _decode_header(name)
+            display = _decoded(header, name)
             if len(display) >= 2 and display[0] == display[-1] == '"':
                 display = display[1:-1]  # Thunderbird puts the quotes inside the encoded word
             found.append((display or None, f"{local}@{domain.lower()}"))
@@ -327,11 +348,16 @@ def _parse_addresses(values: list[str]) -> list[tuple[str, str]]:
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> str:
-    """The declared charset, else UTF-8, else Latin-1, which decodes anything."""
+    """The declared charset, else UTF-8, else Latin-1, which decodes anything. A decoding
+    with lone surrogates (UTF-7 and the escape codecs make them of "+2AA-" or "\\ud800")
+    is a wrong one: PostgreSQL could not store it, and the write would fail with a 451."""
     for codec in (_codec(charset), "utf-8"):
         if codec is not None:
             try:
-                return data.decode(codec)
+                text = data.decode(codec)
+                if codec != "utf-8":  # whose decoder never makes surrogates
+                    text.encode("utf-8")
+                return text
             except (LookupError, UnicodeError):
                 pass
     return data.decode("latin-1")
@@ -355,7 +381,7 @@ def _one_line(value: str) -> str:
     return _LINE_BREAKS.sub(" ", _FOLD.sub("", value)).strip()
 
 
-def _decode_header(value: str) -> str:
+def decode_header(value: str) -> str:
     """RFC 2047 decoding that, unlike the email package's, survives unknown charsets and
     8-bit headers; whitespace between adjacent encoded words is dropped (RFC 2047 6.2)."""
     value = _one_line(value)
@@ -369,6 +395,14 @@ def _decode_header(value: str) -> str:
         end = match.end()
     pieces.append(value[end:])
     return _LINE_BREAKS.sub(" ", "".join(pieces)).strip()
+
+
+def _decoded(header: str, value: str) -> str:
+    """decode_header, refusing a NUL that RFC 2047 or RFC 2231 encoding hid."""
+    decoded = decode_header(value)
+    if "\x00" in decoded:
+        raise _nul_refused(f"the {header} header")
+    return decoded
 
 
 def _decode_word(word: re.Match[str]) -> str:
@@ -515,6 +549,11 @@ def template_variables(body: str | None, html_body: str | None = None) -> dict[s
             raise _bad_variables(f"value of {name[:40]!a} is not a string or number")
         if isinstance(item, bool):
             item = "true" if item else "false"
+        if isinstance(item, str):
+            if "\x00" in item:  # written \u0000
+                raise _nul_refused(f"the template variable {name[:40]!a}")
+            if _SURROGATE.search(item):  # written \ud800, which no UTF-8 can hold
+                raise _bad_variables(f"value of {name[:40]!a} is not valid Unicode")
         variables[name] = "" if item is None else item
     return variables
 

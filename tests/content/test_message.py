@@ -177,6 +177,17 @@ class CharsetTests(unittest.TestCase):
         self.assertEqual(self.body(b"text/plain; charset=utf-8", b"Y2Fmw6k=",
                                    b"Content-Transfer-Encoding: base64"), "café")
 
+    def test_no_lone_surrogates(self):
+        """UTF-7 and the escape codecs decode to lone surrogates, which neither UTF-8 nor
+        PostgreSQL can hold: such a decoding is a wrong charset, read as UTF-8. (Compared
+        as ascii(), which a failure report can print.)"""
+        self.assertEqual(self.body(b"text/plain; charset=utf-7", b"a +AOk-"), "a é")
+        for charset, data in [(b"utf-7", b"a +2AA-"), (b"unicode-escape", b"\\ud800")]:
+            self.assertEqual(ascii(self.body(b"text/plain; charset=" + charset, data)),
+                             ascii(data.decode()))
+        raw = message(b"Subject: =?utf-7?q?+2AA-?= =?unicode-escape?q?=5Cudc00?=")
+        self.assertEqual(ascii(parse_message(raw).subject), ascii("+2AA-\\udc00"))
+
     def test_byte_order_mark_dropped(self):
         self.assertEqual(self.body(b"text/plain; charset=utf-8", b"\xef\xbb\xbfhi"), "hi")
 
@@ -226,6 +237,68 @@ class HeaderDecodingTests(unittest.TestCase):
     def test_huge_header(self):
         result = parse_message(message(b"Subject: " + b"x" * 200_000))
         self.assertEqual(len(result.subject), 200_000)
+
+
+class NulTests(unittest.TestCase):
+    """PostgreSQL text and jsonb hold no NUL, nor do RFC 5322 headers and MIME text: a NUL
+    in a header or a text body, raw or encoded, refuses the message, naming where; binary
+    attachments keep theirs."""
+
+    def assertRefused(self, raw: bytes, where: str) -> None:
+        error = self.assertRaises(ContentRefused, parse_message, raw)
+        self.assertEqual(str(error), f"message contains a NUL character in {where}")
+
+    def test_in_headers_raw_and_encoded(self):
+        for header, where in [
+                (b"Subject: a\x00b", "the Subject header"),
+                (b"Subject: =?utf-8?q?a=00b?=", "the Subject header"),
+                (b"Subject: =?utf-8?b?YQBi?=", "the Subject header"),
+                (b"Received: from x\x00", "the Received header"),
+                (b"Cc: a\x00@example.com", "the Cc header"),
+                (b"X-Order: =?utf-8?q?4=002?=", "the X-Order header"),
+                (b"X-Mailgw-Category: =?utf-8?q?news=00?=", "the X-Mailgw-Category header"),
+                (b"From: =?utf-8?q?Ana=00?= <a@example.com>", "the From header"),
+                (b"Reply-To: =?utf-8?q?=00?= <b@example.com>", "the Reply-To header"),
+                (b"Reply-To: b\x00@example.com", "the Reply-To header")]:
+            self.assertRefused(message(header), where)
+            self.assertRefused(message(header, b"X-Bare-CR: \r"), where)  # the email package
+
+    def test_in_text_bodies_raw_and_encoded(self):
+        for encoding, data in [(b"8bit", b"a\x00b"), (b"quoted-printable", b"a=00b"),
+                               (b"base64", b"YQBi")]:
+            for subtype in (b"plain", b"html"):
+                self.assertRefused(
+                    message(b"Content-Type: text/%s; charset=utf-8" % subtype,
+                            b"Content-Transfer-Encoding: " + encoding, body=data),
+                    f"the text/{subtype.decode()} part")
+        self.assertRefused(top(multipart(b"alternative", TEXT, HTML + b"\x00")),
+                           "the text/html part")
+
+    def test_in_part_headers_and_file_names(self):
+        for disposition, where in [
+                (b"filename*=utf-8''a%00b.pdf", "the file name of an attachment"),
+                (b'filename="=?utf-8?q?a=00b.pdf?="', "the file name of an attachment"),
+                (b'filename="a\x00b.pdf"', "the Content-Disposition header of a MIME part")]:
+            part = b"Content-Type: application/pdf\r\nContent-Disposition: attachment; "
+            self.assertRefused(top(multipart(b"mixed", TEXT, part + disposition + b"\r\n\r\nx")),
+                               where)
+        self.assertRefused(top(multipart(b"related", HTML, LOGO.replace(b"<logo@x>", b"<\x00>"))),
+                           "the Content-ID header of a MIME part")
+
+    def test_binary_content_keeps_its_nuls(self):
+        """Attachments are bytes: a file, a second text/plain, an attached message."""
+        forwarded = b"Content-Type: message/rfc822\r\n\r\nSubject: a\x00\r\n\r\nb\x00"
+        second = b"Content-Type: text/plain\r\nContent-Disposition: attachment\r\n\r\nc\x00"
+        pdf = PDF.replace(b"JVBERi0=", b"JQBQAERG")
+        result = parse_message(top(multipart(b"mixed", TEXT, pdf, second, forwarded)))
+        self.assertEqual([a.data for a in result.attachments][:2], [b"%\x00P\x00DF", b"c\x00"])
+        self.assertIn(b"Subject: a\x00", result.attachments[2].data)
+
+    def test_in_a_dropped_alternative(self):
+        """Another rendering (text/watch-html) is not kept, so its NUL is no matter."""
+        watch = b"Content-Type: text/watch-html\r\n\r\n<p>\x00</p>"
+        result = parse_message(top(multipart(b"alternative", TEXT, watch, HTML)))
+        self.assertEqual((result.text, result.attachments), ("plain body", ()))
 
 
 class ControlHeaderTests(unittest.TestCase):
@@ -536,6 +609,14 @@ class TemplateTests(unittest.TestCase):
     def test_no_variables(self):
         for body in (None, "", "null", " null\n", "\n"):
             self.assertEqual(template_variables(body), {})
+
+    def test_variables_postgresql_cannot_store(self):
+        error = self.assertRaises(ContentRefused, template_variables, '{"a": "x\\u0000"}')
+        self.assertEqual(str(error),
+                         "message contains a NUL character in the template variable 'a'")
+        error = self.assertRaises(ContentRefused, template_variables, '{"b": "\\udfff"}')
+        self.assertEqual(str(error), "template variables are not a valid JSON object:"
+                                     " value of 'b' is not valid Unicode")
 
     def test_bad_variables(self):
         for body, detail in [('{"a": ', "Expecting value at line 1 column 7"),

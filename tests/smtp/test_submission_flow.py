@@ -78,6 +78,22 @@ SIMPLE = (b"From: remitente@dominio.com\r\nTo: a@example.net\r\nSubject: hi\r\n"
           b"</a></p>\r\n")
 
 
+def _text_part(encoding: bytes, body: bytes, subtype: bytes = b"plain") -> bytes:
+    return (b"From: remitente@dominio.com\r\nSubject: s\r\nContent-Type: text/%s;"
+            b" charset=utf-8\r\nContent-Transfer-Encoding: %s\r\n\r\n%s\r\n"
+            % (subtype, encoding, body))
+
+
+def _with_attachment(disposition: bytes, data: bytes = b"%PDF-") -> bytes:
+    """A text part and a PDF attached with the given Content-Disposition parameter."""
+    return (b"From: remitente@dominio.com\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+            b"Content-Type: text/plain\r\n\r\nsee file\r\n--XX\r\n"
+            b"Content-Type: application/pdf\r\nContent-Disposition: attachment; "
+            + disposition + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.b64encode(data) + b"\r\n--XX--\r\n")
+
+
 def _tls() -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -200,6 +216,14 @@ class SubmissionFlowTests(unittest.TestCase):
         for column, value in columns.items():
             await _rows(self.gateway, f"UPDATE accounts SET {column} = %s WHERE id = %s"
                         " RETURNING id", value, self.account.id)
+
+    async def submit_for_template(self, variables: bytes) -> tuple[int, bytes]:
+        """The reply to a message for a stored template, with these variables (JSON)."""
+        await self.gateway.stores.templates.put(self.account.id, Template(
+            "welcome1", "", "Welcome", "<p>Hola {nombre}</p>", "Hola {nombre}"))
+        return await self.submit(
+            b"From: remitente@dominio.com\r\nSubject: *|tid:welcome1|* x\r\n"
+            b"Content-Type: text/plain\r\n\r\n" + variables + b"\r\n.\r\n")
 
     async def test_teenvio_seed_conversation(self):
         replies = await deferToThread(_seed_conversation, self.port)
@@ -436,6 +460,75 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual(replies[3], (554, b"5.6.0 Transaction failed: unknown template nope"))
         self.assertEqual(replies[-1][0], 554)
         self.assertIn(b"not a valid JSON object", replies[-1][1])
+
+    async def test_nul_refused_for_good_in_text_and_headers(self):
+        """PostgreSQL text and jsonb hold no NUL: one in a header or a text part, raw or
+        encoded, is a permanent 554 naming where, never a 451 the client would retry for
+        days nor a logged traceback (trial fails a test that logs one), and the session
+        goes on."""
+        cases = [
+            (b"Subject: a\x00b\r\n" + SIMPLE, "the Subject header"),
+            (b"X-Order: 4\x002\r\n" + SIMPLE, "the X-Order header"),
+            (b"X-Order: =?utf-8?q?4=002?=\r\n" + SIMPLE, "the X-Order header"),
+            (SIMPLE.replace(b"From: remitente", b"From: =?utf-8?b?QQBC?= <remitente"
+                            ).replace(b".com\r\n", b".com>\r\n", 1), "the From header"),
+            (b"Reply-To: remitente\x00@dominio.com\r\n" + SIMPLE, "the Reply-To header"),
+            (b"Reply-To: =?utf-8?q?=00?= <remitente@dominio.com>\r\n" + SIMPLE,
+             "the Reply-To header"),
+            (SIMPLE.replace(b"<p>Hi", b"<p>H\x00i"), "the text/html part"),
+            (_text_part(b"8bit", b"raw \x00 byte"), "the text/plain part"),
+            (_text_part(b"quoted-printable", b"encoded =00 byte"), "the text/plain part"),
+            (_text_part(b"base64", base64.b64encode(b"in\x00base64")), "the text/plain part"),
+            (_text_part(b"base64", base64.b64encode(b"<p>in\x00base64</p>"), b"html"),
+             "the text/html part"),
+            (_with_attachment(b"filename*=utf-8''a%00b.pdf"), "the file name of an attachment"),
+            (_with_attachment(b'filename="a\x00b.pdf"'),
+             "the Content-Disposition header of a MIME part"),
+        ]
+        commands = []
+        for message, _ in cases:
+            commands += [f"MAIL FROM:<{SENDER}>", "RCPT TO:<a@example.net>", "DATA",
+                         message + b".\r\n"]
+        commands += [f"MAIL FROM:<{SENDER}>", "RCPT TO:<a@example.net>", "DATA",
+                     SIMPLE + b".\r\n"]
+        replies = await deferToThread(_dialogue, self.port, *commands)
+        self.assertEqual(replies[3::4], [
+            (554, b"5.6.0 Transaction failed: message contains a NUL character in "
+                  + where.encode()) for _, where in cases] + [replies[-1]])
+        self.assertEqual(replies[-1][0], 250)
+        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM messages"), [(1,)])
+
+    async def test_nul_in_template_variable_refused(self):
+        self.assertEqual(await self.submit_for_template(b'{"nombre": "A\\u0000B"}'), (
+            554, b"5.6.0 Transaction failed: message contains a NUL character in"
+                 b" the template variable 'nombre'"))
+
+    async def test_lone_surrogates_never_reach_postgresql(self):
+        """UTF-7 and the escape codecs decode "+2AA-" and "\\ud800" to lone surrogates,
+        which PostgreSQL cannot store (a 451 again): such a decoding is a wrong charset,
+        read as UTF-8 instead; a template variable written \\ud800 is bad JSON input."""
+        message = (b"From: remitente@dominio.com\r\nSubject: =?utf-7?q?+2AA-?=\r\n"
+                   b"X-Note: =?unicode-escape?q?=5Cud800?=\r\n"
+                   b"Content-Type: text/plain; charset=utf-7\r\n\r\nhi +2AA-\r\n.\r\n")
+        body = await self.accepted_body(message)
+        self.assertEqual((body["subject"], body["text"]), ("+2AA-", "hi +2AA-\n"))
+        self.assertEqual(await _rows(self.gateway, "SELECT custom_headers FROM messages"),
+                         [({"X-Note": "\\ud800"},)])
+        self.assertEqual(await self.submit_for_template(b'{"nombre": "\\ud800"}'), (
+            554, b"5.6.0 Transaction failed: template variables are not a valid JSON object:"
+                 b" value of 'nombre' is not valid Unicode"))
+
+    async def test_nul_kept_in_binary_attachments(self):
+        """Attachment data is binary (bytea, base64 in the body): its NULs are faithful,
+        attached or behind a download link."""
+        data = b"%PDF\x00\x00\x01\x00"
+        message = _with_attachment(b"filename=a.pdf", data) + b".\r\n"
+        body = await self.accepted_body(message)
+        self.assertEqual(base64.b64decode(body["attachments"][0]["data"]), data)
+        await self.set_account(settings=json.dumps({"attachments": "links"}))
+        self.assertEqual((await self.submit(message))[0], 250)
+        (row,) = await _rows(self.gateway, "SELECT filename, data FROM attachments")
+        self.assertEqual((row[0], bytes(row[1])), ("a.pdf", data))
 
     async def test_campaign_credential(self):
         key = credentials.new_api_key()
