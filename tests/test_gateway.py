@@ -5,7 +5,8 @@ import ssl
 
 import psycopg2
 import treq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import ssl as twisted_ssl
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -13,6 +14,7 @@ from twisted.trial import unittest
 from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
 from mailgw.errors import StartupError
 from mailgw.gateway import Gateway
+from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS
 from mailgw.store.contacts import RecipientImport
 from tests.harness import (
     LOOPBACK_PORT,
@@ -21,6 +23,7 @@ from tests.harness import (
     new_cluster,
     start_gateway,
 )
+from tests.smtp.test_transport import Client, reactor_turns, until
 
 BANNER = "mx.test.example ESMTP mailgw"
 
@@ -138,6 +141,30 @@ class StopTests(unittest.TestCase):
         self.assertFalse(stopping.called)
         runner.done.callback(None)
         self.successResultOf(stopping)
+
+
+class GracefulStopTests(unittest.TestCase):
+    async def test_lingering_tls_session_does_not_hold_up_the_stop(self):
+        """A TLS client that reads nothing more never answers the 421's close_notify: it
+        is cut after CLOSE_GRACE_SECONDS instead of holding the stop for the whole grace
+        meant for sessions in the middle of a command."""
+        clock = task.Clock()
+        gateway = await start_gateway(self, gateway_config(self, fresh_database()), clock)
+        trust = twisted_ssl.Certificate.loadPEM(gateway.config.certificate_path.read_bytes())
+        endpoint = endpoints.wrapClientTLS(
+            twisted_ssl.optionsForClientTLS("localhost", trustRoot=trust),
+            endpoints.TCP4ClientEndpoint(
+                reactor, "127.0.0.1", gateway.port_for("smtp.implicit_tls_listeners[0]")))
+        client = Client()
+        await endpoints.connectProtocol(endpoint, client)
+        self.addCleanup(client.close)
+        await until(lambda: b"\r\n" in client.received, "the banner")
+        client.transport.pauseProducing()
+        stopped = []
+        gateway.stopService().addCallback(stopped.append)
+        await reactor_turns()
+        clock.advance(CLOSE_GRACE_SECONDS)
+        await until(lambda: stopped, "the stop to finish")
 
 
 class DatabaseOutageTests(unittest.TestCase):

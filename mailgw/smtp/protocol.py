@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
 from twisted.internet import defer, interfaces
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols import basic
@@ -59,6 +60,10 @@ _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>
 _DATA_END = re.compile(rb"\r\n\.\r\n")
 _BARE_LF_DATA_END = re.compile(rb"\n\.\r?\n")
 _COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
+# Once mailgw closes a session, how long the client gets to let the close finish (take
+# the last reply and, over TLS, answer the close_notify) before the connection is
+# aborted, so that no client can keep a closed session's socket (R-6).
+CLOSE_GRACE_SECONDS = 5
 
 
 class DataCollector:
@@ -139,6 +144,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._started = time.monotonic()
         self._closing = False
         self._busy = False
+        self._abort_call: IDelayedCall | None = None
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._imports: RecipientImports | None = None
         self._reset_transaction()
@@ -156,6 +162,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         self.setTimeout(None)
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._reset_transaction()
         self.factory.sessions.discard(self)
         self.closed.callback(None)
@@ -170,7 +178,16 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         return self.host + b" " + replies.BANNER
 
     def timeoutConnection(self) -> None:  # noqa: N802
-        self.reply(replies.IDLE_TIMEOUT)
+        self._close(replies.IDLE_TIMEOUT)
+
+    def _close(self, reply: replies.Reply) -> None:
+        """Send the last reply and close; abort if the client has not let the close
+        finish within CLOSE_GRACE_SECONDS."""
+        if self._abort_call is not None:
+            return
+        self.reply(reply)
+        self.setTimeout(None)
+        self._abort_call = self.callLater(CLOSE_GRACE_SECONDS, self.transport.abortConnection)
         self.transport.loseConnection()
 
     @property
@@ -195,8 +212,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._close_for_shutdown()
 
     def _close_for_shutdown(self) -> None:
-        self.reply(replies.SHUTTING_DOWN)
-        self.transport.loseConnection()
+        self._close(replies.SHUTTING_DOWN)
 
     # -- input ------------------------------------------------------------------------
 
@@ -234,8 +250,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     def _error(self, reply: replies.Reply) -> None:
         self.errors += 1
         if self.errors > self.max_errors:
-            self.reply(replies.TOO_MANY_ERRORS)
-            self.transport.loseConnection()
+            self._close(replies.TOO_MANY_ERRORS)
         else:
             self.reply(reply)
 
@@ -322,8 +337,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._error(replies.ENCRYPTION_REQUIRED)
             return
         if self.factory.throttle.ip_blocked(self.peer_ip):
-            self.reply(replies.TOO_MANY_FAILURES)
-            self.transport.loseConnection()
+            self._close(replies.TOO_MANY_FAILURES)
             return
         mechanism, _, initial = rest.partition(b" ")
         if not mechanism:
@@ -561,13 +575,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         imports, self._imports = self._imports, None
         self.mode = _QUIT
         if imports is None:
-            self._close()
+            self._close(replies.CLOSING)
             return
-        defer.ensureDeferred(imports.settled()).addCallback(lambda _: self._close())
-
-    def _close(self) -> None:
-        self.reply(replies.CLOSING)
-        self.transport.loseConnection()
+        defer.ensureDeferred(imports.settled()).addCallback(
+            lambda _: self._close(replies.CLOSING))
 
     _COMMANDS = {
         b"HELO": do_HELO, b"EHLO": do_EHLO, b"STARTTLS": ext_STARTTLS, b"AUTH": ext_AUTH,
@@ -643,8 +654,9 @@ class SubmissionFactory(smtp.SMTPFactory):
         return p
 
     async def shutdown(self, grace_seconds: float) -> None:
-        """Graceful stop (O-5): idle sessions close now, busy ones after their reply;
-        any still open after `grace_seconds` are cut."""
+        """Graceful stop (O-5): idle sessions close now, busy ones after their reply
+        (each cut if its close does not finish, as any close); any still busy after
+        `grace_seconds` are cut."""
         sessions = list(self.sessions)
         for session in sessions:
             session.shutdown()

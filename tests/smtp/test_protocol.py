@@ -18,7 +18,7 @@ from zope.interface import implementer
 from mailgw.content.message import ContentRefused
 from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import AuthThrottle, ISubmissionAccount, SubmissionAccount
-from mailgw.smtp.protocol import DataCollector, SubmissionFactory
+from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, DataCollector, SubmissionFactory
 from mailgw.store.contacts import ContactLimitReached, ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, StoredSubmission
 from mailgw.submit.recipients import IMPORT_HOLD_SECONDS, RecipientImports
@@ -726,6 +726,22 @@ class IdleTimeoutTests(unittest.TestCase):
         self.assertEqual(session.take(), [b"421 4.4.2 Idle timeout, closing connection"])
         self.assertTrue(session.transport.disconnecting)
 
+    def test_close_that_does_not_finish_ends_in_an_abort(self):
+        """R-6: a client that takes no replies, or leaves TLS's close_notify unanswered,
+        does not keep the socket of a session mailgw closed."""
+        session = Session()
+        session.clock.advance(300)
+        session.clock.advance(CLOSE_GRACE_SECONDS - 1)
+        self.assertFalse(session.transport.disconnected)
+        session.clock.advance(1)
+        self.assertTrue(session.transport.disconnected)
+
+    def test_no_abort_once_closed(self):
+        session = Session()
+        session.transport.loseConnection = session.protocol.connectionLost
+        session.send(b"QUIT")
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+
 
 class ShutdownTests(unittest.TestCase):
     def test_idle_session_told_and_closed(self):
@@ -734,10 +750,20 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(session.take(), [b"421 4.3.2 Service shutting down, closing connection"])
         self.assertTrue(session.transport.disconnecting)
 
-    def test_session_still_open_after_the_grace_is_cut(self):
-        """A client that does not close (TLS waits for its close_notify) is cut once the
-        grace has passed, and the stop goes on."""
+    def test_idle_session_whose_close_does_not_finish_is_cut(self):
+        """A client that does not let the close finish (TLS waits for its close_notify)
+        is cut after CLOSE_GRACE_SECONDS, not after the whole grace."""
         session = Session()
+        session.transport.abortConnection = session.protocol.connectionLost
+        stopping = defer.ensureDeferred(session.factory.shutdown(30))
+        session.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertIsNone(self.successResultOf(stopping))
+        self.assertEqual(session.factory.sessions, set())
+
+    def test_session_still_busy_after_the_grace_is_cut(self):
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()  # its RCPT waits for the database
         session.transport.abortConnection = session.protocol.connectionLost
         stopping = defer.ensureDeferred(session.factory.shutdown(30))
         session.clock.advance(29)

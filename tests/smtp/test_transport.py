@@ -1,0 +1,111 @@
+"""R-6 on real sockets: a client cannot keep a socket, or the process's memory, for
+itself. The submission factory listens on loopback (plain and implicit TLS) with its
+timers on a task.Clock; the clients are Twisted protocols that misbehave on purpose.
+No database: the sessions never get past what the transport decides."""
+
+from pathlib import Path
+
+from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial import unittest
+
+from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, SubmissionFactory
+from mailgw.tlscert import ensure_self_signed, server_tls_options
+
+IDLE_TIMEOUT = 300
+
+
+async def until(predicate, what: str, seconds: float = 10) -> None:
+    """Let the reactor run until `predicate()` holds; fail after `seconds` (a bound for
+    a broken build, never reached when the test passes)."""
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still waiting for {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+async def reactor_turns(count: int = 10) -> None:
+    """Let the reactor handle what is already under way (nothing timed)."""
+    for _ in range(count):
+        await task.deferLater(reactor, 0, lambda: None)
+
+
+class Client(protocol.Protocol):
+    """Keeps what the server sent; `lost` fires when the connection is gone."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.received += data
+
+    def connectionLost(self, reason) -> None:  # noqa: N802
+        self.lost.callback(self.received)
+
+    async def close(self) -> None:
+        if not self.lost.called:
+            self.transport.abortConnection()
+            await self.lost
+
+
+class Server:
+    """A SubmissionFactory on two loopback listeners: `plain` (STARTTLS) and `implicit`
+    (TLS from the first byte)."""
+
+    def __init__(self, test: unittest.TestCase, **options) -> None:
+        self.test = test
+        self.clock = task.Clock()
+        base = Path(test.mktemp())
+        cert, key = base / "cert.pem", base / "key.pem"
+        ensure_self_signed(cert, key, "localhost")
+        self.trust = ssl.Certificate.loadPEM(cert.read_bytes())
+        tls_options = server_tls_options(cert, key)
+        self.factory = SubmissionFactory("mx.test.example", tls_options, self.clock,
+                                         IDLE_TIMEOUT, **options)
+        self.plain = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.implicit = reactor.listenTCP(0, TLSMemoryBIOFactory(tls_options, False,
+                                                                 self.factory),
+                                          interface="127.0.0.1")
+        test.addCleanup(self.stop)
+
+    async def stop(self) -> None:
+        await defer.gatherResults([defer.maybeDeferred(port.stopListening)
+                                   for port in (self.plain, self.implicit)])
+        sessions = list(self.factory.sessions)
+        for session in sessions:
+            session.transport.abortConnection()
+        await defer.DeferredList([session.closed for session in sessions])
+
+    async def connect(self, port, tls: bool = False) -> Client:
+        """A client connected to `port` (with TLS on top when `tls`) whose session has
+        started."""
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        if tls:
+            endpoint = endpoints.wrapClientTLS(
+                ssl.optionsForClientTLS("localhost", trustRoot=self.trust), endpoint)
+        client = Client()
+        before = len(self.factory.sessions)
+        await endpoints.connectProtocol(endpoint, client)
+        self.test.addCleanup(client.close)
+        await until(lambda: len(self.factory.sessions) > before, "the session to start")
+        return client
+
+    async def banner(self, client: Client) -> None:
+        await until(lambda: b"\r\n" in client.received, "the banner")
+
+
+class CloseTests(unittest.TestCase):
+    async def test_tls_close_not_answered_ends_in_an_abort(self):
+        """The idle timeout's close waits for the client's close_notify; a client that
+        never reads does not send one, and is cut CLOSE_GRACE_SECONDS later."""
+        server = Server(self)
+        client = await server.connect(server.implicit, tls=True)
+        await server.banner(client)
+        client.transport.pauseProducing()  # reads nothing more
+        server.clock.advance(IDLE_TIMEOUT)
+        await reactor_turns()
+        self.assertEqual(len(server.factory.sessions), 1)  # the close cannot finish
+        server.clock.advance(CLOSE_GRACE_SECONDS)
+        await until(lambda: not server.factory.sessions, "the session to end")
