@@ -34,6 +34,8 @@ class SMTPConfig:
     max_recipients: int = 1000
     # Seconds an idle session may stay open before it is closed.
     idle_timeout: int = 300
+    # Seconds a client gets for the TLS handshake (implicit TLS, or after STARTTLS).
+    tls_handshake_timeout: int = 30
     # Allow AUTH on a plain connection from anywhere (S-2); loopback always may.
     allow_plaintext_auth: bool = False
     # Networks that may submit without AUTH (like Postfix's mynetworks), as this account.
@@ -215,6 +217,7 @@ def _check_values(config: Config) -> None:
         "smtp.max_message_size": config.smtp.max_message_size,
         "smtp.max_recipients": config.smtp.max_recipients,
         "smtp.idle_timeout": config.smtp.idle_timeout,
+        "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
         "database.pool_size": config.database.pool_size,
         "delivery.batch_size": config.delivery.batch_size,
         "delivery.lease_seconds": config.delivery.lease_seconds,

@@ -185,7 +185,8 @@ class Gateway(service.MultiService):
             max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth,
             trusted_networks=tuple(smtp.trusted_networks),
             trusted_account=lambda username: realm.account_named(smtp.trusted_account,
-                                                                 username))
+                                                                 username),
+            tls_handshake_timeout=smtp.tls_handshake_timeout)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

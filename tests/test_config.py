@@ -79,6 +79,8 @@ class ErrorTests(unittest.TestCase):
 
     def test_bad_values(self):
         self.assertConfigError({"database": {"pool_size": 0}}, "database.pool_size")
+        self.assertConfigError({"smtp": {"tls_handshake_timeout": 0}},
+                               "smtp.tls_handshake_timeout")
         self.assertConfigError({"http": {"public_base_url": "example.org"}},
                                "http.public_base_url")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/33"]}},

@@ -23,11 +23,12 @@ from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
 from twisted.internet import defer, interfaces
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols import basic
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailgw.content.message import (
     ContentRefused,
@@ -120,6 +121,7 @@ class DataCollector:
         return text[1:] if text.startswith(b".") else text
 
 
+@implementer(IHandshakeListener)
 class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     """twisted.mail's SMTP reads with LineOnlyReceiver; LineReceiver adds the raw
     mode that DATA uses and the pausing that keeps pipelined replies in order."""
@@ -145,6 +147,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._closing = False
         self._busy = False
         self._abort_call: IDelayedCall | None = None
+        self._handshake_call: IDelayedCall | None = None
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._imports: RecipientImports | None = None
         self._reset_transaction()
@@ -159,11 +162,14 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.transport.setTcpNoDelay(True)
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
         self.factory.sessions.add(self)
+        if self.secure:  # implicit TLS
+            self._await_handshake()
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         self.setTimeout(None)
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
+        for call in (self._abort_call, self._handshake_call):
+            if call is not None and call.active():
+                call.cancel()
         self._reset_transaction()
         self.factory.sessions.discard(self)
         self.closed.callback(None)
@@ -176,6 +182,21 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def greeting(self) -> bytes:
         return self.host + b" " + replies.BANNER
+
+    def _await_handshake(self) -> None:
+        """A TLS handshake gets `tls_handshake_timeout` seconds: a client that sends no
+        ClientHello cannot even be told it is closed (R-6)."""
+        self._handshake_call = self.callLater(self.factory.tls_handshake_timeout,
+                                              self._handshake_timed_out)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (IHandshakeListener)
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+
+    def _handshake_timed_out(self) -> None:
+        self.log.info("smtp session from {ip}: no TLS handshake within {seconds} s",
+                      ip=self.peer_ip, seconds=self.factory.tls_handshake_timeout)
+        self.transport.abortConnection()
 
     def timeoutConnection(self) -> None:  # noqa: N802
         self._close(replies.IDLE_TIMEOUT)
@@ -321,6 +342,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             # Nothing sent before the handshake may count as a command (RFC 3207 5.2).
             self.clearLineBuffer()
             self.transport.startTLS(self.ctx)
+            self._await_handshake()
             self.startedTLS = True
             # RFC 3207 4.2: nothing learnt before TLS counts, a (loopback) login included.
             self.account = None
@@ -624,12 +646,14 @@ class SubmissionFactory(smtp.SMTPFactory):
                  portal=None, service: SubmissionService | None = None,
                  throttle: AuthThrottle | None = None, max_message_size: int = 512000,
                  max_recipients: int = 1000, allow_plaintext_auth: bool = False,
-                 trusted_networks: tuple = (), trusted_account=None) -> None:
+                 trusted_networks: tuple = (), trusted_account=None,
+                 tls_handshake_timeout: int = 30) -> None:
         super().__init__(portal=portal)
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
         self.clock = clock
         self.timeout = idle_timeout
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.service = service
         self.throttle = throttle or AuthThrottle(clock)
         self.max_message_size = max_message_size

@@ -6,13 +6,16 @@ No database: the sessions never get past what the transport decides."""
 from pathlib import Path
 
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, SubmissionFactory
 from mailgw.tlscert import ensure_self_signed, server_tls_options
 
 IDLE_TIMEOUT = 300
+HANDSHAKE_TIMEOUT = 30
 
 
 async def until(predicate, what: str, seconds: float = 10) -> None:
@@ -31,12 +34,17 @@ async def reactor_turns(count: int = 10) -> None:
         await task.deferLater(reactor, 0, lambda: None)
 
 
+@implementer(IHandshakeListener)
 class Client(protocol.Protocol):
     """Keeps what the server sent; `lost` fires when the connection is gone."""
 
     def __init__(self) -> None:
         self.received = b""
+        self.handshake_done = False
         self.lost: defer.Deferred[bytes] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshake_done = True
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
         self.received += data
@@ -63,7 +71,8 @@ class Server:
         self.trust = ssl.Certificate.loadPEM(cert.read_bytes())
         tls_options = server_tls_options(cert, key)
         self.factory = SubmissionFactory("mx.test.example", tls_options, self.clock,
-                                         IDLE_TIMEOUT, **options)
+                                         IDLE_TIMEOUT, tls_handshake_timeout=HANDSHAKE_TIMEOUT,
+                                         **options)
         self.plain = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.implicit = reactor.listenTCP(0, TLSMemoryBIOFactory(tls_options, False,
                                                                  self.factory),
@@ -78,13 +87,15 @@ class Server:
             session.transport.abortConnection()
         await defer.DeferredList([session.closed for session in sessions])
 
+    def client_tls(self):
+        return ssl.optionsForClientTLS("localhost", trustRoot=self.trust)
+
     async def connect(self, port, tls: bool = False) -> Client:
         """A client connected to `port` (with TLS on top when `tls`) whose session has
         started."""
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         if tls:
-            endpoint = endpoints.wrapClientTLS(
-                ssl.optionsForClientTLS("localhost", trustRoot=self.trust), endpoint)
+            endpoint = endpoints.wrapClientTLS(self.client_tls(), endpoint)
         client = Client()
         before = len(self.factory.sessions)
         await endpoints.connectProtocol(endpoint, client)
@@ -92,8 +103,24 @@ class Server:
         await until(lambda: len(self.factory.sessions) > before, "the session to start")
         return client
 
+    async def starttls(self, client: Client, handshake: bool) -> None:
+        """EHLO and STARTTLS; then the handshake when `handshake`, else silence."""
+        await until(lambda: b"\r\n" in client.received, "the banner")
+        client.transport.write(b"EHLO client\r\nSTARTTLS\r\n")
+        await until(lambda: b"220 2.0.0 Ready" in client.received, "the 220 to STARTTLS")
+        if handshake:
+            client.transport.startTLS(self.client_tls())
+            await until(lambda: client.handshake_done, "the handshake")
+
     async def banner(self, client: Client) -> None:
         await until(lambda: b"\r\n" in client.received, "the banner")
+
+    async def outlives(self, seconds: float) -> bool:
+        """Whether every session is still open `seconds` later (on the clock)."""
+        sessions = set(self.factory.sessions)
+        self.clock.advance(seconds)
+        await reactor_turns()
+        return self.factory.sessions == sessions
 
 
 class CloseTests(unittest.TestCase):
@@ -109,3 +136,28 @@ class CloseTests(unittest.TestCase):
         self.assertEqual(len(server.factory.sessions), 1)  # the close cannot finish
         server.clock.advance(CLOSE_GRACE_SECONDS)
         await until(lambda: not server.factory.sessions, "the session to end")
+
+
+class HandshakeTimeoutTests(unittest.TestCase):
+    async def test_no_client_hello_on_implicit_tls(self):
+        server = Server(self)
+        await server.connect(server.implicit)  # plain TCP: it never starts TLS
+        self.assertTrue(await server.outlives(HANDSHAKE_TIMEOUT - 1))
+        server.clock.advance(1)
+        await until(lambda: not server.factory.sessions, "the session to end")
+
+    async def test_silence_after_starttls(self):
+        server = Server(self)
+        client = await server.connect(server.plain)
+        await server.starttls(client, handshake=False)
+        self.assertTrue(await server.outlives(HANDSHAKE_TIMEOUT - 1))
+        server.clock.advance(1)
+        await until(lambda: not server.factory.sessions, "the session to end")
+
+    async def test_completed_handshakes_are_not_timed(self):
+        server = Server(self)
+        client = await server.connect(server.implicit, tls=True)
+        await server.banner(client)
+        starttls = await server.connect(server.plain)
+        await server.starttls(starttls, handshake=True)
+        self.assertTrue(await server.outlives(IDLE_TIMEOUT - 1))
