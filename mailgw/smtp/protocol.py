@@ -6,6 +6,10 @@ STARTTLS and the idle timeout, and replaces the command handling:
 - a command that waits for the database (AUTH, MAIL, RCPT, end of DATA)
   pauses the input until its reply is sent, so pipelined commands are
   answered in order (PIPELINING);
+- so do replies the client does not read (R-6, backpressure): more than
+  the transport's buffer (64 KiB) of them unsent pauses the input until they
+  are sent, so a client that pipelines without reading fills its own socket,
+  not this process;
 - DATA is read in raw mode and scanned for the final dot in whole chunks,
   never kept past the size limit (S-5), instead of one Python call per line;
 - every reply comes from `replies`, and the end of DATA answers with the
@@ -65,6 +69,24 @@ _COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
 # the last reply and, over TLS, answer the close_notify) before the connection is
 # aborted, so that no client can keep a closed session's socket (R-6).
 CLOSE_GRACE_SECONDS = 5
+
+
+@implementer(interfaces.IPushProducer)
+class _UnsentReplies:
+    """The session's producer on its transport: the transport pauses it while more
+    than its buffer of replies is unsent, and resumes it once they are all sent."""
+
+    def __init__(self, session: SubmissionProtocol) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's names)
+        self._session.replies_waiting(True)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._session.replies_waiting(False)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass  # the connection is lost: nothing to stop
 
 
 class DataCollector:
@@ -145,7 +167,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._bare_lf = False
         self._started = time.monotonic()
         self._closing = False
+        # Input is read while no command waits for its reply and no replies wait for
+        # the client to read them.
         self._busy = False
+        self._replies_waiting = False
+        self._unsent_replies: _UnsentReplies | None = None
         self._abort_call: IDelayedCall | None = None
         self._handshake_call: IDelayedCall | None = None
         self.closed: defer.Deferred[None] = defer.Deferred()
@@ -164,6 +190,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self.factory.sessions.add(self)
         if self.secure:  # implicit TLS
             self._await_handshake()
+        else:
+            self._watch_unsent_replies()
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         self.setTimeout(None)
@@ -192,6 +220,15 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     def handshakeCompleted(self) -> None:  # noqa: N802 (IHandshakeListener)
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
+        if self._unsent_replies is None and self._abort_call is None:  # implicit TLS
+            self._watch_unsent_replies()
+
+    def _watch_unsent_replies(self) -> None:
+        """Backpressure (R-6). Over TLS only once the handshake is done: until then the
+        TLS layer holds the banner back and pauses its producer for it, which would stop
+        the very reading the handshake needs. (STARTTLS keeps the producer registered.)"""
+        self._unsent_replies = _UnsentReplies(self)
+        self.transport.registerProducer(self._unsent_replies, True)
 
     def _handshake_timed_out(self) -> None:
         self.log.info("smtp session from {ip}: no TLS handshake within {seconds} s",
@@ -203,12 +240,23 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def _close(self, reply: replies.Reply) -> None:
         """Send the last reply and close; abort if the client has not let the close
-        finish within CLOSE_GRACE_SECONDS."""
+        finish within CLOSE_GRACE_SECONDS. Nothing read after it is a command, but
+        reading goes on: a TLS close waits for the client's close_notify."""
         if self._abort_call is not None:
             return
-        self.reply(reply)
+        self.mode = _QUIT
+        if self._collector is not None:
+            self._collector = None
+            self.setLineMode()
         self.setTimeout(None)
+        if self._unsent_replies is not None:
+            # A transport with a producer registered waits for it before it closes.
+            self.transport.unregisterProducer()
+            self._unsent_replies = None
+        self.reply(reply)
         self._abort_call = self.callLater(CLOSE_GRACE_SECONDS, self.transport.abortConnection)
+        if self.paused:
+            self.resumeProducing()
         self.transport.loseConnection()
 
     @property
@@ -278,19 +326,33 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     def _run(self, work) -> None:
         """Run a command that waits: no further input is read until it has replied."""
         self._busy = True
-        self.pauseProducing()
+        self._update_input()
         d = defer.ensureDeferred(work)
         d.addErrback(self._unexpected)
         d.addBoth(self._done)
 
     def _done(self, _: object) -> None:
         self._busy = False
-        if not self.transport or self.transport.disconnecting:
+        if self.mode == _QUIT or self.transport.disconnecting:
             return
         if self._closing and self.mode == _COMMAND:
             self._close_for_shutdown()
             return
-        self.resumeProducing()
+        self._update_input()
+
+    def replies_waiting(self, waiting: bool) -> None:
+        """Backpressure (R-6): more replies unsent than the transport buffers, or none."""
+        self._replies_waiting = waiting
+        self._update_input()
+
+    def _update_input(self) -> None:
+        """Pause or resume reading for the two reasons to wait, so that neither resumes
+        what the other still holds."""
+        hold = self._busy or self._replies_waiting
+        if hold and not self.paused:
+            self.pauseProducing()
+        elif not hold and self.paused:
+            self.resumeProducing()
 
     def _unexpected(self, failure: Failure) -> None:
         if not failure.check(DatabaseUnavailable):

@@ -743,6 +743,41 @@ class IdleTimeoutTests(unittest.TestCase):
         self.assertEqual(session.clock.getDelayedCalls(), [])
 
 
+class BackpressureTests(unittest.TestCase):
+    """R-6: commands are read only while the client takes its replies. The session's
+    producer is paused by the transport while replies are unsent."""
+
+    def test_reading_stops_while_replies_are_unsent(self):
+        session = Session()
+        session.transport.producer.pauseProducing()
+        self.assertEqual(session.send(b"HELP", b"NOOP"), [])
+        self.assertEqual(session.transport.producerState, "paused")
+        session.transport.producer.resumeProducing()
+        self.assertEqual([line[:4] for line in session.take()], [b"214 ", b"250 "])
+        self.assertEqual(session.transport.producerState, "producing")
+
+    def test_reply_sent_while_replies_are_unsent_does_not_resume(self):
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()  # the RCPT waits for the database
+        self.assertEqual(session.send(b"NOOP"), [])
+        session.transport.producer.pauseProducing()
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"250 2.1.5 Accepted"])  # the NOOP still waits
+        session.transport.producer.resumeProducing()
+        self.assertEqual(session.take(), [b"250 2.0.0 OK"])
+
+    def test_replies_sent_while_a_command_waits_do_not_resume(self):
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()
+        session.transport.producer.pauseProducing()
+        session.transport.producer.resumeProducing()
+        self.assertEqual(session.send(b"NOOP"), [])
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"250 2.1.5 Accepted", b"250 2.0.0 OK"])
+
+
 class ShutdownTests(unittest.TestCase):
     def test_idle_session_told_and_closed(self):
         session = Session()
@@ -771,6 +806,18 @@ class ShutdownTests(unittest.TestCase):
         session.clock.advance(1)
         self.assertIsNone(self.successResultOf(stopping))
         self.assertEqual(session.factory.sessions, set())
+
+    def test_busy_session_closed_after_its_reply_reads_again(self):
+        """Reading was paused for the command; the close reads on, for a TLS client's
+        close_notify, but takes nothing read as a command."""
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()
+        session.protocol.shutdown()
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"250 2.1.5 Accepted",
+                                          b"421 4.3.2 Service shutting down, closing connection"])
+        self.assertEqual(session.transport.producerState, "producing")
 
     def test_grace_timer_cancelled_when_all_closed(self):
         session = Session()

@@ -138,6 +138,18 @@ class CloseTests(unittest.TestCase):
         await until(lambda: not server.factory.sessions, "the session to end")
 
 
+    async def test_nothing_read_after_a_close_is_a_command(self):
+        """After STARTTLS the TCP transport does not know of the TLS layer's close and
+        would hand on what follows: here, errors past the one that closed."""
+        server = Server(self)
+        client = await server.connect(server.plain)
+        await server.starttls(client, handshake=True)
+        (session,) = server.factory.sessions
+        client.transport.write(b"FROB\r\n" * (session.max_errors + 10))
+        await until(lambda: client.lost.called, "the connection to close")
+        self.assertEqual(session.errors, session.max_errors + 1)
+
+
 class HandshakeTimeoutTests(unittest.TestCase):
     async def test_no_client_hello_on_implicit_tls(self):
         server = Server(self)
@@ -161,3 +173,46 @@ class HandshakeTimeoutTests(unittest.TestCase):
         starttls = await server.connect(server.plain)
         await server.starttls(starttls, handshake=True)
         self.assertTrue(await server.outlives(IDLE_TIMEOUT - 1))
+
+
+def held_bytes(session) -> int:
+    """What the process holds for `session`: its unread input and its unsent replies
+    (FileDescriptor's buffers; over TLS, those of the TCP transport under it, plus the
+    TLS layer's own, which are bounded by its record and aggregation sizes)."""
+    transport = getattr(session.transport, "transport", session.transport)
+    unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return len(session._buffer) + unsent
+
+
+class BackpressureTests(unittest.TestCase):
+    """A client that pipelines HELP and reads none of the replies (each reply is 15
+    times its command): the session stops reading, holds about the transport's
+    64 KiB buffer, and is cut when idle."""
+
+    async def _pipeline_without_reading(self, server: Server, client: Client) -> None:
+        await server.banner(client)
+        client.transport.pauseProducing()
+        client.transport.write(b"HELP\r\n" * 500_000)  # 3 MB
+        (session,) = server.factory.sessions
+        # Until the kernel's buffers are full too, the session reads again each time
+        # its replies drain into them; then it stays paused. Never more than about
+        # twice the transport's buffer is held (one read's worth of unread commands,
+        # and unsent replies).
+        deadline, paused_turns = reactor.seconds() + 10, 0
+        while paused_turns < 20:
+            self.assertLess(held_bytes(session), 3 * 65536)
+            self.assertLess(reactor.seconds(), deadline, "the session never stopped reading")
+            paused_turns = paused_turns + 1 if session.paused else 0
+            await reactor_turns(1)
+        server.clock.advance(IDLE_TIMEOUT)  # no command read since the first ones
+        server.clock.advance(CLOSE_GRACE_SECONDS)  # its 421 cannot be sent either
+        await until(lambda: not server.factory.sessions, "the session to end")
+
+    async def test_plain(self):
+        server = Server(self)
+        await self._pipeline_without_reading(server, await server.connect(server.plain))
+
+    async def test_tls(self):
+        server = Server(self)
+        await self._pipeline_without_reading(server, await server.connect(server.implicit,
+                                                                          tls=True))
