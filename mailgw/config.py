@@ -32,6 +32,10 @@ class SMTPConfig:
     max_message_size: int = 512000
     # Recipients accepted in one transaction (more get 452 4.5.3).
     max_recipients: int = 1000
+    # Sessions open at once, in all and from one client address; connections over
+    # either cap get 421 4.7.0 and are closed.
+    max_connections: int = 1000
+    max_connections_per_address: int = 100
     # Seconds an idle session may stay open before it is closed.
     idle_timeout: int = 300
     # Seconds a client gets for the TLS handshake (implicit TLS, or after STARTTLS).
@@ -216,6 +220,8 @@ def _check_values(config: Config) -> None:
     positive = {
         "smtp.max_message_size": config.smtp.max_message_size,
         "smtp.max_recipients": config.smtp.max_recipients,
+        "smtp.max_connections": config.smtp.max_connections,
+        "smtp.max_connections_per_address": config.smtp.max_connections_per_address,
         "smtp.idle_timeout": config.smtp.idle_timeout,
         "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
         "database.pool_size": config.database.pool_size,

@@ -186,7 +186,9 @@ class Gateway(service.MultiService):
             trusted_networks=tuple(smtp.trusted_networks),
             trusted_account=lambda username: realm.account_named(smtp.trusted_account,
                                                                  username),
-            tls_handshake_timeout=smtp.tls_handshake_timeout)
+            tls_handshake_timeout=smtp.tls_handshake_timeout,
+            max_connections=smtp.max_connections,
+            max_connections_per_address=smtp.max_connections_per_address)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

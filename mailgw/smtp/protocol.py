@@ -23,10 +23,11 @@ import dataclasses
 import ipaddress
 import re
 import time
+from collections import Counter
 from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, interfaces, protocol
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -187,7 +188,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
-        self.factory.sessions.add(self)
+        self.factory.session_started(self)
         if self.secure:  # implicit TLS
             self._await_handshake()
         else:
@@ -199,7 +200,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             if call is not None and call.active():
                 call.cancel()
         self._reset_transaction()
-        self.factory.sessions.discard(self)
+        self.factory.session_ended(self)
         self.closed.callback(None)
         self.log.info(
             "smtp session from {ip}: user={user} messages={messages} recipients={recipients}"
@@ -671,6 +672,27 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     }
 
 
+class _Refusal(protocol.Protocol):
+    """A connection over the caps (R-6): one 421 and closed, no session. On implicit TLS
+    the reply waits for the handshake; a client that has not let the close finish
+    CLOSE_GRACE_SECONDS later is cut off."""
+
+    def __init__(self, reply: replies.Reply, clock) -> None:
+        self._reply = reply
+        self._clock = clock
+        self._abort_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        self.transport.write(b"%d %s\r\n" % self._reply)
+        self._abort_call = self._clock.callLater(CLOSE_GRACE_SECONDS,
+                                                 self.transport.abortConnection)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        if self._abort_call.active():
+            self._abort_call.cancel()
+
+
 def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:
     """`FROM:<addr> SIZE=1307` -> ("addr", [(b"SIZE", b"1307")]); None if malformed."""
     match = _PATH.match(rest)
@@ -703,13 +725,15 @@ def _sleep(clock, seconds: float) -> defer.Deferred[None]:
 
 class SubmissionFactory(smtp.SMTPFactory):
     protocol = SubmissionProtocol
+    log = Logger()
 
     def __init__(self, hostname: str, tls_options, clock, idle_timeout: int,
                  portal=None, service: SubmissionService | None = None,
                  throttle: AuthThrottle | None = None, max_message_size: int = 512000,
                  max_recipients: int = 1000, allow_plaintext_auth: bool = False,
                  trusted_networks: tuple = (), trusted_account=None,
-                 tls_handshake_timeout: int = 30) -> None:
+                 tls_handshake_timeout: int = 30, max_connections: int = 1000,
+                 max_connections_per_address: int = 100) -> None:
         super().__init__(portal=portal)
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
@@ -725,19 +749,43 @@ class SubmissionFactory(smtp.SMTPFactory):
                                       for n in trusted_networks)
         # Loads the account that trusted networks' mail is sent as: (username) -> avatar.
         self.trusted_account = trusted_account
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self.sessions: set[SubmissionProtocol] = set()
+        self._per_address: Counter[str] = Counter()
 
     def is_trusted(self, address: str) -> bool:
         """S-4: no AUTH needed from the operator's trusted networks (Postfix's mynetworks)."""
         return address_in(address, self.trusted_networks)
 
+    def session_started(self, session: SubmissionProtocol) -> None:
+        self.sessions.add(session)
+        self._per_address[session.peer_ip] += 1
+
+    def session_ended(self, session: SubmissionProtocol) -> None:
+        self.sessions.discard(session)
+        self._per_address[session.peer_ip] -= 1
+        if not self._per_address[session.peer_ip]:
+            del self._per_address[session.peer_ip]
+
     def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
+        ip = getattr(addr, "host", "")
+        if len(self.sessions) >= self.max_connections:
+            return self._refuse(ip, replies.TOO_MANY_CONNECTIONS)
+        if self._per_address[ip] >= self.max_connections_per_address:
+            return self._refuse(ip, replies.TOO_MANY_CONNECTIONS_FROM_ADDRESS)
         p = super().buildProtocol(addr)
         p.factory = self
         p.ctx = self.tls_options
         p.timeout = self.timeout
         p.callLater = self.clock.callLater
         return p
+
+    def _refuse(self, ip: str, reply: replies.Reply) -> _Refusal:
+        self.log.info("smtp connection from {ip} refused: {sessions} sessions, {from_ip} from "
+                      "this address", ip=ip, sessions=len(self.sessions),
+                      from_ip=self._per_address[ip])
+        return _Refusal(reply, self.clock)
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Graceful stop (O-5): idle sessions close now, busy ones after their reply

@@ -90,18 +90,26 @@ class Server:
     def client_tls(self):
         return ssl.optionsForClientTLS("localhost", trustRoot=self.trust)
 
-    async def connect(self, port, tls: bool = False) -> Client:
-        """A client connected to `port` (with TLS on top when `tls`) whose session has
-        started."""
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    async def connect(self, port, tls: bool = False, source: str = "127.0.0.1",
+                      session: bool = True) -> Client:
+        """A client connected to `port` from `source` (with TLS on top when `tls`); with
+        `session`, once its session has started."""
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port,
+                                                bindAddress=(source, 0))
         if tls:
             endpoint = endpoints.wrapClientTLS(self.client_tls(), endpoint)
         client = Client()
         before = len(self.factory.sessions)
         await endpoints.connectProtocol(endpoint, client)
         self.test.addCleanup(client.close)
-        await until(lambda: len(self.factory.sessions) > before, "the session to start")
+        if session:
+            await until(lambda: len(self.factory.sessions) > before, "the session to start")
         return client
+
+    async def refused(self, client: Client) -> bytes:
+        """What the server sent a connection it refused, once it is closed."""
+        await until(lambda: client.lost.called, "the refused connection to close")
+        return client.received
 
     async def starttls(self, client: Client, handshake: bool) -> None:
         """EHLO and STARTTLS; then the handshake when `handshake`, else silence."""
@@ -216,3 +224,42 @@ class BackpressureTests(unittest.TestCase):
         server = Server(self)
         await self._pipeline_without_reading(server, await server.connect(server.implicit,
                                                                           tls=True))
+
+
+class ConnectionCapTests(unittest.TestCase):
+    async def test_per_address(self):
+        server = Server(self, max_connections_per_address=2)
+        first = await server.connect(server.plain)
+        await server.connect(server.implicit, tls=True)  # every listener counts
+        refused = await server.connect(server.plain, session=False)
+        self.assertEqual(await server.refused(refused), b"421 4.7.0 Too many connections from "
+                                                       b"your address, try again later\r\n")
+        await server.connect(server.plain, source="127.0.0.2")
+        await first.close()
+        await until(lambda: len(server.factory.sessions) == 2, "the first session to end")
+        await server.connect(server.plain)  # its slot is free again
+
+    async def test_total(self):
+        server = Server(self, max_connections=2)
+        await server.connect(server.plain)
+        await server.connect(server.plain, source="127.0.0.2")
+        refused = await server.connect(server.plain, source="127.0.0.3", session=False)
+        self.assertEqual(await server.refused(refused),
+                         b"421 4.7.0 Too many connections, try again later\r\n")
+
+    async def test_implicit_tls_refused_after_the_handshake(self):
+        server = Server(self, max_connections=1)
+        await server.connect(server.plain)
+        refused = await server.connect(server.implicit, tls=True, session=False)
+        self.assertEqual(await server.refused(refused),
+                         b"421 4.7.0 Too many connections, try again later\r\n")
+        self.assertTrue(refused.handshake_done)
+
+    async def test_refused_client_without_a_handshake_is_cut(self):
+        server = Server(self, max_connections=1)
+        await server.connect(server.plain)
+        silent = await server.connect(server.implicit, session=False)  # no ClientHello
+        await reactor_turns()
+        self.assertFalse(silent.lost.called)
+        server.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertEqual(await server.refused(silent), b"")
