@@ -376,14 +376,14 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._error(replies.BAD_ARGUMENTS)
             return
         self._reset_transaction()
-        self.reply((250, self.host + b" Hello " + rest[:100]))
+        self.reply((250, replies.hello(self.host, rest)))
 
     def do_EHLO(self, rest: bytes) -> None:  # noqa: N802
         if not rest:
             self._error(replies.BAD_ARGUMENTS)
             return
         self._reset_transaction()
-        lines = [self.host + b" Hello " + rest[:100], b"PIPELINING",
+        lines = [replies.hello(self.host, rest), b"PIPELINING",
                  b"SIZE %d" % self.factory.max_message_size, b"8BITMIME",
                  b"ENHANCEDSTATUSCODES"]
         if self.canStartTLS and not self.secure:

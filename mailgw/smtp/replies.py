@@ -51,6 +51,12 @@ TOO_MANY_CONNECTIONS_FROM_ADDRESS = (421, b"4.7.0 Too many connections from your
 SHUTTING_DOWN = (421, b"4.3.2 Service shutting down, closing connection")
 
 
+def hello(host: bytes, client_name: bytes) -> bytes:
+    """The first line of the answer to HELO and EHLO. The client's name is echoed as
+    printable ASCII: a CR in it would start a line of the reply's own."""
+    return host + b" Hello " + _printable(client_name[:100])
+
+
 def too_big(limit: int) -> Reply:
     return (552, b"5.3.4 message size exceeds fixed maximum message size (%d) bytes" % limit)
 
@@ -84,5 +90,9 @@ def imported(count: int) -> Reply:
 
 def _text(value: str) -> bytes:
     """Reply text from client-supplied words: one line, printable ASCII only."""
-    cleaned = value.encode("ascii", "replace")[:300]
-    return bytes(c if 32 <= c < 127 else 0x3F for c in cleaned)
+    return _printable(value.encode("ascii", "replace")[:300])
+
+
+def _printable(value: bytes) -> bytes:
+    """Control characters and 8-bit bytes become "?"."""
+    return bytes(c if 32 <= c < 127 else 0x3F for c in value)

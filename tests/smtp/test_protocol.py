@@ -204,10 +204,21 @@ class EHLOTests(unittest.TestCase):
         self.assertEqual(replies[-1], b"250 HELP")
 
 
+    def test_client_name_echoed_printable(self):
+        """A CR in the name would start a line of its own in the reply."""
+        replies = Session().send(b"EHLO evil\r250-AUTH FAKE\x00.example")
+        self.assertEqual(replies[0], b"250-mx.example.org Hello evil?250-AUTH FAKE?.example")
+        self.assertEqual(replies[1], b"250-PIPELINING")
+
+
 class HELOTests(unittest.TestCase):
     def test_helo(self):
         self.assertEqual(Session().send(b"HELO client"),
                          [b"250 mx.example.org Hello client"])
+
+    def test_client_name_echoed_printable(self):
+        self.assertEqual(Session().send(b"HELO a\rb\x00c\xff"),
+                         [b"250 mx.example.org Hello a?b?c?"])
 
 
 class STARTTLSTests(unittest.TestCase):
