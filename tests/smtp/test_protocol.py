@@ -520,6 +520,13 @@ class RCPTTests(unittest.TestCase):
         self.assertEqual(session.send(b"RCPT TO:<gmail>"),
                          [b"553 5.1.3 Invalid recipient address: gmail"])
 
+    def test_local_part_longer_than_64_octets(self):
+        session = Session()
+        session.envelope()
+        local = b"a" * 65
+        self.assertEqual(session.send(b"RCPT TO:<" + local + b"@example.net>"),
+                         [b"553 5.1.3 Invalid recipient address: " + local + b"@example.net"])
+
     def test_too_many_recipients(self):
         session = Session(max_recipients=1)
         session.envelope(b"a@example.net")
