@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 
 from mailgw.errors import StartupError
 
@@ -55,6 +56,9 @@ def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOption
     except (SSL.Error, crypto.Error):
         raise StartupError(f"{cert_path} / {key_path} are not a PEM certificate and its "
                            f"private key") from None
+    except VerifyError:
+        raise StartupError(f"{key_path} is not the private key of the certificate in "
+                           f"{cert_path}") from None
     return ssl.CertificateOptions(privateKey=certificate.privateKey.original,
                                   certificate=certificate.original,
                                   raiseMinimumTo=ssl.TLSVersion.TLSv1_2)

@@ -32,6 +32,17 @@ class TLSCertTests(unittest.TestCase):
         self.assertTrue(options & SSL.OP_NO_TLSv1)
         self.assertTrue(options & SSL.OP_NO_TLSv1_1)
 
+    def test_key_of_another_certificate(self):
+        ensure_self_signed(self.cert, self.key, "mx.example.org")
+        other_cert, other_key = self.cert.with_name("other.pem"), self.key.with_name("other.key")
+        ensure_self_signed(other_cert, other_key, "mx.example.org")
+        with self.assertRaises(StartupError) as caught:
+            server_tls_options(self.cert, other_key)
+        message = str(caught.exception)
+        self.assertEqual(len(message.splitlines()), 1)
+        self.assertIn(str(self.cert), message)
+        self.assertIn(str(other_key), message)
+
     def test_not_a_certificate(self):
         self.cert.parent.mkdir(parents=True)
         self.cert.write_text("junk")
