@@ -40,6 +40,11 @@ class SMTPConfig:
     idle_timeout: int = 300
     # Seconds a client gets for the TLS handshake (implicit TLS, or after STARTTLS).
     tls_handshake_timeout: int = 30
+    # Seconds a message may take from DATA to its final dot, however steadily it comes.
+    data_timeout: int = 600
+    # Commands a session may send without a message being accepted (accepted RCPTs
+    # aside): a session of NOOPs never goes idle.
+    max_commands_without_message: int = 100
     # Allow AUTH on a plain connection from anywhere (S-2); loopback always may.
     allow_plaintext_auth: bool = False
     # Networks that may submit without AUTH (like Postfix's mynetworks), as this account.
@@ -224,6 +229,8 @@ def _check_values(config: Config) -> None:
         "smtp.max_connections_per_address": config.smtp.max_connections_per_address,
         "smtp.idle_timeout": config.smtp.idle_timeout,
         "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
+        "smtp.data_timeout": config.smtp.data_timeout,
+        "smtp.max_commands_without_message": config.smtp.max_commands_without_message,
         "database.pool_size": config.database.pool_size,
         "delivery.batch_size": config.delivery.batch_size,
         "delivery.lease_seconds": config.delivery.lease_seconds,

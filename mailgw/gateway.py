@@ -188,7 +188,9 @@ class Gateway(service.MultiService):
                                                                  username),
             tls_handshake_timeout=smtp.tls_handshake_timeout,
             max_connections=smtp.max_connections,
-            max_connections_per_address=smtp.max_connections_per_address)
+            max_connections_per_address=smtp.max_connections_per_address,
+            data_timeout=smtp.data_timeout,
+            max_commands_without_message=smtp.max_commands_without_message)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

@@ -175,6 +175,9 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._unsent_replies: _UnsentReplies | None = None
         self._abort_call: IDelayedCall | None = None
         self._handshake_call: IDelayedCall | None = None
+        self._data_call: IDelayedCall | None = None
+        # Commands since the last message accepted, accepted RCPTs aside (R-6).
+        self._commands_without_message = 0
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._imports: RecipientImports | None = None
         self._reset_transaction()
@@ -196,7 +199,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         self.setTimeout(None)
-        for call in (self._abort_call, self._handshake_call):
+        for call in (self._abort_call, self._handshake_call, self._data_call):
             if call is not None and call.active():
                 call.cancel()
         self._reset_transaction()
@@ -241,14 +244,13 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def _close(self, reply: replies.Reply) -> None:
         """Send the last reply and close; abort if the client has not let the close
-        finish within CLOSE_GRACE_SECONDS. Nothing read after it is a command, but
-        reading goes on: a TLS close waits for the client's close_notify."""
+        finish within CLOSE_GRACE_SECONDS. Reading goes on (a TLS close waits for the
+        client's close_notify), but what is read is dropped."""
         if self._abort_call is not None:
             return
         self.mode = _QUIT
-        if self._collector is not None:
-            self._collector = None
-            self.setLineMode()
+        self._collector = None
+        self.setRawMode()
         self.setTimeout(None)
         if self._unsent_replies is not None:
             # A transport with a producer registered waits for it before it closes.
@@ -295,6 +297,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             return
         if self.mode == _QUIT:
             return
+        self._commands_without_message += 1
+        if self._commands_without_message > self.factory.max_commands_without_message:
+            # A session that only sends NOOP, RSET and the like never goes idle.
+            self._close(replies.TOO_MANY_COMMANDS)
+            return
         verb, _, rest = line.strip().partition(b" ")
         if not verb:
             self._error(replies.SYNTAX_ERROR)
@@ -309,9 +316,12 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._error(replies.LINE_TOO_LONG)
 
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.mode == _QUIT:  # closed (_close)
+            return
         self.resetTimeout()
         rest = self._collector.feed(data)
         if rest is not None:
+            self._data_call.cancel()
             collector, self._collector = self._collector, None
             # Inside dataReceived this only queues `rest`; it is read once the reply is out.
             self.setLineMode(rest)
@@ -573,7 +583,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         except DatabaseUnavailable:
             self.reply(replies.TEMPORARY_FAILURE)
             return
-        self.reply(replies.RECIPIENT_OK)
+        self._accept_recipient()
 
     async def _accept_when_imported(self, email: str) -> None:
         try:
@@ -581,6 +591,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         except ContactLimitReached:
             self.reply(replies.transaction_failed("contact limit reached"))
             return
+        self._accept_recipient()
+
+    def _accept_recipient(self) -> None:
+        # Progress: up to max_recipients RCPTs may come before their message.
+        self._commands_without_message -= 1
         self.reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:  # noqa: N802
@@ -596,6 +611,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._collector = DataCollector(self.factory.max_message_size, self._bare_lf)
         self.reply(replies.START_DATA)
         self.setRawMode()
+        # The idle timeout restarts with every byte: a message sent a byte a minute
+        # would hold the session forever.
+        self._data_call = self.callLater(self.factory.data_timeout, self._close,
+                                         replies.DATA_TOO_SLOW)
 
     async def _end_of_data(self, collector: DataCollector) -> None:
         sender, imports = self._sender, self._imports
@@ -616,6 +635,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         raw = collector.message()
         if not raw:
             await imports.imported()
+            self._commands_without_message = 0
             self.reply(replies.imported(recipients))
             return
         try:
@@ -638,6 +658,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         else:
             self.messages += 1
             self.recipients_total += recipients
+            self._commands_without_message = 0
             self.reply(replies.accepted(stored.send_id, stored.message_uid))
 
     def do_RSET(self, rest: bytes) -> None:  # noqa: N802
@@ -733,13 +754,16 @@ class SubmissionFactory(smtp.SMTPFactory):
                  max_recipients: int = 1000, allow_plaintext_auth: bool = False,
                  trusted_networks: tuple = (), trusted_account=None,
                  tls_handshake_timeout: int = 30, max_connections: int = 1000,
-                 max_connections_per_address: int = 100) -> None:
+                 max_connections_per_address: int = 100, data_timeout: int = 600,
+                 max_commands_without_message: int = 100) -> None:
         super().__init__(portal=portal)
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
         self.clock = clock
         self.timeout = idle_timeout
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.data_timeout = data_timeout
+        self.max_commands_without_message = max_commands_without_message
         self.service = service
         self.throttle = throttle or AuthThrottle(clock)
         self.max_message_size = max_message_size

@@ -45,6 +45,8 @@ AUTH_THROTTLED = (454, b"4.7.0 Too many authentication failures, try again later
 TOO_MANY_FAILURES = (421, b"4.7.0 Too many failed attempts, closing connection")
 TOO_MANY_ERRORS = (421, b"4.7.0 Too many errors, closing connection")
 IDLE_TIMEOUT = (421, b"4.4.2 Idle timeout, closing connection")
+DATA_TOO_SLOW = (421, b"4.4.2 Message took too long to send, closing connection")
+TOO_MANY_COMMANDS = (421, b"4.7.0 Too many commands without a message, closing connection")
 TOO_MANY_CONNECTIONS = (421, b"4.7.0 Too many connections, try again later")
 TOO_MANY_CONNECTIONS_FROM_ADDRESS = (421, b"4.7.0 Too many connections from your address, "
                                           b"try again later")

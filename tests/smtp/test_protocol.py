@@ -761,6 +761,62 @@ class IdleTimeoutTests(unittest.TestCase):
         self.assertEqual(session.clock.getDelayedCalls(), [])
 
 
+class ProgressTests(unittest.TestCase):
+    """R-6: a session that sends no message ends, however steadily it talks (the idle
+    timeout restarts with every command and every byte of DATA)."""
+
+    TOO_MANY = [b"421 4.7.0 Too many commands without a message, closing connection"]
+
+    def test_message_sent_a_byte_a_minute(self):
+        session = Session()
+        session.envelope()
+        session.send(b"DATA")
+        for _ in range(9):
+            session.clock.advance(60)
+            session.protocol.dataReceived(b"x")
+        session.clock.advance(59)
+        self.assertFalse(session.transport.disconnecting)
+        session.clock.advance(1)
+        self.assertEqual(session.take(),
+                         [b"421 4.4.2 Message took too long to send, closing connection"])
+        self.assertTrue(session.transport.disconnecting)
+        self.assertEqual(session.service.imported_alone, ["rcpt@example.net"])
+
+    def test_message_in_time_stops_the_data_clock(self):
+        session = Session()
+        session.submit(MESSAGE)
+        for _ in range(4):
+            session.clock.advance(200)
+            self.assertEqual(session.send(b"NOOP"), [b"250 2.0.0 OK"])
+
+    def test_noop_every_minute(self):
+        session = Session()
+        for _ in range(100):
+            session.clock.advance(60)
+            self.assertEqual(session.send(b"NOOP"), [b"250 2.0.0 OK"])
+        self.assertEqual(session.send(b"NOOP"), self.TOO_MANY)
+        self.assertTrue(session.transport.disconnecting)
+
+    def test_count_restarts_with_each_message(self):
+        session = Session()
+        self.assertEqual(session.submit(MESSAGE), [b"250 OK id=1166 " + UID.encode()])
+        self.assertEqual(session.send(*[b"NOOP"] * 100), [b"250 2.0.0 OK"] * 100)
+        self.assertEqual(session.send(b"NOOP"), self.TOO_MANY)
+
+    def test_recipients_added_do_not_count(self):
+        session = Session()
+        session.envelope(*[b"r%d@example.net" % i for i in range(150)])
+        session.send(b"DATA")
+        self.assertEqual(session.send(MESSAGE + b"."), [b"250 OK id=1166 " + UID.encode()])
+
+    def test_recipients_refused_count(self):
+        session = Session(max_recipients=1)
+        session.envelope()  # EHLO, AUTH, MAIL: 3 commands
+        self.assertEqual(session.send(*[b"RCPT TO:<b@example.net>"] * 97),
+                         [b"452 4.5.3 Too many recipients"] * 97)
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>"), self.TOO_MANY)
+
+
 class BackpressureTests(unittest.TestCase):
     """R-6: commands are read only while the client takes its replies. The session's
     producer is paused by the transport while replies are unsent."""

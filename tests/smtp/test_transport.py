@@ -192,15 +192,20 @@ def held_bytes(session) -> int:
     return len(session._buffer) + unsent
 
 
+async def flood(client: Client) -> None:
+    """3 MB of HELP, read by a client that reads none of the replies (each 15 times as
+    long as its command)."""
+    await until(lambda: b"\r\n" in client.received, "the banner")
+    client.transport.pauseProducing()
+    client.transport.write(b"HELP\r\n" * 500_000)
+
+
 class BackpressureTests(unittest.TestCase):
-    """A client that pipelines HELP and reads none of the replies (each reply is 15
-    times its command): the session stops reading, holds about the transport's
-    64 KiB buffer, and is cut when idle."""
+    """The session stops reading, holds about the transport's 64 KiB buffer, and is cut
+    when idle. (The command cap would close it first: it is lifted here.)"""
 
     async def _pipeline_without_reading(self, server: Server, client: Client) -> None:
-        await server.banner(client)
-        client.transport.pauseProducing()
-        client.transport.write(b"HELP\r\n" * 500_000)  # 3 MB
+        await flood(client)
         (session,) = server.factory.sessions
         # Until the kernel's buffers are full too, the session reads again each time
         # its replies drain into them; then it stays paused. Never more than about
@@ -217,13 +222,26 @@ class BackpressureTests(unittest.TestCase):
         await until(lambda: not server.factory.sessions, "the session to end")
 
     async def test_plain(self):
-        server = Server(self)
+        server = Server(self, max_commands_without_message=10**9)
         await self._pipeline_without_reading(server, await server.connect(server.plain))
 
     async def test_tls(self):
-        server = Server(self)
+        server = Server(self, max_commands_without_message=10**9)
         await self._pipeline_without_reading(server, await server.connect(server.implicit,
                                                                           tls=True))
+
+    async def test_what_follows_a_close_is_dropped(self):
+        """The command cap closes the session; over TLS the close reads on, for the
+        client's close_notify, and must not keep what it reads."""
+        server = Server(self)
+        client = await server.connect(server.implicit, tls=True)
+        await flood(client)
+        (session,) = server.factory.sessions
+        for _ in range(200):  # more than enough to read the 3 MB
+            self.assertLess(held_bytes(session), 3 * 65536)
+            await reactor_turns(1)
+        server.clock.advance(CLOSE_GRACE_SECONDS)
+        await until(lambda: not server.factory.sessions, "the session to end")
 
 
 class ConnectionCapTests(unittest.TestCase):
