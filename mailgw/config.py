@@ -36,6 +36,9 @@ class SMTPConfig:
     # either cap get 421 4.7.0 and are closed.
     max_connections: int = 1000
     max_connections_per_address: int = 100
+    # Connections waiting to be accepted, per listener (the kernel caps it at
+    # net.core.somaxconn); an endpoint string's own backlog= wins.
+    listen_backlog: int = 1024
     # Seconds an idle session may stay open before it is closed.
     idle_timeout: int = 300
     # Seconds a client gets for the TLS handshake (implicit TLS, or after STARTTLS).
@@ -55,6 +58,8 @@ class SMTPConfig:
 @dataclass(frozen=True)
 class HTTPConfig:
     listener: str = "tcp:8080"
+    # As smtp.listen_backlog: tracking hits come in bursts after a campaign goes out.
+    listen_backlog: int = 1024
     # Base of every tracking, unsubscribe and web-version link (T-).
     public_base_url: str = "http://localhost:8080"
 
@@ -228,6 +233,8 @@ def _check_values(config: Config) -> None:
         "smtp.max_connections": config.smtp.max_connections,
         "smtp.max_connections_per_address": config.smtp.max_connections_per_address,
         "smtp.idle_timeout": config.smtp.idle_timeout,
+        "smtp.listen_backlog": config.smtp.listen_backlog,
+        "http.listen_backlog": config.http.listen_backlog,
         "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
         "smtp.data_timeout": config.smtp.data_timeout,
         "smtp.max_commands_without_message": config.smtp.max_commands_without_message,

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
 from mailgw.errors import StartupError
-from mailgw.gateway import Gateway
+from mailgw.gateway import Gateway, with_backlog
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS
 from mailgw.store.contacts import RecipientImport
 from tests.harness import (
@@ -83,6 +83,11 @@ class ListenerTests(unittest.TestCase):
         self.assertEqual(banner, BANNER)
         self.assertEqual(quit_code, 221)
 
+    async def test_listen_backlog(self):
+        """Twisted's 50 would drop connections that come in a burst."""
+        self.assertEqual({listener.port.backlog for listener in self.gateway.listeners},
+                         {1024})
+
     async def test_healthz_reports_the_database(self):
         port = self.gateway.port_for("http.listener")
         code, body = await _get(f"http://127.0.0.1:{port}/healthz")
@@ -108,6 +113,20 @@ class ListenerTests(unittest.TestCase):
         with connection.cursor() as cursor:
             cursor.execute("SELECT email FROM contacts")
             self.assertEqual(cursor.fetchall(), [("ana@example.net",)])
+
+
+class BacklogTests(unittest.TestCase):
+    def test_added_to_endpoints_that_take_one(self):
+        self.assertEqual(with_backlog("tcp:2500", 700), "tcp:2500:backlog=700")
+        self.assertEqual(with_backlog("tcp6:587:interface=\\:\\:1", 700),
+                         "tcp6:587:interface=\\:\\:1:backlog=700")
+
+    def test_endpoint_string_wins(self):
+        self.assertEqual(with_backlog("tcp:2500:backlog=10", 700), "tcp:2500:backlog=10")
+
+    def test_endpoints_that_take_none(self):
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0", 700),
+                         "systemd:domain=INET:index=0")
 
 
 class _Stopping:
