@@ -13,7 +13,11 @@ STARTTLS and the idle timeout, and replaces the command handling:
 - DATA is read in raw mode and scanned for the final dot in whole chunks,
   never kept past the size limit (S-5), instead of one Python call per line;
 - every reply comes from `replies`, and the end of DATA answers with the
-  send id (S-12) only after the submission is committed.
+  send id (S-12) only after the submission is committed;
+- no client keeps a session, or a socket, for ever (R-6): besides the idle
+  timeout, a TLS handshake timeout, a time limit on DATA and a cap on
+  commands without a message; a close the client does not let finish ends
+  in an abort; and the factory caps sessions in all and per client address.
 """
 
 from __future__ import annotations
