@@ -32,8 +32,22 @@ class SMTPConfig:
     max_message_size: int = 512000
     # Recipients accepted in one transaction (more get 452 4.5.3).
     max_recipients: int = 1000
+    # Sessions open at once, in all and from one client address; connections over
+    # either cap get 421 4.7.0 and are closed.
+    max_connections: int = 1000
+    max_connections_per_address: int = 100
+    # Connections waiting to be accepted, per listener (the kernel caps it at
+    # net.core.somaxconn); an endpoint string's own backlog= wins.
+    listen_backlog: int = 1024
     # Seconds an idle session may stay open before it is closed.
     idle_timeout: int = 300
+    # Seconds a client gets for the TLS handshake (implicit TLS, or after STARTTLS).
+    tls_handshake_timeout: int = 30
+    # Seconds a message may take from DATA to its final dot, however steadily it comes.
+    data_timeout: int = 600
+    # Commands a session may send without a message being accepted (accepted RCPTs
+    # aside): a session of NOOPs never goes idle.
+    max_commands_without_message: int = 100
     # Allow AUTH on a plain connection from anywhere (S-2); loopback always may.
     allow_plaintext_auth: bool = False
     # Networks that may submit without AUTH (like Postfix's mynetworks), as this account.
@@ -44,6 +58,8 @@ class SMTPConfig:
 @dataclass(frozen=True)
 class HTTPConfig:
     listener: str = "tcp:8080"
+    # As smtp.listen_backlog: tracking hits come in bursts after a campaign goes out.
+    listen_backlog: int = 1024
     # Base of every tracking, unsubscribe and web-version link (T-).
     public_base_url: str = "http://localhost:8080"
 
@@ -217,7 +233,14 @@ def _check_values(config: Config) -> None:
     positive = {
         "smtp.max_message_size": config.smtp.max_message_size,
         "smtp.max_recipients": config.smtp.max_recipients,
+        "smtp.max_connections": config.smtp.max_connections,
+        "smtp.max_connections_per_address": config.smtp.max_connections_per_address,
         "smtp.idle_timeout": config.smtp.idle_timeout,
+        "smtp.listen_backlog": config.smtp.listen_backlog,
+        "http.listen_backlog": config.http.listen_backlog,
+        "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
+        "smtp.data_timeout": config.smtp.data_timeout,
+        "smtp.max_commands_without_message": config.smtp.max_commands_without_message,
         "database.pool_size": config.database.pool_size,
         "delivery.batch_size": config.delivery.batch_size,
         "delivery.lease_seconds": config.delivery.lease_seconds,

@@ -43,6 +43,8 @@ from mailgw.tlscert import ensure_self_signed, server_tls_options
 
 # How long a stop waits for SMTP sessions in the middle of a command.
 SHUTDOWN_GRACE_SECONDS = 30
+# Endpoint types whose string takes a listen queue length (`backlog=`).
+_BACKLOG_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix")
 # After the sessions and deliveries, writes already answered for (RCPT imports) get this
 # long to commit: with the SMTP grace, the queue runner's bounded stop running side by
 # side, and the embedded PostgreSQL's shutdown, a stop stays within systemd's 90 s.
@@ -60,6 +62,15 @@ class Listener:
     @property
     def port_number(self) -> int:
         return self.port.getHost().port
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """The endpoint string with `backlog=` added, unless it names one already or its
+    type takes none (systemd: the socket comes listening)."""
+    kind, _, params = description.partition(":")
+    if kind.lower() not in _BACKLOG_ENDPOINTS or "backlog=" in params:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def embedded_cluster(config: Config) -> Cluster:
@@ -127,14 +138,16 @@ class Gateway(service.MultiService):
         root = HTTPRoot({b"a": tracking}, OperationsApp(self.database).app.resource())
         site = server.Site(root)
         site.displayTracebacks = False
+        smtp_backlog = self.config.smtp.listen_backlog
         wanted = (
-            [(f"smtp.starttls_listeners[{i}]", d, smtp_factory)
+            [(f"smtp.starttls_listeners[{i}]", d, smtp_backlog, smtp_factory)
              for i, d in enumerate(self.config.smtp.starttls_listeners)]
-            + [(f"smtp.implicit_tls_listeners[{i}]", d, tls_factory)
+            + [(f"smtp.implicit_tls_listeners[{i}]", d, smtp_backlog, tls_factory)
                for i, d in enumerate(self.config.smtp.implicit_tls_listeners)]
-            + [("http.listener", self.config.http.listener, site)])
-        for key, description, factory in wanted:
-            await self._listen(key, description, factory)
+            + [("http.listener", self.config.http.listener, self.config.http.listen_backlog,
+                site)])
+        for key, description, backlog, factory in wanted:
+            await self._listen(key, with_backlog(description, backlog), factory)
         if self.config.delivery.enabled:
             self.key_threads = KeyThreads(self.reactor)
             self.key_threads.start()
@@ -196,7 +209,12 @@ class Gateway(service.MultiService):
             max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth,
             trusted_networks=tuple(smtp.trusted_networks),
             trusted_account=lambda username: realm.account_named(smtp.trusted_account,
-                                                                 username))
+                                                                 username),
+            tls_handshake_timeout=smtp.tls_handshake_timeout,
+            max_connections=smtp.max_connections,
+            max_connections_per_address=smtp.max_connections_per_address,
+            data_timeout=smtp.data_timeout,
+            max_commands_without_message=smtp.max_commands_without_message)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

@@ -13,8 +13,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 
 from mailgw.errors import StartupError
+
+# TLS 1.2 suites: ECDHE with AES-GCM or ChaCha20-Poly1305, the AEAD suites of Mozilla's
+# intermediate profile (its DHE ones need DH parameters, which mailgw does not set).
+# CBC suites with their SHA-1 MAC are out. TLS 1.3 suites are OpenSSL's, all AEAD.
+TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                 "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                 "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 
 
 def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> bool:
@@ -45,7 +53,8 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> bool:
 
 
 def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
-    """TLS 1.2 or newer only (R-5), for STARTTLS and implicit TLS alike."""
+    """TLS 1.2 or newer only, with AEAD suites only (R-5), for STARTTLS and implicit
+    TLS alike."""
     try:
         pem = cert_path.read_bytes() + b"\n" + key_path.read_bytes()
         certificate = ssl.PrivateCertificate.loadPEM(pem)
@@ -55,6 +64,10 @@ def server_tls_options(cert_path: Path, key_path: Path) -> ssl.CertificateOption
     except (SSL.Error, crypto.Error):
         raise StartupError(f"{cert_path} / {key_path} are not a PEM certificate and its "
                            f"private key") from None
-    return ssl.CertificateOptions(privateKey=certificate.privateKey.original,
-                                  certificate=certificate.original,
-                                  raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    except VerifyError:
+        raise StartupError(f"{key_path} is not the private key of the certificate in "
+                           f"{cert_path}") from None
+    return ssl.CertificateOptions(
+        privateKey=certificate.privateKey.original, certificate=certificate.original,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS))

@@ -43,6 +43,11 @@ class DefaultsTests(unittest.TestCase):
             config = parse_config({"database": {"embedded_restart_seconds": seconds}})
             self.assertEqual(config.database.embedded_restart_seconds, seconds)
 
+    def test_connection_caps_admit_the_benchmarks_clients(self):
+        """bench/ runs up to 50 sessions from loopback."""
+        self.assertGreaterEqual(Config().smtp.max_connections_per_address, 50)
+        self.assertGreaterEqual(Config().smtp.max_connections, 50)
+
     def test_bounce_domain_defaults_to_the_hostname(self):
         self.assertEqual(parse_config({"hostname": "mx.example.org"}).bounce_domain,
                          "mx.example.org")
@@ -85,6 +90,10 @@ class ErrorTests(unittest.TestCase):
 
     def test_bad_values(self):
         self.assertConfigError({"database": {"pool_size": 0}}, "database.pool_size")
+        self.assertConfigError({"http": {"listen_backlog": 0}}, "http.listen_backlog")
+        for key in ("tls_handshake_timeout", "max_connections", "max_connections_per_address",
+                    "data_timeout", "max_commands_without_message", "listen_backlog"):
+            self.assertConfigError({"smtp": {key: 0}}, f"smtp.{key}")
         self.assertConfigError({"http": {"public_base_url": "example.org"}},
                                "http.public_base_url")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/33"]}},

@@ -5,14 +5,16 @@ import ssl
 
 import psycopg2
 import treq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import ssl as twisted_ssl
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
 from mailgw.errors import StartupError
-from mailgw.gateway import Gateway
+from mailgw.gateway import Gateway, with_backlog
+from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS
 from mailgw.store.contacts import RecipientImport
 from tests.harness import (
     LOOPBACK_PORT,
@@ -21,6 +23,7 @@ from tests.harness import (
     new_cluster,
     start_gateway,
 )
+from tests.smtp.test_transport import Client, reactor_turns, until
 
 BANNER = "mx.test.example ESMTP mailgw"
 
@@ -80,6 +83,11 @@ class ListenerTests(unittest.TestCase):
         self.assertEqual(banner, BANNER)
         self.assertEqual(quit_code, 221)
 
+    async def test_listen_backlog(self):
+        """Twisted's 50 would drop connections that come in a burst."""
+        self.assertEqual({listener.port.backlog for listener in self.gateway.listeners},
+                         {1024})
+
     async def test_healthz_reports_the_database(self):
         port = self.gateway.port_for("http.listener")
         code, body = await _get(f"http://127.0.0.1:{port}/healthz")
@@ -105,6 +113,20 @@ class ListenerTests(unittest.TestCase):
         with connection.cursor() as cursor:
             cursor.execute("SELECT email FROM contacts")
             self.assertEqual(cursor.fetchall(), [("ana@example.net",)])
+
+
+class BacklogTests(unittest.TestCase):
+    def test_added_to_endpoints_that_take_one(self):
+        self.assertEqual(with_backlog("tcp:2500", 700), "tcp:2500:backlog=700")
+        self.assertEqual(with_backlog("tcp6:587:interface=\\:\\:1", 700),
+                         "tcp6:587:interface=\\:\\:1:backlog=700")
+
+    def test_endpoint_string_wins(self):
+        self.assertEqual(with_backlog("tcp:2500:backlog=10", 700), "tcp:2500:backlog=10")
+
+    def test_endpoints_that_take_none(self):
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0", 700),
+                         "systemd:domain=INET:index=0")
 
 
 class _Stopping:
@@ -138,6 +160,30 @@ class StopTests(unittest.TestCase):
         self.assertFalse(stopping.called)
         runner.done.callback(None)
         self.successResultOf(stopping)
+
+
+class GracefulStopTests(unittest.TestCase):
+    async def test_lingering_tls_session_does_not_hold_up_the_stop(self):
+        """A TLS client that reads nothing more never answers the 421's close_notify: it
+        is cut after CLOSE_GRACE_SECONDS instead of holding the stop for the whole grace
+        meant for sessions in the middle of a command."""
+        clock = task.Clock()
+        gateway = await start_gateway(self, gateway_config(self, fresh_database()), clock)
+        trust = twisted_ssl.Certificate.loadPEM(gateway.config.certificate_path.read_bytes())
+        endpoint = endpoints.wrapClientTLS(
+            twisted_ssl.optionsForClientTLS("localhost", trustRoot=trust),
+            endpoints.TCP4ClientEndpoint(
+                reactor, "127.0.0.1", gateway.port_for("smtp.implicit_tls_listeners[0]")))
+        client = Client()
+        await endpoints.connectProtocol(endpoint, client)
+        self.addCleanup(client.close)
+        await until(lambda: b"\r\n" in client.received, "the banner")
+        client.transport.pauseProducing()
+        stopped = []
+        gateway.stopService().addCallback(stopped.append)
+        await reactor_turns()
+        clock.advance(CLOSE_GRACE_SECONDS)
+        await until(lambda: stopped, "the stop to finish")
 
 
 class DatabaseOutageTests(unittest.TestCase):

@@ -15,6 +15,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
+from mailgw.config import Config
 from mailgw.embedded_pg import Cluster, RunAs
 from mailgw.tap import Options
 from tests.harness import LOOPBACK_PORT
@@ -189,3 +190,8 @@ class SystemdUnitTests(unittest.TestCase):
         self.assertIn("twistd -n", lines["ExecStart"])
         self.assertIn("mailgw --config", lines["ExecStart"])
         self.assertEqual(lines["Restart"], "on-failure")
+        # Open files for every SMTP session and outbound connection the defaults allow,
+        # and then some: systemd's default soft limit is 1024.
+        defaults = Config()
+        self.assertGreaterEqual(int(lines["LimitNOFILE"]), 10 * (
+            defaults.smtp.max_connections + defaults.delivery.max_connections))

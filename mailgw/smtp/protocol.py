@@ -6,10 +6,18 @@ STARTTLS and the idle timeout, and replaces the command handling:
 - a command that waits for the database (AUTH, MAIL, RCPT, end of DATA)
   pauses the input until its reply is sent, so pipelined commands are
   answered in order (PIPELINING);
+- so do replies the client does not read (R-6, backpressure): more than
+  the transport's buffer (64 KiB) of them unsent pauses the input until they
+  are sent, so a client that pipelines without reading fills its own socket,
+  not this process;
 - DATA is read in raw mode and scanned for the final dot in whole chunks,
   never kept past the size limit (S-5), instead of one Python call per line;
 - every reply comes from `replies`, and the end of DATA answers with the
-  send id (S-12) only after the submission is committed.
+  send id (S-12) only after the submission is committed;
+- no client keeps a session, or a socket, for ever (R-6): besides the idle
+  timeout, a TLS handshake timeout, a time limit on DATA and a cap on
+  commands without a message; a close the client does not let finish ends
+  in an abort; and the factory caps sessions in all and per client address.
 """
 
 from __future__ import annotations
@@ -19,14 +27,17 @@ import dataclasses
 import ipaddress
 import re
 import time
+from collections import Counter
 from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, interfaces, protocol
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols import basic
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailgw.content.message import (
     ContentRefused,
@@ -59,6 +70,28 @@ _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>
 _DATA_END = re.compile(rb"\r\n\.\r\n")
 _BARE_LF_DATA_END = re.compile(rb"\n\.\r?\n")
 _COMMAND, _AUTH, _QUIT = "COMMAND", "AUTH", "QUIT"
+# Once mailgw closes a session, how long the client gets to let the close finish (take
+# the last reply and, over TLS, answer the close_notify) before the connection is
+# aborted, so that no client can keep a closed session's socket (R-6).
+CLOSE_GRACE_SECONDS = 5
+
+
+@implementer(interfaces.IPushProducer)
+class _UnsentReplies:
+    """The session's producer on its transport: the transport pauses it while more
+    than its buffer of replies is unsent, and resumes it once they are all sent."""
+
+    def __init__(self, session: SubmissionProtocol) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's names)
+        self._session.replies_waiting(True)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._session.replies_waiting(False)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass  # the connection is lost: nothing to stop
 
 
 class DataCollector:
@@ -115,6 +148,7 @@ class DataCollector:
         return text[1:] if text.startswith(b".") else text
 
 
+@implementer(IHandshakeListener)
 class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     """twisted.mail's SMTP reads with LineOnlyReceiver; LineReceiver adds the raw
     mode that DATA uses and the pausing that keeps pipelined replies in order."""
@@ -138,7 +172,16 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._bare_lf = False
         self._started = time.monotonic()
         self._closing = False
+        # Input is read while no command waits for its reply and no replies wait for
+        # the client to read them.
         self._busy = False
+        self._replies_waiting = False
+        self._unsent_replies: _UnsentReplies | None = None
+        self._abort_call: IDelayedCall | None = None
+        self._handshake_call: IDelayedCall | None = None
+        self._data_call: IDelayedCall | None = None
+        # Commands since the last message accepted, accepted RCPTs aside (R-6).
+        self._commands_without_message = 0
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._imports: RecipientImports | None = None
         self._reset_transaction()
@@ -152,12 +195,19 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
-        self.factory.sessions.add(self)
+        self.factory.session_started(self)
+        if self.secure:  # implicit TLS
+            self._await_handshake()
+        else:
+            self._watch_unsent_replies()
 
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         self.setTimeout(None)
+        for call in (self._abort_call, self._handshake_call, self._data_call):
+            if call is not None and call.active():
+                call.cancel()
         self._reset_transaction()
-        self.factory.sessions.discard(self)
+        self.factory.session_ended(self)
         self.closed.callback(None)
         self.log.info(
             "smtp session from {ip}: user={user} messages={messages} recipients={recipients}"
@@ -169,8 +219,51 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     def greeting(self) -> bytes:
         return self.host + b" " + replies.BANNER
 
+    def _await_handshake(self) -> None:
+        """A TLS handshake gets `tls_handshake_timeout` seconds: a client that sends no
+        ClientHello cannot even be told it is closed (R-6)."""
+        self._handshake_call = self.callLater(self.factory.tls_handshake_timeout,
+                                              self._handshake_timed_out)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (IHandshakeListener)
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        if self._unsent_replies is None and self._abort_call is None:  # implicit TLS
+            self._watch_unsent_replies()
+
+    def _watch_unsent_replies(self) -> None:
+        """Backpressure (R-6). Over TLS only once the handshake is done: until then the
+        TLS layer holds the banner back and pauses its producer for it, which would stop
+        the very reading the handshake needs. (STARTTLS keeps the producer registered.)"""
+        self._unsent_replies = _UnsentReplies(self)
+        self.transport.registerProducer(self._unsent_replies, True)
+
+    def _handshake_timed_out(self) -> None:
+        self.log.info("smtp session from {ip}: no TLS handshake within {seconds} s",
+                      ip=self.peer_ip, seconds=self.factory.tls_handshake_timeout)
+        self.transport.abortConnection()
+
     def timeoutConnection(self) -> None:  # noqa: N802
-        self.reply(replies.IDLE_TIMEOUT)
+        self._close(replies.IDLE_TIMEOUT)
+
+    def _close(self, reply: replies.Reply) -> None:
+        """Send the last reply and close; abort if the client has not let the close
+        finish within CLOSE_GRACE_SECONDS. Reading goes on (a TLS close waits for the
+        client's close_notify), but what is read is dropped."""
+        if self._abort_call is not None:
+            return
+        self.mode = _QUIT
+        self._collector = None
+        self.setRawMode()
+        self.setTimeout(None)
+        if self._unsent_replies is not None:
+            # A transport with a producer registered waits for it before it closes.
+            self.transport.unregisterProducer()
+            self._unsent_replies = None
+        self.reply(reply)
+        self._abort_call = self.callLater(CLOSE_GRACE_SECONDS, self.transport.abortConnection)
+        if self.paused:
+            self.resumeProducing()
         self.transport.loseConnection()
 
     @property
@@ -195,8 +288,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._close_for_shutdown()
 
     def _close_for_shutdown(self) -> None:
-        self.reply(replies.SHUTTING_DOWN)
-        self.transport.loseConnection()
+        self._close(replies.SHUTTING_DOWN)
 
     # -- input ------------------------------------------------------------------------
 
@@ -208,6 +300,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._auth_response(line)
             return
         if self.mode == _QUIT:
+            return
+        self._commands_without_message += 1
+        if self._commands_without_message > self.factory.max_commands_without_message:
+            # A session that only sends NOOP, RSET and the like never goes idle.
+            self._close(replies.TOO_MANY_COMMANDS)
             return
         verb, _, rest = line.strip().partition(b" ")
         if not verb:
@@ -223,9 +320,12 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._error(replies.LINE_TOO_LONG)
 
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.mode == _QUIT:  # closed (_close)
+            return
         self.resetTimeout()
         rest = self._collector.feed(data)
         if rest is not None:
+            self._data_call.cancel()
             collector, self._collector = self._collector, None
             # Inside dataReceived this only queues `rest`; it is read once the reply is out.
             self.setLineMode(rest)
@@ -234,27 +334,40 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     def _error(self, reply: replies.Reply) -> None:
         self.errors += 1
         if self.errors > self.max_errors:
-            self.reply(replies.TOO_MANY_ERRORS)
-            self.transport.loseConnection()
+            self._close(replies.TOO_MANY_ERRORS)
         else:
             self.reply(reply)
 
     def _run(self, work) -> None:
         """Run a command that waits: no further input is read until it has replied."""
         self._busy = True
-        self.pauseProducing()
+        self._update_input()
         d = defer.ensureDeferred(work)
         d.addErrback(self._unexpected)
         d.addBoth(self._done)
 
     def _done(self, _: object) -> None:
         self._busy = False
-        if not self.transport or self.transport.disconnecting:
+        if self.mode == _QUIT or self.transport.disconnecting:
             return
         if self._closing and self.mode == _COMMAND:
             self._close_for_shutdown()
             return
-        self.resumeProducing()
+        self._update_input()
+
+    def replies_waiting(self, waiting: bool) -> None:
+        """Backpressure (R-6): more replies unsent than the transport buffers, or none."""
+        self._replies_waiting = waiting
+        self._update_input()
+
+    def _update_input(self) -> None:
+        """Pause or resume reading for the two reasons to wait, so that neither resumes
+        what the other still holds."""
+        hold = self._busy or self._replies_waiting
+        if hold and not self.paused:
+            self.pauseProducing()
+        elif not hold and self.paused:
+            self.resumeProducing()
 
     def _unexpected(self, failure: Failure) -> None:
         if not failure.check(DatabaseUnavailable):
@@ -277,14 +390,14 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._error(replies.BAD_ARGUMENTS)
             return
         self._reset_transaction()
-        self.reply((250, self.host + b" Hello " + rest[:100]))
+        self.reply((250, replies.hello(self.host, rest)))
 
     def do_EHLO(self, rest: bytes) -> None:  # noqa: N802
         if not rest:
             self._error(replies.BAD_ARGUMENTS)
             return
         self._reset_transaction()
-        lines = [self.host + b" Hello " + rest[:100], b"PIPELINING",
+        lines = [replies.hello(self.host, rest), b"PIPELINING",
                  b"SIZE %d" % self.factory.max_message_size, b"8BITMIME",
                  b"ENHANCEDSTATUSCODES"]
         if self.canStartTLS and not self.secure:
@@ -306,6 +419,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             # Nothing sent before the handshake may count as a command (RFC 3207 5.2).
             self.clearLineBuffer()
             self.transport.startTLS(self.ctx)
+            self._await_handshake()
             self.startedTLS = True
             # RFC 3207 4.2: nothing learnt before TLS counts, a (loopback) login included.
             self.account = None
@@ -322,7 +436,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._error(replies.ENCRYPTION_REQUIRED)
             return
         if self.factory.throttle.ip_blocked(self.peer_ip):
-            self._cut_off()
+            self._close(replies.TOO_MANY_FAILURES)
             return
         mechanism, _, initial = rest.partition(b" ")
         if not mechanism:
@@ -368,18 +482,13 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             return
         self._run(self._authenticate(creds))
 
-    def _cut_off(self) -> None:
-        """Too many failures from this client address: 421 and close."""
-        self.reply(replies.TOO_MANY_FAILURES)
-        self.transport.loseConnection()
-
     async def _authenticate(self, creds) -> None:
         username = creds.username.decode("utf-8", "replace")
         throttle: AuthThrottle = self.factory.throttle
         await throttle.refresh()
         # Again here: other attempts may have failed since this one's AUTH command.
         if throttle.ip_blocked(self.peer_ip):
-            self._cut_off()
+            self._close(replies.TOO_MANY_FAILURES)
             return
         if throttle.user_blocked(self.peer_ip, username):
             self.reply(replies.AUTH_THROTTLED)
@@ -489,7 +598,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         except DatabaseUnavailable:
             self.reply(replies.TEMPORARY_FAILURE)
             return
-        self.reply(replies.RECIPIENT_OK)
+        self._accept_recipient()
 
     async def _accept_when_imported(self, email: str) -> None:
         try:
@@ -497,6 +606,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         except ContactLimitReached:
             self.reply(replies.transaction_failed("contact limit reached"))
             return
+        self._accept_recipient()
+
+    def _accept_recipient(self) -> None:
+        # Progress: up to max_recipients RCPTs may come before their message.
+        self._commands_without_message -= 1
         self.reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:  # noqa: N802
@@ -512,6 +626,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._collector = DataCollector(self.factory.max_message_size, self._bare_lf)
         self.reply(replies.START_DATA)
         self.setRawMode()
+        # The idle timeout restarts with every byte: a message sent a byte a minute
+        # would hold the session forever.
+        self._data_call = self.callLater(self.factory.data_timeout, self._close,
+                                         replies.DATA_TOO_SLOW)
 
     async def _end_of_data(self, collector: DataCollector) -> None:
         sender, imports = self._sender, self._imports
@@ -532,6 +650,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         raw = collector.message()
         if not raw:
             await imports.imported()
+            self._commands_without_message = 0
             self.reply(replies.imported(recipients))
             return
         try:
@@ -554,6 +673,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         else:
             self.messages += 1
             self.recipients_total += recipients
+            self._commands_without_message = 0
             self.reply(replies.accepted(stored.send_id, stored.message_uid))
 
     def do_RSET(self, rest: bytes) -> None:  # noqa: N802
@@ -576,19 +696,37 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         imports, self._imports = self._imports, None
         self.mode = _QUIT
         if imports is None:
-            self._close()
+            self._close(replies.CLOSING)
             return
-        defer.ensureDeferred(imports.settled()).addCallback(lambda _: self._close())
-
-    def _close(self) -> None:
-        self.reply(replies.CLOSING)
-        self.transport.loseConnection()
+        defer.ensureDeferred(imports.settled()).addCallback(
+            lambda _: self._close(replies.CLOSING))
 
     _COMMANDS = {
         b"HELO": do_HELO, b"EHLO": do_EHLO, b"STARTTLS": ext_STARTTLS, b"AUTH": ext_AUTH,
         b"MAIL": do_MAIL, b"RCPT": do_RCPT, b"DATA": do_DATA, b"RSET": do_RSET,
         b"NOOP": do_NOOP, b"HELP": do_HELP, b"VRFY": do_VRFY, b"QUIT": do_QUIT,
     }
+
+
+class _Refusal(protocol.Protocol):
+    """A connection over the caps (R-6): one 421 and closed, no session. On implicit TLS
+    the reply waits for the handshake; a client that has not let the close finish
+    CLOSE_GRACE_SECONDS later is cut off."""
+
+    def __init__(self, reply: replies.Reply, clock) -> None:
+        self._reply = reply
+        self._clock = clock
+        self._abort_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        self.transport.write(b"%d %s\r\n" % self._reply)
+        self._abort_call = self._clock.callLater(CLOSE_GRACE_SECONDS,
+                                                 self.transport.abortConnection)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        if self._abort_call.active():
+            self._abort_call.cancel()
 
 
 def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:
@@ -623,17 +761,24 @@ def _sleep(clock, seconds: float) -> defer.Deferred[None]:
 
 class SubmissionFactory(smtp.SMTPFactory):
     protocol = SubmissionProtocol
+    log = Logger()
 
     def __init__(self, hostname: str, tls_options, clock, idle_timeout: int,
                  portal=None, service: SubmissionService | None = None,
                  throttle: AuthThrottle | None = None, max_message_size: int = 512000,
                  max_recipients: int = 1000, allow_plaintext_auth: bool = False,
-                 trusted_networks: tuple = (), trusted_account=None) -> None:
+                 trusted_networks: tuple = (), trusted_account=None,
+                 tls_handshake_timeout: int = 30, max_connections: int = 1000,
+                 max_connections_per_address: int = 100, data_timeout: int = 600,
+                 max_commands_without_message: int = 100) -> None:
         super().__init__(portal=portal)
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
         self.clock = clock
         self.timeout = idle_timeout
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.data_timeout = data_timeout
+        self.max_commands_without_message = max_commands_without_message
         self.service = service
         self.throttle = throttle or AuthThrottle(clock)
         self.max_message_size = max_message_size
@@ -643,13 +788,31 @@ class SubmissionFactory(smtp.SMTPFactory):
                                       for n in trusted_networks)
         # Loads the account that trusted networks' mail is sent as: (username) -> avatar.
         self.trusted_account = trusted_account
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self.sessions: set[SubmissionProtocol] = set()
+        self._per_address: Counter[str] = Counter()
 
     def is_trusted(self, address: str) -> bool:
         """S-4: no AUTH needed from the operator's trusted networks (Postfix's mynetworks)."""
         return address_in(address, self.trusted_networks)
 
+    def session_started(self, session: SubmissionProtocol) -> None:
+        self.sessions.add(session)
+        self._per_address[session.peer_ip] += 1
+
+    def session_ended(self, session: SubmissionProtocol) -> None:
+        self.sessions.discard(session)
+        self._per_address[session.peer_ip] -= 1
+        if not self._per_address[session.peer_ip]:
+            del self._per_address[session.peer_ip]
+
     def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
+        ip = getattr(addr, "host", "")
+        if len(self.sessions) >= self.max_connections:
+            return self._refuse(ip, replies.TOO_MANY_CONNECTIONS)
+        if self._per_address[ip] >= self.max_connections_per_address:
+            return self._refuse(ip, replies.TOO_MANY_CONNECTIONS_FROM_ADDRESS)
         p = super().buildProtocol(addr)
         p.factory = self
         p.ctx = self.tls_options
@@ -657,9 +820,16 @@ class SubmissionFactory(smtp.SMTPFactory):
         p.callLater = self.clock.callLater
         return p
 
+    def _refuse(self, ip: str, reply: replies.Reply) -> _Refusal:
+        self.log.info("smtp connection from {ip} refused: {sessions} sessions, {from_ip} from "
+                      "this address", ip=ip, sessions=len(self.sessions),
+                      from_ip=self._per_address[ip])
+        return _Refusal(reply, self.clock)
+
     async def shutdown(self, grace_seconds: float) -> None:
-        """Graceful stop (O-5): idle sessions close now, busy ones after their reply;
-        any still open after `grace_seconds` are cut."""
+        """Graceful stop (O-5): idle sessions close now, busy ones after their reply
+        (each cut if its close does not finish, as any close); any still busy after
+        `grace_seconds` are cut."""
         sessions = list(self.sessions)
         for session in sessions:
             session.shutdown()

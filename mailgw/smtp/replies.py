@@ -45,7 +45,18 @@ AUTH_THROTTLED = (454, b"4.7.0 Too many authentication failures, try again later
 TOO_MANY_FAILURES = (421, b"4.7.0 Too many failed attempts, closing connection")
 TOO_MANY_ERRORS = (421, b"4.7.0 Too many errors, closing connection")
 IDLE_TIMEOUT = (421, b"4.4.2 Idle timeout, closing connection")
+DATA_TOO_SLOW = (421, b"4.4.2 Message took too long to send, closing connection")
+TOO_MANY_COMMANDS = (421, b"4.7.0 Too many commands without a message, closing connection")
+TOO_MANY_CONNECTIONS = (421, b"4.7.0 Too many connections, try again later")
+TOO_MANY_CONNECTIONS_FROM_ADDRESS = (421, b"4.7.0 Too many connections from your address, "
+                                          b"try again later")
 SHUTTING_DOWN = (421, b"4.3.2 Service shutting down, closing connection")
+
+
+def hello(host: bytes, client_name: bytes) -> bytes:
+    """The first line of the answer to HELO and EHLO. The client's name is echoed as
+    printable ASCII: a CR in it would start a line of the reply's own."""
+    return host + b" Hello " + _printable(client_name[:100])
 
 
 def too_big(limit: int) -> Reply:
@@ -76,5 +87,9 @@ def imported(count: int) -> Reply:
 
 def _text(value: str) -> bytes:
     """Reply text from client-supplied words: one line, printable ASCII only."""
-    cleaned = value.encode("ascii", "replace")[:300]
-    return bytes(c if 32 <= c < 127 else 0x3F for c in cleaned)
+    return _printable(value.encode("ascii", "replace")[:300])
+
+
+def _printable(value: bytes) -> bytes:
+    """Control characters and 8-bit bytes become "?"."""
+    return bytes(c if 32 <= c < 127 else 0x3F for c in value)

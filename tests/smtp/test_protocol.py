@@ -21,7 +21,7 @@ from zope.interface import implementer
 from mailgw.content.message import ContentRefused
 from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import AuthThrottle, ISubmissionAccount, SubmissionAccount
-from mailgw.smtp.protocol import DataCollector, SubmissionFactory
+from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, DataCollector, SubmissionFactory
 from mailgw.store.contacts import ContactLimitReached, ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, StoredSubmission
 from mailgw.submit.recipients import IMPORT_HOLD_SECONDS, RecipientImports
@@ -247,10 +247,21 @@ class EHLOTests(unittest.TestCase):
         self.assertEqual(replies[-1], b"250 HELP")
 
 
+    def test_client_name_echoed_printable(self):
+        """A CR in the name would start a line of its own in the reply."""
+        replies = Session().send(b"EHLO evil\r250-AUTH FAKE\x00.example")
+        self.assertEqual(replies[0], b"250-mx.example.org Hello evil?250-AUTH FAKE?.example")
+        self.assertEqual(replies[1], b"250-PIPELINING")
+
+
 class HELOTests(unittest.TestCase):
     def test_helo(self):
         self.assertEqual(Session().send(b"HELO client"),
                          [b"250 mx.example.org Hello client"])
+
+    def test_client_name_echoed_printable(self):
+        self.assertEqual(Session().send(b"HELO a\rb\x00c\xff"),
+                         [b"250 mx.example.org Hello a?b?c?"])
 
 
 class STARTTLSTests(unittest.TestCase):
@@ -638,6 +649,13 @@ class RCPTTests(unittest.TestCase):
         self.assertEqual(session.send(b"RCPT TO:<gmail>"),
                          [b"553 5.1.3 Invalid recipient address: gmail"])
 
+    def test_local_part_longer_than_64_octets(self):
+        session = Session()
+        session.envelope()
+        local = b"a" * 65
+        self.assertEqual(session.send(b"RCPT TO:<" + local + b"@example.net>"),
+                         [b"553 5.1.3 Invalid recipient address: " + local + b"@example.net"])
+
     def test_too_many_recipients(self):
         session = Session(max_recipients=1)
         session.envelope(b"a@example.net")
@@ -855,6 +873,113 @@ class IdleTimeoutTests(unittest.TestCase):
         self.assertEqual(session.take(), [b"421 4.4.2 Idle timeout, closing connection"])
         self.assertTrue(session.transport.disconnecting)
 
+    def test_close_that_does_not_finish_ends_in_an_abort(self):
+        """R-6: a client that takes no replies, or leaves TLS's close_notify unanswered,
+        does not keep the socket of a session mailgw closed."""
+        session = Session()
+        session.clock.advance(300)
+        session.clock.advance(CLOSE_GRACE_SECONDS - 1)
+        self.assertFalse(session.transport.disconnected)
+        session.clock.advance(1)
+        self.assertTrue(session.transport.disconnected)
+
+    def test_no_abort_once_closed(self):
+        session = Session()
+        session.transport.loseConnection = session.protocol.connectionLost
+        session.send(b"QUIT")
+        self.assertEqual(session.clock.getDelayedCalls(), [])
+
+
+class ProgressTests(unittest.TestCase):
+    """R-6: a session that sends no message ends, however steadily it talks (the idle
+    timeout restarts with every command and every byte of DATA)."""
+
+    TOO_MANY = [b"421 4.7.0 Too many commands without a message, closing connection"]
+
+    def test_message_sent_a_byte_a_minute(self):
+        session = Session()
+        session.envelope()
+        session.send(b"DATA")
+        for _ in range(9):
+            session.clock.advance(60)
+            session.protocol.dataReceived(b"x")
+        session.clock.advance(59)
+        self.assertFalse(session.transport.disconnecting)
+        session.clock.advance(1)
+        self.assertEqual(session.take(),
+                         [b"421 4.4.2 Message took too long to send, closing connection"])
+        self.assertTrue(session.transport.disconnecting)
+        self.assertEqual(session.service.imported_alone, ["rcpt@example.net"])
+
+    def test_message_in_time_stops_the_data_clock(self):
+        session = Session()
+        session.submit(MESSAGE)
+        for _ in range(4):
+            session.clock.advance(200)
+            self.assertEqual(session.send(b"NOOP"), [b"250 2.0.0 OK"])
+
+    def test_noop_every_minute(self):
+        session = Session()
+        for _ in range(100):
+            session.clock.advance(60)
+            self.assertEqual(session.send(b"NOOP"), [b"250 2.0.0 OK"])
+        self.assertEqual(session.send(b"NOOP"), self.TOO_MANY)
+        self.assertTrue(session.transport.disconnecting)
+
+    def test_count_restarts_with_each_message(self):
+        session = Session()
+        self.assertEqual(session.submit(MESSAGE), [b"250 OK id=1166 " + UID.encode()])
+        self.assertEqual(session.send(*[b"NOOP"] * 100), [b"250 2.0.0 OK"] * 100)
+        self.assertEqual(session.send(b"NOOP"), self.TOO_MANY)
+
+    def test_recipients_added_do_not_count(self):
+        session = Session()
+        session.envelope(*[b"r%d@example.net" % i for i in range(150)])
+        session.send(b"DATA")
+        self.assertEqual(session.send(MESSAGE + b"."), [b"250 OK id=1166 " + UID.encode()])
+
+    def test_recipients_refused_count(self):
+        session = Session(max_recipients=1)
+        session.envelope()  # EHLO, AUTH, MAIL: 3 commands
+        self.assertEqual(session.send(*[b"RCPT TO:<b@example.net>"] * 97),
+                         [b"452 4.5.3 Too many recipients"] * 97)
+        self.assertEqual(session.send(b"RCPT TO:<b@example.net>"), self.TOO_MANY)
+
+
+class BackpressureTests(unittest.TestCase):
+    """R-6: commands are read only while the client takes its replies. The session's
+    producer is paused by the transport while replies are unsent."""
+
+    def test_reading_stops_while_replies_are_unsent(self):
+        session = Session()
+        session.transport.producer.pauseProducing()
+        self.assertEqual(session.send(b"HELP", b"NOOP"), [])
+        self.assertEqual(session.transport.producerState, "paused")
+        session.transport.producer.resumeProducing()
+        self.assertEqual([line[:4] for line in session.take()], [b"214 ", b"250 "])
+        self.assertEqual(session.transport.producerState, "producing")
+
+    def test_reply_sent_while_replies_are_unsent_does_not_resume(self):
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()  # the RCPT waits for the database
+        self.assertEqual(session.send(b"NOOP"), [])
+        session.transport.producer.pauseProducing()
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"250 2.1.5 Accepted"])  # the NOOP still waits
+        session.transport.producer.resumeProducing()
+        self.assertEqual(session.take(), [b"250 2.0.0 OK"])
+
+    def test_replies_sent_while_a_command_waits_do_not_resume(self):
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()
+        session.transport.producer.pauseProducing()
+        session.transport.producer.resumeProducing()
+        self.assertEqual(session.send(b"NOOP"), [])
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"250 2.1.5 Accepted", b"250 2.0.0 OK"])
+
 
 class ShutdownTests(unittest.TestCase):
     def test_idle_session_told_and_closed(self):
@@ -863,10 +988,20 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(session.take(), [b"421 4.3.2 Service shutting down, closing connection"])
         self.assertTrue(session.transport.disconnecting)
 
-    def test_session_still_open_after_the_grace_is_cut(self):
-        """A client that does not close (TLS waits for its close_notify) is cut once the
-        grace has passed, and the stop goes on."""
+    def test_idle_session_whose_close_does_not_finish_is_cut(self):
+        """A client that does not let the close finish (TLS waits for its close_notify)
+        is cut after CLOSE_GRACE_SECONDS, not after the whole grace."""
         session = Session()
+        session.transport.abortConnection = session.protocol.connectionLost
+        stopping = defer.ensureDeferred(session.factory.shutdown(30))
+        session.clock.advance(CLOSE_GRACE_SECONDS)
+        self.assertIsNone(self.successResultOf(stopping))
+        self.assertEqual(session.factory.sessions, set())
+
+    def test_session_still_busy_after_the_grace_is_cut(self):
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()  # its RCPT waits for the database
         session.transport.abortConnection = session.protocol.connectionLost
         stopping = defer.ensureDeferred(session.factory.shutdown(30))
         session.clock.advance(29)
@@ -874,6 +1009,18 @@ class ShutdownTests(unittest.TestCase):
         session.clock.advance(1)
         self.assertIsNone(self.successResultOf(stopping))
         self.assertEqual(session.factory.sessions, set())
+
+    def test_busy_session_closed_after_its_reply_reads_again(self):
+        """Reading was paused for the command; the close reads on, for a TLS client's
+        close_notify, but takes nothing read as a command."""
+        session = Session(max_contacts=10)
+        session.service.held = []
+        session.envelope()
+        session.protocol.shutdown()
+        session.service.held.pop().callback(None)
+        self.assertEqual(session.take(), [b"250 2.1.5 Accepted",
+                                          b"421 4.3.2 Service shutting down, closing connection"])
+        self.assertEqual(session.transport.producerState, "producing")
 
     def test_grace_timer_cancelled_when_all_closed(self):
         session = Session()

@@ -1,5 +1,6 @@
 """R-3 against a running Gateway: many idle connections, clients that vanish."""
 
+import dataclasses
 import resource
 import smtplib
 
@@ -54,10 +55,17 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _with_smtp(config, **changes):
+    return config.replace(smtp=dataclasses.replace(config.smtp, **changes))
+
+
 class ManyConnectionsTests(unittest.TestCase):
     async def test_thousand_idle_connections_then_timeout(self):
         clock = task.Clock()
-        gateway = await start_gateway(self, gateway_config(self, fresh_database()), clock)
+        # All from loopback: caps above the 1000 and the one that follows.
+        config = _with_smtp(gateway_config(self, fresh_database()), max_connections=1001,
+                            max_connections_per_address=1001)
+        gateway = await start_gateway(self, config, clock)
         port = gateway.port_for("smtp.starttls_listeners[0]")
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         before = _rss_kib()
@@ -76,6 +84,22 @@ class ManyConnectionsTests(unittest.TestCase):
         closing = await defer.gatherResults([c.lost for c in clients])
         self.assertTrue(all(b"421 4.4.2 Idle timeout" in data for data in closing))
         self.assertEqual(gateway.smtp_factory.sessions, set())
+
+
+    async def test_connection_caps_from_the_config(self):
+        config = _with_smtp(gateway_config(self, fresh_database()),
+                            max_connections_per_address=1)
+        gateway = await start_gateway(self, config)
+        port = gateway.port_for("smtp.starttls_listeners[0]")
+        first = _Idle()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), first)
+        await first.banner
+        with self.assertRaises(smtplib.SMTPConnectError) as refused:
+            await deferToThread(smtplib.SMTP, "127.0.0.1", port, timeout=10)
+        self.assertEqual(refused.exception.smtp_code, 421)
+        first.transport.loseConnection()
+        await first.lost
 
 
 class VanishingClientTests(unittest.TestCase):

@@ -25,7 +25,8 @@ ADDRESSES = [
 
 def _reference(address):
     try:
-        valid = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        valid = validate_email(address, check_deliverability=False, allow_smtputf8=False,
+                               strict=True)
     except EmailNotValidError:
         return None
     return valid.normalized.lower()
@@ -42,6 +43,15 @@ class NormalizeAddressTests(unittest.TestCase):
             except InvalidAddress:
                 normalized = None
             self.assertEqual(normalized, _reference(address), address)
+
+    def test_local_part_of_more_than_64_octets(self):
+        """RFC 5321 4.5.3.1.1, whichever path the address takes."""
+        self.assertEqual(normalize_address("a" * 64 + "@example.org"), "a" * 64 + "@example.org")
+        self.assertEqual(normalize_address("a" * 64 + "@exämple.org"),
+                         "a" * 64 + "@exämple.org")  # by email-validator
+        for address in ("a" * 65 + "@example.org", "a" * 65 + "@exämple.org"):
+            with self.assertRaises(InvalidAddress):
+                normalize_address(address)
 
     def test_plain_addresses_do_not_reach_email_validator(self):
         self.patch(addresses, "validate_email",
