@@ -135,7 +135,7 @@ class Gateway(service.MultiService):
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
         tracking = TrackingApp(self.stores.submissions).app.resource()
-        root = HTTPRoot({b"a": tracking}, OperationsApp(self.database).app.resource())
+        root = HTTPRoot({("a",): tracking}, OperationsApp(self.database).app.resource())
         site = server.Site(root)
         site.displayTracebacks = False
         smtp_backlog = self.config.smtp.listen_backlog

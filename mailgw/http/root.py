@@ -1,22 +1,39 @@
-"""The HTTP listener's root: several Klein apps, each owning some first path segments.
+"""The HTTP listener's root: several Klein apps, each mounted at path prefixes.
 
-Every app routes on full paths (`/a/<token>`, `/healthz`, later `/v1/...`), so it
-reads the same standalone and mounted; the root only picks the app by the first
-segment and hands it the whole path.
+Every app routes on full paths (`/a/<token>`, `/healthz`, `/v1/email`), so it
+reads the same standalone and mounted; the root only picks the app and hands it
+the whole path. A prefix is one or more whole segments, and the longest that
+matches wins: with `("v1", "email")` and `("v1",)` mounted, `/v1/email` goes to
+the first app and `/v1/contacto/` to the second. Segments are compared as
+twisted.web gives them, percent-decoded (`/v%31` is `/v1`; `%2F` does not split a
+segment), and an empty segment is a segment of its own: `/v1` and `/v1/` match
+`("v1",)`, `//v1` does not. A path no prefix matches goes to the default app.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from twisted.web.resource import Resource
 
 
 class HTTPRoot(Resource):
-    def __init__(self, apps: dict[bytes, Resource], default: Resource) -> None:
+    def __init__(self, apps: Mapping[tuple[str, ...], Resource], default: Resource) -> None:
         super().__init__()
-        self.apps = apps
+        for prefix in apps:
+            if not prefix or not all(segment and "/" not in segment for segment in prefix):
+                raise ValueError(f"not a path prefix of whole segments: {prefix!r}")
+        self.apps = {tuple(segment.encode() for segment in prefix): app
+                     for prefix, app in apps.items()}
+        self.longest = max(map(len, self.apps), default=0)
         self.default = default
 
     def getChild(self, name: bytes, request) -> Resource:  # noqa: N802 (Twisted's name)
         # Give the segment back, so that the app sees the full path.
         request.postpath.insert(0, request.prepath.pop())
-        return self.apps.get(name, self.default)
+        segments = tuple(request.postpath[:self.longest])
+        for length in range(len(segments), 0, -1):
+            app = self.apps.get(segments[:length])
+            if app is not None:
+                return app
+        return self.default

@@ -8,6 +8,7 @@ from mailgw.store.accounts import AccountStore
 from mailgw.store.auth_failures import AuthFailureStore
 from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
+from mailgw.store.events import EventStore
 from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.keys import KeyStore
 from mailgw.store.queue import QueueStore
@@ -35,6 +36,7 @@ class Stores:
     submissions: SubmissionStore
     templates: TemplateStore
     queue: QueueStore
+    events: EventStore
     keys: KeyStore
     auth_failures: AuthFailureStore
 
@@ -46,4 +48,5 @@ class Stores:
                    senders=SenderStore(database), contacts=contacts,
                    submissions=SubmissionStore(database, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
-                   keys=KeyStore(database), auth_failures=AuthFailureStore(database))
+                   events=EventStore(database, committer), keys=KeyStore(database),
+                   auth_failures=AuthFailureStore(database))

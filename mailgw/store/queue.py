@@ -17,6 +17,7 @@ from typing import Any
 from psycopg2.extras import Json
 
 from mailgw.store.database import Database, PreparedStatement
+from mailgw.store.events import EventType
 from mailgw.store.group_commit import GroupCommitter
 
 
@@ -180,8 +181,9 @@ _RECORD_OUTCOMES = PreparedStatement(
     "record_outcomes",
     "WITH input AS ("
     "  SELECT * FROM unnest(%(ids)s::bigint[], %(owners)s::text[], %(states)s::text[],"
-    "   %(replies)s::text[], %(retries)s::float8[], %(details)s::jsonb[])"
-    "  AS i(id, owner, state, reply, retry, details)),"
+    "   %(replies)s::text[], %(retries)s::float8[], %(types)s::text[],"
+    "   %(details)s::jsonb[])"
+    "  AS i(id, owner, state, reply, retry, type, details)),"
     " updated AS ("
     "  UPDATE deliveries d SET state = i.state, last_reply = i.reply,"
     "   next_attempt_at = CASE WHEN i.retry IS NULL THEN d.next_attempt_at"
@@ -190,11 +192,11 @@ _RECORD_OUTCOMES = PreparedStatement(
     "  FROM input i WHERE d.id = i.id AND d.lease_owner = i.owner"
     "  RETURNING d.id, d.account_id, d.message_id, d.contact_id, d.recipient,"
     "   (SELECT send_id FROM messages m WHERE m.id = d.message_id) AS send_id,"
-    "   i.state, i.details),"
+    "   i.type, i.details),"
     " event AS ("
     "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
     "   recipient, type, details)"
-    "  SELECT account_id, send_id, message_id, id, contact_id, recipient, state, details"
+    "  SELECT account_id, send_id, message_id, id, contact_id, recipient, type, details"
     "  FROM updated)"
     " SELECT id, account_id, send_id, contact_id, recipient FROM updated")
 
@@ -207,6 +209,7 @@ async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[boo
         "ids": [o.delivery_id for o in outcomes], "owners": [r.owner for r in recordings],
         "states": [o.state for o in outcomes], "replies": [o.reply[:1000] for o in outcomes],
         "retries": [o.retry_in for o in outcomes],
+        "types": [EventType(o.state) for o in outcomes],
         "details": [Json(_event_details(o)) for o in outcomes]})
     recorded = {row[0]: row[1:] for row in cursor.fetchall()}
     hard_bounces: dict[int, _HardBounces] = {}
@@ -251,7 +254,7 @@ _COUNT_HARD_BOUNCES = PreparedStatement(
     "  RETURNING c.id, NOT c.whitelisted AND c.hard_bounces >= i.lim"
     "   AND c.hard_bounces - i.n < i.lim AS reached)"
     " INSERT INTO events (account_id, send_id, contact_id, recipient, type, details)"
-    " SELECT i.account_id, i.send_id, i.contact_id, i.recipient, 'invalidated',"
+    f" SELECT i.account_id, i.send_id, i.contact_id, i.recipient, '{EventType.INVALIDATED}',"
     "  jsonb_build_object('reason', i.lim || ' hard bounces')"
     " FROM counted JOIN input i ON i.contact_id = counted.id WHERE counted.reached")
 

@@ -13,6 +13,7 @@ from psycopg2.extras import Json
 
 from mailgw.store.contacts import ContactStore, Imported, ImportedRecipient, RecipientImport
 from mailgw.store.database import SEND_QUOTA_LOCK, Database, PreparedStatement, lock_account
+from mailgw.store.events import EventType
 
 
 class QuotaExceeded(Exception):
@@ -106,7 +107,7 @@ def _queued(record: SubmissionRecord) -> int:
 # One statement for the whole batch, however many submissions and recipients: the
 # ids of content pieces, sends and messages are drawn first, so that each
 # submission's rows can refer to each other; then a queue row per recipient and
-# its first event.
+# its first event (its type from EventType, written into the SQL once).
 _STORE_SUBMISSIONS = PreparedStatement(
     "store_submissions",
     "WITH input AS ("
@@ -151,7 +152,8 @@ _STORE_SUBMISSIONS = PreparedStatement(
     "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
     "   recipient, type, details)"
     "  SELECT d.account_id, i.send_id, d.message_id, d.id, d.contact_id, d.recipient,"
-    "   CASE WHEN d.state = 'queued' THEN 'queued' ELSE 'not_sent' END,"
+    f"   CASE WHEN d.state = 'queued' THEN '{EventType.QUEUED}'"
+    f"    ELSE '{EventType.NOT_SENT}' END,"
     "   CASE WHEN d.state = 'queued' THEN '{}'::jsonb"
     "    ELSE jsonb_build_object('reason', d.last_reply) END"
     "  FROM delivery d JOIN input i ON i.message_id = d.message_id)"

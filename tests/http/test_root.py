@@ -1,0 +1,94 @@
+"""The HTTP root on a real Site over a StringTransport: which app answers a path, and
+what path that app sees."""
+
+from klein import Klein
+from klein.interfaces import IKleinRequest
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from mailgw.http.root import HTTPRoot
+
+
+def echo_app(name: str) -> Resource:
+    """A Klein app that answers every path with its name and the path it routes on."""
+    app = Klein()
+
+    @app.route("/", branch=True)
+    def echo(request) -> str:
+        return f"{name} {IKleinRequest(request).mapper.path_info}"
+
+    return app.resource()
+
+
+def get(resource: Resource, path: bytes) -> tuple[int, str]:
+    """The status and body of a GET of `path` (as sent, not normalised)."""
+    site = server.Site(resource, reactor=task.Clock())
+    site.timeOut = None
+    transport = StringTransport()
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 80))
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET " + path + b" HTTP/1.0\r\nHost: example.org\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body.decode()
+
+
+class HTTPRootTests(unittest.TestCase):
+    def setUp(self):
+        self.root = HTTPRoot({("v1", "email"): echo_app("aldeamo"),
+                              ("v1", "admin"): echo_app("management"),
+                              ("v1",): echo_app("dmds"),
+                              ("t",): echo_app("tracking"), ("a",): echo_app("tracking")},
+                             default=echo_app("operations"))
+
+    def answers(self, path: bytes) -> str:
+        status, body = get(self.root, path)
+        self.assertEqual(status, 200)
+        return body
+
+    def test_longest_prefix_wins(self):
+        self.assertEqual(self.answers(b"/v1/email"), "aldeamo /v1/email")
+        self.assertEqual(self.answers(b"/v1/admin/accounts/7"), "management /v1/admin/accounts/7")
+        self.assertEqual(self.answers(b"/v1/contacto/"), "dmds /v1/contacto/")
+        # Whole segments only.
+        self.assertEqual(self.answers(b"/v1/emails"), "dmds /v1/emails")
+        self.assertEqual(self.answers(b"/v1/campania/email"), "dmds /v1/campania/email")
+
+    def test_app_sees_the_full_path_and_query(self):
+        self.assertEqual(self.answers(b"/v1/email/x/y?to=a"), "aldeamo /v1/email/x/y")
+        self.assertEqual(self.answers(b"/t/o/tok.gif"), "tracking /t/o/tok.gif")
+        self.assertEqual(self.answers(b"/a/tok"), "tracking /a/tok")
+        self.assertEqual(self.answers(b"/healthz"), "operations /healthz")
+
+    def test_app_reads_the_same_standalone_and_mounted(self):
+        aldeamo = echo_app("aldeamo")
+        root = HTTPRoot({("v1", "email"): aldeamo}, default=echo_app("operations"))
+        for path in (b"/v1/email", b"/v1/email/", b"/v1/email/%41?x=1"):
+            self.assertEqual(get(root, path), get(aldeamo, path))
+
+    def test_unknown_paths_go_to_the_default(self):
+        for path in (b"/", b"/nothing", b"/v2/email", b"/email", b"/V1/email", b"/ta"):
+            self.assertEqual(self.answers(path), f"operations {path.decode()}")
+
+    def test_trailing_slashes_and_empty_segments(self):
+        self.assertEqual(self.answers(b"/v1"), "dmds /v1")
+        self.assertEqual(self.answers(b"/v1/"), "dmds /v1/")
+        self.assertEqual(self.answers(b"/v1/email/"), "aldeamo /v1/email/")
+        # An empty segment is a segment: it is not skipped to reach a longer prefix.
+        self.assertEqual(self.answers(b"/v1//email"), "dmds /v1//email")
+        self.assertTrue(self.answers(b"//v1/email").startswith("operations "))
+
+    def test_percent_encoded_segments(self):
+        self.assertEqual(self.answers(b"/v%31/%65mail"), "aldeamo /v1/email")
+        self.assertEqual(self.answers(b"/%61/t%20k"), "tracking /a/t k")
+        # An encoded slash does not split its segment.
+        self.assertTrue(self.answers(b"/v1%2Femail").startswith("operations "))
+        self.assertTrue(self.answers(b"/a%2Ftok").startswith("operations "))
+
+    def test_prefixes_are_whole_segments(self):
+        for prefix in ((), ("",), ("v1", ""), ("v1/email",)):
+            with self.assertRaises(ValueError):
+                HTTPRoot({prefix: echo_app("x")}, default=echo_app("operations"))
