@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from mailgw.config import Config
-from mailgw.content.render import LinkSigner
+from mailgw.content.links import LinkSigner
 from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost

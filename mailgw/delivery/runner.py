@@ -26,13 +26,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailgw.config import DeliveryConfig
-from mailgw.content.render import (
-    DKIMSigner,
-    LinkSigner,
-    PreparedMessage,
-    RecipientContext,
-    SenderContext,
-)
+from mailgw.content.links import LinkSigner
+from mailgw.content.render import DKIMSigner, PreparedMessage, RecipientContext, SenderContext
 from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable

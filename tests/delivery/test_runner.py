@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from mailgw.config import DeliveryConfig
 from mailgw.content.dkim import generate_dkim_key
-from mailgw.content.render import LinkSigner
+from mailgw.content.links import LinkSigner
 from mailgw.delivery import runner as runner_module
 from mailgw.delivery.mx import MailServer, NullMX
 from mailgw.delivery.runner import (
