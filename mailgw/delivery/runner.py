@@ -26,8 +26,9 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailgw.config import DeliveryConfig
+from mailgw.content.dkim import DKIMSigner
 from mailgw.content.links import LinkSigner
-from mailgw.content.render import DKIMSigner, PreparedMessage, RecipientContext, SenderContext
+from mailgw.content.render import PreparedMessage, RecipientContext, SenderContext
 from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable
