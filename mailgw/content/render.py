@@ -1,7 +1,7 @@
 """Each recipient's copy of a message, ready to send (D-2, S-9, S-11, T-1 to T-5).
 
 Pure code: no I/O, no database, no reactor. The delivery engine prepares a stored message
-once (`PreparedMessage.from_body`: parse the body JSON, insert the S-9 texts, split the HTML
+once (`PreparedMessage.from_body`: from its `StoredBody`, insert the S-9 texts, split the HTML
 at its links, build every header and MIME part that is the same for all recipients) and then
 renders it per recipient (`PreparedMessage.render`): one merge pass per part, the signed
 tracking links joined in, the parts encoded, and the DKIM signature on top (ARCHITECTURE
@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses
 from urllib.parse import quote
 
+from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner, PendingSignature
 from mailgw.content.footer_texts import header_footer_texts
 from mailgw.content.links import LinkSigner
 from mailgw.content.merge import merge
-from mailgw.content.message import decode_header
+from mailgw.content.message import Attachment, decode_header
 from mailgw.randomness import random_hex
 
 __all__ = ["PreparedMessage", "RecipientContext", "SenderContext"]
@@ -264,19 +265,19 @@ def _encode_text(text: str) -> tuple[bytes, bytes]:
     return _TEXT_HEADERS["b64"], base64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
-def _attachment_part(attachment: Mapping) -> tuple[bytes, bool]:
+def _attachment_part(attachment: Attachment) -> tuple[bytes, bool]:
     """(the complete MIME part, whether it is an inline cid: image)."""
-    data = base64.b64decode(attachment.get("data") or "")
-    maintype, _, subtype = str(attachment.get("content_type") or "").lower().partition("/")
+    data = attachment.data
+    maintype, _, subtype = attachment.content_type.lower().partition("/")
     if not (_MIME_TOKEN.fullmatch(maintype) and _MIME_TOKEN.fullmatch(subtype)) or \
             maintype == "multipart":
         maintype, subtype = "application", "octet-stream"
-    filename = _one_line(str(attachment.get("filename") or "")) or "attachment"
-    content_id = _one_line(str(attachment.get("content_id") or "")).strip("<> ")
+    filename = _one_line(attachment.filename) or "attachment"
+    content_id = _one_line(attachment.content_id or "").strip("<> ")
     content_id = "".join(content_id.split())
     if not (content_id.isascii() and len(content_id) <= _LONGEST_WORD):
         content_id = ""  # no line can hold it: the image cannot be shown through cid:
-    inline = bool(attachment.get("inline")) and bool(content_id)
+    inline = attachment.inline and bool(content_id)
     encoding, body = "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
     if maintype == "message":
         # RFC 2046 5.2.1: message/* may not be base64. A 7-bit message goes as written;
@@ -411,11 +412,10 @@ class PreparedMessage:
     """A stored message prepared ONCE, then rendered cheaply per recipient (D-2)."""
 
     @classmethod
-    def from_body(cls, body: dict, options: dict, sender: SenderContext,
+    def from_body(cls, body: StoredBody, options: dict, sender: SenderContext,
                   signer: LinkSigner) -> PreparedMessage:
-        """body: as stored by mailgw.submit.service._prepared_body; options: the message's
-        MessageOptions as a dict (S-9). A feature is on when the message options and the
-        sender's switch both say so (T-5)."""
+        """options: the message's MessageOptions as a dict (S-9). A feature is on when the
+        message options and the sender's switch both say so (T-5)."""
         self = cls.__new__(cls)
         options = options or {}
         self._signer = signer
@@ -434,15 +434,14 @@ class PreparedMessage:
         track_opens = bool(options.get("track_opens", True)) and sender.track_opens
         track_clicks = bool(options.get("track_clicks", True)) and sender.track_clicks
 
-        self._subject = str(body.get("subject") or "")
+        self._subject = body.subject
         self._subject_header = _unstructured("Subject", self._subject)
         local, at, domain = _one_line(sender.unsubscribe_mailto).rpartition("@")
         self._unsubscribe_mailto = f"{local}{at}{_ascii_domain(domain)}"
         self._hostname = _ascii_domain(sender.hostname)
-        self._prepare_text(body.get("text"), texts, show_cab, social)
-        self._prepare_html(body.get("html"), texts, show_cab, social, track_opens,
-                           track_clicks)
-        self._prepare_layout(body.get("attachments") or [])
+        self._prepare_text(body.text, texts, show_cab, social)
+        self._prepare_html(body.html, texts, show_cab, social, track_opens, track_clicks)
+        self._prepare_layout(body.attachments)
         self._prepare_headers(body, sender)
         return self
 
@@ -515,7 +514,7 @@ class PreparedMessage:
             return (_CLICK, href)
         return None
 
-    def _prepare_layout(self, attachments: list) -> None:
+    def _prepare_layout(self, attachments: Iterable[Attachment]) -> None:
         """The MIME tree as chunks, with _TEXT and _HTML where the per-recipient parts go."""
         boundary = _BOUNDARY_PREFIX + random_hex()
         inline, files = [], []
@@ -537,16 +536,15 @@ class PreparedMessage:
             root = _multipart("mixed", [root, *files], boundary + "_m")
         self._layout = root
 
-    def _prepare_headers(self, body: dict, sender: SenderContext) -> None:
-        from_name = sender.from_name if sender.from_name is not None else body.get("from_name")
+    def _prepare_headers(self, body: StoredBody, sender: SenderContext) -> None:
+        from_name = sender.from_name if sender.from_name is not None else body.from_name
         self._from_header = _address_header("From", from_name, sender.from_address)
         middle = [b"MIME-Version: 1.0\r\n"]
         ours = set(_OURS)
         if sender.reply_to:
             middle.append(_address_header("Reply-To", None, sender.reply_to))
             ours.add("reply-to")
-        for item in body.get("headers") or []:
-            name, value = str(item[0]), str(item[1])
+        for name, value in body.headers:
             if name.lower() not in ours and not name.lower().startswith("content-"):
                 kept = _kept_header(name, value)
                 if kept is not None:

@@ -26,6 +26,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailgw.config import DeliveryConfig
+from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner
 from mailgw.content.links import LinkSigner
 from mailgw.content.render import PreparedMessage, RecipientContext, SenderContext
@@ -332,8 +333,9 @@ class QueueRunner:
         # Never the sender's own domain: a single verified address at a mail provider
         # would get its bounces and unsubscribes there, out of mailgw's reach.
         bounce_domain = context.return_path_domain or self.bounce_domain
+        body = StoredBody.from_json(context.body)
         sender = SenderContext(
-            from_address=context.sender, from_name=context.body.get("from_name"),
+            from_address=context.sender, from_name=body.from_name,
             hostname=self.hostname, bounce_domain=bounce_domain,
             unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
             reply_to=context.reply_to,
@@ -342,16 +344,14 @@ class QueueRunner:
             track_opens=bool(settings.get("track_opens", True)),
             track_clicks=bool(settings.get("track_clicks", True)))
         try:
-            prepared = PreparedMessage.from_body(context.body, context.options, sender,
-                                                 self.signer)
+            prepared = PreparedMessage.from_body(body, context.options, sender, self.signer)
         except Exception as e:
             if sender.dkim is None:
                 raise
             # Without the key it fails again when the content is at fault (that error
             # goes up); if not, the key was: the operator's to fix, the mail goes unsigned.
             prepared = PreparedMessage.from_body(
-                context.body, context.options, dataclasses.replace(sender, dkim=None),
-                self.signer)
+                body, context.options, dataclasses.replace(sender, dkim=None), self.signer)
             self.log.error("DKIM key of {domain} unusable ({error}); sending unsigned",
                            domain=context.dkim_domain, error=e)
         ready = self._prepared[context.id] = _Ready(prepared, bounce_domain)

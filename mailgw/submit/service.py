@@ -7,7 +7,6 @@ mapped by each door to its own reply codes or error names.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import secrets
 from collections.abc import Callable, Mapping
@@ -16,6 +15,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mailgw.content.body import StoredBody
 from mailgw.content.merge import escape_for_html, merge
 from mailgw.content.message import (
     ContentPolicy,
@@ -137,7 +137,7 @@ class SubmissionService:
             sender=submission.sender,
             subject=content.subject,
             html=content.html,
-            body=_prepared_body(content),
+            body=StoredBody.of(content).to_json(),
             recipients=submission.recipients,
             group_id=submission.group_id,
             reply_to=content.reply_to[0] if content.reply_to else None,
@@ -198,20 +198,4 @@ class SubmissionService:
                        for a, token in zip(content.attachments, tokens, strict=True))
         return append_attachment_links(dataclasses.replace(content, html=document),
                                        links), stored
-
-
-def _prepared_body(content: ParsedMessage) -> dict:
-    """What the delivery engine renders each recipient's copy from."""
-    return {
-        "subject": content.subject,
-        "from_name": content.from_name,
-        "html": content.html,
-        "text": content.text,
-        "headers": [list(h) for h in content.headers],
-        "attachments": [
-            {"filename": a.filename, "content_type": a.content_type,
-             "content_id": a.content_id, "inline": a.inline,
-             "data": base64.b64encode(a.data).decode("ascii")}
-            for a in content.attachments],
-    }
 

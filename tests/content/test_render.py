@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import dkim
 from twisted.trial import unittest
 
+from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner, generate_dkim_key
 from mailgw.content.footer_texts import FooterTexts, header_footer_texts
 from mailgw.content.links import LinkSigner
@@ -59,7 +60,7 @@ def body(**changes):
         "attachments": [],
     }
     value.update(changes)
-    return value
+    return StoredBody.from_json(value)
 
 
 def options(**changes):
