@@ -1,11 +1,12 @@
 """Each recipient's copy of a message, ready to send (D-2, S-9, S-11, T-1 to T-5).
 
 Pure code: no I/O, no database, no reactor. The delivery engine prepares a stored message
-once (`PreparedMessage.from_body`: from its `StoredBody`, insert the S-9 texts, split the HTML
-at its links, build every header and MIME part that is the same for all recipients) and then
-renders it per recipient (`PreparedMessage.render`): one merge pass per part, the signed
-tracking links joined in, the parts encoded, and the DKIM signature on top (ARCHITECTURE
-principle 4). The tracking links are signed by `mailgw.content.links`, the DKIM signature
+once (`PreparedMessage(body, ...)` from its `StoredBody`: insert the S-9 texts, split the
+HTML at its links, build every header and MIME part that is the same for all recipients)
+and then renders it per recipient (`PreparedMessage.render`): one merge pass per part, the
+signed tracking links joined in, the parts encoded, and the DKIM signature on top
+(ARCHITECTURE principle 4). This module owns the sender and recipient contexts, header
+writing and MIME building; the links are signed by `mailgw.content.links`, the signature
 made by `mailgw.content.dkim`.
 """
 
@@ -19,11 +20,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses
+from typing import Any
 from urllib.parse import quote
 
 from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner, PendingSignature
-from mailgw.content.footer_texts import header_footer_texts
+from mailgw.content.footer_texts import FooterTexts, header_footer_texts
 from mailgw.content.links import LinkSigner
 from mailgw.content.merge import merge
 from mailgw.content.message import Attachment, decode_header
@@ -406,23 +408,140 @@ def _may_hold_tag(value: str) -> bool:
     return "{" in value or "[" in value or "XYZ" in value
 
 
+# --- Preparation: what is the same for every recipient ---
+
+def _text_with_header_footer(text: str | None, texts: FooterTexts, show_cab: bool,
+                     social: list[tuple[str, str]]) -> str | None:
+    """The text part with the web version line on top and the social links at the end."""
+    if text is None:
+        return None
+    if show_cab:
+        text = f"{texts.view_in_browser}: [WebVersion]\n\n{text}"
+    if social:
+        listing = "\n".join(f"{name}: {url}" for name, url in social)
+        text = f"{text.rstrip()}\n\n{texts.follow_us}:\n{listing}\n"
+    return text
+
+
+def _html_with_slots(document: str | None, texts: FooterTexts, show_cab: bool,
+                     social: list[tuple[str, str]], track_opens: bool, track_clicks: bool,
+                     tracking: str) -> tuple[str | None, list[tuple[int, str]]]:
+    """The HTML with its S-9 texts and a _SLOT at each per-recipient URL (tracked links,
+    the open pixel), and what each slot holds, in order."""
+    slots: list[tuple[int, str]] = []
+    if document is None:
+        return None, slots
+    document = document.replace(_SLOT, "")
+    if show_cab:
+        document = _insert_at_top(document, (
+            f'<p style="{_SMALL_PRINT}"><a href="[WebVersion]" '
+            f'style="color:#666666;text-decoration:underline">'
+            f"{html.escape(texts.view_in_browser, quote=False)}</a></p>"))
+    if social:
+        items = " &middot; ".join(
+            f'<a href="{html.escape(url)}" style="color:#666666">'
+            f"{html.escape(name, quote=False)}</a>"
+            for name, url in social)
+        block = (f'<p style="{_SMALL_PRINT}">{html.escape(texts.follow_us, quote=False)}: '
+                 f"{items}</p>\n")
+        end = _end_position(document)
+        document = document[:end] + block + document[end:]
+    # (start, end, replacement with one slot, slot) of every per-recipient URL.
+    spans: list[tuple[int, int, str, tuple[int, str]]] = []
+    if track_clicks:
+        for tag in _LINK_TAG.finditer(document):
+            href = _HREF.search(tag.group(0))
+            slot = href and _link_slot(next(v for v in href.groups() if v is not None),
+                                       tracking)
+            if slot is not None:
+                spans.append((tag.start() + href.start(), tag.start() + href.end(),
+                              f'href="{_SLOT}"', slot))
+    if track_opens:
+        end = _end_position(document)
+        spans.append((end, end, _PIXEL + "\n", (_OPEN, "")))
+    pieces, position = [], 0
+    for start, end, replacement, slot in sorted(spans, key=lambda span: span[0]):
+        pieces.append(document[position:start])
+        pieces.append(replacement)
+        slots.append(slot)
+        position = end
+    pieces.append(document[position:])
+    return "".join(pieces), slots
+
+
+def _link_slot(raw_href: str, tracking: str) -> tuple[int, str] | None:
+    """How a link is tracked: a fixed destination, one known per recipient (it holds
+    merge tags), or not at all (mailto:, anchors, [Unsubscribe], our own URLs)."""
+    href = _URL_NOISE.sub("", html.unescape(raw_href)).strip()
+    if href.lower() in _OUR_LINK_TAGS:
+        return None
+    if _may_hold_tag(href):
+        return (_MERGED_LINK, href)
+    if href.lower().startswith(_HTTP) and not href.startswith(tracking):
+        return (_CLICK, href)
+    return None
+
+
+def _mime_layout(has_text: bool, has_html: bool, attachments: Iterable[Attachment]) -> list:
+    """The MIME tree as chunks, with _TEXT and _HTML where the per-recipient parts go."""
+    boundary = _BOUNDARY_PREFIX + random_hex()
+    inline, files = [], []
+    for attachment in attachments:
+        part, is_inline = _attachment_part(attachment)
+        (inline if is_inline and has_html else files).append([part])
+    html_node: list = [_HTML]
+    if inline:
+        html_node = _multipart("related", [html_node, *inline], boundary + "_r",
+                               ' type="text/html";')
+    bodies = ([[_TEXT]] if has_text else []) + ([html_node] if has_html else [])
+    root = bodies[0] if len(bodies) == 1 else _multipart("alternative", bodies,
+                                                         boundary + "_a")
+    if files:
+        root = _multipart("mixed", [root, *files], boundary + "_m")
+    return root
+
+
+def _middle_headers(headers: Iterable[tuple[str, str]], reply_to: str | None) -> bytes:
+    """MIME-Version, Reply-To and the headers of the submitted message that are kept."""
+    middle = [b"MIME-Version: 1.0\r\n"]
+    ours = set(_OURS)
+    if reply_to:
+        middle.append(_address_header("Reply-To", None, reply_to))
+        ours.add("reply-to")
+    for name, value in headers:
+        if name.lower() not in ours and not name.lower().startswith("content-"):
+            kept = _kept_header(name, value)
+            if kept is not None:
+                middle.append(kept)
+    return b"".join(middle)
+
+
 # --- The message ---
 
 class PreparedMessage:
     """A stored message prepared ONCE, then rendered cheaply per recipient (D-2)."""
 
-    @classmethod
-    def from_body(cls, body: StoredBody, options: dict, sender: SenderContext,
-                  signer: LinkSigner) -> PreparedMessage:
+    _signer: LinkSigner
+    _dkim: DKIMSigner | None
+    _tracking: str  # the prefix of our own tracking URLs, which are never tracked again
+    _subject: str  # before merging
+    _subject_header: bytes  # for every recipient whose subject merges to the same text
+    _unsubscribe_mailto: str
+    _hostname: str  # the gateway's, for Message-ID
+    _text: str | None  # the text part before merging; None: the message has none
+    _html: str | None  # the HTML before merging, a _SLOT at each per-recipient URL
+    _slots: list[tuple[int, str]]  # (kind, destination) of each _SLOT, in order
+    _layout: list  # the MIME tree's chunks, _TEXT and _HTML where the parts go
+    _from_header: bytes
+    _middle_headers: bytes  # the headers between Date and List-Unsubscribe
+
+    def __init__(self, body: StoredBody, options: Mapping[str, Any] | None,
+                 sender: SenderContext, signer: LinkSigner) -> None:
         """options: the message's MessageOptions as a dict (S-9). A feature is on when the
         message options and the sender's switch both say so (T-5)."""
-        self = cls.__new__(cls)
         options = options or {}
-        self._signer = signer
-        self._dkim = sender.dkim
-        if self._dkim is not None:
-            self._dkim._key  # noqa: B018 - a broken key fails here, once, not per recipient
-        self._tracking = f"{signer.base_url}/t/"
+        if sender.dkim is not None:
+            sender.dkim._key  # noqa: B018 - a broken key fails here, once, not per recipient
         try:
             language = int(options.get("language", sender.language))
         except (TypeError, ValueError):
@@ -434,122 +553,24 @@ class PreparedMessage:
         track_opens = bool(options.get("track_opens", True)) and sender.track_opens
         track_clicks = bool(options.get("track_clicks", True)) and sender.track_clicks
 
+        self._signer = signer
+        self._dkim = sender.dkim
+        self._tracking = f"{signer.base_url}/t/"
         self._subject = body.subject
-        self._subject_header = _unstructured("Subject", self._subject)
+        self._subject_header = _unstructured("Subject", body.subject)
         local, at, domain = _one_line(sender.unsubscribe_mailto).rpartition("@")
         self._unsubscribe_mailto = f"{local}{at}{_ascii_domain(domain)}"
         self._hostname = _ascii_domain(sender.hostname)
-        self._prepare_text(body.text, texts, show_cab, social)
-        self._prepare_html(body.html, texts, show_cab, social, track_opens, track_clicks)
-        self._prepare_layout(body.attachments)
-        self._prepare_headers(body, sender)
-        return self
-
-    # Preparation.
-
-    def _prepare_text(self, text: str | None, texts, show_cab: bool,
-                      social: list[tuple[str, str]]) -> None:
-        if text is None:
-            self._text = None
-            return
-        if show_cab:
-            text = f"{texts.view_in_browser}: [WebVersion]\n\n{text}"
-        if social:
-            listing = "\n".join(f"{name}: {url}" for name, url in social)
-            text = f"{text.rstrip()}\n\n{texts.follow_us}:\n{listing}\n"
-        self._text = text
-
-    def _prepare_html(self, document: str | None, texts, show_cab: bool,
-                      social: list[tuple[str, str]], track_opens: bool,
-                      track_clicks: bool) -> None:
-        self._slots: list[tuple[int, str]] = []
-        if document is None:
-            self._html = None
-            return
-        document = document.replace(_SLOT, "")
-        if show_cab:
-            document = _insert_at_top(document, (
-                f'<p style="{_SMALL_PRINT}"><a href="[WebVersion]" '
-                f'style="color:#666666;text-decoration:underline">'
-                f"{html.escape(texts.view_in_browser, quote=False)}</a></p>"))
-        if social:
-            items = " &middot; ".join(
-                f'<a href="{html.escape(url)}" style="color:#666666">'
-                f"{html.escape(name, quote=False)}</a>"
-                for name, url in social)
-            block = (f'<p style="{_SMALL_PRINT}">{html.escape(texts.follow_us, quote=False)}: '
-                     f"{items}</p>\n")
-            end = _end_position(document)
-            document = document[:end] + block + document[end:]
-        # (start, end, replacement with one slot, slot) of every per-recipient URL.
-        spans: list[tuple[int, int, str, tuple[int, str]]] = []
-        if track_clicks:
-            for tag in _LINK_TAG.finditer(document):
-                href = _HREF.search(tag.group(0))
-                slot = href and self._link_slot(next(v for v in href.groups() if v is not None))
-                if slot is not None:
-                    spans.append((tag.start() + href.start(), tag.start() + href.end(),
-                                  f'href="{_SLOT}"', slot))
-        if track_opens:
-            end = _end_position(document)
-            spans.append((end, end, _PIXEL + "\n", (_OPEN, "")))
-        pieces, position = [], 0
-        for start, end, replacement, slot in sorted(spans, key=lambda span: span[0]):
-            pieces.append(document[position:start])
-            pieces.append(replacement)
-            self._slots.append(slot)
-            position = end
-        pieces.append(document[position:])
-        self._html = "".join(pieces)
-
-    def _link_slot(self, raw_href: str) -> tuple[int, str] | None:
-        """How a link is tracked: a fixed destination, one known per recipient (it holds
-        merge tags), or not at all (mailto:, anchors, [Unsubscribe], our own URLs)."""
-        href = _URL_NOISE.sub("", html.unescape(raw_href)).strip()
-        if href.lower() in _OUR_LINK_TAGS:
-            return None
-        if _may_hold_tag(href):
-            return (_MERGED_LINK, href)
-        if href.lower().startswith(_HTTP) and not href.startswith(self._tracking):
-            return (_CLICK, href)
-        return None
-
-    def _prepare_layout(self, attachments: Iterable[Attachment]) -> None:
-        """The MIME tree as chunks, with _TEXT and _HTML where the per-recipient parts go."""
-        boundary = _BOUNDARY_PREFIX + random_hex()
-        inline, files = [], []
-        for attachment in attachments:
-            part, is_inline = _attachment_part(attachment)
-            (inline if is_inline and self._html is not None else files).append([part])
-        html_node: list = [_HTML]
-        if inline:
-            html_node = _multipart("related", [html_node, *inline], boundary + "_r",
-                                   ' type="text/html";')
-        bodies = ([[_TEXT]] if self._text is not None else []) + \
-                 ([html_node] if self._html is not None else [])
-        if not bodies:
-            self._text = ""
-            bodies = [[_TEXT]]
-        root = bodies[0] if len(bodies) == 1 else _multipart("alternative", bodies,
-                                                             boundary + "_a")
-        if files:
-            root = _multipart("mixed", [root, *files], boundary + "_m")
-        self._layout = root
-
-    def _prepare_headers(self, body: StoredBody, sender: SenderContext) -> None:
+        text = _text_with_header_footer(body.text, texts, show_cab, social)
+        self._html, self._slots = _html_with_slots(body.html, texts, show_cab, social,
+                                                   track_opens, track_clicks, self._tracking)
+        # A message with neither part is sent with an empty text part.
+        self._text = "" if text is None and self._html is None else text
+        self._layout = _mime_layout(self._text is not None, self._html is not None,
+                                    body.attachments)
         from_name = sender.from_name if sender.from_name is not None else body.from_name
         self._from_header = _address_header("From", from_name, sender.from_address)
-        middle = [b"MIME-Version: 1.0\r\n"]
-        ours = set(_OURS)
-        if sender.reply_to:
-            middle.append(_address_header("Reply-To", None, sender.reply_to))
-            ours.add("reply-to")
-        for name, value in body.headers:
-            if name.lower() not in ours and not name.lower().startswith("content-"):
-                kept = _kept_header(name, value)
-                if kept is not None:
-                    middle.append(kept)
-        self._middle_headers = b"".join(middle)
+        self._middle_headers = _middle_headers(body.headers, sender.reply_to)
 
     # Rendering.
 

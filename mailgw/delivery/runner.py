@@ -344,13 +344,13 @@ class QueueRunner:
             track_opens=bool(settings.get("track_opens", True)),
             track_clicks=bool(settings.get("track_clicks", True)))
         try:
-            prepared = PreparedMessage.from_body(body, context.options, sender, self.signer)
+            prepared = PreparedMessage(body, context.options, sender, self.signer)
         except Exception as e:
             if sender.dkim is None:
                 raise
             # Without the key it fails again when the content is at fault (that error
             # goes up); if not, the key was: the operator's to fix, the mail goes unsigned.
-            prepared = PreparedMessage.from_body(
+            prepared = PreparedMessage(
                 body, context.options, dataclasses.replace(sender, dkim=None), self.signer)
             self.log.error("DKIM key of {domain} unusable ({error}); sending unsigned",
                            domain=context.dkim_domain, error=e)

@@ -81,8 +81,8 @@ RECIPIENT = RecipientContext(
 
 
 def render(body_=None, options_=None, sender_=None, recipient=RECIPIENT):
-    prepared = PreparedMessage.from_body(body_ or body(), options_ or options(),
-                                         sender_ or sender(), SIGNER)
+    prepared = PreparedMessage(body_ or body(), options_ or options(), sender_ or sender(),
+                               SIGNER)
     raw = prepared.render(recipient)
     return raw, message_from_bytes(raw, policy=email_policy.default)
 
@@ -165,7 +165,7 @@ class RenderTests(unittest.TestCase):
             self.assertLessEqual(len(line), 78)
 
     def test_message_id_per_recipient(self):
-        prepared = PreparedMessage.from_body(body(), options(), sender(), SIGNER)
+        prepared = PreparedMessage(body(), options(), sender(), SIGNER)
         ids = {message_from_bytes(prepared.render(RECIPIENT))["Message-ID"] for _ in range(3)}
         self.assertEqual(len(ids), 3)
 
@@ -408,16 +408,16 @@ class RenderTests(unittest.TestCase):
         self.assertEqual(text_of(message), text + "\n")
 
     def test_web_version_is_the_html_sent(self):
-        prepared = PreparedMessage.from_body(body(), options(), sender(), SIGNER)
+        prepared = PreparedMessage(body(), options(), sender(), SIGNER)
         message = message_from_bytes(prepared.render(RECIPIENT), policy=email_policy.default)
         web = prepared.render_html(RECIPIENT)
         self.assertEqual(html_of(message), web.rstrip("\n") + "\n")
         self.assertEqual(web, prepared.render_html(RECIPIENT))
-        self.assertIsNone(PreparedMessage.from_body(body(html=None), options(), sender(),
-                                                    SIGNER).render_html(RECIPIENT))
+        self.assertIsNone(PreparedMessage(body(html=None), options(), sender(),
+                                          SIGNER).render_html(RECIPIENT))
 
     def test_recipients_do_not_leak_into_each_other(self):
-        prepared = PreparedMessage.from_body(body(), options(), sender(), SIGNER)
+        prepared = PreparedMessage(body(), options(), sender(), SIGNER)
         first = message_from_bytes(prepared.render(RECIPIENT), policy=email_policy.default)
         other = RecipientContext(7, "eva@example.com", {}, {})
         second = message_from_bytes(prepared.render(other), policy=email_policy.default)
@@ -479,8 +479,8 @@ def render_with_cc(count: int) -> None:
     key = generate_dkim_key("ed25519")
     signer = DKIMSigner("example.org", "s1", "ed25519", key.private_key_pem)
     cc = ", ".join(written for written, _ in cc_entries(count))
-    PreparedMessage.from_body(body(headers=[["Cc", cc]]), options(), sender(dkim=signer),
-                              SIGNER).render(RECIPIENT)
+    PreparedMessage(body(headers=[["Cc", cc]]), options(), sender(dkim=signer),
+                    SIGNER).render(RECIPIENT)
 
 
 def render_long_headers(words: int) -> None:
@@ -488,8 +488,8 @@ def render_long_headers(words: int) -> None:
     text = " ".join(f"wörd{i}" for i in range(words))
     attachments = [{"filename": text, "content_type": "application/pdf", "data": ""}]
     headers = [["X-Note", text], ["References", " ".join(f"<{i}@x>" for i in range(words))]]
-    PreparedMessage.from_body(body(headers=headers, attachments=attachments), options(),
-                              sender(from_name=name), SIGNER).render(RECIPIENT)
+    PreparedMessage(body(headers=headers, attachments=attachments), options(),
+                    sender(from_name=name), SIGNER).render(RECIPIENT)
 
 
 def sign_blank_runs(recipients: int) -> None:
@@ -498,8 +498,8 @@ def sign_blank_runs(recipients: int) -> None:
     forwarded = b"Subject: blanks\r\n\r\n" + (b" " * 990 + b"x\r\n") * 400
     attachments = [{"filename": "fwd.eml", "content_type": "message/rfc822",
                     "data": base64.b64encode(forwarded).decode()}]
-    prepared = PreparedMessage.from_body(body(attachments=attachments), options(),
-                                         sender(dkim=signer), SIGNER)
+    prepared = PreparedMessage(body(attachments=attachments), options(), sender(dkim=signer),
+                               SIGNER)
     for delivery_id in range(recipients):
         prepared.render(dataclasses.replace(RECIPIENT, delivery_id=delivery_id))
 
@@ -602,7 +602,7 @@ class DKIMTests(unittest.TestCase):
         attachments = [{"filename": "a.bin", "content_type": "application/octet-stream",
                         "content_id": None, "inline": False,
                         "data": base64.b64encode(b"\x00" * 3000).decode()}]
-        prepared = PreparedMessage.from_body(
+        prepared = PreparedMessage(
             body(attachments=attachments, subject="Größe {name} " * 8), options(),
             sender(dkim=signer), SIGNER)
         for recipient in (RECIPIENT, RecipientContext(1, "b@example.com", {}, {})):
@@ -638,17 +638,17 @@ class DKIMTests(unittest.TestCase):
         self.assertRaises(ValueError, DKIMSigner, "example.org", "s1", "dsa", "x")
         rsa_key = generate_dkim_key("rsa")
         wrong = DKIMSigner("example.org", "s1", "ed25519", rsa_key.private_key_pem)
-        self.assertRaises(ValueError, PreparedMessage.from_body, body(), options(),
+        self.assertRaises(ValueError, PreparedMessage, body(), options(),
                           sender(dkim=wrong), SIGNER)
         broken = DKIMSigner("example.org", "s1", "rsa", "not a key")
-        self.assertRaises(ValueError, PreparedMessage.from_body, body(), options(),
+        self.assertRaises(ValueError, PreparedMessage, body(), options(),
                           sender(dkim=broken), SIGNER)
 
 
 def prepare_and_render(*documents: str) -> None:
     for document in documents:
         for track_clicks in (True, False):
-            prepared = PreparedMessage.from_body(
+            prepared = PreparedMessage(
                 body(html=document), options(track_clicks=track_clicks), sender(), SIGNER)
             assert b"<a " in prepared.render(RECIPIENT)
 
