@@ -101,6 +101,7 @@ class Gateway(service.MultiService):
         self.embedded: EmbeddedPostgresService | None = None
         self.database: Database | None = None
         self.stores: Stores | None = None
+        self.link_signer: LinkSigner | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -131,6 +132,9 @@ class Gateway(service.MultiService):
         self.database = await open_database(self.config, self.reactor)
         self.stores = Stores.on(self.database)
         await self._check_trusted_account()
+        # On every node, delivering or not: the tracking endpoints verify what it signs.
+        self.link_signer = LinkSigner(await self.stores.keys.signing_key("links"),
+                                      self.config.http.public_base_url)
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
@@ -151,7 +155,7 @@ class Gateway(service.MultiService):
         if self.config.delivery.enabled:
             self.key_threads = KeyThreads(self.reactor)
             self.key_threads.start()
-            self.runner = await self._queue_runner()
+            self.runner = self._queue_runner()
             self.runner.start()
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
@@ -160,7 +164,7 @@ class Gateway(service.MultiService):
         if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
             self.failed.callback(None)
 
-    async def _queue_runner(self) -> QueueRunner:
+    def _queue_runner(self) -> QueueRunner:
         delivery = self.config.delivery
         authenticate = None
         if delivery.smarthost:
@@ -181,10 +185,8 @@ class Gateway(service.MultiService):
                             per_destination=delivery.per_domain_connections,
                             max_connections=delivery.max_connections, authenticate=authenticate,
                             per_domain_rate=delivery.per_domain_rate)
-        signer = LinkSigner(await self.stores.keys.signing_key("links"),
-                            self.config.http.public_base_url)
-        return QueueRunner(self.stores.queue, resolver, pool, signer, self.clock, delivery,
-                           self.config.hostname, self.config.bounce_domain,
+        return QueueRunner(self.stores.queue, resolver, pool, self.link_signer, self.clock,
+                           delivery, self.config.hostname, self.config.bounce_domain,
                            node_name(self.config.hostname), self.key_threads.run)
 
     async def _check_trusted_account(self) -> None:

@@ -12,6 +12,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig
+from mailgw.content.links import LinkSigner
 from mailgw.errors import StartupError
 from mailgw.gateway import Gateway, with_backlog
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS
@@ -93,6 +94,15 @@ class ListenerTests(unittest.TestCase):
         code, body = await _get(f"http://127.0.0.1:{port}/healthz")
         self.assertEqual(code, 200)
         self.assertEqual(body, {"status": "ok", "database": "ok"})
+
+    async def test_links_are_signed_with_delivery_off(self):
+        """Every node has the link signer, with the installation's key: a node that only
+        serves the tracking endpoints verifies the links another node sent."""
+        secret = await self.gateway.stores.keys.signing_key("links")
+        sent = LinkSigner(secret, "http://other-node.example").unsubscribe_url(5)
+        self.assertIsNone(self.gateway.runner)
+        self.assertEqual(self.gateway.link_signer.verify("u", sent.rpartition("/")[2]),
+                         (5, None))
 
     async def test_stop_closes_the_listeners(self):
         port = self.gateway.port_for("smtp.starttls_listeners[0]")
