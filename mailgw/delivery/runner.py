@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import psycopg2.errors
 from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -32,7 +31,7 @@ from mailgw.content.links import LinkSigner
 from mailgw.content.render import PreparedMessage, RecipientContext, SenderContext
 from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
-from mailgw.errors import DatabaseUnavailable
+from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
 from mailgw.idle import IdleWaiters
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome, QueueStore
 
@@ -57,9 +56,8 @@ RENEWALS_PER_LEASE = 3
 # most this far apart; its lease is renewed meanwhile, so it is never tried again.
 MAX_RECORD_RETRY_SECONDS = 30.0
 # What may pass: the database out of reach, or a transaction that lost a deadlock or a
-# serialization conflict, or waited too long for a lock.
-_PASSING_TROUBLE = (DatabaseUnavailable, psycopg2.errors.TransactionRollbackError,
-                    psycopg2.errors.LockNotAvailable, defer.CancelledError)
+# serialization conflict, or waited too long for a lock (all TransientDatabaseError).
+_PASSING_TROUBLE = (TransientDatabaseError, defer.CancelledError)
 
 
 class LeaseReleased(Exception):

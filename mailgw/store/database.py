@@ -5,7 +5,10 @@ function run through `Database.run_interaction(desc, fn, ...)`, inside one
 transaction on a pooled connection.  A lost session becomes
 `DatabaseUnavailable` (SMTP 451, HTTP 503), and the pool reconnects by
 itself when PostgreSQL comes back (R-2); a statement refused on a live
-session (a deadlock, a lock timeout) fails only its transaction.
+session fails only its transaction: with `TransientDatabaseError` when trying
+again may succeed (a deadlock, a serialization failure, a lock timeout), with
+psycopg2's own error otherwise.  Callers above the store see mailgw's errors,
+never psycopg2's classes, to decide what to retry.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import psycopg2
+from psycopg2 import errors as pg_errors
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
-from mailgw.errors import DatabaseUnavailable, StartupError
+from mailgw.errors import DatabaseUnavailable, StartupError, TransientDatabaseError
 
 T = TypeVar("T")
 Interaction = Callable[..., Awaitable[T]]
@@ -32,6 +36,9 @@ CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError,
 # SQLSTATEs of a session that is gone: connection exceptions (class 08) and the server
 # shutting down or restarting (57P01-57P03).
 _SESSION_GONE = ("08", "57P01", "57P02", "57P03")
+# Errors of a transaction that may succeed if tried again: class 40 (a deadlock, a
+# serialization failure) and 55P03 (a lock timeout).
+_TRANSIENT_ERRORS = (pg_errors.TransactionRollbackError, pg_errors.LockNotAvailable)
 
 
 def is_connection_loss(error: BaseException) -> bool:
@@ -103,6 +110,8 @@ class Database:
         try:
             result = await self._pool.runInteraction(
                 lambda cursor: defer.ensureDeferred(fn(cursor, *args, **kwargs)))
+        except _TRANSIENT_ERRORS as e:
+            raise TransientDatabaseError(f"{desc}: {_one_line(e)}") from e
         except CONNECTION_ERRORS as e:
             if not is_connection_loss(e):
                 raise

@@ -30,7 +30,7 @@ from mailgw.delivery.runner import (
     LeaseReleased,
     QueueRunner,
 )
-from mailgw.errors import DatabaseUnavailable
+from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import DatabaseTestCase
@@ -247,6 +247,17 @@ class RunnerTests(DatabaseTestCase):
         self.assertEqual(len(self.pool.held), 1)
         rows = await self.sql("SELECT state, lease_owner FROM deliveries")
         self.assertEqual(rows, [("sent", None)])
+
+    async def test_an_outcome_that_lost_a_conflict_is_written_again(self):
+        """A transaction that lost a deadlock or a serialization conflict may succeed if
+        tried again: the outcome is written on the next try, not given up."""
+        await self.submit("r0@example.net")
+        await self.start()
+        self.fail_once("record", TransientDatabaseError("record_outcomes: deadlock detected"))
+        await self.answer_all()
+        await self.advance(1)
+        self.assertEqual(self.queue.count("record"), 2)
+        self.assertEqual(await self.sql("SELECT state FROM deliveries"), [("sent",)])
 
     async def test_an_outcome_the_database_refuses_is_not_retried(self):
         """Retrying helps only while the database is out of reach or a transaction lost a

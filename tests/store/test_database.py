@@ -10,7 +10,7 @@ import psycopg2
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from mailgw.errors import DatabaseUnavailable
+from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
 from mailgw.store.database import Database, PreparedStatement, with_keepalives
 from tests.harness import DatabaseTestCase, fresh_database
 
@@ -75,6 +75,13 @@ async def _lock_timed_out_txn(cursor):
     await cursor.execute("LOCK TABLE accounts")
 
 
+async def _refused_txn(cursor, sqlstate):
+    """A statement that PostgreSQL refuses with `sqlstate`, as a conflict would."""
+    await cursor.execute("SELECT 1")
+    await cursor.execute(
+        f"DO $$ BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{sqlstate}'; END $$")
+
+
 async def _backend_pid_txn(cursor):
     await cursor.execute("SELECT pg_backend_pid()")
     return cursor.fetchone()[0]
@@ -98,9 +105,9 @@ class KeepaliveTests(DatabaseTestCase):
 class StatementRefusedTests(DatabaseTestCase):
     async def test_a_refused_statement_is_not_a_lost_database(self):
         """A timeout, a deadlock or a full disk fails one transaction on a live session
-        (they are OperationalErrors too): the caller gets that error, not
-        DatabaseUnavailable (SMTP 451 for a whole commit batch), and the connection is
-        kept, not renewed."""
+        (they are OperationalErrors too): the caller gets that error (a lock timeout as
+        TransientDatabaseError), not DatabaseUnavailable (SMTP 451 for a whole commit
+        batch), and the connection is kept, not renewed."""
         self.database = Database(self.dsn, 1, reactor)
         await self.database.start()
         self.addCleanup(self.database.close)
@@ -109,11 +116,29 @@ class StatementRefusedTests(DatabaseTestCase):
         self.addCleanup(other.close)
         with other.cursor() as cursor:
             cursor.execute("LOCK TABLE accounts")
-            with self.assertRaises(psycopg2.errors.LockNotAvailable):
+            with self.assertRaises(TransientDatabaseError) as refused:
                 await self.database.run_interaction("lock_timed_out", _lock_timed_out_txn)
+        self.assertIsInstance(refused.exception.__cause__, psycopg2.errors.LockNotAvailable)
+        self.assertNotIsInstance(refused.exception, DatabaseUnavailable)
         other.rollback()
         self.assertTrue(self.database.available)
         self.assertEqual(await self.database.run_interaction("pid", _backend_pid_txn), before)
+
+
+    async def test_conflicts_are_transient_errors(self):
+        """A serialization failure or a deadlock may succeed if tried again: the caller
+        gets mailgw's TransientDatabaseError, psycopg2's error as its cause, and the
+        connection goes on; any other refusal stays psycopg2's own error."""
+        for sqlstate, cause in (("40001", psycopg2.errors.SerializationFailure),
+                                ("40P01", psycopg2.errors.DeadlockDetected)):
+            with self.assertRaises(TransientDatabaseError) as refused:
+                await self.database.run_interaction("conflict", _refused_txn, sqlstate)
+            self.assertIsInstance(refused.exception.__cause__, cause)
+            self.assertNotIsInstance(refused.exception, DatabaseUnavailable)
+            self.assertIn("conflict: refused", str(refused.exception))
+        with self.assertRaises(psycopg2.errors.DiskFull):
+            await self.database.run_interaction("disk_full", _refused_txn, "53100")
+        self.assertEqual(await self.database.run_interaction("select_one", _select_one_txn), 1)
 
 
 class SessionEndedTests(DatabaseTestCase):
