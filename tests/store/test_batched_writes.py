@@ -35,13 +35,16 @@ class BatchedWritesTests(DatabaseTestCase):
     async def gather(self, calls):
         return await defer.gatherResults([defer.ensureDeferred(c) for c in calls])
 
-    def record_queries(self) -> list[str]:
-        """The SQL text of every statement sent from now on."""
+    def record_queries(self, connections: dict | None = None) -> list[str]:
+        """The SQL text of every statement sent from now on; with `connections`, also
+        each connection's statements, by connection."""
         sent: list[str] = []
         real = txpostgres.Cursor.execute
 
         def execute(cursor, query, params=None):
             sent.append(query)
+            if connections is not None:
+                connections.setdefault(cursor.connection, []).append(query)
             return real(cursor, query, params)
 
         self.patch(txpostgres.Cursor, "execute", execute)
@@ -186,7 +189,8 @@ class BatchedWritesTests(DatabaseTestCase):
         """A message stored without imports (its recipients imported already) and imports
         in one batch: the imports run first whatever the order they came in, as in every
         batch, so that two batches take contact rows and the quota lock in one order."""
-        sent = self.record_queries()
+        by_connection: dict = {}
+        self.record_queries(by_connection)
         contacts, submissions = self.stores.contacts, self.stores.submissions
         alone = [contacts.import_recipient(_import(self.account, f"w{i}", f"w{i}@example.net"))
                  for i in range(GROUP_COMMIT_IN_FLIGHT)]
@@ -194,10 +198,17 @@ class BatchedWritesTests(DatabaseTestCase):
                  contacts.import_recipient(_import(self.account, "g1", "a@example.net"))]
         stored, imported = (await self.gather([*alone, *batch]))[-2:]
         self.assertEqual((stored.queued, imported.group_id > 0), (1, True))
-        last = {name: max(n for n, query in enumerate(sent)
-                          if query.startswith(f"EXECUTE {name}"))
-                for name in ("import_recipients", "store_submissions")}
-        self.assertLess(last["import_recipients"], last["store_submissions"])
+        # The transaction that stored the message, on its connection (the pool's other
+        # connection may send a batch of its own meanwhile).
+        [sent] = [queries for queries in by_connection.values()
+                  if any(q.startswith("EXECUTE store_submissions") for q in queries)]
+        stored_at = next(n for n, query in enumerate(sent)
+                         if query.startswith("EXECUTE store_submissions"))
+        began = max(n for n, query in enumerate(sent[:stored_at]) if query == "begin")
+        transaction = [query.split(" (")[0] for query in sent[began:stored_at + 1]
+                       if query.startswith("EXECUTE")]
+        self.assertEqual(transaction,
+                         ["EXECUTE import_recipients", "EXECUTE store_submissions"])
 
     async def test_submission_over_quota_keeps_its_imports(self):
         """A message refused for its quota (S-15) still leaves its RCPTs' contacts (S-7),
