@@ -22,6 +22,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import server
 
+from mailgw.accounts.avatar import SubmissionRealm
+from mailgw.accounts.checkers import AccountCredentialsChecker
 from mailgw.config import Config
 from mailgw.content.links import LinkSigner
 from mailgw.delivery.client import OutboundPool
@@ -33,7 +35,7 @@ from mailgw.errors import NotFound, StartupError
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot
 from mailgw.http.tracking import TrackingApp
-from mailgw.smtp.auth import AccountCredentialsChecker, AuthThrottle, SubmissionRealm
+from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import SubmissionFactory
 from mailgw.store import Stores
 from mailgw.store.database import Database

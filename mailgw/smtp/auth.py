@@ -1,10 +1,8 @@
-"""SMTP authentication through twisted.cred (S-3, S-4).
+"""SMTP authentication (S-3, R-6): the SASL exchanges and the failure throttle.
 
-One checker takes both kinds of credential: an account user with a password
-(Teenvio's `user.plan`), and a DMDS campaign credential `dmdsid-<numid>`
-whose password is the campaign's API key.  The realm turns the account id
-into a `SubmissionAccount` avatar.  `AuthThrottle` slows down and then
-refuses clients that keep guessing.
+The exchanges turn AUTH LOGIN and PLAIN into twisted.cred credentials, which
+the portal checks with the account checkers (mailgw.accounts).  `AuthThrottle`
+slows down and then refuses clients that keep guessing.
 """
 
 from __future__ import annotations
@@ -13,136 +11,20 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import hmac
-import ipaddress
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from twisted.cred import credentials, error, portal
-from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred import credentials
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
 
-from mailgw.credentials import hash_api_key, verify_password
 from mailgw.errors import DatabaseUnavailable
-from mailgw.store.accounts import AccountStore
 from mailgw.store.auth_failures import AuthFailureStore
 
-CAMPAIGN_USER_PREFIX = "dmdsid-"
 T = TypeVar("T")
-
-
-class ISubmissionAccount(Interface):
-    account_id = Attribute("the account's id")
-
-
-@implementer(ISubmissionAccount)
-@dataclass(frozen=True)
-class SubmissionAccount:
-    """Who is sending: what the submission path needs to know about the account."""
-
-    account_id: int
-    name: str
-    username: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
-    max_contacts: int | None = None
-    sends_per_month: int | None = None
-
-    def allows_client(self, address: str) -> bool:
-        """S-4: an account with an allow-list accepts only clients inside it."""
-        return self.allowed_networks is None or address_in(address, self.allowed_networks)
-
-
-def address_in(address: str, networks) -> bool:
-    """Whether the client address `address` lies in one of `networks` (S-4)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
-@implementer(ICredentialsChecker)
-class AccountCredentialsChecker:
-    """Checks users' passwords (scrypt, off the reactor) and campaign API keys."""
-
-    credentialInterfaces = (credentials.IUsernamePassword,)
-
-    def __init__(self, accounts: AccountStore,
-                 run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
-        self.accounts = accounts
-        self.run_in_thread = run_in_thread
-
-    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:  # noqa: N802
-        return defer.ensureDeferred(self._check(creds))
-
-    async def _check(self, creds) -> tuple[int, str]:
-        username = _text(creds.username)
-        password = _text(creds.password)
-        if username is None or password is None:
-            raise error.UnauthorizedLogin()
-        if username.startswith(CAMPAIGN_USER_PREFIX):
-            numid = username[len(CAMPAIGN_USER_PREFIX):]
-            # ASCII digits only: int() reads "٣" as 3 and str.isdigit() takes "²", which
-            # int() refuses.
-            found = (await self.accounts.campaign_key_hash(int(numid))
-                     if numid.isascii() and numid.isdigit() else None)
-            if found and hmac.compare_digest(found[1], hash_api_key(password)):
-                return found[0], username
-            raise error.UnauthorizedLogin()
-        found = await self.accounts.password_hash_for(username)
-        stored = found[1] if found else _DUMMY_HASH  # same work for unknown users
-        if await self.run_in_thread(verify_password, password, stored) and found:
-            return found[0], username
-        raise error.UnauthorizedLogin()
-
-
-# A real scrypt hash of a random password: unknown users cost as much as known ones.
-_DUMMY_HASH = ("scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$"
-               "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-
-
-def _text(value: bytes | str | None) -> str | None:
-    if isinstance(value, str):
-        return value
-    try:
-        return value.decode("utf-8") if value is not None else None
-    except UnicodeDecodeError:
-        return None
-
-
-@implementer(portal.IRealm)
-class SubmissionRealm:
-    def __init__(self, accounts: AccountStore) -> None:
-        self.accounts = accounts
-
-    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
-        if ISubmissionAccount not in interfaces:
-            raise NotImplementedError("only ISubmissionAccount avatars")
-        return defer.ensureDeferred(self._avatar(*avatar_id))
-
-    async def account_named(self, name: str, username: str) -> SubmissionAccount:
-        """The avatar of a named account, for clients on trusted networks (S-4)."""
-        account = await self.accounts.get_account(name)
-        _, avatar, _ = await self._avatar(account.id, username)
-        return avatar
-
-    async def _avatar(self, account_id: int, username: str):
-        account = await self.accounts.submission_settings(account_id)
-        if account is None:
-            raise error.UnauthorizedLogin()
-        name, settings, networks, max_contacts, sends_per_month = account
-        allowed = None if networks is None else tuple(
-            ipaddress.ip_network(n, strict=False) for n in networks)
-        avatar = SubmissionAccount(account_id, name, username, settings or {}, allowed,
-                                   max_contacts, sends_per_month)
-        return ISubmissionAccount, avatar, lambda: None
 
 
 class LoginExchange:

@@ -39,6 +39,7 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount, address_in
 from mailgw.content.message import (
     ContentRefused,
     parse_message,
@@ -48,14 +49,7 @@ from mailgw.content.message import (
 from mailgw.errors import DatabaseUnavailable
 from mailgw.randomness import random_hex
 from mailgw.smtp import replies
-from mailgw.smtp.auth import (
-    MECHANISMS,
-    AuthThrottle,
-    ISubmissionAccount,
-    SubmissionAccount,
-    address_in,
-    decode_response,
-)
+from mailgw.smtp.auth import MECHANISMS, AuthThrottle, decode_response
 from mailgw.store.contacts import ContactLimitReached
 from mailgw.store.submissions import QuotaExceeded
 from mailgw.submit.addresses import InvalidAddress, normalize_address

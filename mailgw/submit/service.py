@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mailgw.accounts.avatar import SubmissionAccount
 from mailgw.content.body import StoredBody
 from mailgw.content.merge import escape_for_html, merge
 from mailgw.content.message import (
@@ -27,7 +28,6 @@ from mailgw.content.message import (
 )
 from mailgw.errors import DatabaseUnavailable
 from mailgw.randomness import random_hex
-from mailgw.smtp.auth import SubmissionAccount
 from mailgw.store import Stores
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
 from mailgw.store.submissions import (

@@ -18,9 +18,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount
 from mailgw.content.message import ContentRefused
 from mailgw.errors import DatabaseUnavailable
-from mailgw.smtp.auth import AuthThrottle, ISubmissionAccount, SubmissionAccount
+from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, DataCollector, SubmissionFactory
 from mailgw.store.contacts import ContactLimitReached, ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, StoredSubmission

@@ -2,8 +2,8 @@
 
 from twisted.internet import task, threads
 
+from mailgw.accounts.avatar import SubmissionAccount
 from mailgw.content.message import parse_message
-from mailgw.smtp.auth import SubmissionAccount
 from mailgw.store.submissions import QueuedRecipient
 from mailgw.submit.service import (
     SENDER_CACHE_SECONDS,

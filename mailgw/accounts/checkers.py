@@ -1,0 +1,72 @@
+"""The cred checkers that say which account credentials belong to (S-3).
+
+One checker takes both kinds of username and password: an account user with
+a password (Teenvio's `user.plan`), and a DMDS campaign credential
+`dmdsid-<numid>` whose password is the campaign's API key.  Each answers an
+avatar id, (account id, username), for the realm (avatar.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred import credentials, error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailgw.credentials import hash_api_key, verify_password
+from mailgw.store.accounts import AccountStore
+
+CAMPAIGN_USER_PREFIX = "dmdsid-"
+
+
+@implementer(ICredentialsChecker)
+class AccountCredentialsChecker:
+    """Checks users' passwords (scrypt, off the reactor) and campaign API keys."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, accounts: AccountStore,
+                 run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
+        self.accounts = accounts
+        self.run_in_thread = run_in_thread
+
+    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:  # noqa: N802
+        return defer.ensureDeferred(self._check(creds))
+
+    async def _check(self, creds) -> tuple[int, str]:
+        username = _text(creds.username)
+        password = _text(creds.password)
+        if username is None or password is None:
+            raise error.UnauthorizedLogin()
+        if username.startswith(CAMPAIGN_USER_PREFIX):
+            numid = username[len(CAMPAIGN_USER_PREFIX):]
+            # ASCII digits only: int() reads "٣" as 3 and str.isdigit() takes "²", which
+            # int() refuses.
+            found = (await self.accounts.campaign_key_hash(int(numid))
+                     if numid.isascii() and numid.isdigit() else None)
+            if found and hmac.compare_digest(found[1], hash_api_key(password)):
+                return found[0], username
+            raise error.UnauthorizedLogin()
+        found = await self.accounts.password_hash_for(username)
+        stored = found[1] if found else _DUMMY_HASH  # same work for unknown users
+        if await self.run_in_thread(verify_password, password, stored) and found:
+            return found[0], username
+        raise error.UnauthorizedLogin()
+
+
+# A real scrypt hash of a random password: unknown users cost as much as known ones.
+_DUMMY_HASH = ("scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$"
+               "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8") if value is not None else None
+    except UnicodeDecodeError:
+        return None
