@@ -19,9 +19,9 @@ from typing import TextIO
 from twisted.internet import defer, task
 
 from mailgw import credentials
+from mailgw.accounts.settings import ATTACHMENT_MODES, MULTIPART_MODES, AccountSettings
 from mailgw.config import Config, ConfigError, load_config
 from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
-from mailgw.content.message import ATTACHMENT_MODES, MULTIPART_MODES
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
 from mailgw.gateway import embedded_cluster, open_database
 from mailgw.store import Stores
@@ -206,13 +206,9 @@ async def _account_list(stores, args, config, out, stdin) -> None:
 
 
 async def _account_set(stores, args, config, out, stdin) -> None:
-    settings = {}
-    if args.multipart is not None:
-        settings["multipart"] = args.multipart
-    if args.attachments is not None:
-        settings["attachments"] = args.attachments
-    if args.archive is not None:
-        settings["archive"] = args.archive == "yes"
+    settings = AccountSettings.changes(
+        multipart=args.multipart, attachments=args.attachments,
+        archive=None if args.archive is None else args.archive == "yes")
     columns = {column: getattr(args, column)
                for column in ("sends_per_month", "max_contacts", "allowed_networks")
                if getattr(args, column) is not _UNSET}

@@ -13,6 +13,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from mailgw import credentials
+from mailgw.accounts.settings import AccountSettings
 from mailgw.cli import CommandError, build_parser, run_command
 from mailgw.config import Config, DatabaseConfig
 from mailgw.errors import AlreadyExists, NotFound
@@ -89,18 +90,20 @@ class CommandTests(unittest.TestCase):
         account = await self.stores.accounts.get_account("acme")
         self.assertFalse(account.active)
         await self.run("account", "set", "acme", "--active", "yes")
-        name, settings, networks, max_contacts, sends = \
-            await self.stores.accounts.submission_settings(account.id)
-        self.assertEqual(settings, {"multipart": "strict", "attachments": "links",
-                                    "archive": True})
+        profile = await self.stores.accounts.profile(account.id)
+        settings, networks = profile.settings, profile.allowed_networks
+        max_contacts, sends = profile.max_contacts, profile.sends_per_month
+        self.assertEqual(settings, AccountSettings(multipart="strict", attachments="links",
+                                                   archive=True))
         self.assertEqual(networks, ["10.0.0.0/8", "192.0.2.7/32"])
         self.assertEqual((max_contacts, sends), (50, 1000))
         await self.run("account", "set", "acme", "--sends-per-month", "none",
                        "--allowed-networks", "any")
-        _, settings, networks, max_contacts, sends = \
-            await self.stores.accounts.submission_settings(account.id)
+        profile = await self.stores.accounts.profile(account.id)
+        settings, networks = profile.settings, profile.allowed_networks
+        max_contacts, sends = profile.max_contacts, profile.sends_per_month
         self.assertEqual((networks, max_contacts, sends), (None, 50, None))
-        self.assertEqual(settings["attachments"], "links")
+        self.assertEqual(settings.attachments, "links")
         with self.assertRaises(NotFound):
             await self.run("account", "set", "nobody", "--archive", "no")
 

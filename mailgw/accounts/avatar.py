@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.cred import error, portal
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
+from mailgw.accounts.settings import AccountSettings
 from mailgw.store.accounts import AccountStore
 
 
@@ -29,7 +29,7 @@ class SubmissionAccount:
     account_id: int
     name: str
     username: str
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: AccountSettings = field(default_factory=AccountSettings)
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     max_contacts: int | None = None
     sends_per_month: int | None = None
@@ -65,12 +65,12 @@ class SubmissionRealm:
         return avatar
 
     async def _avatar(self, account_id: int, username: str):
-        account = await self.accounts.submission_settings(account_id)
-        if account is None:
+        profile = await self.accounts.profile(account_id)
+        if profile is None:
             raise error.UnauthorizedLogin()
-        name, settings, networks, max_contacts, sends_per_month = account
+        networks = profile.allowed_networks
         allowed = None if networks is None else tuple(
             ipaddress.ip_network(n, strict=False) for n in networks)
-        avatar = SubmissionAccount(account_id, name, username, settings or {}, allowed,
-                                   max_contacts, sends_per_month)
+        avatar = SubmissionAccount(account_id, profile.name, username, profile.settings,
+                                   allowed, profile.max_contacts, profile.sends_per_month)
         return ISubmissionAccount, avatar, lambda: None

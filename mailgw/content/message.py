@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 import html2text
 
+from mailgw.accounts.settings import AccountSettings
 from mailgw.content.mime import read_message
 
 
@@ -39,9 +40,6 @@ def _nul_refused(where: str) -> ContentRefused:
 
 
 LANGUAGES = frozenset({3, 4, 5, 6, 7, 8, 11, 13, 14, 15, 16, 17, 18})
-MULTIPART_MODES = ("generate", "strict")
-ATTACHMENT_MODES = ("keep", "links", "reject")
-
 
 @dataclass(frozen=True)
 class MessageOptions:
@@ -59,19 +57,14 @@ class MessageOptions:
 
 @dataclass(frozen=True)
 class ContentPolicy:
-    """What an account accepts (S-8), kept in accounts.settings."""
+    """What an account accepts (S-8), one of its settings."""
 
     multipart: str = "generate"
     attachments: str = "keep"
 
     @classmethod
-    def from_settings(cls, settings: dict) -> ContentPolicy:
-        """Unknown or missing values mean the defaults, so a typo never blocks an account."""
-        multipart = settings.get("multipart")
-        attachments = settings.get("attachments")
-        return cls(multipart=multipart if multipart in MULTIPART_MODES else cls.multipart,
-                   attachments=attachments if attachments in ATTACHMENT_MODES
-                   else cls.attachments)
+    def from_settings(cls, settings: AccountSettings) -> ContentPolicy:
+        return cls(multipart=settings.multipart, attachments=settings.attachments)
 
 
 @dataclass(frozen=True)

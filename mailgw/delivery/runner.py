@@ -327,7 +327,7 @@ class QueueRunner:
 
     def _prepare(self, context: MessageContext) -> _Ready:
         """The message prepared and cached; raises what its content makes fail."""
-        settings = context.account_settings or {}
+        settings = context.account_settings
         # Never the sender's own domain: a single verified address at a mail provider
         # would get its bounces and unsubscribes there, out of mailgw's reach.
         bounce_domain = context.return_path_domain or self.bounce_domain
@@ -337,10 +337,8 @@ class QueueRunner:
             hostname=self.hostname, bounce_domain=bounce_domain,
             unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
             reply_to=context.reply_to,
-            show_cab=bool(settings.get("show_cab", True)),
-            social_links=dict(settings.get("social_links") or {}),
-            track_opens=bool(settings.get("track_opens", True)),
-            track_clicks=bool(settings.get("track_clicks", True)))
+            show_cab=settings.show_cab, social_links=settings.social_links,
+            track_opens=settings.track_opens, track_clicks=settings.track_clicks)
         try:
             prepared = PreparedMessage(body, context.options, sender, self.signer)
         except Exception as e:

@@ -8,6 +8,7 @@ from datetime import datetime
 from psycopg2 import errors as pg_errors
 from psycopg2.extras import Json
 
+from mailgw.accounts.settings import AccountSettings
 from mailgw.errors import AlreadyExists, NotFound
 from mailgw.store.database import Database
 
@@ -20,6 +21,19 @@ class Account:
     timezone: str
     active: bool
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class AccountProfile:
+    """What logging in and submitting need of an account (S-4, S-8, S-15)."""
+
+    id: int
+    name: str
+    settings: AccountSettings
+    # CIDR texts; None: clients from anywhere (S-4).
+    allowed_networks: list[str] | None
+    max_contacts: int | None
+    sends_per_month: int | None
 
 
 _ACCOUNT_COLUMNS = "id, name, plan, timezone, active, created_at"
@@ -47,8 +61,8 @@ class AccountStore:
         return account
 
     async def update_account(self, name: str, settings: dict, columns: dict) -> None:
-        """Merge `settings` into the account's settings and set the given columns
-        (from `ACCOUNT_COLUMNS` only)."""
+        """Merge `settings` (from AccountSettings.changes) into the account's settings and
+        set the given columns (from `ACCOUNT_COLUMNS` only)."""
         unknown = set(columns) - ACCOUNT_COLUMNS
         if unknown:
             raise ValueError(f"not account columns: {sorted(unknown)}")
@@ -84,10 +98,9 @@ class AccountStore:
         return await self.db.run_interaction("campaign_key_hash", _select_campaign_key_txn,
                                              numid)
 
-    async def submission_settings(self, account_id: int):
-        """(name, settings, allowed networks, max contacts, sends per month) of an active
-        account, or None."""
-        return await self.db.run_interaction("submission_settings", _select_submission_txn,
+    async def profile(self, account_id: int) -> AccountProfile | None:
+        """The profile of an active account, or None."""
+        return await self.db.run_interaction("account_profile", _select_profile_txn,
                                              account_id)
 
     async def create_api_key(self, account_id: int, name: str, key_hash: str,
@@ -179,9 +192,13 @@ async def _select_campaign_key_txn(cursor, numid: int) -> tuple[int, str] | None
     return (row[0], row[1]) if row else None
 
 
-async def _select_submission_txn(cursor, account_id: int):
+async def _select_profile_txn(cursor, account_id: int) -> AccountProfile | None:
     await cursor.execute(
-        "SELECT name, settings, allowed_networks::text[], max_contacts, sends_per_month"
+        "SELECT id, name, settings, allowed_networks::text[], max_contacts, sends_per_month"
         " FROM accounts"
         " WHERE id = %s AND active", (account_id,))
-    return cursor.fetchone()
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    account_id, name, settings, *rest = row
+    return AccountProfile(account_id, name, AccountSettings.from_json(settings), *rest)

@@ -16,6 +16,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
+from mailgw.accounts.settings import AccountSettings
 from mailgw.store.database import Database, PreparedStatement
 from mailgw.store.events import EventType
 from mailgw.store.group_commit import GroupCommitter
@@ -48,7 +49,7 @@ class MessageContext:
     reply_to: str | None
     body: dict[str, Any]
     options: dict[str, Any]
-    account_settings: dict[str, Any]
+    account_settings: AccountSettings
     # The sender domain's DKIM key and bounce domain, when the domain is registered.
     dkim_domain: str | None
     dkim_selector: str | None
@@ -157,7 +158,8 @@ async def _messages_txn(cursor, message_ids: list[int]) -> dict[int, MessageCont
     contexts = {}
     for row in cursor.fetchall():
         body = json.loads(bytes(row[4])) if row[4] is not None else {}
-        contexts[row[0]] = MessageContext(row[0], row[1], row[2], row[3], body, *row[5:])
+        contexts[row[0]] = MessageContext(row[0], row[1], row[2], row[3], body, row[5],
+                                          AccountSettings.from_json(row[6]), *row[7:])
     return contexts
 
 

@@ -129,7 +129,6 @@ class SubmissionService:
         attachments: tuple[StoredAttachment, ...] = ()
         if policy.attachments == "links":
             content, attachments = self._link_attachments(content)
-        settings = account.settings
         record = SubmissionRecord(
             account_id=account.account_id,
             origin=submission.origin,
@@ -147,7 +146,7 @@ class SubmissionService:
             client_ip=submission.client_ip,
             raw=submission.raw,
             size=len(submission.raw or b""),
-            archive=bool(settings.get("archive", False)),
+            archive=account.settings.archive,
             sends_per_month=account.sends_per_month,
             attachments=attachments,
         )

@@ -7,6 +7,7 @@ from email.utils import getaddresses
 
 from twisted.trial import unittest
 
+from mailgw.accounts.settings import AccountSettings
 from mailgw.content.message import (
     _SIMPLE_ADDRESS,
     Attachment,
@@ -484,10 +485,12 @@ class BrokenMessageTests(unittest.TestCase):
 
 class PolicyTests(unittest.TestCase):
     def test_from_settings(self):
-        policy = ContentPolicy.from_settings({"multipart": "strict", "attachments": "links"})
+        policy = ContentPolicy.from_settings(AccountSettings.from_json(
+            {"multipart": "strict", "attachments": "links"}))
         self.assertEqual(policy, ContentPolicy("strict", "links"))
-        self.assertEqual(ContentPolicy.from_settings({}), ContentPolicy("generate", "keep"))
-        unknown = {"multipart": "lenient", "attachments": ["reject"]}
+        self.assertEqual(ContentPolicy.from_settings(AccountSettings.from_json({})),
+                         ContentPolicy("generate", "keep"))
+        unknown = AccountSettings.from_json({"multipart": "lenient", "attachments": ["reject"]})
         self.assertEqual(ContentPolicy.from_settings(unknown), ContentPolicy())
 
     def test_no_body_refused_in_both_modes(self):

@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from mailgw.accounts.settings import AccountSettings
 from mailgw.config import DeliveryConfig
 from mailgw.content.dkim import generate_dkim_key
 from mailgw.content.links import LinkSigner
@@ -515,7 +516,8 @@ class PreparedCacheTests(unittest.TestCase):
         runner = QueueRunner(None, None, None, LinkSigner(b"k" * 32, "http://x"), reactor,
                              DeliveryConfig(), "gw", "gw", "n", _inline)
         for message_id in (1, 2):
-            runner._prepare(MessageContext(message_id, 1, "news@example.org", None, BODY, {}, {},
+            runner._prepare(MessageContext(message_id, 1, "news@example.org", None, BODY, {},
+                                           AccountSettings(),
                                            "example.org", "s1", "rsa", key.private_key_pem,
                                            "bounces.example.org"))
         self.assertEqual(len(runner._dkim_signers), 1)

@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount
+from mailgw.accounts.settings import AccountSettings
 from mailgw.content.message import ContentRefused
 from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import AuthThrottle
@@ -96,7 +97,7 @@ class StubRealm:
         self.max_contacts = max_contacts
 
     def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
-        account = SubmissionAccount(1, "acme", avatar_id.decode(), {}, self.networks,
+        account = SubmissionAccount(1, "acme", avatar_id.decode(), AccountSettings(), self.networks,
                                     self.max_contacts)
         return ISubmissionAccount, account, lambda: None
 

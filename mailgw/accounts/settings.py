@@ -1,0 +1,77 @@
+"""An account's settings (the jsonb `accounts.settings`), typed and read in one place.
+
+Pure: nothing of mailgw is imported here, so that every layer, the store
+included, can return and read them.  A missing key, or a value the setting
+does not take, means the setting's default: a typo never blocks an account.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MULTIPART_MODES = ("generate", "strict")
+ATTACHMENT_MODES = ("keep", "links", "reject")
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    # S-8: a message without a text or an HTML part gets the other generated, or
+    # ("strict") is refused.
+    multipart: str = "generate"
+    # S-8: attachments are kept, hosted behind links, or refused.
+    attachments: str = "keep"
+    # S-14: the raw text of each message is kept with it.
+    archive: bool = False
+    # S-9: the header and footer texts around the message.
+    show_cab: bool = True
+    # S-9: network -> profile URL, shown when a message asks for social links.
+    social_links: Mapping[str, str] = field(default_factory=dict)
+    # T-5: the account's tracking switches (a message can turn tracking off as well).
+    track_opens: bool = True
+    track_clicks: bool = True
+
+    @classmethod
+    def from_json(cls, stored: Any) -> AccountSettings:
+        """The settings as stored; what is missing or not what a setting takes is its
+        default."""
+        if not isinstance(stored, Mapping):
+            stored = {}
+        default = cls()
+
+        def switch(name: str) -> bool:
+            value = stored.get(name)
+            return value if isinstance(value, bool) else getattr(default, name)
+
+        def choice(name: str, choices: tuple[str, ...]) -> str:
+            value = stored.get(name)
+            return value if isinstance(value, str) and value in choices else getattr(
+                default, name)
+
+        links = stored.get("social_links")
+        return cls(
+            multipart=choice("multipart", MULTIPART_MODES),
+            attachments=choice("attachments", ATTACHMENT_MODES),
+            archive=switch("archive"), show_cab=switch("show_cab"),
+            # A link that is not text cannot be a URL.
+            social_links={str(network): url for network, url in links.items()
+                          if isinstance(url, str)} if isinstance(links, Mapping) else {},
+            track_opens=switch("track_opens"), track_clicks=switch("track_clicks"))
+
+    @classmethod
+    def changes(cls, **values: Any) -> dict[str, Any]:
+        """The JSON that sets the settings given (None: left as they are) and keeps the
+        others, merged into an account's by AccountStore.update_account.  ValueError
+        for a name that is no setting, or a value the setting does not take, which
+        reading would take for the default."""
+        given = {name: value for name, value in values.items() if value is not None}
+        unknown = given.keys() - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"not account settings: {', '.join(sorted(unknown))}")
+        read = cls.from_json(given)
+        bad = [name for name, value in given.items()
+               if type(value) is not type(getattr(read, name)) or value != getattr(read, name)]
+        if bad:
+            raise ValueError(f"bad values for account settings: {', '.join(sorted(bad))}")
+        return given
