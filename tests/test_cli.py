@@ -34,21 +34,21 @@ class CommandTests(unittest.TestCase):
         self.addCleanup(database.close)
         self.stores = Stores.on(database)
 
-    async def run(self, *argv: str, stdin: str = "") -> str:
+    async def command(self, *argv: str, stdin: str = "") -> str:
         out = io.StringIO()
         args = build_parser().parse_args(list(argv))
         await run_command(args, self.config, reactor, out, io.StringIO(stdin))
         return out.getvalue()
 
     async def test_init_creates_certificate_and_applies_migrations(self):
-        output = await self.run("init")
+        output = await self.command("init")
         self.assertIn("self-signed TLS certificate", output)
         self.assertTrue(self.config.certificate_path.exists())
         self.assertIn("migrations applied", output)
-        self.assertNotIn("certificate", await self.run("init"))
+        self.assertNotIn("certificate", await self.command("init"))
 
     async def test_init_demo_writes_demo_json_once(self):
-        output = await self.run("init", "--demo")
+        output = await self.command("init", "--demo")
         demo = json.loads((self.config.state_path / "demo.json").read_text())
         self.assertEqual(set(demo), {"user", "password", "sender", "api_key"})
         for value in demo.values():
@@ -63,33 +63,33 @@ class CommandTests(unittest.TestCase):
         senders = await self.stores.senders.list_senders(account_id)
         self.assertEqual([(s.address, s.verified_at is not None) for s in senders],
                          [(demo["sender"], True)])
-        again = await self.run("init", "--demo")
+        again = await self.command("init", "--demo")
         self.assertNotIn(demo["password"], again)
         self.assertIn("demo.json", again)
 
     async def test_migrate(self):
-        self.assertIn("migrations applied", await self.run("migrate"))
+        self.assertIn("migrations applied", await self.command("migrate"))
 
     async def test_account_create_and_list(self):
-        self.assertIn("account acme created", await self.run("account", "create", "acme",
+        self.assertIn("account acme created", await self.command("account", "create", "acme",
                                                              "--plan", "pro"))
-        await self.run("account", "create", "beta")
-        lines = (await self.run("account", "list")).splitlines()
+        await self.command("account", "create", "beta")
+        lines = (await self.command("account", "list")).splitlines()
         self.assertEqual([line.split("\t")[1:3] for line in lines],
                          [["acme", "pro"], ["beta", "default"]])
         with self.assertRaises(AlreadyExists):
-            await self.run("account", "create", "acme")
+            await self.command("account", "create", "acme")
 
     async def test_account_set_policies_and_limits(self):
-        await self.run("account", "create", "acme")
-        output = await self.run("account", "set", "acme", "--multipart", "strict",
+        await self.command("account", "create", "acme")
+        output = await self.command("account", "set", "acme", "--multipart", "strict",
                                 "--attachments", "links", "--archive", "yes",
                                 "--sends-per-month", "1000", "--max-contacts", "50",
                                 "--allowed-networks", "10.0.0.0/8,192.0.2.7", "--active", "no")
         self.assertIn("account acme updated", output)
         account = await self.stores.accounts.get_account("acme")
         self.assertFalse(account.active)
-        await self.run("account", "set", "acme", "--active", "yes")
+        await self.command("account", "set", "acme", "--active", "yes")
         profile = await self.stores.accounts.profile(account.id)
         settings, networks = profile.settings, profile.allowed_networks
         max_contacts, sends = profile.max_contacts, profile.sends_per_month
@@ -97,7 +97,7 @@ class CommandTests(unittest.TestCase):
                                                    archive=True))
         self.assertEqual(networks, ["10.0.0.0/8", "192.0.2.7/32"])
         self.assertEqual((max_contacts, sends), (50, 1000))
-        await self.run("account", "set", "acme", "--sends-per-month", "none",
+        await self.command("account", "set", "acme", "--sends-per-month", "none",
                        "--allowed-networks", "any")
         profile = await self.stores.accounts.profile(account.id)
         settings, networks = profile.settings, profile.allowed_networks
@@ -105,7 +105,7 @@ class CommandTests(unittest.TestCase):
         self.assertEqual((networks, max_contacts, sends), (None, 50, None))
         self.assertEqual(settings.attachments, "links")
         with self.assertRaises(NotFound):
-            await self.run("account", "set", "nobody", "--archive", "no")
+            await self.command("account", "set", "nobody", "--archive", "no")
 
     def test_account_set_refuses_bad_values(self):
         for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
@@ -114,74 +114,74 @@ class CommandTests(unittest.TestCase):
                 build_parser().parse_args(["account", "set", "acme", *argv])
 
     async def test_template_set_and_list(self):
-        await self.run("account", "create", "acme")
+        await self.command("account", "create", "acme")
         html = Path(self.mktemp())
         html.write_text("<p>Hola {nombre}</p>")
-        output = await self.run("template", "set", "acme", "welcome1", "--name", "Welcome",
+        output = await self.command("template", "set", "acme", "welcome1", "--name", "Welcome",
                                 "--subject", "Hi", "--html-file", str(html))
         self.assertIn("template welcome1 saved", output)
-        self.assertEqual(await self.run("template", "list", "acme"), "welcome1\tWelcome\tHi\n")
+        self.assertEqual(await self.command("template", "list", "acme"), "welcome1\tWelcome\tHi\n")
         account = await self.stores.accounts.get_account("acme")
         template = await self.stores.templates.get(account.id, "welcome1")
         self.assertEqual((template.html, template.text), ("<p>Hola {nombre}</p>", None))
         with self.assertRaises(CommandError):
-            await self.run("template", "set", "acme", "empty")
+            await self.command("template", "set", "acme", "empty")
 
     async def test_user_create_generates_a_password(self):
-        await self.run("account", "create", "acme")
-        output = await self.run("user", "create", "acme", "acme.pro")
+        await self.command("account", "create", "acme")
+        output = await self.command("user", "create", "acme", "acme.pro")
         password = output.split("password: ")[1].strip()
         _, stored = await self.stores.accounts.password_hash_for("acme.pro")
         self.assertTrue(stored.startswith("scrypt$"))
         self.assertTrue(credentials.verify_password(password, stored))
 
     async def test_user_create_password_from_stdin(self):
-        await self.run("account", "create", "acme")
-        output = await self.run("user", "create", "acme", "u", "--password-stdin",
+        await self.command("account", "create", "acme")
+        output = await self.command("user", "create", "acme", "u", "--password-stdin",
                                 stdin="chosen secret\n")
         self.assertNotIn("chosen secret", output)
         _, stored = await self.stores.accounts.password_hash_for("u")
         self.assertTrue(credentials.verify_password("chosen secret", stored))
         with self.assertRaises(CommandError):
-            await self.run("user", "create", "acme", "v", "--password-stdin", stdin="\n")
+            await self.command("user", "create", "acme", "v", "--password-stdin", stdin="\n")
 
     async def test_user_for_unknown_account(self):
         with self.assertRaises(NotFound):
-            await self.run("user", "create", "nobody", "u")
+            await self.command("user", "create", "nobody", "u")
 
     async def test_apikey_shown_once_stored_hashed(self):
-        await self.run("account", "create", "acme")
-        key = (await self.run("apikey", "create", "acme", "--name", "ci")).splitlines()[-1]
+        await self.command("account", "create", "acme")
+        key = (await self.command("apikey", "create", "acme", "--name", "ci")).splitlines()[-1]
         self.assertTrue(key.startswith(credentials.API_KEY_PREFIX))
         account = await self.stores.accounts.account_for_api_key(
             credentials.hash_api_key(key))
         self.assertEqual(account.name, "acme")
 
     async def test_domain_add_prints_dns_records(self):
-        await self.run("account", "create", "acme")
-        output = await self.run("domain", "add", "acme", "Example.org", "--selector", "s1")
+        await self.command("account", "create", "acme")
+        output = await self.command("domain", "add", "acme", "Example.org", "--selector", "s1")
         self.assertIn('s1._domainkey.example.org. IN TXT "v=DKIM1; k=rsa; p=', output)
         self.assertIn("include:_spf.mx.gw.example", output)
         self.assertIn("bounces.example.org. IN MX 10 mx.gw.example.", output)
-        output = await self.run("domain", "add", "acme", "ed.example.org", "--algorithm",
+        output = await self.command("domain", "add", "acme", "ed.example.org", "--algorithm",
                                 "ed25519", "--return-path-domain", "rp.example.org")
         self.assertIn("k=ed25519", output)
         self.assertIn("rp.example.org. IN MX", output)
-        self.assertIn("verified", await self.run("domain", "verify", "acme", "example.org"))
+        self.assertIn("verified", await self.command("domain", "verify", "acme", "example.org"))
         with self.assertRaises(NotFound):
-            await self.run("domain", "verify", "acme", "nowhere.example")
+            await self.command("domain", "verify", "acme", "nowhere.example")
 
     async def test_sender_add_and_verify(self):
-        await self.run("account", "create", "acme")
-        self.assertIn("(verified)", await self.run("sender", "add", "acme", "a@example.org",
+        await self.command("account", "create", "acme")
+        self.assertIn("(verified)", await self.command("sender", "add", "acme", "a@example.org",
                                                    "--verified"))
-        await self.run("sender", "add", "acme", "b@example.org")
-        await self.run("sender", "verify", "acme", "b@example.org")
+        await self.command("sender", "add", "acme", "b@example.org")
+        await self.command("sender", "verify", "acme", "b@example.org")
         account = await self.stores.accounts.get_account("acme")
         senders = await self.stores.senders.list_senders(account.id)
         self.assertTrue(all(s.verified_at for s in senders))
         with self.assertRaises(CommandError):
-            await self.run("sender", "add", "acme", "not-an-address")
+            await self.command("sender", "add", "acme", "not-an-address")
 
 
 class ProgramTests(unittest.TestCase):
