@@ -256,7 +256,7 @@ async def _apikey_create(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
     key = credentials.new_api_key()
     await stores.accounts.create_api_key(account.id, args.name, credentials.hash_api_key(key),
-                                         key[:8])
+                                         credentials.api_key_prefix(key))
     print(f"API key for account {account.name} (shown only now, stored hashed):", file=out)
     print(key, file=out)
 
@@ -344,7 +344,7 @@ async def _create_demo(stores: Stores, config: Config, out: TextIO) -> None:
         await stores.senders.verify_sender(account.id, DEMO_SENDER)
     api_key = credentials.new_api_key()
     await stores.accounts.create_api_key(account.id, "demo", credentials.hash_api_key(api_key),
-                                         api_key[:8])
+                                         credentials.api_key_prefix(api_key))
     demo = {"user": DEMO_USER, "password": password, "sender": DEMO_SENDER,
             "api_key": api_key}
     demo_file.write_text(json.dumps(demo, indent=2) + "\n")

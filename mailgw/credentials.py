@@ -59,3 +59,9 @@ def new_api_key() -> str:
 
 def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def api_key_prefix(key: str) -> str:
+    """The first characters of a key, kept in clear to tell keys apart (never enough to
+    guess it: 4 of its 43 random characters)."""
+    return key[:8]

@@ -2,6 +2,9 @@
 
 A checker (checkers.py) turns credentials into an avatar id, (account id,
 username); the realm loads the account and returns its `SubmissionAccount`.
+A login to a disabled account fails with `AccountInactive`, an UnauthorizedLogin
+that a door can tell from wrong credentials (H-1: Current_service_is_not_active
+against Invalid_API_Key).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailgw.accounts.settings import AccountSettings
 from mailgw.store.accounts import AccountStore
+
+
+class AccountInactive(error.UnauthorizedLogin):
+    """The credentials are an account's, but the account is disabled."""
 
 
 class ISubmissionAccount(Interface):
@@ -68,6 +75,8 @@ class SubmissionRealm:
         profile = await self.accounts.profile(account_id)
         if profile is None:
             raise error.UnauthorizedLogin()
+        if not profile.active:
+            raise AccountInactive()
         networks = profile.allowed_networks
         allowed = None if networks is None else tuple(
             ipaddress.ip_network(n, strict=False) for n in networks)

@@ -1,8 +1,9 @@
-"""The cred checkers that say which account credentials belong to (S-3).
+"""The cred checkers that say which account credentials belong to (S-3, H-1).
 
 One checker takes both kinds of username and password: an account user with
 a password (Teenvio's `user.plan`), and a DMDS campaign credential
-`dmdsid-<numid>` whose password is the campaign's API key.  Each answers an
+`dmdsid-<numid>` whose password is the campaign's API key.  Another takes the
+account API keys of the HTTP API and the tracking statistics.  Each answers an
 avatar id, (account id, username), for the realm (avatar.py).
 """
 
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
-from zope.interface import implementer
+from zope.interface import Attribute, implementer
 
-from mailgw.credentials import hash_api_key, verify_password
+from mailgw.accounts.avatar import AccountInactive
+from mailgw.credentials import api_key_prefix, hash_api_key, verify_password
 from mailgw.store.accounts import AccountStore
 
 CAMPAIGN_USER_PREFIX = "dmdsid-"
@@ -56,6 +59,43 @@ class AccountCredentialsChecker:
         if await self.run_in_thread(verify_password, password, stored) and found:
             return found[0], username
         raise error.UnauthorizedLogin()
+
+
+class IAPIKey(credentials.ICredentials):
+    key = Attribute("the API key the caller presented (text, or UTF-8 bytes)")
+
+
+@implementer(IAPIKey)
+@dataclass(frozen=True)
+class APIKey:
+    key: bytes | str
+
+
+@implementer(ICredentialsChecker)
+class APIKeyChecker:
+    """Checks account API keys: the key is found by its SHA-256 digest (an indexed
+    lookup that compares no secret byte by byte).  An unknown or revoked key is
+    UnauthorizedLogin; the key of a disabled account, AccountInactive."""
+
+    credentialInterfaces = (IAPIKey,)
+
+    def __init__(self, accounts: AccountStore) -> None:
+        self.accounts = accounts
+
+    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:  # noqa: N802
+        return defer.ensureDeferred(self._check(creds))
+
+    async def _check(self, creds) -> tuple[int, str]:
+        key = _text(creds.key)
+        if not key:
+            raise error.UnauthorizedLogin()
+        account = await self.accounts.account_for_api_key(hash_api_key(key))
+        if account is None:
+            raise error.UnauthorizedLogin()
+        if not account.active:
+            raise AccountInactive()
+        # No username: the key's first characters name it, as in api_keys.key_prefix.
+        return account.id, api_key_prefix(key)
 
 
 # A real scrypt hash of a random password: unknown users cost as much as known ones.

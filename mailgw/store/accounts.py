@@ -29,6 +29,7 @@ class AccountProfile:
 
     id: int
     name: str
+    active: bool
     settings: AccountSettings
     # CIDR texts; None: clients from anywhere (S-4).
     allowed_networks: list[str] | None
@@ -99,7 +100,7 @@ class AccountStore:
                                              numid)
 
     async def profile(self, account_id: int) -> AccountProfile | None:
-        """The profile of an active account, or None."""
+        """The account's profile, or None if there is no such account."""
         return await self.db.run_interaction("account_profile", _select_profile_txn,
                                              account_id)
 
@@ -109,6 +110,7 @@ class AccountStore:
                                              name, key_hash, key_prefix)
 
     async def account_for_api_key(self, key_hash: str) -> Account | None:
+        """The account of a key that is not revoked, active or not."""
         return await self.db.run_interaction("account_for_api_key", _select_key_account_txn,
                                              key_hash)
 
@@ -194,11 +196,11 @@ async def _select_campaign_key_txn(cursor, numid: int) -> tuple[int, str] | None
 
 async def _select_profile_txn(cursor, account_id: int) -> AccountProfile | None:
     await cursor.execute(
-        "SELECT id, name, settings, allowed_networks::text[], max_contacts, sends_per_month"
-        " FROM accounts"
-        " WHERE id = %s AND active", (account_id,))
+        "SELECT id, name, active, settings, allowed_networks::text[], max_contacts,"
+        " sends_per_month FROM accounts WHERE id = %s", (account_id,))
     row = cursor.fetchone()
     if row is None:
         return None
-    account_id, name, settings, *rest = row
-    return AccountProfile(account_id, name, AccountSettings.from_json(settings), *rest)
+    account_id, name, active, settings, *rest = row
+    return AccountProfile(account_id, name, active, AccountSettings.from_json(settings),
+                          *rest)
