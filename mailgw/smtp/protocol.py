@@ -23,7 +23,6 @@ STARTTLS and the idle timeout, and replaces the command handling:
 from __future__ import annotations
 
 import base64
-import dataclasses
 import ipaddress
 import re
 import time
@@ -40,21 +39,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount, address_in
-from mailgw.content.message import (
-    ContentRefused,
-    parse_message,
-    split_template_tag,
-    template_variables,
-)
 from mailgw.errors import DatabaseUnavailable
 from mailgw.randomness import random_hex
 from mailgw.smtp import replies
 from mailgw.smtp.auth import MECHANISMS, AuthThrottle, decode_response
-from mailgw.store.contacts import ContactLimitReached
-from mailgw.store.submissions import QuotaExceeded
 from mailgw.submit.addresses import InvalidAddress, normalize_address
+from mailgw.submit.errors import DisallowedSender, SubmissionRefused
 from mailgw.submit.recipients import RecipientImports
-from mailgw.submit.service import DisallowedSender, Submission, SubmissionService
+from mailgw.submit.service import Submission, SubmissionService
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
                    rb"(?P<params>(?:\s+\S+)*)\s*$", re.IGNORECASE)
@@ -549,8 +541,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.account = await self.factory.trusted_account(f"trusted:{self.peer_ip}")
         try:
             sender = await self.factory.service.check_sender(self.account, address)
-        except DisallowedSender:
-            self.reply(replies.disallowed_sender(address))
+        except SubmissionRefused as refusal:
+            self.reply(_refusal_reply(refusal))
             return
         self._sender = sender
         group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {random_hex(4)}"
@@ -597,8 +589,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     async def _accept_when_imported(self, email: str) -> None:
         try:
             await self._imports.add_now(email)
-        except ContactLimitReached:
-            self.reply(replies.transaction_failed("contact limit reached"))
+        except SubmissionRefused as refusal:
+            self.reply(_refusal_reply(refusal))
             return
         self._accept_recipient()
 
@@ -648,22 +640,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(replies.imported(recipients))
             return
         try:
-            content = parse_message(raw)
-            template_id, subject = split_template_tag(content.subject)
-            variables = {}
-            if template_id is not None:
-                variables = template_variables(content.text, content.html)
-                content = dataclasses.replace(content, subject=subject)
-            stored = await self.factory.service.submit(Submission(
-                account=self.account, origin="smtp", sender=sender,
-                recipients=(), imports=imports, content=content, raw=raw,
-                client_ip=self.peer_ip, template_id=template_id, variables=variables))
-        except ContentRefused as e:
-            self.reply(replies.transaction_failed(str(e)))
-        except DisallowedSender as e:
-            self.reply(replies.disallowed_sender(str(e.args[0])))
-        except QuotaExceeded:
-            self.reply(replies.transaction_failed("no sends left"))
+            stored = await self.factory.service.submit(Submission.from_mime(
+                account=self.account, origin="smtp", sender=sender, raw=raw,
+                imports=imports, client_ip=self.peer_ip))
+        except SubmissionRefused as refusal:
+            self.reply(_refusal_reply(refusal))
         else:
             self.messages += 1
             self.recipients_total += recipients
@@ -721,6 +702,13 @@ class _Refusal(protocol.Protocol):
     def connectionLost(self, reason=None) -> None:  # noqa: N802
         if self._abort_call.active():
             self._abort_call.cancel()
+
+
+def _refusal_reply(refusal: SubmissionRefused) -> replies.Reply:
+    """The reply to a refusal of the submission path (S-13)."""
+    if isinstance(refusal, DisallowedSender):
+        return replies.disallowed_sender(refusal.address)
+    return replies.transaction_failed(str(refusal))
 
 
 def _parse_path(rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:

@@ -4,6 +4,7 @@ queue rows and their first events (S-12, S-14, D-1)."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ from mailgw.store.events import EventType
 
 class QuotaExceeded(Exception):
     """S-15: the account's plan has no sends left this month."""
+
+
+class _Refused(enum.Enum):
+    """A batch item's result when the submission is refused (store() raises for it)."""
+
+    FOR_QUOTA = "refused for its send quota, its imports committed"
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,8 @@ class SubmissionStore:
         locks contacts (the imports) before an account's send quota (the messages), in
         every batch, so that two batches never wait for each other's locks."""
         result = await self.contacts.import_recipients(imports, _store_imported_txn, record)
-        if isinstance(result, QuotaExceeded):
-            raise result
+        if result is _Refused.FOR_QUOTA:
+            raise QuotaExceeded()
         return result
 
     async def attachment(self, token: str) -> tuple[str, str, bytes] | None:
@@ -198,7 +205,7 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
 
 
 async def _store_imported_txn(cursor, items: list[tuple[SubmissionRecord, Imported]]
-                             ) -> list[StoredSubmission | QuotaExceeded]:
+                             ) -> list[StoredSubmission | _Refused]:
     """After the batch's imports (ContactStore.import_recipients): each record, with its
     recipients' contacts when it came with imports, in the same transaction."""
     records = [dataclasses.replace(
@@ -208,12 +215,12 @@ async def _store_imported_txn(cursor, items: list[tuple[SubmissionRecord, Import
         for record, imported in items]
     try:
         return await _store_submissions_txn(cursor, records)
-    except QuotaExceeded as refusal:
+    except QuotaExceeded:
         # Raised before anything of the submissions is written: alone, its imports
         # still commit (S-7); in a batch, each item is retried alone.
         if len(items) > 1:
             raise
-        return [refusal]
+        return [_Refused.FOR_QUOTA]
 
 
 async def _check_send_quotas(cursor, records: list[SubmissionRecord]) -> None:

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient
+from mailgw.submit.errors import lower_refusals_translated
 
 # How long a RCPT's import waits for its message. Nobody waits on it meanwhile
 # (QUIT and RSET commit it at once); long enough for a client that does not
@@ -53,8 +54,10 @@ class RecipientImports:
 
     async def add_now(self, email: str) -> None:
         """Import `email` and wait for its commit: when the reply depends on it, as for
-        an account's contact limit (S-15). Nothing is kept if the import fails."""
-        imported = await self._commit(self._request(email))
+        an account's contact limit (S-15: ContactQuotaExhausted). Nothing is kept if the
+        import fails."""
+        with lower_refusals_translated():
+            imported = await self._commit(self._request(email))
         self._committing.append((email, defer.succeed(imported)))
 
     def take(self) -> list[RecipientImport] | None:

@@ -1,8 +1,8 @@
 """Validate, prepare and store a submission in one transaction (S-6 to S-15).
 
 Doors (SMTP DATA, the HTTP dialects) translate their input into a
-`Submission` and call `SubmissionService.submit`; the refusals it raises are
-mapped by each door to its own reply codes or error names.
+`Submission` and call `SubmissionService.submit`; the refusals it raises
+(errors.py) are mapped by each door to its own reply codes or error names.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from mailgw.content.message import (
     ParsedMessage,
     append_attachment_links,
     apply_policy,
+    parse_message,
     replace_cid_references,
+    split_template_tag,
+    template_variables,
 )
 from mailgw.errors import DatabaseUnavailable
 from mailgw.randomness import random_hex
@@ -37,11 +40,13 @@ from mailgw.store.submissions import (
     SubmissionRecord,
 )
 from mailgw.submit.addresses import normalize_address
+from mailgw.submit.errors import (
+    BadTemplateVariables,
+    DisallowedSender,
+    UnknownTemplate,
+    lower_refusals_translated,
+)
 from mailgw.submit.recipients import RecipientImports
-
-
-class DisallowedSender(Exception):
-    """S-6: the sender or a Reply-To is not a verified address of the account."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,26 @@ class Submission:
     client_ip: str | None = None
     template_id: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mime(cls, account: SubmissionAccount, origin: str, sender: str, raw: bytes,
+                  imports: RecipientImports, client_ip: str) -> Submission:
+        """A submission whose content is a whole MIME message (SMTP DATA), its
+        recipients imported; a subject that names a template (S-10) carries its
+        variables in the body.  Raises ContentNotAccepted or BadTemplateVariables."""
+        with lower_refusals_translated():
+            content = parse_message(raw)
+        template_id, subject = split_template_tag(content.subject)
+        variables = {}
+        if template_id is not None:
+            try:
+                variables = template_variables(content.text, content.html)
+            except ContentRefused as refusal:
+                raise BadTemplateVariables(str(refusal)) from refusal
+            content = dataclasses.replace(content, subject=subject)
+        return cls(account=account, origin=origin, sender=sender, recipients=(),
+                   content=content, imports=imports, raw=raw, client_ip=client_ip,
+                   template_id=template_id, variables=variables)
 
 
 # How long a verified sender is trusted without asking the database again: one
@@ -120,10 +145,11 @@ class SubmissionService:
         if submission.template_id is not None:
             content = await self._expand_template(submission)
         policy = ContentPolicy.from_settings(account.settings)
-        if content.text is None and len(content.html or "") > THREADED_HTML_CHARS:
-            content = await self.run_in_thread(apply_policy, content, policy)
-        else:
-            content = apply_policy(content, policy)
+        with lower_refusals_translated():
+            if content.text is None and len(content.html or "") > THREADED_HTML_CHARS:
+                content = await self.run_in_thread(apply_policy, content, policy)
+            else:
+                content = apply_policy(content, policy)
         for address in content.reply_to:
             await self.check_sender(account, address)
         attachments: tuple[StoredAttachment, ...] = ()
@@ -150,7 +176,8 @@ class SubmissionService:
             sends_per_month=account.sends_per_month,
             attachments=attachments,
         )
-        return await self._store(record, submission.imports)
+        with lower_refusals_translated():
+            return await self._store(record, submission.imports)
 
     async def _store(self, record: SubmissionRecord, imports: RecipientImports | None
                      ) -> StoredSubmission:
@@ -170,7 +197,7 @@ class SubmissionService:
         template = await self.stores.templates.get(submission.account.account_id,
                                                    submission.template_id)
         if template is None:
-            raise ContentRefused(f"unknown template {submission.template_id}")
+            raise UnknownTemplate(submission.template_id)
         subject, html, text = template.subject, template.html, template.text
         variables = submission.variables
         return dataclasses.replace(

@@ -20,14 +20,13 @@ from zope.interface import implementer
 
 from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount
 from mailgw.accounts.settings import AccountSettings
-from mailgw.content.message import ContentRefused
 from mailgw.errors import DatabaseUnavailable
 from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, DataCollector, SubmissionFactory
 from mailgw.store.contacts import ContactLimitReached, ImportedRecipient, RecipientImport
-from mailgw.store.submissions import QueuedRecipient, QuotaExceeded, StoredSubmission
+from mailgw.store.submissions import QueuedRecipient, StoredSubmission
+from mailgw.submit.errors import ContentNotAccepted, DisallowedSender, SendQuotaExhausted
 from mailgw.submit.recipients import IMPORT_HOLD_SECONDS, RecipientImports
-from mailgw.submit.service import DisallowedSender
 
 UID = "fa8896c2351f8b7e73ac3a3d209c6ac5"
 MESSAGE = (b"From: Sender <sender@example.org>\r\nTo: rcpt@example.net\r\n"
@@ -621,7 +620,7 @@ class RCPTTests(unittest.TestCase):
 
     def test_refused_message_keeps_its_imports(self):
         session = Session()
-        session.service.refuse = ContentRefused("Not allowed attachment type exe")
+        session.service.refuse = ContentNotAccepted("Not allowed attachment type exe")
         session.envelope(b"a@example.net")
         session.send(b"DATA")
         session.send(MESSAGE + b".")
@@ -730,13 +729,13 @@ class DATATests(unittest.TestCase):
 
     def test_content_refused(self):
         session = Session()
-        session.service.refuse = ContentRefused("Not allowed attachment type exe")
+        session.service.refuse = ContentNotAccepted("Not allowed attachment type exe")
         self.assertEqual(session.submit(MESSAGE),
                          [b"554 5.6.0 Transaction failed: Not allowed attachment type exe"])
 
     def test_quota(self):
         session = Session()
-        session.service.refuse = QuotaExceeded()
+        session.service.refuse = SendQuotaExhausted()
         self.assertEqual(session.submit(MESSAGE),
                          [b"554 5.6.0 Transaction failed: no sends left"])
 

@@ -1,18 +1,30 @@
 """SubmissionService against a real PostgreSQL."""
 
+import dataclasses
+
 from twisted.internet import task, threads
 
 from mailgw.accounts.avatar import SubmissionAccount
+from mailgw.accounts.settings import AccountSettings
 from mailgw.content.message import parse_message
 from mailgw.store.submissions import QueuedRecipient
+from mailgw.submit.errors import (
+    BadTemplateVariables,
+    ContactQuotaExhausted,
+    ContentNotAccepted,
+    DisallowedSender,
+    SendQuotaExhausted,
+    UnknownTemplate,
+)
 from mailgw.submit.service import (
     SENDER_CACHE_SECONDS,
     THREADED_HTML_CHARS,
-    DisallowedSender,
     Submission,
     SubmissionService,
 )
 from tests.harness import DatabaseTestCase
+
+PLAIN = b"From: a@example.org\r\nSubject: s\r\nContent-Type: text/plain\r\n\r\nHello\r\n"
 
 
 async def _unverify_txn(cursor, account_id):
@@ -73,3 +85,53 @@ class CheckSenderTests(DatabaseTestCase):
             self.assertEqual(self.in_threads, threaded)
         context = (await self.stores.queue.messages([stored.message_id]))[stored.message_id]
         self.assertTrue(context.body["text"].startswith("Oferta de **primavera**\n\nOferta"))
+
+
+class RefusalTests(DatabaseTestCase):
+    """The doors see only the submission path's refusals, whichever layer refused."""
+
+    async def setUp(self):
+        await super().setUp()
+        account = await self.stores.accounts.create_account("acme")
+        self.account = SubmissionAccount(account.id, "acme", "u")
+        self.clock = task.Clock()
+        self.service = SubmissionService(self.stores, "http://localhost:8080", self.clock,
+                                         threads.deferToThread)
+
+    def from_mime(self, raw, account=None):
+        imports = self.service.recipient_imports(account or self.account, "g", "smtp",
+                                                 "a@example.org")
+        self.addCleanup(imports.close)
+        return Submission.from_mime(account or self.account, "smtp", "a@example.org", raw,
+                                    imports, "192.0.2.7")
+
+    async def test_content(self):
+        with self.assertRaises(ContentNotAccepted) as refused:
+            self.from_mime(b"Subject: s\r\nX-Mailgw-ShowCab: maybe\r\n\r\nx")
+        self.assertIn("ShowCab must be yes or no", str(refused.exception))
+        strict = dataclasses.replace(self.account, settings=AccountSettings(multipart="strict"))
+        with self.assertRaises(ContentNotAccepted) as refused:
+            await self.service.submit(self.from_mime(PLAIN, strict))
+        self.assertEqual(str(refused.exception),
+                         "message needs a text/plain and a text/html part")
+
+    async def test_templates(self):
+        with self.assertRaises(BadTemplateVariables) as refused:
+            self.from_mime(b"Subject: *|tid:t1|* s\r\n\r\n[1]")
+        self.assertTrue(str(refused.exception).startswith(
+            "template variables are not a valid JSON object"))
+        with self.assertRaises(UnknownTemplate) as refused:
+            await self.service.submit(self.from_mime(b"Subject: *|tid:nope|* s\r\n\r\nnull"))
+        self.assertEqual(str(refused.exception), "unknown template nope")
+
+    async def test_quotas(self):
+        for limits, refusal in (({"sends_per_month": 0}, SendQuotaExhausted),
+                                ({"max_contacts": 0}, ContactQuotaExhausted)):
+            submission = self.from_mime(PLAIN, dataclasses.replace(self.account, **limits))
+            submission.imports.add("r@example.net")
+            with self.assertRaises(refusal):
+                await self.service.submit(submission)
+        full = dataclasses.replace(self.account, max_contacts=0)
+        with self.assertRaises(ContactQuotaExhausted):
+            await self.service.recipient_imports(full, "g", "smtp", "a@example.org").add_now(
+                "s@example.net")
