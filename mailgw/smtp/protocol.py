@@ -45,7 +45,7 @@ from mailgw.smtp import replies
 from mailgw.smtp.auth import MECHANISMS, AuthThrottle, decode_response
 from mailgw.submit.addresses import InvalidAddress, normalize_address
 from mailgw.submit.errors import DisallowedSender, SubmissionRefused
-from mailgw.submit.recipients import RecipientImports
+from mailgw.submit.recipients import Recipient, RecipientImports
 from mailgw.submit.service import Submission, SubmissionService
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
@@ -573,22 +573,23 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         except InvalidAddress:
             self._error(replies.invalid_recipient(address))
             return
+        recipient = Recipient(email, "to")
         if self.account.max_contacts is not None:
             # S-15: whether the contact fits under the cap is answered here.
-            self._run(self._accept_when_imported(email))
+            self._run(self._accept_when_imported(recipient))
             return
         # S-7: the import commits with the message or on its own, whether DATA follows
         # or not; the reply need not wait for it, the end of DATA does.
         try:
-            self._imports.add(email)
+            self._imports.add(recipient)
         except DatabaseUnavailable:
             self.reply(replies.TEMPORARY_FAILURE)
             return
         self._accept_recipient()
 
-    async def _accept_when_imported(self, email: str) -> None:
+    async def _accept_when_imported(self, recipient: Recipient) -> None:
         try:
-            await self._imports.add_now(email)
+            await self._imports.add_now(recipient)
         except SubmissionRefused as refusal:
             self.reply(_refusal_reply(refusal))
             return

@@ -25,6 +25,8 @@ class RecipientImport:
     # Suppressions scoped to this sender domain apply (D-6).
     sender_domain: str
     max_contacts: int | None
+    # How the contact is sent the message: to, cc or bcc (deliveries.kind).
+    kind: str = "to"
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ class QueuedRecipient:
     suppressed: str | None = None
 
     @classmethod
-    def imported(cls, email: str, imported: ImportedRecipient) -> QueuedRecipient:
-        """A recipient imported as a contact at RCPT time (S-7)."""
-        return cls(email, imported.contact_id, "to", imported.suppressed)
+    def imported(cls, request: RecipientImport, imported: ImportedRecipient
+                 ) -> QueuedRecipient:
+        """A recipient imported as a contact (S-7)."""
+        return cls(request.email, imported.contact_id, request.kind, imported.suppressed)
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ async def _store_imported_txn(cursor, items: list[tuple[SubmissionRecord, Import
     recipients' contacts when it came with imports, in the same transaction."""
     records = [dataclasses.replace(
         record, group_id=imported[-1][1].group_id,
-        recipients=tuple(QueuedRecipient.imported(request.email, result)
+        recipients=tuple(QueuedRecipient.imported(request, result)
                          for request, result in imported)) if imported else record
         for record, imported in items]
     try:

@@ -1,4 +1,6 @@
-"""The recipients of one SMTP transaction, imported as contacts at RCPT time (S-7).
+"""A submission's recipients: `Recipient`, what every door gives the submission path,
+and `RecipientImports`, those of one SMTP transaction, imported as contacts at RCPT
+time (S-7).
 
 A RCPT's 250 does not wait for its import: the import is held for a moment, so
 that when the DATA follows at once the contacts and the message are committed
@@ -11,6 +13,8 @@ connection, so a recipient whose DATA never comes is still kept.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,14 +29,24 @@ from mailgw.submit.errors import lower_refusals_translated
 # pipeline to send DATA and its text over a slow link.
 IMPORT_HOLD_SECONDS = 0.25
 
+# How a recipient is sent the message (the deliveries' kind): SMTP's RCPTs are all
+# "to"; the HTTP dialects have copies and blind copies.
+RecipientKind = Literal["to", "cc", "bcc"]
+
+
+@dataclass(frozen=True)
+class Recipient:
+    email: str  # normalized (addresses.normalize_address)
+    kind: RecipientKind = "to"
+
 
 class RecipientImports:
     log = Logger()
 
-    def __init__(self, request: Callable[[str], RecipientImport],
+    def __init__(self, request: Callable[[Recipient], RecipientImport],
                  commit: Callable[[RecipientImport], defer.Deferred[ImportedRecipient]],
                  clock, hold_seconds: float = IMPORT_HOLD_SECONDS) -> None:
-        """`request(email)` makes the import of one recipient (raising
+        """`request(recipient)` makes the import of one recipient (raising
         DatabaseUnavailable when it could not be committed); `commit(request)` commits
         it on its own and fires with the result."""
         self._request = request
@@ -40,25 +54,26 @@ class RecipientImports:
         self._clock = clock
         self._hold_seconds = hold_seconds
         self._held: list[RecipientImport] = []
-        self._committing: list[tuple[str, defer.Deferred[ImportedRecipient]]] = []
+        self._committing: list[tuple[RecipientImport, defer.Deferred[ImportedRecipient]]] = []
         self._timer = None
 
     def __len__(self) -> int:
         return len(self._held) + len(self._committing)
 
-    def add(self, email: str) -> None:
-        """Hold the import of `email` until the submission takes it or the hold ends."""
-        self._held.append(self._request(email))
+    def add(self, recipient: Recipient) -> None:
+        """Hold the recipient's import until the submission takes it or the hold ends."""
+        self._held.append(self._request(recipient))
         if self._timer is None:
             self._timer = self._clock.callLater(self._hold_seconds, self.flush)
 
-    async def add_now(self, email: str) -> None:
-        """Import `email` and wait for its commit: when the reply depends on it, as for
-        an account's contact limit (S-15: ContactQuotaExhausted). Nothing is kept if the
-        import fails."""
+    async def add_now(self, recipient: Recipient) -> None:
+        """Import the recipient and wait for its commit: when the reply depends on it, as
+        for an account's contact limit (S-15: ContactQuotaExhausted). Nothing is kept if
+        the import fails."""
+        request = self._request(recipient)
         with lower_refusals_translated():
-            imported = await self._commit(self._request(email))
-        self._committing.append((email, defer.succeed(imported)))
+            imported = await self._commit(request)
+        self._committing.append((request, defer.succeed(imported)))
 
     def take(self) -> list[RecipientImport] | None:
         """Every import, for the submission to commit with itself; None when some are
@@ -74,7 +89,7 @@ class RecipientImports:
         """Commit the held imports on their own."""
         self._cancel_timer()
         held, self._held = self._held, []
-        self._committing.extend((r.email, self._commit(r)) for r in held)
+        self._committing.extend((request, self._commit(request)) for request in held)
 
     def close(self) -> None:
         """The transaction is over without a message: commit what is held, and log the
@@ -100,8 +115,9 @@ class RecipientImports:
         for ok, result in results:
             if not ok:
                 result.raiseException()
-        recipients = [QueuedRecipient.imported(email, imported) for (email, _), (_, imported)
-                      in zip(self._committing, results, strict=True)]
+        recipients = [QueuedRecipient.imported(request, imported)
+                      for (request, _), (_, imported) in zip(self._committing, results,
+                                                             strict=True)]
         return recipients, results[-1][1].group_id if results else None
 
     def _cancel_timer(self) -> None:

@@ -46,7 +46,7 @@ from mailgw.submit.errors import (
     UnknownTemplate,
     lower_refusals_translated,
 )
-from mailgw.submit.recipients import RecipientImports
+from mailgw.submit.recipients import Recipient, RecipientImports
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class Submission:
     account: SubmissionAccount
     origin: str
     sender: str
-    # The recipients, or, from SMTP, `imports` whose contacts they are.
-    recipients: tuple[QueuedRecipient, ...]
+    # The recipients, or, from SMTP, `imports` of them as contacts (S-7).
+    recipients: tuple[Recipient, ...]
     content: ParsedMessage
     imports: RecipientImports | None = None
     group_id: int | None = None
@@ -128,11 +128,11 @@ class SubmissionService:
         domain."""
         sender_domain = sender.rpartition("@")[2]
 
-        def request(email: str) -> RecipientImport:
+        def request(recipient: Recipient) -> RecipientImport:
             if not self.stores.database.available:
                 raise DatabaseUnavailable("import_recipient")
-            return RecipientImport(account.account_id, group_name, origin, email,
-                                   sender_domain, account.max_contacts)
+            return RecipientImport(account.account_id, group_name, origin, recipient.email,
+                                   sender_domain, account.max_contacts, recipient.kind)
 
         def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
             return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
@@ -163,7 +163,8 @@ class SubmissionService:
             subject=content.subject,
             html=content.html,
             body=StoredBody.of(content).to_json(),
-            recipients=submission.recipients,
+            recipients=tuple(QueuedRecipient(r.email, None, r.kind)
+                             for r in submission.recipients),
             group_id=submission.group_id,
             reply_to=content.reply_to[0] if content.reply_to else None,
             headers=dict(content.headers),

@@ -54,11 +54,12 @@ class StubService:
         return address.lower()
 
     def recipient_imports(self, account, group_name, origin, sender):
-        def request(email):
-            if email.startswith("down@"):
+        def request(recipient):
+            if recipient.email.startswith("down@"):
                 raise DatabaseUnavailable("import_recipient")
-            return RecipientImport(account.account_id, group_name, origin, email,
-                                   sender.rpartition("@")[2], account.max_contacts)
+            return RecipientImport(account.account_id, group_name, origin, recipient.email,
+                                   sender.rpartition("@")[2], account.max_contacts,
+                                   recipient.kind)
 
         return RecipientImports(request, self._import_alone, self.clock)
 
@@ -84,7 +85,7 @@ class StubService:
         if held is None:
             recipients, _ = await submission.imports.imported()
         else:
-            recipients = [QueuedRecipient.imported(r.email, self._import(r)) for r in held]
+            recipients = [QueuedRecipient.imported(r, self._import(r)) for r in held]
         self.submissions.append(dataclasses.replace(submission, recipients=tuple(recipients)))
         return StoredSubmission(1166, 1, UID, len(recipients), 0)
 

@@ -7,7 +7,6 @@ from twisted.internet import task, threads
 from mailgw.accounts.avatar import SubmissionAccount
 from mailgw.accounts.settings import AccountSettings
 from mailgw.content.message import parse_message
-from mailgw.store.submissions import QueuedRecipient
 from mailgw.submit.errors import (
     BadTemplateVariables,
     ContactQuotaExhausted,
@@ -16,6 +15,7 @@ from mailgw.submit.errors import (
     SendQuotaExhausted,
     UnknownTemplate,
 )
+from mailgw.submit.recipients import Recipient
 from mailgw.submit.service import (
     SENDER_CACHE_SECONDS,
     THREADED_HTML_CHARS,
@@ -81,7 +81,7 @@ class CheckSenderTests(DatabaseTestCase):
                    + paragraph.encode() * copies)
             stored = await self.service.submit(Submission(
                 self.account, "smtp", "a@example.org",
-                (QueuedRecipient("r@example.net", None),), parse_message(raw)))
+                (Recipient("r@example.net"),), parse_message(raw)))
             self.assertEqual(self.in_threads, threaded)
         context = (await self.stores.queue.messages([stored.message_id]))[stored.message_id]
         self.assertTrue(context.body["text"].startswith("Oferta de **primavera**\n\nOferta"))
@@ -128,10 +128,45 @@ class RefusalTests(DatabaseTestCase):
         for limits, refusal in (({"sends_per_month": 0}, SendQuotaExhausted),
                                 ({"max_contacts": 0}, ContactQuotaExhausted)):
             submission = self.from_mime(PLAIN, dataclasses.replace(self.account, **limits))
-            submission.imports.add("r@example.net")
+            submission.imports.add(Recipient("r@example.net"))
             with self.assertRaises(refusal):
                 await self.service.submit(submission)
         full = dataclasses.replace(self.account, max_contacts=0)
         with self.assertRaises(ContactQuotaExhausted):
             await self.service.recipient_imports(full, "g", "smtp", "a@example.org").add_now(
-                "s@example.net")
+                Recipient("s@example.net"))
+
+
+class RecipientKindTests(DatabaseTestCase):
+    async def setUp(self):
+        await super().setUp()
+        account = await self.stores.accounts.create_account("acme")
+        self.account = SubmissionAccount(account.id, "acme", "u")
+        self.service = SubmissionService(self.stores, "http://localhost:8080", task.Clock(),
+                                         threads.deferToThread)
+
+    async def kinds(self, stored):
+        return await self.sql("SELECT recipient, kind FROM deliveries WHERE message_id = %s"
+                              " ORDER BY recipient", stored.message_id)
+
+    async def test_each_recipient_sent_as_its_kind(self):
+        """Copies and blind copies (the HTTP dialects) reach the queue as such."""
+        recipients = (Recipient("a@example.net"), Recipient("b@example.net", "cc"),
+                      Recipient("c@example.net", "bcc"))
+        stored = await self.service.submit(Submission(
+            self.account, "api", "a@example.org", recipients, parse_message(PLAIN)))
+        self.assertEqual(await self.kinds(stored), [
+            ("a@example.net", "to"), ("b@example.net", "cc"), ("c@example.net", "bcc")])
+
+    async def test_imported_recipients_keep_their_kind(self):
+        for hold_seconds in (60, 0):  # committed with the message, or on their own first
+            imports = self.service.recipient_imports(self.account, f"g{hold_seconds}",
+                                                     "smtp", "a@example.org")
+            imports.add(Recipient("a@example.net"))
+            imports.add(Recipient("b@example.net", "cc"))
+            if not hold_seconds:
+                imports.flush()
+            stored = await self.service.submit(Submission.from_mime(
+                self.account, "smtp", "a@example.org", PLAIN, imports, "192.0.2.7"))
+            self.assertEqual(await self.kinds(stored), [("a@example.net", "to"),
+                                                        ("b@example.net", "cc")])
