@@ -32,19 +32,29 @@ async def _unverify_txn(cursor, account_id):
                          (account_id,))
 
 
-class CheckSenderTests(DatabaseTestCase):
+class ServiceTestCase(DatabaseTestCase):
+    """The service, for the account acme."""
+
     async def setUp(self):
         await super().setUp()
         account = await self.stores.accounts.create_account("acme")
         self.account = SubmissionAccount(account.id, "acme", "u")
         self.clock = task.Clock()
-        self.in_threads = []
         self.service = SubmissionService(self.stores, "http://localhost:8080", self.clock,
                                          self.run_in_thread)
 
     def run_in_thread(self, fn, *args):
-        self.in_threads.append(fn.__name__)
         return threads.deferToThread(fn, *args)
+
+
+class CheckSenderTests(ServiceTestCase):
+    async def setUp(self):
+        self.in_threads = []
+        await super().setUp()
+
+    def run_in_thread(self, fn, *args):
+        self.in_threads.append(fn.__name__)
+        return super().run_in_thread(fn, *args)
 
     async def test_verified_sender_cached_for_a_while(self):
         await self.stores.senders.add_sender(self.account.account_id, "a@example.org", True)
@@ -87,16 +97,8 @@ class CheckSenderTests(DatabaseTestCase):
         self.assertTrue(context.body["text"].startswith("Oferta de **primavera**\n\nOferta"))
 
 
-class RefusalTests(DatabaseTestCase):
+class RefusalTests(ServiceTestCase):
     """The doors see only the submission path's refusals, whichever layer refused."""
-
-    async def setUp(self):
-        await super().setUp()
-        account = await self.stores.accounts.create_account("acme")
-        self.account = SubmissionAccount(account.id, "acme", "u")
-        self.clock = task.Clock()
-        self.service = SubmissionService(self.stores, "http://localhost:8080", self.clock,
-                                         threads.deferToThread)
 
     def from_mime(self, raw, account=None):
         imports = self.service.recipient_imports(account or self.account, "g", "smtp",
@@ -137,14 +139,7 @@ class RefusalTests(DatabaseTestCase):
                 Recipient("s@example.net"))
 
 
-class RecipientKindTests(DatabaseTestCase):
-    async def setUp(self):
-        await super().setUp()
-        account = await self.stores.accounts.create_account("acme")
-        self.account = SubmissionAccount(account.id, "acme", "u")
-        self.service = SubmissionService(self.stores, "http://localhost:8080", task.Clock(),
-                                         threads.deferToThread)
-
+class RecipientKindTests(ServiceTestCase):
     async def kinds(self, stored):
         return await self.sql("SELECT recipient, kind FROM deliveries WHERE message_id = %s"
                               " ORDER BY recipient", stored.message_id)
