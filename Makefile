@@ -19,7 +19,7 @@ test: venv postgres
 	$(VENV)/bin/trial $(TRIAL_ARGS) tests
 
 lint: venv
-	$(VENV)/bin/ruff check mailgw tests twisted
+	$(VENV)/bin/ruff check mailgw tests twisted bench
 
 # SMTP ingest benchmark against a private Postfix (installed when missing); see bench/README.md.
 bench-smtp: venv postgres

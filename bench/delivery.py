@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LOG_PROBLEM,
     LOOPBACK,
     REPO,
@@ -73,7 +73,7 @@ from common import (  # noqa: E402
     status_kb,
     wait_for_banner,
 )
-from loadgen import LoadResult, LoadSpec, run_load  # noqa: E402
+from loadgen import LoadResult, LoadSpec, run_load
 
 TARGET_RATIO = 1.5
 # Not bench.test: mailgw refuses special-use domains (.test, .invalid, ...) at RCPT, as

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LOOPBACK,
     BenchError,
     Interrupts,
@@ -53,7 +53,7 @@ from common import (  # noqa: E402
     mib,
     postfix_server,
 )
-from loadgen import LoadResult, LoadSpec, run_load  # noqa: E402
+from loadgen import LoadResult, LoadSpec, run_load
 
 TARGET_RATIO = 1.5
 

@@ -112,7 +112,7 @@ class Gateway(service.MultiService):
         # Fires if mailgw must stop after start-up: twistd then exits 1 (tap.py).
         self.failed: defer.Deferred[None] = defer.Deferred()
 
-    def startService(self) -> None:  # noqa: N802 (Twisted's name)
+    def startService(self) -> None:
         super().startService()
         d = defer.ensureDeferred(self._start())
         d.addCallbacks(lambda _: self.ready.callback(self), self._start_failed)
@@ -286,7 +286,7 @@ class Gateway(service.MultiService):
             await self.embedded.stop()
             self.embedded = None
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802 (Twisted's name)
+    def stopService(self) -> defer.Deferred[None]:
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: defer.ensureDeferred(self._stop()))
         return d

@@ -25,14 +25,14 @@ class Options(usage.Options):
         ["config", "c", None, "Path to the TOML configuration file."],
     ]
 
-    def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
+    def postOptions(self) -> None:
         try:
             self["config_object"] = load_config(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> Gateway:  # noqa: N802 (Twisted's name)
+def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
 
     gateway = Gateway(options["config_object"], reactor)

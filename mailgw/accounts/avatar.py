@@ -60,7 +60,7 @@ class SubmissionRealm:
     def __init__(self, accounts: AccountStore) -> None:
         self.accounts = accounts
 
-    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+    def requestAvatar(self, avatar_id, mind, *interfaces):
         if ISubmissionAccount not in interfaces:
             raise NotImplementedError("only ISubmissionAccount avatars")
         return defer.ensureDeferred(self._avatar(*avatar_id))

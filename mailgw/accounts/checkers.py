@@ -37,7 +37,7 @@ class AccountCredentialsChecker:
         self.accounts = accounts
         self.run_in_thread = run_in_thread
 
-    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:  # noqa: N802
+    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:
         return defer.ensureDeferred(self._check(creds))
 
     async def _check(self, creds) -> tuple[int, str]:
@@ -82,7 +82,7 @@ class APIKeyChecker:
     def __init__(self, accounts: AccountStore) -> None:
         self.accounts = accounts
 
-    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:  # noqa: N802
+    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:
         return defer.ensureDeferred(self._check(creds))
 
     async def _check(self, creds) -> tuple[int, str]:

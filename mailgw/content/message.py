@@ -202,9 +202,9 @@ def _read_headers(message: Message
                 switches[switch] = _switch_value(name, switch, _decoded(name, value))
         elif lowered.startswith("x-"):
             custom_headers[name] = _decoded(name, value)
-            kept.append((name, _one_line(value)))
+            kept.append((name, _unfolded(value)))
         elif lowered in _DELIVERY_HEADERS or lowered.startswith("list-"):
-            kept.append((name, _one_line(value)))
+            kept.append((name, _unfolded(value)))
     return MessageOptions(**switches), custom_headers, tuple(kept)
 
 
@@ -285,7 +285,7 @@ def _read_parts(message: Message) -> tuple[dict[str, str], tuple[Attachment, ...
 
 
 def _attachment(part: Message, number: int) -> Attachment:
-    content_id = _one_line(part.get("Content-ID", "")).strip("<> ") or None
+    content_id = _unfolded(part.get("Content-ID", "")).strip("<> ") or None
     if part.is_multipart():  # an attached message (message/rfc822) is kept as written
         data = b"".join(child.as_bytes() for child in part.get_payload())
     else:
@@ -315,7 +315,7 @@ def _filename(part: Message) -> str:
 def _addresses(header: str, values: list[str]) -> list[tuple[str | None, str]]:
     """(display name, addr-spec with its domain lowercased) for each address in the headers."""
     found = []
-    for name, address in _parse_addresses([_one_line(value) for value in values]):
+    for name, address in _parse_addresses([_unfolded(value) for value in values]):
         local, at, domain = address.rpartition("@")
         if local and at and domain:
             display = _decoded(header, name)
@@ -367,8 +367,10 @@ def _codec(charset: str | None) -> str | None:
     return "cp1252" if name == "iso8859-1" else name
 
 
-def _one_line(value: str) -> str:
-    """A header value unfolded, with raw 8-bit bytes (surrogate-escaped by the parser) decoded."""
+def _unfolded(value: str) -> str:
+    """A header value unfolded, with raw 8-bit bytes (surrogate-escaped by the parser)
+    decoded. Unlike `one_line`, it keeps other control characters: the parser refuses
+    a NUL, and a category name that is not printable, rather than send them changed."""
     if not value.isascii():
         value = _decode_bytes(value.encode("utf-8", "surrogateescape"), None)
     return _LINE_BREAKS.sub(" ", _FOLD.sub("", value)).strip()
@@ -377,7 +379,7 @@ def _one_line(value: str) -> str:
 def decode_header(value: str) -> str:
     """RFC 2047 decoding that, unlike the email package's, survives unknown charsets and
     8-bit headers; whitespace between adjacent encoded words is dropped (RFC 2047 6.2)."""
-    value = _one_line(value)
+    value = _unfolded(value)
     pieces: list[str] = []
     end = 0
     for match in _ENCODED_WORD.finditer(value):

@@ -30,6 +30,7 @@ from mailgw.content.links import LinkSigner
 from mailgw.content.merge import merge
 from mailgw.content.message import Attachment, decode_header
 from mailgw.randomness import random_hex
+from mailgw.text import one_line
 
 __all__ = ["PreparedMessage", "RecipientContext", "SenderContext"]
 
@@ -64,7 +65,6 @@ class RecipientContext:
 
 # --- Headers ---
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
 _HEADER_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters, MUST be 998
 _MAX_LINE = 998
@@ -96,11 +96,6 @@ _ATTRIBUTE_CHARS = "!#$&+^`{|}"
 _PARAMETER_PIECE = 54  # " filename*0*=utf-8''", 54 characters and ";" fit in 78
 
 
-def _one_line(value: str) -> str:
-    """No CR, LF or other control character reaches a header: no header injection (R-5)."""
-    return _CONTROLS.sub(" ", value).strip()
-
-
 def _fold(name: str, words: Iterable[str]) -> bytes:
     """`name:` and the words, a space before each, folded (RFC 5322 2.2.3) before a word
     that would take its line past 78 characters. One pass, linear in the header's length:
@@ -121,7 +116,7 @@ def _fold(name: str, words: Iterable[str]) -> bytes:
 def _unstructured(name: str, value: str) -> bytes:
     """A header of free text (Subject), folded, RFC 2047 encoded when not plain ASCII, or
     when "=?" would read as an encoded word, or a word is too long for a line."""
-    value = _one_line(value)
+    value = one_line(value)
     if len(name) + 2 + len(value) <= _HEADER_LINE and value.isascii() and "=?" not in value:
         return f"{name}: {value}\r\n".encode("ascii")
     words = value.split(" ")
@@ -144,8 +139,8 @@ def _encoded_words(text: str) -> list[str]:
 
 
 def _address_header(name: str, display_name: str | None, address: str) -> bytes:
-    address = _one_line(address)
-    words = _mailbox_words(_one_line(display_name or ""), address)
+    address = one_line(address)
+    words = _mailbox_words(one_line(display_name or ""), address)
     if words is None:  # a non-ASCII local part, which only SMTPUTF8 can carry
         return f"{name}: {address}\r\n".encode("utf-8", "replace")
     return _fold(name, words)
@@ -212,7 +207,7 @@ def _kept_header(name: str, value: str) -> bytes | None:
     longer than a line may be, and RFC 2047 encoded where it is not ASCII."""
     if not _FIELD_NAME.fullmatch(name):
         return None
-    value = _one_line(value)
+    value = one_line(value)
     line = f"{name}: {value}\r\n"
     if value.isascii() and len(line) <= _MAX_LINE:
         return line.encode("ascii")
@@ -225,7 +220,7 @@ def _kept_header(name: str, value: str) -> bytes | None:
 
 
 def _to_header(address: str) -> bytes:
-    address = _one_line(address)
+    address = one_line(address)
     if _PLAIN_ADDRESS.fullmatch(address):
         return f"To: {address}\r\n".encode("ascii")
     return _address_header("To", None, address)
@@ -233,7 +228,7 @@ def _to_header(address: str) -> bytes:
 
 def _ascii_domain(domain: str) -> str:
     """A host or domain name as it may appear in a header (IDNA for a non-ASCII one)."""
-    domain = _one_line(domain)
+    domain = one_line(domain)
     try:
         return domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
@@ -274,8 +269,8 @@ def _attachment_part(attachment: Attachment) -> tuple[bytes, bool]:
     if not (_MIME_TOKEN.fullmatch(maintype) and _MIME_TOKEN.fullmatch(subtype)) or \
             maintype == "multipart":
         maintype, subtype = "application", "octet-stream"
-    filename = _one_line(attachment.filename) or "attachment"
-    content_id = _one_line(attachment.content_id or "").strip("<> ")
+    filename = one_line(attachment.filename) or "attachment"
+    content_id = one_line(attachment.content_id or "").strip("<> ")
     content_id = "".join(content_id.split())
     if not (content_id.isascii() and len(content_id) <= _LONGEST_WORD):
         content_id = ""  # no line can hold it: the image cannot be shown through cid:
@@ -391,9 +386,9 @@ def _social_links(links: Mapping[str, str]) -> list[tuple[str, str]]:
     """(shown name, URL) of the sender's http(s) profile links."""
     shown = []
     for network, url in links.items():
-        url = _one_line(str(url))
+        url = one_line(str(url))
         if url.lower().startswith(_HTTP):
-            name = _one_line(str(network))
+            name = one_line(str(network))
             shown.append((_SOCIAL_NAMES.get(name.lower(), name), url))
     return shown
 
@@ -558,7 +553,7 @@ class PreparedMessage:
         self._tracking = f"{signer.base_url}/t/"
         self._subject = body.subject
         self._subject_header = _unstructured("Subject", body.subject)
-        local, at, domain = _one_line(sender.unsubscribe_mailto).rpartition("@")
+        local, at, domain = one_line(sender.unsubscribe_mailto).rpartition("@")
         self._unsubscribe_mailto = f"{local}{at}{_ascii_domain(domain)}"
         self._hostname = _ascii_domain(sender.hostname)
         text = _text_with_header_footer(body.text, texts, show_cab, social)

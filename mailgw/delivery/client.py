@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from mailgw.idle import IdleWaiters
 from mailgw.store.queue import Outcome
+from mailgw.text import one_line
 
 TLS_OPPORTUNISTIC, TLS_VERIFY = "opportunistic", "verify"
 # After STARTTLS to a server failed under the opportunistic policy, connections to it
@@ -70,7 +71,7 @@ def classify(delivery_id: int, code: int, reply: bytes | str,
              bounce_type: str = "hard") -> Outcome:
     """D-5: 2xx sent, 5xx a bounce (hard unless the reply says nothing about the
     recipient), anything else (4xx, no answer) deferred."""
-    text = _one_line(code, reply)
+    text = _reply_line(code, reply)
     if 200 <= code < 300:
         return Outcome(delivery_id, "sent", text)
     if 500 <= code < 600:
@@ -78,10 +79,10 @@ def classify(delivery_id: int, code: int, reply: bytes | str,
     return Outcome(delivery_id, "deferred", text)
 
 
-def _one_line(code: int, reply: bytes | str) -> str:
+def _reply_line(code: int, reply: bytes | str) -> str:
     """A reply as one line ("550 5.1.1 No such user"); without a code, the text alone."""
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    return " ".join(f"{code} {text}".split()) if code > 0 else " ".join(text.split())
+    text = one_line(reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply)
+    return f"{code} {text}" if code > 0 else text
 
 
 # twisted.mail's errors for what the server lacks: their 502 is made up, not a reply.
@@ -176,24 +177,24 @@ class _Connection(smtp.ESMTPClient):
             self.registerAuthenticator(smtp.PLAINAuthenticator(authenticate[0].encode()))
             self.requireAuthentication = True
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         # Each command waits for its reply: without NODELAY, Nagle holds the next one
         # behind the server's delayed ACK (40 ms a message).
         if interfaces.ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         self._tls_pending = False  # whatever it says, TLS carried it
         super().lineReceived(line)
 
-    def esmtpState_starttls(self, code, resp) -> None:  # noqa: N802
+    def esmtpState_starttls(self, code, resp) -> None:
         self._tls_pending = True
         super().esmtpState_starttls(code, resp)
 
-    def esmtpTLSFailed(self, code=-1, resp=None) -> None:  # noqa: N802
+    def esmtpTLSFailed(self, code=-1, resp=None) -> None:
         # STARTTLS refused (or the TLS layer could not start): keep the server's reply.
-        self._tls_failure(_one_line(code, resp or b"TLS could not start"))
+        self._tls_failure(_reply_line(code, resp or b"TLS could not start"))
         super().esmtpTLSFailed(code, resp)
 
     def _tls_failure(self, text: str) -> None:
@@ -201,14 +202,14 @@ class _Connection(smtp.ESMTPClient):
         if self.failure is None:
             self.failure = f"{self.host}: STARTTLS failed: {text}"
 
-    def esmtpState_serverConfig(self, code, resp) -> None:  # noqa: N802 (Twisted's name)
+    def esmtpState_serverConfig(self, code, resp) -> None:
         # The last EHLO counts: after STARTTLS the server lists its extensions again.
         keywords = {line.split(None, 1)[0].upper()
                     for line in resp.splitlines()[1:] if line.strip()}
         self.pipelining = b"PIPELINING" in keywords
         super().esmtpState_serverConfig(code, resp)
 
-    def smtpState_from(self, code, resp) -> None:  # noqa: N802
+    def smtpState_from(self, code, resp) -> None:
         """Start the next waiting message: after EHLO (or AUTH), after the previous one
         and after RSET."""
         if not self.queue.waiting:
@@ -325,12 +326,12 @@ class _Connection(smtp.ESMTPClient):
             self.smtpState_from(-1, b"")
         message.done.callback(outcome)
 
-    def sendError(self, exc) -> None:  # noqa: N802
+    def sendError(self, exc) -> None:
         self._failed(exc)
         self._fail_current(exc)
         super().sendError(exc)
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._failed(reason.value)
         self._fail_current(reason.value)
         super().connectionLost(reason)
@@ -339,7 +340,7 @@ class _Connection(smtp.ESMTPClient):
 
     def _failed(self, exc: BaseException) -> None:
         code, reply = _error_reply(exc)
-        text = _one_line(code, reply)
+        text = _reply_line(code, reply)
         if self._tls_pending:  # the handshake failed (or hung), or TLS never carried a reply
             self._tls_failure(text)
         elif self.failure is None:

@@ -28,7 +28,7 @@ class HTTPRoot(Resource):
         self.longest = max(map(len, self.apps), default=0)
         self.default = default
 
-    def getChild(self, name: bytes, request) -> Resource:  # noqa: N802 (Twisted's name)
+    def getChild(self, name: bytes, request) -> Resource:
         # Give the segment back, so that the app sees the full path.
         request.postpath.insert(0, request.prepath.pop())
         segments = tuple(request.postpath[:self.longest])

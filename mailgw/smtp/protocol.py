@@ -70,13 +70,13 @@ class _UnsentReplies:
     def __init__(self, session: SubmissionProtocol) -> None:
         self._session = session
 
-    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's names)
+    def pauseProducing(self) -> None:
         self._session.replies_waiting(True)
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         self._session.replies_waiting(False)
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         pass  # the connection is lost: nothing to stop
 
 
@@ -174,7 +174,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     # -- connection -----------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+    def connectionMade(self) -> None:
         super().connectionMade()
         # Pipelined replies go out one by one as the database answers: without
         # NODELAY, Nagle holds each behind the client's delayed ACK (40 ms).
@@ -187,7 +187,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         else:
             self._watch_unsent_replies()
 
-    def connectionLost(self, reason=None) -> None:  # noqa: N802
+    def connectionLost(self, reason=None) -> None:
         self.setTimeout(None)
         for call in (self._abort_call, self._handshake_call, self._data_call):
             if call is not None and call.active():
@@ -211,7 +211,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._handshake_call = self.callLater(self.factory.tls_handshake_timeout,
                                               self._handshake_timed_out)
 
-    def handshakeCompleted(self) -> None:  # noqa: N802 (IHandshakeListener)
+    def handshakeCompleted(self) -> None:
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         if self._unsent_replies is None and self._abort_call is None:  # implicit TLS
@@ -229,7 +229,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                       ip=self.peer_ip, seconds=self.factory.tls_handshake_timeout)
         self.transport.abortConnection()
 
-    def timeoutConnection(self) -> None:  # noqa: N802
+    def timeoutConnection(self) -> None:
         self._close(replies.IDLE_TIMEOUT)
 
     def _close(self, reply: replies.Reply) -> None:
@@ -263,7 +263,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
     def reply(self, reply: replies.Reply) -> None:
         self.sendCode(*reply)
 
-    def sendLine(self, line: bytes) -> None:  # noqa: N802
+    def sendLine(self, line: bytes) -> None:
         """Replies always end in CRLF, whatever ends the client's lines."""
         self.transport.write(line + b"\r\n")
 
@@ -278,7 +278,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     # -- input ------------------------------------------------------------------------
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
         self._bare_lf = not line.endswith(b"\r")
         line = line.rstrip(b"\r")
@@ -302,10 +302,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             return
         handler(self, rest.strip())
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+    def lineLengthExceeded(self, line: bytes) -> None:
         self._error(replies.LINE_TOO_LONG)
 
-    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+    def rawDataReceived(self, data: bytes) -> None:
         if self.mode == _QUIT:  # closed (_close)
             return
         self.resetTimeout()
@@ -371,14 +371,14 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         # The accepted RCPTs, from the MAIL on.
         self._imports = None
 
-    def do_HELO(self, rest: bytes) -> None:  # noqa: N802
+    def do_HELO(self, rest: bytes) -> None:
         if not rest:
             self._error(replies.BAD_ARGUMENTS)
             return
         self._reset_transaction()
         self.reply((250, replies.hello(self.host, rest)))
 
-    def do_EHLO(self, rest: bytes) -> None:  # noqa: N802
+    def do_EHLO(self, rest: bytes) -> None:
         if not rest:
             self._error(replies.BAD_ARGUMENTS)
             return
@@ -393,7 +393,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         lines.append(b"HELP")
         self.reply((250, b"\n".join(lines)))
 
-    def ext_STARTTLS(self, rest: bytes) -> None:  # noqa: N802
+    def ext_STARTTLS(self, rest: bytes) -> None:
         if rest:
             self._error(replies.BAD_ARGUMENTS)
         elif self.secure:
@@ -411,7 +411,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.account = None
             self._reset_transaction()
 
-    def ext_AUTH(self, rest: bytes) -> None:  # noqa: N802
+    def ext_AUTH(self, rest: bytes) -> None:
         if self.account is not None:
             self._error(replies.ALREADY_AUTHENTICATED)
             return
@@ -501,7 +501,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             await _sleep(self.factory.clock, delay)
         self.reply(replies.BAD_CREDENTIALS)
 
-    def do_MAIL(self, rest: bytes) -> None:  # noqa: N802
+    def do_MAIL(self, rest: bytes) -> None:
         if self.account is None and not self.factory.is_trusted(self.peer_ip):
             self._error(replies.AUTH_REQUIRED)
             return
@@ -550,7 +550,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                                                                "smtp", sender)
         self.reply(replies.SENDER_OK)
 
-    def do_RCPT(self, rest: bytes) -> None:  # noqa: N802
+    def do_RCPT(self, rest: bytes) -> None:
         if self.account is None:
             self._error(replies.AUTH_REQUIRED)
             return
@@ -600,7 +600,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         self._commands_without_message -= 1
         self.reply(replies.RECIPIENT_OK)
 
-    def do_DATA(self, rest: bytes) -> None:  # noqa: N802
+    def do_DATA(self, rest: bytes) -> None:
         if self.account is None:
             self._error(replies.AUTH_REQUIRED)
             return
@@ -652,20 +652,20 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self._commands_without_message = 0
             self.reply(replies.accepted(stored.send_id, stored.message_uid))
 
-    def do_RSET(self, rest: bytes) -> None:  # noqa: N802
+    def do_RSET(self, rest: bytes) -> None:
         self._reset_transaction()
         self.reply(replies.OK)
 
-    def do_NOOP(self, rest: bytes) -> None:  # noqa: N802
+    def do_NOOP(self, rest: bytes) -> None:
         self.reply(replies.OK)
 
-    def do_HELP(self, rest: bytes) -> None:  # noqa: N802
+    def do_HELP(self, rest: bytes) -> None:
         self.reply(replies.HELP)
 
-    def do_VRFY(self, rest: bytes) -> None:  # noqa: N802
+    def do_VRFY(self, rest: bytes) -> None:
         self.reply(replies.CANNOT_VRFY)
 
-    def do_QUIT(self, rest: bytes) -> None:  # noqa: N802
+    def do_QUIT(self, rest: bytes) -> None:
         """Close once this transaction's imports are committed, so that a client that
         quits after RCPT finds its contacts stored (S-7). Reading goes on meanwhile (a
         TLS shutdown needs it), but nothing after QUIT is a command."""
@@ -694,13 +694,13 @@ class _Refusal(protocol.Protocol):
         self._clock = clock
         self._abort_call: IDelayedCall | None = None
 
-    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+    def connectionMade(self) -> None:
         self.transport.write(b"%d %s\r\n" % self._reply)
         self._abort_call = self._clock.callLater(CLOSE_GRACE_SECONDS,
                                                  self.transport.abortConnection)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason=None) -> None:  # noqa: N802
+    def connectionLost(self, reason=None) -> None:
         if self._abort_call.active():
             self._abort_call.cancel()
 
@@ -790,7 +790,7 @@ class SubmissionFactory(smtp.SMTPFactory):
         if not self._per_address[session.peer_ip]:
             del self._per_address[session.peer_ip]
 
-    def buildProtocol(self, addr):  # noqa: N802 (Twisted's name)
+    def buildProtocol(self, addr):
         ip = getattr(addr, "host", "")
         if len(self.sessions) >= self.max_connections:
             return self._refuse(ip, replies.TOO_MANY_CONNECTIONS)

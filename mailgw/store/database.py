@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from mailgw.errors import DatabaseUnavailable, StartupError, TransientDatabaseError
+from mailgw.text import one_line
 
 T = TypeVar("T")
 Interaction = Callable[..., Awaitable[T]]
@@ -92,7 +93,7 @@ class Database:
             await self._pool.start()
         except defer.FirstError as e:
             self._pool.close()
-            reason = _one_line(e.subFailure.value)
+            reason = _describe(e.subFailure.value)
             raise StartupError(f"cannot connect to the database ({reason})") from None
 
     def close(self) -> None:
@@ -111,12 +112,12 @@ class Database:
             result = await self._pool.runInteraction(
                 lambda cursor: defer.ensureDeferred(fn(cursor, *args, **kwargs)))
         except _TRANSIENT_ERRORS as e:
-            raise TransientDatabaseError(f"{desc}: {_one_line(e)}") from e
+            raise TransientDatabaseError(f"{desc}: {_describe(e)}") from e
         except CONNECTION_ERRORS as e:
             if not is_connection_loss(e):
                 raise
             self.log.warn("database unavailable during {desc}: {error}", desc=desc,
-                          error=_one_line(e))
+                          error=_describe(e))
             self._pool.reconnect_idle(Failure(e))
             raise DatabaseUnavailable(desc) from e
         return result
@@ -189,11 +190,11 @@ async def _select_one_txn(cursor) -> None:
     await cursor.execute("SELECT 1")
 
 
-def _one_line(error: Exception) -> str:
+def _describe(error: Exception) -> str:
+    """An error on one line, for logs and StartupError."""
     if isinstance(error, txpostgres.RollbackFailed):
-        return f"{_one_line(error.originalFailure.value)} (no rollback possible)"
-    text = str(error).strip() or type(error).__name__
-    return " ".join(text.split())
+        return f"{_describe(error.originalFailure.value)} (no rollback possible)"
+    return one_line(str(error)) or type(error).__name__
 
 
 class _ReconnectingPool(txpostgres.ConnectionPool):
@@ -205,7 +206,7 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
         # `connections` holds only the idle ones; closing must reach busy ones too.
         self.every_connection = frozenset(self.connections)
 
-    def connectionFactory(self, reactor, cooperator):  # noqa: N802 (txpostgres' name)
+    def connectionFactory(self, reactor, cooperator):
         detector = _Detector(deathChecker=lambda failure: is_connection_loss(failure.value),
                              reconnectionIterator=_reconnect_delays, reactor=reactor)
         return _Connection(reactor, cooperator, detector=detector)
@@ -215,7 +216,7 @@ class _ReconnectingPool(txpostgres.ConnectionPool):
             connection.detector.stop()
             connection.close()
 
-    def _runInteraction(self, interaction, *args, **kwargs):  # noqa: N802 (txpostgres' name)
+    def _runInteraction(self, interaction, *args, **kwargs):
         """Like txpostgres', but on a connection that is not known to be dead: after a
         restart the first connection back serves everyone while the others reconnect."""
         alive = [c for c in self.connections if not c.detector.connectionIsDead]
@@ -236,7 +237,7 @@ class _Detector(reconnection.DeadConnectionDetector):
     _retrying: defer.Deferred | None = None
     _stopped = False
 
-    def startReconnecting(self, f: Failure) -> None:  # noqa: N802 (txpostgres' name)
+    def startReconnecting(self, f: Failure) -> None:
         if self._stopped:  # the pool is closed: a failure now is no reason to reconnect
             return
         call = retrying.RetryingCall(self.reconnect)
@@ -263,7 +264,7 @@ class _Detector(reconnection.DeadConnectionDetector):
 class _Connection(txpostgres.Connection):
     log = Logger()
 
-    def _runInteraction(self, interaction, *args, **kwargs):  # noqa: N802 (txpostgres' name)
+    def _runInteraction(self, interaction, *args, **kwargs):
         """txpostgres' transaction (begin, the interaction, commit; rollback on failure),
         but a rollback that cannot run is part of losing the connection, not an error
         to log: txpostgres hands it to `log.err`, which an operator reads as a bug and
@@ -287,7 +288,7 @@ class _Connection(txpostgres.Connection):
 
     def _rollback_failed(self, rollback_failure: Failure, failure: Failure) -> Failure:
         self.log.warn("rollback failed, the connection will be renewed: {error}",
-                      error=_one_line(rollback_failure.value))
+                      error=_describe(rollback_failure.value))
         return Failure(txpostgres.RollbackFailed(self, failure))
 
     def close(self) -> None:
@@ -301,7 +302,7 @@ class _Connection(txpostgres.Connection):
             self.reactor.removeReader(self)
             self.reactor.removeWriter(self)
 
-    def doRead(self) -> None:  # noqa: N802 (Twisted's name)
+    def doRead(self) -> None:
         """An idle connection that the server closes (a restart) is a lost
         connection to reconnect, not an unhandled error in the reactor."""
         try:
