@@ -128,7 +128,7 @@ class _ZoneResolver(common.ResolverBase):
 
 
 class _Factory(server.DNSServerFactory):
-    def gotResolverError(self, failure, protocol, message, address):  # noqa: N802
+    def gotResolverError(self, failure, protocol, message, address):
         # A SERVFAIL asked for by the test is not an error worth logging (trial
         # fails tests that log errors).
         if failure.check(_ServerFailure):

@@ -13,14 +13,18 @@ import atexit
 import itertools
 import os
 import shutil
+import smtplib
+import ssl
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import psycopg2
-from twisted.internet import reactor
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mailgw.config import Config, DatabaseConfig, DeliveryConfig, HTTPConfig, SMTPConfig
 from mailgw.embedded_pg import Cluster, RunAs
@@ -110,7 +114,17 @@ def run_sync(coroutine: Coroutine[Any, Any, Any]) -> Any:
     raise RuntimeError("coroutine waited for something")
 
 
-class DatabaseTestCase(unittest.TestCase):
+class QueriesDatabase:
+    """`self.sql(...)` for a test case that sets `self.database`."""
+
+    database: Database
+
+    async def sql(self, sql: str, *params: Any) -> list[tuple] | None:
+        """One statement in its own transaction: its rows, or None if it returns none."""
+        return await run_sql(self.database, sql, *params)
+
+
+class DatabaseTestCase(QueriesDatabase, unittest.TestCase):
     """A started Database and Stores over a fresh copy of the migrated schema."""
 
     async def setUp(self) -> None:
@@ -120,9 +134,6 @@ class DatabaseTestCase(unittest.TestCase):
         self.addCleanup(self.database.close)
         self.stores = Stores.on(self.database)
 
-    async def sql(self, sql: str, *params: Any) -> list[tuple] | None:
-        """One statement in its own transaction: its rows, or None if it returns none."""
-        return await self.database.run_interaction("test_sql", _sql_txn, sql, params)
 
 
 async def _sql_txn(cursor, sql: str, params: tuple) -> list[tuple] | None:
@@ -151,3 +162,88 @@ async def start_gateway(test: unittest.TestCase, config: Config, clock=None) -> 
     test.addCleanup(gateway.stopService)
     await gateway.ready
     return gateway
+
+
+# -- clients and waiting, shared by the end-to-end tests ----------------------------------
+
+# The account user, password and verified sender the SMTP flow tests create.
+USER, PASSWORD, SENDER = "acme.pro", "s3cret-pass", "remitente@dominio.com"
+
+# A small HTML-only message from SENDER with one tracked link.
+SIMPLE = (b"From: remitente@dominio.com\r\nTo: a@example.net\r\nSubject: hi\r\n"
+          b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>Hi <a href=\"https://x.example\">x"
+          b"</a></p>\r\n")
+
+
+def insecure_tls() -> ssl.SSLContext:
+    """A client context that accepts the gateway's self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def smtp_client(port: int, implicit_tls: bool = False) -> smtplib.SMTP:
+    """A blocking smtplib client connected to a loopback port (run it in a thread)."""
+    if implicit_tls:
+        client = smtplib.SMTP_SSL(timeout=10, context=insecure_tls())
+    else:
+        client = smtplib.SMTP(timeout=10)
+    client._host = "127.0.0.1"  # TLS's server_hostname; smtplib sets it only in __init__
+    client.connect("127.0.0.1", port)
+    return client
+
+
+async def run_sql(database: Database, sql: str, *params: Any) -> list[tuple] | None:
+    """One statement in its own transaction: its rows, or None if it returns none."""
+    return await database.run_interaction("test_sql", _sql_txn, sql, params)
+
+
+async def until(predicate, what: str, seconds: float = 10) -> None:
+    """Let the reactor run until `predicate()` holds; fail after `seconds` (a bound for
+    a broken build, never reached when the test passes)."""
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still waiting for {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+async def reactor_turns(count: int = 10) -> None:
+    """Let the reactor handle what is already under way (nothing timed)."""
+    for _ in range(count):
+        await task.deferLater(reactor, 0, lambda: None)
+
+
+@implementer(IHandshakeListener)
+class Client(protocol.Protocol):
+    """A raw client that keeps what the server sent; `lost` fires when the connection is
+    gone."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.handshake_done = False
+        self.lost: defer.Deferred[bytes] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(self.received)
+
+    async def close(self) -> None:
+        if not self.lost.called:
+            self.transport.abortConnection()
+            await self.lost
+
+
+def published(key):
+    """A dkimpy dnsfunc that finds DKIM `key` published as s1._domainkey.example.org."""
+    def lookup(name, timeout=5):
+        if name == b"s1._domainkey.example.org.":
+            return f"v=DKIM1; k={key.algorithm}; p={key.public_key}".encode("ascii")
+        return None
+    return lookup

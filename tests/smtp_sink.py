@@ -50,7 +50,7 @@ class SMTPSink:
         sink = self
 
         class Factory(smtp.SMTPFactory):
-            def buildProtocol(self, addr):  # noqa: N802
+            def buildProtocol(self, addr):
                 sink.connections += 1
                 challengers = {b"PLAIN": PLAINCredentials} if sink.users else None
                 p = _RecordingESMTP(sink, chal=challengers, contextFactory=sink.tls_options)
@@ -112,15 +112,15 @@ def tls_sink(test: unittest.TestCase, **options) -> tuple[SMTPSink, int]:
 
 
 class _RecordingESMTP(smtp.ESMTP):
-    def __init__(self, sink, chal=None, contextFactory=None):  # noqa: N803
+    def __init__(self, sink, chal=None, contextFactory=None):
         super().__init__(chal=chal, contextFactory=contextFactory)
         self.sink = sink
 
-    def connectionMade(self):  # noqa: N802
+    def connectionMade(self):
         self.sink.open_sessions += 1
         super().connectionMade()
 
-    def connectionLost(self, reason):  # noqa: N802
+    def connectionLost(self, reason):
         super().connectionLost(reason)
         self.sink._session_ended()
 
@@ -130,13 +130,13 @@ class _RecordingESMTP(smtp.ESMTP):
             extensions[b"PIPELINING"] = None
         return extensions
 
-    def dataReceived(self, data):  # noqa: N802
+    def dataReceived(self, data):
         if self.mode == "COMMAND":
             self.sink.segments.append([line.split(b" ")[0].upper()
                                        for line in data.split(b"\r\n") if line])
         return super().dataReceived(data)
 
-    def lineReceived(self, line):  # noqa: N802
+    def lineReceived(self, line):
         if self.mode == "COMMAND":
             self.sink.commands.append(line.split(b" ")[0].upper())
         return super().lineReceived(line)
@@ -147,7 +147,7 @@ class _Realm:
     def __init__(self, sink: SMTPSink) -> None:
         self.sink = sink
 
-    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+    def requestAvatar(self, avatar_id, mind, *interfaces):
         return smtp.IMessageDelivery, _Delivery(self.sink), lambda: None
 
 
@@ -156,15 +156,15 @@ class _Delivery:
     def __init__(self, sink: SMTPSink) -> None:
         self.sink = sink
 
-    def receivedHeader(self, helo, origin, recipients):  # noqa: N802
+    def receivedHeader(self, helo, origin, recipients):
         return None
 
-    def validateFrom(self, helo, origin):  # noqa: N802
+    def validateFrom(self, helo, origin):
         if origin.local.startswith(b"refused"):
             raise smtp.SMTPBadSender(origin, 550, "5.7.1 Sender refused")
         return origin
 
-    def validateTo(self, user):  # noqa: N802
+    def validateTo(self, user):
         local = user.dest.local.decode()
         for prefix, (code, text) in REFUSALS.items():
             if local.startswith(prefix):
@@ -178,14 +178,14 @@ class _Message:
         self.sink, self.sender, self.recipient = sink, sender, recipient
         self.lines = []
 
-    def lineReceived(self, line):  # noqa: N802
+    def lineReceived(self, line):
         self.lines.append(line)
 
-    def eomReceived(self):  # noqa: N802
+    def eomReceived(self):
         self.sink._got(Received(self.sender, self.recipient, b"\r\n".join(self.lines)))
         return defer.succeed(None)
 
-    def connectionLost(self):  # noqa: N802
+    def connectionLost(self):
         self.lines = []
 
 
@@ -211,13 +211,13 @@ class ScriptedServer:
         server = self
 
         class Session(basic.LineReceiver):
-            def connectionMade(self):  # noqa: N802
+            def connectionMade(self):
                 self.lines = []
                 self.in_data = False
                 server.sessions.append(self.lines)
                 self.sendLine(b"220 script.test ESMTP")
 
-            def lineReceived(self, line):  # noqa: N802
+            def lineReceived(self, line):
                 self.lines.append(line)
                 if self.in_data:
                     if line != b".":
@@ -237,7 +237,7 @@ class ScriptedServer:
                 elif verb == b"QUIT":
                     self.transport.loseConnection()
 
-            def rawDataReceived(self, data):  # noqa: N802
+            def rawDataReceived(self, data):
                 self.transport.write(b"this is not a TLS handshake\r\n")
                 self.transport.loseConnection()
 

@@ -23,7 +23,7 @@ import psycopg2
 from twisted.trial import unittest
 
 from mailgw.embedded_pg import Cluster, RunAs
-from tests.smtp.test_submission_flow import SIMPLE, _client, _tls
+from tests.harness import SIMPLE, insecure_tls, smtp_client
 
 BIN = Path(sys.executable).parent
 REPO = str(Path(__file__).parent.parent)
@@ -58,9 +58,9 @@ def _submit_until_stopped(port: int, demo: dict, stop: threading.Event,
                           acknowledged: list[tuple[int, str | bytes]]) -> None:
     """One client: messages in a loop, recording each 250 OK id=<send> <uid>."""
     try:
-        client = _client(port)
+        client = smtp_client(port)
         client.ehlo("c")
-        client.starttls(context=_tls())
+        client.starttls(context=insecure_tls())
         client.ehlo("c")
         client.login(demo["user"], demo["password"])
         while not stop.is_set():

@@ -19,12 +19,14 @@ from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS
 from mailgw.store.contacts import RecipientImport
 from tests.harness import (
     LOOPBACK_PORT,
+    Client,
     fresh_database,
     gateway_config,
     new_cluster,
+    reactor_turns,
     start_gateway,
+    until,
 )
-from tests.smtp.test_transport import Client, reactor_turns, until
 
 BANNER = "mx.test.example ESMTP mailgw"
 

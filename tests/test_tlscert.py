@@ -62,7 +62,7 @@ class _Silent(protocol.Protocol):
         self.lost = defer.Deferred()
         lost.append(self.lost)
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 (Twisted's name)
+    def connectionLost(self, reason) -> None:
         self.lost.callback(None)
 
 

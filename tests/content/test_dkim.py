@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.trial import unittest
 
 from mailgw.content.dkim import DKIMSigner, domain_dns_records, generate_dkim_key
+from tests.harness import published
 
 
 class KeyTests(unittest.TestCase):
@@ -41,15 +42,6 @@ class RecordTests(unittest.TestCase):
         self.assertIn('example.org. IN TXT "v=spf1 include:_spf.mx.gw.example ~all"', lines)
         self.assertIn("bounces.example.org. IN MX 10 mx.gw.example.", lines)
         self.assertIn('_spf.mx.gw.example. IN TXT "v=spf1 a:mx.gw.example -all"', lines)
-
-
-def published(key):
-    """A dkimpy dnsfunc that finds `key` published as s1._domainkey.example.org."""
-    def lookup(name, timeout=5):
-        if name == b"s1._domainkey.example.org.":
-            return f"v=DKIM1; k={key.algorithm}; p={key.public_key}".encode("ascii")
-        return None
-    return lookup
 
 
 class SignerTests(unittest.TestCase):

@@ -19,7 +19,7 @@ from mailgw.content.links import LinkSigner
 from mailgw.content.message import LANGUAGES, MessageOptions
 from mailgw.content.render import PreparedMessage, RecipientContext, SenderContext
 from tests.child import assert_finishes
-from tests.content.test_dkim import published
+from tests.harness import published
 
 BASE = "https://mx.example.org"
 SECRET = b"s" * 32

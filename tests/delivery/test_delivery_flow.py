@@ -14,8 +14,17 @@ from mailgw.config import DeliveryConfig
 from mailgw.content.dkim import generate_dkim_key
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.dns_server import LocalDNS
-from tests.harness import fresh_database, gateway_config, start_gateway
-from tests.smtp.test_submission_flow import PASSWORD, USER, _client, _rows, _tls
+from tests.harness import (
+    PASSWORD,
+    USER,
+    QueriesDatabase,
+    fresh_database,
+    gateway_config,
+    insecure_tls,
+    run_sql,
+    smtp_client,
+    start_gateway,
+)
 from tests.smtp_sink import SMTPSink, tls_sink
 
 SENDER = "news@example.org"
@@ -29,10 +38,10 @@ HTML_MESSAGE = (
 
 
 def _send(port: int, recipients: list[str]) -> None:
-    client = _client(port)
+    client = smtp_client(port)
     try:
         client.ehlo("app")
-        client.starttls(context=_tls())
+        client.starttls(context=insecure_tls())
         client.ehlo("app")
         client.login(USER, PASSWORD)
         client.sendmail(SENDER, recipients, HTML_MESSAGE)
@@ -49,7 +58,7 @@ def _zone(sink_port: int) -> dict:
     }
 
 
-class DeliveryFlowTests(unittest.TestCase):
+class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
     async def setUp(self):
         self.sink = SMTPSink()
         sink_port = self.sink.start()
@@ -63,6 +72,7 @@ class DeliveryFlowTests(unittest.TestCase):
         self.dsn = fresh_database()
         self.gateway = await start_gateway(self, gateway_config(self, self.dsn,
                                                                 delivery=self.delivery))
+        self.database = self.gateway.database
         stores = self.gateway.stores
         self.account = await stores.accounts.create_account("acme")
         await stores.accounts.create_user(self.account.id, USER,
@@ -98,13 +108,13 @@ class DeliveryFlowTests(unittest.TestCase):
         self.assertIsNotNone(message.get_body(("plain",)))
 
         await _settled(self.gateway, 1)
-        rows = await _rows(self.gateway, "SELECT state, attempts FROM deliveries")
+        rows = await self.sql("SELECT state, attempts FROM deliveries")
         self.assertEqual(rows, [("sent", 1)])
-        events = await _rows(self.gateway, "SELECT type FROM events ORDER BY id")
+        events = await self.sql("SELECT type FROM events ORDER BY id")
         self.assertEqual(events, [("queued",), ("sent",)])
 
     async def test_unusable_dkim_key_sends_unsigned(self):
-        await _rows(self.gateway, "UPDATE sender_domains SET dkim_private_key = 'garbage'"
+        await self.sql("UPDATE sender_domains SET dkim_private_key = 'garbage'"
                     " RETURNING id")
         port = self.gateway.port_for("smtp.starttls_listeners[0]")
         await deferToThread(_send, port, ["ana@example.net"])
@@ -117,7 +127,7 @@ class DeliveryFlowTests(unittest.TestCase):
         await deferToThread(_send, port, ["bounce@example.net", "defer@example.net",
                                           "someone@nullmx.example", "ok@example.net"])
         await _settled(self.gateway, 4)
-        rows = await _rows(self.gateway, "SELECT recipient, state, last_reply FROM deliveries")
+        rows = await self.sql("SELECT recipient, state, last_reply FROM deliveries")
         states = {recipient: (state, reply) for recipient, state, reply in rows}
         self.assertEqual(states["bounce@example.net"][0], "bounced")
         self.assertIn("550 5.1.1", states["bounce@example.net"][1])
@@ -125,10 +135,10 @@ class DeliveryFlowTests(unittest.TestCase):
         self.assertEqual(states["someone@nullmx.example"][0], "bounced")
         self.assertIn("null MX", states["someone@nullmx.example"][1])
         self.assertEqual(states["ok@example.net"][0], "sent")
-        (retry,) = await _rows(self.gateway, "SELECT next_attempt_at > now() + interval '4 min'"
+        (retry,) = await self.sql("SELECT next_attempt_at > now() + interval '4 min'"
                                " FROM deliveries WHERE recipient = 'defer@example.net'")
         self.assertEqual(retry, (True,))
-        bounces = await _rows(self.gateway, "SELECT recipient, details->>'type' FROM events"
+        bounces = await self.sql("SELECT recipient, details->>'type' FROM events"
                               " WHERE type = 'bounced' ORDER BY recipient")
         self.assertEqual(bounces, [("bounce@example.net", "hard"),
                                    ("someone@nullmx.example", "hard")])
@@ -141,8 +151,8 @@ async def _later(seconds: float) -> None:
 async def _settled(gateway, count: int, state: str = "queued") -> None:
     """Wait (at most 30 s: a busy CI machine) until `count` deliveries have left `state`."""
     for _ in range(600):
-        (done,) = await _rows(gateway, "SELECT count(*) FROM deliveries WHERE state <> %s",
-                              state)
+        (done,) = await run_sql(gateway.database,
+                                "SELECT count(*) FROM deliveries WHERE state <> %s", state)
         if done[0] >= count:
             return
         await _later(0.05)
@@ -178,7 +188,8 @@ class MultiNodeTests(unittest.TestCase):
             await start_gateway(self, gateway_config(self, dsn, delivery=delivery))
         await sink.wait_for(2000)
         await _settled(disabled, 2000)  # every outcome written: nothing is in flight
-        sent = await _rows(disabled, "SELECT count(*) FROM deliveries WHERE state = 'sent'")
+        sent = await run_sql(disabled.database,
+                             "SELECT count(*) FROM deliveries WHERE state = 'sent'")
         self.assertEqual(sent, [(2000,)])
         self.assertEqual(sorted(m.recipient for m in sink.messages), recipients)
 

@@ -36,7 +36,7 @@ ZONE = {
 class Blackhole(protocol.DatagramProtocol):
     """A DNS server that never answers."""
 
-    def datagramReceived(self, data, addr):  # noqa: N802
+    def datagramReceived(self, data, addr):
         pass
 
 

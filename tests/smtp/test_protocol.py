@@ -96,7 +96,7 @@ class StubRealm:
         self.networks = networks
         self.max_contacts = max_contacts
 
-    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+    def requestAvatar(self, avatar_id, mind, *interfaces):
         account = SubmissionAccount(1, "acme", avatar_id.decode(), AccountSettings(), self.networks,
                                     self.max_contacts)
         return ISubmissionAccount, account, lambda: None
@@ -110,7 +110,7 @@ class SlowChecker:
         self.credentialInterfaces = checker.credentialInterfaces
         self.checker, self.clock, self.seconds = checker, clock, seconds
 
-    def requestAvatarId(self, credentials):  # noqa: N802 (Twisted's name)
+    def requestAvatarId(self, credentials):
         return task.deferLater(self.clock, self.seconds, self.checker.requestAvatarId,
                                credentials)
 
@@ -130,10 +130,10 @@ class StartTLSTransport(StringTransport):
 
     tls_options = None
 
-    def startTLS(self, contextFactory):  # noqa: N802, N803 (Twisted's names)
+    def startTLS(self, contextFactory):
         self.tls_options = contextFactory
 
-    def setTcpNoDelay(self, enabled):  # noqa: N802 (ITLSTransport is an ITCPTransport)
+    def setTcpNoDelay(self, enabled):
         pass
 
 

@@ -9,8 +9,18 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailgw import credentials
-from tests.harness import fresh_database, gateway_config, start_gateway
-from tests.smtp.test_submission_flow import PASSWORD, SENDER, SIMPLE, USER, _client, _rows, _tls
+from tests.harness import (
+    PASSWORD,
+    SENDER,
+    SIMPLE,
+    USER,
+    fresh_database,
+    gateway_config,
+    insecure_tls,
+    run_sql,
+    smtp_client,
+    start_gateway,
+)
 
 
 class _Idle(protocol.Protocol):
@@ -39,9 +49,9 @@ def _ehlo(port: int) -> int:
 
 
 def _vanish_mid_data(port: int) -> None:
-    client = _client(port)
+    client = smtp_client(port)
     client.ehlo("c")
-    client.starttls(context=_tls())
+    client.starttls(context=insecure_tls())
     client.ehlo("c")
     client.login(USER, PASSWORD)
     client.docmd(f"MAIL FROM:<{SENDER}>")
@@ -113,6 +123,6 @@ class VanishingClientTests(unittest.TestCase):
         await deferToThread(_vanish_mid_data, port)
         self.assertEqual(await deferToThread(_ehlo, port), 250)
         await gateway.stores.committer.idle()  # the RCPT's import, answered before DATA
-        self.assertEqual(await _rows(gateway, "SELECT count(*) FROM messages"), [(0,)])
-        self.assertEqual(await _rows(gateway, "SELECT email FROM contacts"),
+        self.assertEqual(await run_sql(gateway.database, "SELECT count(*) FROM messages"), [(0,)])
+        self.assertEqual(await run_sql(gateway.database, "SELECT email FROM contacts"),
                          [("half@example.net",)])

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import re
 import smtplib
-import ssl
 
 import psycopg2
 import treq
@@ -19,9 +18,20 @@ from mailgw.smtp import protocol as smtp_protocol
 from mailgw.smtp.auth import SHARED_REFRESH_SECONDS, AuthThrottle
 from mailgw.store.auth_failures import AuthFailureStore
 from mailgw.store.templates import Template
-from tests.harness import fresh_database, gateway_config, new_cluster, start_gateway
-
-USER, PASSWORD, SENDER = "acme.pro", "s3cret-pass", "remitente@dominio.com"
+from tests.harness import (
+    PASSWORD,
+    SENDER,
+    SIMPLE,
+    USER,
+    QueriesDatabase,
+    fresh_database,
+    gateway_config,
+    insecure_tls,
+    new_cluster,
+    run_sql,
+    smtp_client,
+    start_gateway,
+)
 
 # The DATA of the Teenvio seed's conversation (section 3.2.2), lines 022-069.
 SEED_MESSAGE = """\
@@ -73,11 +83,6 @@ Un saludo,<br>
 -------050004090406000109090608--
 """.replace("\n", "\r\n").encode("latin-1")
 
-SIMPLE = (b"From: remitente@dominio.com\r\nTo: a@example.net\r\nSubject: hi\r\n"
-          b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>Hi <a href=\"https://x.example\">x"
-          b"</a></p>\r\n")
-
-
 def _text_part(encoding: bytes, body: bytes, subtype: bytes = b"plain") -> bytes:
     return (b"From: remitente@dominio.com\r\nSubject: s\r\nContent-Type: text/%s;"
             b" charset=utf-8\r\nContent-Transfer-Encoding: %s\r\n\r\n%s\r\n"
@@ -94,23 +99,6 @@ def _with_attachment(disposition: bytes, data: bytes = b"%PDF-") -> bytes:
             + base64.b64encode(data) + b"\r\n--XX--\r\n")
 
 
-def _tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _client(port: int, implicit_tls: bool = False) -> smtplib.SMTP:
-    if implicit_tls:
-        client = smtplib.SMTP_SSL(timeout=10, context=_tls())
-    else:
-        client = smtplib.SMTP(timeout=10)
-    client._host = "127.0.0.1"  # TLS's server_hostname; smtplib sets it only in __init__
-    client.connect("127.0.0.1", port)
-    return client
-
-
 def _plain(user: str, password: str) -> str:
     """The AUTH PLAIN initial response."""
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
@@ -118,9 +106,9 @@ def _plain(user: str, password: str) -> str:
 
 def _seed_conversation(port: int) -> list[tuple[int, bytes]]:
     """Seed 000, section 3.2.2, after STARTTLS; every reply (code, text) in order."""
-    client = _client(port)
+    client = smtp_client(port)
     seen = [client.ehlo("MaquinaPrueba")]
-    seen.append(client.starttls(context=_tls()))
+    seen.append(client.starttls(context=insecure_tls()))
     seen.append(client.ehlo("MaquinaPrueba"))
     seen.append(client.docmd("AUTH LOGIN"))
     seen.append(client.docmd(base64.b64encode(USER.encode()).decode()))
@@ -137,11 +125,11 @@ def _seed_conversation(port: int) -> list[tuple[int, bytes]]:
 
 def _sendmail(port: int, implicit_tls: bool, message: bytes, recipients: list[str],
               sender: str = SENDER, user: str = USER, password: str = PASSWORD):
-    client = _client(port, implicit_tls)
+    client = smtp_client(port, implicit_tls)
     try:
         client.ehlo("client.example")
         if not implicit_tls:
-            client.starttls(context=_tls())
+            client.starttls(context=insecure_tls())
             client.ehlo("client.example")
         client.login(user, password)
         client.sendmail(sender, recipients, message)
@@ -151,9 +139,9 @@ def _sendmail(port: int, implicit_tls: bool, message: bytes, recipients: list[st
 
 def _dialogue(port: int, *commands: str | bytes) -> list[tuple[int, bytes]]:
     """AUTH over STARTTLS, then each command (bytes: raw DATA text ending with '.')."""
-    client = _client(port)
+    client = smtp_client(port)
     client.ehlo("c")
-    client.starttls(context=_tls())
+    client.starttls(context=insecure_tls())
     client.ehlo("c")
     client.login(USER, PASSWORD)
     replies = []
@@ -169,9 +157,9 @@ def _dialogue(port: int, *commands: str | bytes) -> list[tuple[int, bytes]]:
 
 def _open_transaction(port: int, recipient: str) -> smtplib.SMTP:
     """A logged-in client left after its RCPT was accepted, without DATA or QUIT."""
-    client = _client(port)
+    client = smtp_client(port)
     client.ehlo("c")
-    client.starttls(context=_tls())
+    client.starttls(context=insecure_tls())
     client.ehlo("c")
     client.login(USER, PASSWORD)
     client.mail(SENDER)
@@ -180,17 +168,11 @@ def _open_transaction(port: int, recipient: str) -> smtplib.SMTP:
     return client
 
 
-async def _rows(gateway, sql: str, *params):
-    async def txn(cursor):
-        await cursor.execute(sql, params)
-        return cursor.fetchall()
-    return await gateway.database.run_interaction("test_query", txn)
-
-
-class SubmissionFlowTests(unittest.TestCase):
+class SubmissionFlowTests(QueriesDatabase, unittest.TestCase):
     async def setUp(self):
         self.dsn = fresh_database()
         self.gateway = await start_gateway(self, gateway_config(self, self.dsn))
+        self.database = self.gateway.database
         stores = self.gateway.stores
         self.account = await stores.accounts.create_account("acme")
         await stores.accounts.create_user(self.account.id, USER,
@@ -209,12 +191,12 @@ class SubmissionFlowTests(unittest.TestCase):
         """The prepared body of `message`, submitted and accepted as the only one."""
         reply = await self.submit(message)
         self.assertEqual(reply[0], 250, reply)
-        (row,) = await _rows(self.gateway, "SELECT body FROM messages")
+        (row,) = await self.sql("SELECT body FROM messages")
         return json.loads(bytes(row[0]))
 
     async def set_account(self, **columns):
         for column, value in columns.items():
-            await _rows(self.gateway, f"UPDATE accounts SET {column} = %s WHERE id = %s"
+            await self.sql(f"UPDATE accounts SET {column} = %s WHERE id = %s"
                         " RETURNING id", value, self.account.id)
 
     async def submit_for_template(self, variables: bytes) -> tuple[int, bytes]:
@@ -238,26 +220,26 @@ class SubmissionFlowTests(unittest.TestCase):
         send_id, message_uid = int(text.split()[1][3:]), text.split()[2]
         self.assertEqual(replies[10][1], b"2.0.0 Closing connection.")
 
-        (send,) = await _rows(self.gateway, "SELECT id, origin, subject, content_id, group_id"
+        (send,) = await self.sql("SELECT id, origin, subject, content_id, group_id"
                               " FROM sends")
         self.assertEqual(send[:3], (send_id, "smtp", "prueba correo simple"))
-        (message,) = await _rows(self.gateway, "SELECT message_uid, sender, options, body"
+        (message,) = await self.sql("SELECT message_uid, sender, options, body"
                                  " FROM messages WHERE send_id = %s", send_id)
         self.assertEqual(message[:2], (message_uid, SENDER))
         self.assertTrue(message[2]["social_links"])
         body = json.loads(bytes(message[3]))
         self.assertIn("<b>html</b>", body["html"])
         self.assertIn("Víctor J. Chamorro", body["text"])
-        deliveries = await _rows(self.gateway, "SELECT recipient, state FROM deliveries")
+        deliveries = await self.sql("SELECT recipient, state FROM deliveries")
         self.assertEqual(deliveries, [("usuario@dominio.com", "queued")])
-        (content,) = await _rows(self.gateway, "SELECT html FROM contents WHERE id = %s",
+        (content,) = await self.sql("SELECT html FROM contents WHERE id = %s",
                                  send[3])
         self.assertIn("<b>html</b>", content[0])
-        members = await _rows(self.gateway, "SELECT c.email, g.origin FROM group_members m"
+        members = await self.sql("SELECT c.email, g.origin FROM group_members m"
                               " JOIN contacts c ON c.id = m.contact_id"
                               " JOIN groups g ON g.id = m.group_id WHERE g.id = %s", send[4])
         self.assertEqual(members, [("usuario@dominio.com", "smtp")])
-        events = await _rows(self.gateway, "SELECT type, send_id FROM events")
+        events = await self.sql("SELECT type, send_id FROM events")
         self.assertEqual(events, [("queued", send_id)])
 
     async def test_every_port_accepts_mail(self):
@@ -266,7 +248,7 @@ class SubmissionFlowTests(unittest.TestCase):
                  (self.gateway.port_for("smtp.implicit_tls_listeners[0]"), True)]
         for port, implicit in ports:
             await deferToThread(_sendmail, port, implicit, SIMPLE, ["a@example.net"])
-        (count,) = await _rows(self.gateway, "SELECT count(*) FROM messages")
+        (count,) = await self.sql("SELECT count(*) FROM messages")
         self.assertEqual(count, (3,))
 
     async def test_unverified_sender_and_reply_to(self):
@@ -286,9 +268,9 @@ class SubmissionFlowTests(unittest.TestCase):
     async def test_recipients_imported_without_data(self):
         await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
                             "RCPT TO:<kept@example.net>")
-        contacts = await _rows(self.gateway, "SELECT email FROM contacts")
+        contacts = await self.sql("SELECT email FROM contacts")
         self.assertEqual(contacts, [("kept@example.net",)])
-        (groups,) = await _rows(self.gateway, "SELECT count(*) FROM group_members")
+        (groups,) = await self.sql("SELECT count(*) FROM group_members")
         self.assertEqual(groups, (1,))
 
     async def test_stop_commits_the_recipients_of_an_open_transaction(self):
@@ -313,22 +295,22 @@ class SubmissionFlowTests(unittest.TestCase):
                                       "RCPT TO:<a@example.net>", "RCPT TO:<b@example.net>",
                                       "DATA", b".\r\n")
         self.assertEqual(replies[-1], (250, b"OK imported 2"))
-        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM sends"), [(0,)])
-        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM contacts"), [(2,)])
+        self.assertEqual(await self.sql("SELECT count(*) FROM sends"), [(0,)])
+        self.assertEqual(await self.sql("SELECT count(*) FROM contacts"), [(2,)])
 
     async def test_suppressed_recipient_recorded_as_not_sent(self):
-        await _rows(self.gateway, "INSERT INTO suppressions (account_id, address, reason)"
+        await self.sql("INSERT INTO suppressions (account_id, address, reason)"
                     " VALUES (%s, 'gone@example.net', 'unsubscribed') RETURNING id",
                     self.account.id)
         replies = await deferToThread(_dialogue, self.port, f"MAIL FROM:<{SENDER}>",
                                       "RCPT TO:<gone@example.net>", "RCPT TO:<ok@example.net>",
                                       "DATA", SIMPLE + b".\r\n")
         self.assertEqual(replies[-1][0], 250)
-        rows = await _rows(self.gateway, "SELECT recipient, state, last_reply FROM deliveries"
+        rows = await self.sql("SELECT recipient, state, last_reply FROM deliveries"
                            " ORDER BY recipient")
         self.assertEqual(rows, [("gone@example.net", "not_sent", "unsubscribed"),
                                 ("ok@example.net", "queued", None)])
-        events = await _rows(self.gateway, "SELECT recipient, type, details FROM events"
+        events = await self.sql("SELECT recipient, type, details FROM events"
                              " ORDER BY recipient")
         self.assertEqual(events, [("gone@example.net", "not_sent", {"reason": "unsubscribed"}),
                                   ("ok@example.net", "queued", {})])
@@ -339,7 +321,7 @@ class SubmissionFlowTests(unittest.TestCase):
                                       "RCPT TO:<a@example.net>", "RCPT TO:<b@example.net>",
                                       "DATA", SIMPLE + b".\r\n")
         self.assertEqual(replies[-1], (554, b"5.6.0 Transaction failed: no sends left"))
-        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM sends"), [(0,)])
+        self.assertEqual(await self.sql("SELECT count(*) FROM sends"), [(0,)])
 
     async def test_contact_quota(self):
         await self.set_account(max_contacts=1)
@@ -412,7 +394,7 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertRegex(body["html"], rf'style="background: url\(&quot;{url}&quot;\)"')
         (link,) = re.findall(rf'<li><a href="({url})">attachment-3</a></li>', body["html"])
         self.assertIn(f"attachment-3: {link}", body["text"])
-        stored = await _rows(self.gateway, "SELECT count(*) FROM attachments")
+        stored = await self.sql("SELECT count(*) FROM attachments")
         self.assertEqual(stored, [(3,)])
 
     async def test_archive_keeps_the_raw_message(self):
@@ -423,7 +405,7 @@ class SubmissionFlowTests(unittest.TestCase):
             await self.set_account(settings=json.dumps({"archive": archive}))
             reply = await self.submit(data)
             self.assertEqual(reply[0], 250)
-        rows = await _rows(self.gateway, "SELECT s.archive, m.raw, m.size FROM messages m"
+        rows = await self.sql("SELECT s.archive, m.raw, m.size FROM messages m"
                            " JOIN sends s ON s.id = m.send_id ORDER BY m.id")
         received = SIMPLE + b".a line that starts with a dot\r\n"
         self.assertEqual([(archive, raw and bytes(raw), size) for archive, raw, size in rows],
@@ -434,7 +416,7 @@ class SubmissionFlowTests(unittest.TestCase):
         message = b"X-Order-Id: 42\r\nX-Teenvio-ShowCab: no\r\n" + SIMPLE + b".\r\n"
         reply = await self.submit(message)
         self.assertEqual(reply[0], 250)
-        rows = await _rows(self.gateway, "SELECT custom_headers FROM messages")
+        rows = await self.sql("SELECT custom_headers FROM messages")
         self.assertEqual(rows, [({"X-Order-Id": "42"},)])
 
     async def test_stored_template_with_variables(self):
@@ -444,7 +426,7 @@ class SubmissionFlowTests(unittest.TestCase):
                    b"Content-Type: text/plain\r\n\r\n{\"nombre\": \"Ana <3\"}\r\n.\r\n")
         reply = await self.submit(message)
         self.assertEqual(reply[0], 250)
-        (row,) = await _rows(self.gateway, "SELECT subject, body FROM messages")
+        (row,) = await self.sql("SELECT subject, body FROM messages")
         self.assertEqual(row[0], "Para Ana <3")
         body = json.loads(bytes(row[1]))
         self.assertEqual(body["html"], "<p>Hola Ana &lt;3</p>")
@@ -496,7 +478,7 @@ class SubmissionFlowTests(unittest.TestCase):
             (554, b"5.6.0 Transaction failed: message contains a NUL character in "
                   + where.encode()) for _, where in cases] + [replies[-1]])
         self.assertEqual(replies[-1][0], 250)
-        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM messages"), [(1,)])
+        self.assertEqual(await self.sql("SELECT count(*) FROM messages"), [(1,)])
 
     async def test_nul_in_template_variable_refused(self):
         self.assertEqual(await self.submit_for_template(b'{"nombre": "A\\u0000B"}'), (
@@ -512,7 +494,7 @@ class SubmissionFlowTests(unittest.TestCase):
                    b"Content-Type: text/plain; charset=utf-7\r\n\r\nhi +2AA-\r\n.\r\n")
         body = await self.accepted_body(message)
         self.assertEqual((body["subject"], body["text"]), ("+2AA-", "hi +2AA-\n"))
-        self.assertEqual(await _rows(self.gateway, "SELECT custom_headers FROM messages"),
+        self.assertEqual(await self.sql("SELECT custom_headers FROM messages"),
                          [({"X-Note": "\\ud800"},)])
         self.assertEqual(await self.submit_for_template(b'{"nombre": "\\ud800"}'), (
             554, b"5.6.0 Transaction failed: template variables are not a valid JSON object:"
@@ -527,18 +509,18 @@ class SubmissionFlowTests(unittest.TestCase):
         self.assertEqual(base64.b64decode(body["attachments"][0]["data"]), data)
         await self.set_account(settings=json.dumps({"attachments": "links"}))
         self.assertEqual((await self.submit(message))[0], 250)
-        (row,) = await _rows(self.gateway, "SELECT filename, data FROM attachments")
+        (row,) = await self.sql("SELECT filename, data FROM attachments")
         self.assertEqual((row[0], bytes(row[1])), ("a.pdf", data))
 
     async def test_campaign_credential(self):
         key = credentials.new_api_key()
-        (row,) = await _rows(self.gateway, "INSERT INTO campaigns (account_id, type, name,"
+        (row,) = await self.sql("INSERT INTO campaigns (account_id, type, name,"
                              " api_key_hash) VALUES (%s, 'api', 'c', %s) RETURNING numid",
                              self.account.id, credentials.hash_api_key(key))
         port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
         await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
                             user=f"dmdsid-{row[0]}", password=key)
-        self.assertEqual(await _rows(self.gateway, "SELECT count(*) FROM messages"), [(1,)])
+        self.assertEqual(await self.sql("SELECT count(*) FROM messages"), [(1,)])
         with self.assertRaises(smtplib.SMTPAuthenticationError):
             await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
                                 user=f"dmdsid-{row[0]}", password="wrong")
@@ -548,7 +530,7 @@ class SubmissionFlowTests(unittest.TestCase):
         id in Arabic-Indic digits (which int() reads as the id) are wrong credentials,
         counted by the throttle like any other."""
         key = credentials.new_api_key()
-        (row,) = await _rows(self.gateway, "INSERT INTO campaigns (account_id, type, name,"
+        (row,) = await self.sql("INSERT INTO campaigns (account_id, type, name,"
                              " api_key_hash) VALUES (%s, 'api', 'c', %s) RETURNING numid",
                              self.account.id, credentials.hash_api_key(key))
         arabic_indic = str(row[0]).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
@@ -556,7 +538,7 @@ class SubmissionFlowTests(unittest.TestCase):
         port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
 
         def attempts():
-            client = _client(port, implicit_tls=True)
+            client = smtp_client(port, implicit_tls=True)
             client.ehlo("c")
             replies = [client.docmd("AUTH PLAIN", _plain(user, key)) for user in users]
             client.close()
@@ -579,7 +561,7 @@ class SubmissionFlowTests(unittest.TestCase):
         port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
 
         def attempt():
-            client = _client(port, implicit_tls=True)
+            client = smtp_client(port, implicit_tls=True)
             client.ehlo("c")
             reply = client.docmd("AUTH PLAIN", _plain(USER, "wrong"))
             client.close()
@@ -599,7 +581,7 @@ class SubmissionFlowTests(unittest.TestCase):
         def conversations():
             replies = []
             for port, implicit_tls in ((tls_port, True), (self.port, False)):
-                client = _client(port, implicit_tls)
+                client = smtp_client(port, implicit_tls)
                 replies += [client.ehlo("c"), client.docmd("AUTH LOGIN")]
                 client.close()
             return replies
@@ -631,9 +613,9 @@ class DatabaseTroubleTests(unittest.TestCase):
         self.port = self.gateway.port_for("smtp.starttls_listeners[0]")
 
     def _tls_client(self) -> smtplib.SMTP:
-        client = _client(self.port)
+        client = smtp_client(self.port)
         client.ehlo("c")
-        client.starttls(context=_tls())
+        client.starttls(context=insecure_tls())
         client.ehlo("c")
         return client
 
@@ -683,13 +665,13 @@ class TrustedNetworkTests(unittest.TestCase):
         gateway = await start_gateway(self, config)
 
         def send():
-            client = _client(gateway.port_for("smtp.starttls_listeners[0]"))
+            client = smtp_client(gateway.port_for("smtp.starttls_listeners[0]"))
             try:
                 client.sendmail(SENDER, ["a@example.net"], SIMPLE)
             finally:
                 client.close()
 
         await deferToThread(send)
-        rows = await _rows(gateway, "SELECT s.account_id, m.sender FROM messages m"
+        rows = await run_sql(gateway.database, "SELECT s.account_id, m.sender FROM messages m"
                            " JOIN sends s ON s.id = m.send_id")
         self.assertEqual(rows, [(account.id, SENDER)])

@@ -5,57 +5,16 @@ No database: the sessions never get past what the transport decides."""
 
 from pathlib import Path
 
-from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet import defer, endpoints, reactor, ssl, task
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS, SubmissionFactory
 from mailgw.tlscert import ensure_self_signed, server_tls_options
+from tests.harness import Client, reactor_turns, until
 
 IDLE_TIMEOUT = 300
 HANDSHAKE_TIMEOUT = 30
-
-
-async def until(predicate, what: str, seconds: float = 10) -> None:
-    """Let the reactor run until `predicate()` holds; fail after `seconds` (a bound for
-    a broken build, never reached when the test passes)."""
-    deadline = reactor.seconds() + seconds
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
-
-
-async def reactor_turns(count: int = 10) -> None:
-    """Let the reactor handle what is already under way (nothing timed)."""
-    for _ in range(count):
-        await task.deferLater(reactor, 0, lambda: None)
-
-
-@implementer(IHandshakeListener)
-class Client(protocol.Protocol):
-    """Keeps what the server sent; `lost` fires when the connection is gone."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.handshake_done = False
-        self.lost: defer.Deferred[bytes] = defer.Deferred()
-
-    def handshakeCompleted(self) -> None:  # noqa: N802
-        self.handshake_done = True
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
-        self.received += data
-
-    def connectionLost(self, reason) -> None:  # noqa: N802
-        self.lost.callback(self.received)
-
-    async def close(self) -> None:
-        if not self.lost.called:
-            self.transport.abortConnection()
-            await self.lost
 
 
 class Server:
