@@ -5,7 +5,7 @@ once (`PreparedMessage(body, ...)` from its `StoredBody`: insert the S-9 texts, 
 HTML at its links, build every header and MIME part that is the same for all recipients)
 and then renders it per recipient (`PreparedMessage.render`): one merge pass per part, the
 signed tracking links joined in, the parts encoded, and the DKIM signature on top
-(ARCHITECTURE principle 4). This module owns the sender and recipient contexts, header
+(docs/architecture.md, principle 4). This module owns the sender and recipient contexts, header
 writing and MIME building; the links are signed by `mailgw.content.links`, the signature
 made by `mailgw.content.dkim`.
 """

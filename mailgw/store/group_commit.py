@@ -1,4 +1,4 @@
-"""Group commit (ARCHITECTURE principle 3): many callers, one transaction, one statement.
+"""Group commit (docs/architecture.md, principle 3): many callers, one transaction, one statement.
 
 Hot paths (RCPT imports, message submissions, delivery outcomes) hand an item
 and a batch function `fn(cursor, items) -> results` to `GroupCommitter.run`.

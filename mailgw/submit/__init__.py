@@ -1,1 +1,1 @@
-"""The single submission path (ARCHITECTURE principle 1): SMTP and HTTP both end here."""
+"""The single submission path (docs/architecture.md, principle 1): SMTP and HTTP both end here."""

@@ -2,7 +2,7 @@
 
 The submission service is a stand-in that records what the session hands
 it; the cred portal is real, with an in-memory checker.  One test class per
-verb (ARCHITECTURE: tests).
+verb (docs/architecture.md, Tests).
 """
 
 import base64
