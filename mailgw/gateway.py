@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from mailgw.accounts.avatar import SubmissionRealm
-from mailgw.accounts.checkers import AccountCredentialsChecker
+from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
 from mailgw.config import Config
 from mailgw.content.links import LinkSigner
 from mailgw.delivery.client import OutboundPool
@@ -32,6 +32,7 @@ from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
 from mailgw.errors import NotFound, StartupError
+from mailgw.http.auth import KeyAuthenticator
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot
 from mailgw.http.tracking import TrackingApp
@@ -104,6 +105,12 @@ class Gateway(service.MultiService):
         self.database: Database | None = None
         self.stores: Stores | None = None
         self.link_signer: LinkSigner | None = None
+        # Shared by the doors: who an SMTP login or an HTTP API key is, and the one
+        # submission path they both hand messages to.
+        self.realm: SubmissionRealm | None = None
+        self.portal: Portal | None = None
+        self.key_authenticator: KeyAuthenticator | None = None
+        self.submission_service: SubmissionService | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -137,6 +144,13 @@ class Gateway(service.MultiService):
         # On every node, delivering or not: the tracking endpoints verify what it signs.
         self.link_signer = LinkSigner(await self.stores.keys.signing_key("links"),
                                       self.config.http.public_base_url)
+        self.realm = SubmissionRealm(self.stores.accounts)
+        self.portal = Portal(self.realm, [
+            AccountCredentialsChecker(self.stores.accounts, self._run_in_thread),
+            APIKeyChecker(self.stores.accounts)])
+        self.key_authenticator = KeyAuthenticator(self.portal)
+        self.submission_service = SubmissionService(
+            self.stores, self.config.http.public_base_url, self.clock, self._run_in_thread)
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
@@ -201,13 +215,10 @@ class Gateway(service.MultiService):
 
     def _smtp_factory(self, tls_options) -> SubmissionFactory:
         smtp = self.config.smtp
-        checker = AccountCredentialsChecker(self.stores.accounts, self._run_in_thread)
-        realm = SubmissionRealm(self.stores.accounts)
+        realm = self.realm
         return SubmissionFactory(
             self.config.hostname, tls_options, self.clock, smtp.idle_timeout,
-            portal=Portal(realm, [checker]),
-            service=SubmissionService(self.stores, self.config.http.public_base_url,
-                                      self.clock, self._run_in_thread),
+            portal=self.portal, service=self.submission_service,
             throttle=AuthThrottle(self.clock, shared=self.stores.auth_failures),
             max_message_size=smtp.max_message_size,
             max_recipients=smtp.max_recipients, allow_plaintext_auth=smtp.allow_plaintext_auth,

@@ -1,0 +1,58 @@
+"""API keys on the HTTP listener: Bearer or bare, wrong, revoked, a disabled account's."""
+
+from twisted.cred.portal import Portal
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+
+from mailgw import credentials
+from mailgw.accounts.avatar import SubmissionRealm
+from mailgw.accounts.checkers import APIKeyChecker
+from mailgw.http.auth import InactiveAccount, InvalidAPIKey, KeyAuthenticator, presented_key
+from tests.harness import DatabaseTestCase
+
+
+def request_with(authorization: bytes | None) -> DummyRequest:
+    request = DummyRequest([b"v1"])
+    if authorization is not None:
+        request.requestHeaders.setRawHeaders(b"authorization", [authorization])
+    return request
+
+
+class PresentedKeyTests(unittest.TestCase):
+    def test_bearer_and_bare(self):
+        for header in (b"Bearer mgw_abc", b"bearer  mgw_abc ", b"mgw_abc", b" mgw_abc"):
+            self.assertEqual(presented_key(request_with(header)), "mgw_abc", header)
+
+    def test_no_key(self):
+        for header in (None, b"", b"Bearer", b"Bearer   ", b"\xff\xfe", b"k" * 600):
+            self.assertIsNone(presented_key(request_with(header)), header)
+
+
+class KeyAuthenticatorTests(DatabaseTestCase):
+    async def setUp(self):
+        await super().setUp()
+        accounts = self.stores.accounts
+        self.account = await accounts.create_account("acme")
+        self.key = credentials.new_api_key()
+        await accounts.create_api_key(self.account.id, "k", credentials.hash_api_key(self.key),
+                                      credentials.api_key_prefix(self.key))
+        self.authenticator = KeyAuthenticator(Portal(SubmissionRealm(accounts),
+                                                     [APIKeyChecker(accounts)]))
+
+    async def test_the_key_of_an_account(self):
+        for header in (b"Bearer " + self.key.encode(), self.key.encode()):
+            account = await self.authenticator.account(request_with(header))
+            self.assertEqual((account.account_id, account.name), (self.account.id, "acme"))
+
+    async def test_wrong_missing_and_revoked_keys(self):
+        for header in (None, b"Bearer mgw_wrong", b"Bearer " + self.key.encode() + b"x"):
+            with self.assertRaises(InvalidAPIKey):
+                await self.authenticator.account(request_with(header))
+        await self.sql("UPDATE api_keys SET revoked_at = now()")
+        with self.assertRaises(InvalidAPIKey):
+            await self.authenticator.account(request_with(self.key.encode()))
+
+    async def test_a_disabled_accounts_key(self):
+        await self.stores.accounts.update_account("acme", {}, {"active": False})
+        with self.assertRaises(InactiveAccount):
+            await self.authenticator.account(request_with(self.key.encode()))
