@@ -19,7 +19,13 @@ from typing import TextIO
 from twisted.internet import defer, task
 
 from mailgw import credentials
-from mailgw.accounts.settings import ATTACHMENT_MODES, MULTIPART_MODES, AccountSettings
+from mailgw.accounts.settings import (
+    ATTACHMENT_MODES,
+    MAX_CATEGORIES,
+    MULTIPART_MODES,
+    AccountSettings,
+    category_name,
+)
 from mailgw.config import Config, ConfigError, load_config
 from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
@@ -59,6 +65,19 @@ def _networks(value: str) -> list[str] | None:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _categories(value: str) -> tuple[str, ...]:
+    if value == "none":
+        return ()
+    names = tuple(name.strip() for name in value.split(","))
+    bad = [name for name in names if not category_name(name)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not a category name: {bad[0]!r} (1 to 64 "
+                                         "printable characters)")
+    if len(set(names)) != len(names) or len(names) > MAX_CATEGORIES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CATEGORIES} categories, each once")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgw", description="mailgw administration")
     parser.add_argument("-c", "--config", help="TOML configuration file (default: built-in "
@@ -96,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="client networks allowed to AUTH (Devino); any = everywhere")
     update.add_argument("--active", choices=("yes", "no"))
     update.add_argument("--timezone")
+    update.add_argument("--categories", type=_categories, metavar="NAME,...|none",
+                        help="campaign categories recipients may unsubscribe from one by "
+                        "one on the unsubscribe page (none: the sender's domain only)")
 
     user = commands.add_parser("user", help="SMTP users").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -208,7 +230,8 @@ async def _account_list(stores, args, config, out, stdin) -> None:
 async def _account_set(stores, args, config, out, stdin) -> None:
     settings = AccountSettings.changes(
         multipart=args.multipart, attachments=args.attachments,
-        archive=None if args.archive is None else args.archive == "yes")
+        archive=None if args.archive is None else args.archive == "yes",
+        categories=args.categories)
     columns = {column: getattr(args, column)
                for column in ("sends_per_month", "max_contacts", "allowed_networks")
                if getattr(args, column) is not _UNSET}

@@ -89,12 +89,14 @@ class CommandTests(unittest.TestCase):
         self.assertIn("account acme updated", output)
         account = await self.stores.accounts.get_account("acme")
         self.assertFalse(account.active)
-        await self.command("account", "set", "acme", "--active", "yes")
+        await self.command("account", "set", "acme", "--active", "yes",
+                           "--categories", "News, Offers,Events")
         profile = await self.stores.accounts.profile(account.id)
         settings, networks = profile.settings, profile.allowed_networks
         max_contacts, sends = profile.max_contacts, profile.sends_per_month
         self.assertEqual(settings, AccountSettings(multipart="strict", attachments="links",
-                                                   archive=True))
+                                                   archive=True,
+                                                   categories=("News", "Offers", "Events")))
         self.assertEqual(networks, ["10.0.0.0/8", "192.0.2.7/32"])
         self.assertEqual((max_contacts, sends), (50, 1000))
         await self.command("account", "set", "acme", "--sends-per-month", "none",
@@ -104,12 +106,17 @@ class CommandTests(unittest.TestCase):
         max_contacts, sends = profile.max_contacts, profile.sends_per_month
         self.assertEqual((networks, max_contacts, sends), (None, 50, None))
         self.assertEqual(settings.attachments, "links")
+        self.assertEqual(settings.categories, ("News", "Offers", "Events"))
+        await self.command("account", "set", "acme", "--categories", "none")
+        self.assertEqual((await self.stores.accounts.profile(account.id)).settings.categories,
+                         ())
         with self.assertRaises(NotFound):
             await self.command("account", "set", "nobody", "--archive", "no")
 
     def test_account_set_refuses_bad_values(self):
         for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
-                     ["--attachments", "drop"]):
+                     ["--attachments", "drop"], ["--categories", "News,,Offers"],
+                     ["--categories", "News,News"], ["--categories", "x" * 65]):
             with self.assertRaises(SystemExit):
                 build_parser().parse_args(["account", "set", "acme", *argv])
 
