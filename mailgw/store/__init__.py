@@ -13,8 +13,10 @@ from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.keys import KeyStore
 from mailgw.store.queue import QueueStore
 from mailgw.store.senders import SenderStore
+from mailgw.store.statistics import StatisticsStore
 from mailgw.store.submissions import SubmissionStore
 from mailgw.store.templates import TemplateStore
+from mailgw.store.tracking import TrackingStore
 
 # Group-commit batches in flight at once: two, so that one batch is written while the
 # previous one waits for its WAL flush. More make the batches smaller, so more statements
@@ -39,6 +41,8 @@ class Stores:
     events: EventStore
     keys: KeyStore
     auth_failures: AuthFailureStore
+    tracking: TrackingStore
+    statistics: StatisticsStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -49,4 +53,6 @@ class Stores:
                    submissions=SubmissionStore(database, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
                    events=EventStore(database, committer), keys=KeyStore(database),
-                   auth_failures=AuthFailureStore(database))
+                   auth_failures=AuthFailureStore(database),
+                   tracking=TrackingStore(database, committer),
+                   statistics=StatisticsStore(database))

@@ -114,6 +114,13 @@ class EventStore:
                                              _events_for_delivery_txn, delivery_id)
 
 
+async def insert_events(cursor, events: Sequence[Event]) -> list[int]:
+    """Write events in the caller's transaction, with the rows they are about (an
+    unsubscribe's suppressions): their ids, in order."""
+    [ids] = await _record_events_txn(cursor, [tuple(events)])
+    return ids
+
+
 # The ids are drawn first, so that each caller gets its own whatever order the rows
 # are inserted in.
 _RECORD_EVENTS = PreparedStatement(
