@@ -32,9 +32,15 @@ from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
 from mailgw.errors import NotFound, StartupError
+from mailgw.events.agents import AgentParser
+from mailgw.events.client import networks
+from mailgw.events.geo import GeoLocator
+from mailgw.events.machine import MachineRules
+from mailgw.events.recorder import TrackingRecorder
 from mailgw.http.auth import KeyAuthenticator
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot
+from mailgw.http.stats import StatsApp
 from mailgw.http.tracking import TrackingApp
 from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import SubmissionFactory
@@ -111,6 +117,10 @@ class Gateway(service.MultiService):
         self.portal: Portal | None = None
         self.key_authenticator: KeyAuthenticator | None = None
         self.submission_service: SubmissionService | None = None
+        self.geo: GeoLocator | None = None
+        # Records opens, clicks and unsubscribes; its `lost` counts events lost to
+        # database trouble (T-1, T-2).
+        self.tracking_recorder: TrackingRecorder | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -132,6 +142,8 @@ class Gateway(service.MultiService):
     async def _start(self) -> None:
         self._prepare_state_dir()
         tls_options = self._tls_options()
+        # Before anything starts: a bad GeoIP file is a one-line start-up error.
+        self.geo = GeoLocator.open(self.config.tracking.geoip_database)
         if not self.config.database.dsn:
             self.embedded = EmbeddedPostgresService(
                 embedded_cluster(self.config), self.reactor, self._embedded_gave_up,
@@ -154,8 +166,7 @@ class Gateway(service.MultiService):
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
-        tracking = TrackingApp(self.stores.submissions).app.resource()
-        root = HTTPRoot({("a",): tracking}, OperationsApp(self.database).app.resource())
+        root = HTTPRoot(self._http_apps(), OperationsApp(self.database).app.resource())
         site = server.Site(root)
         site.displayTracebacks = False
         smtp_backlog = self.config.smtp.listen_backlog
@@ -175,6 +186,24 @@ class Gateway(service.MultiService):
             self.runner.start()
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
+
+    def _http_apps(self) -> dict:
+        """The apps of the HTTP listener by path prefix: tracking (T-) and statistics
+        (H-4)."""
+        tracking_config = self.config.tracking
+        self.tracking_recorder = TrackingRecorder(
+            self.database, self.stores.tracking, self.stores.events, AgentParser(), self.geo,
+            MachineRules(tracking_config.scanner_seconds, tracking_config.machine_networks,
+                         tracking_config.machine_agents),
+            networks(tracking_config.trusted_proxies), self.clock)
+        tracking = TrackingApp(
+            self.stores.submissions, self.link_signer, self.tracking_recorder,
+            self.stores.tracking, self.stores.queue, self.clock,
+            tracking_config.commit_wait_seconds, self.config.hostname,
+            self.config.bounce_domain).app.resource()
+        stats = StatsApp(self.key_authenticator, self.stores.statistics,
+                         self.clock).app.resource()
+        return {("a",): tracking, ("t",): tracking, ("v1", "stats"): stats}
 
     def _embedded_gave_up(self) -> None:
         if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
@@ -296,6 +325,9 @@ class Gateway(service.MultiService):
         if self.embedded is not None:
             await self.embedded.stop()
             self.embedded = None
+        if self.geo is not None:
+            self.geo.close()
+            self.geo = None
 
     def stopService(self) -> defer.Deferred[None]:
         d = defer.maybeDeferred(super().stopService)

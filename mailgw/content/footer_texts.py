@@ -6,7 +6,9 @@ Spanish, the default language of S-9.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_LANGUAGE = 3
 
@@ -46,3 +48,12 @@ _TEXTS = {
 def header_footer_texts(language: int) -> FooterTexts:
     """The texts for an S-9 language id; Spanish for an id mailgw does not know."""
     return _TEXTS.get(language) or _TEXTS[DEFAULT_LANGUAGE]
+
+
+def message_language(options: Mapping[str, Any], default: int = DEFAULT_LANGUAGE) -> int:
+    """A message's language id from its stored options (S-9), `default` when it has none
+    or one that is no number."""
+    try:
+        return int(options.get("language", default))
+    except (TypeError, ValueError):
+        return default

@@ -7,14 +7,15 @@ matches wins: with `("v1", "email")` and `("v1",)` mounted, `/v1/email` goes to
 the first app and `/v1/contacto/` to the second. Segments are compared as
 twisted.web gives them, percent-decoded (`/v%31` is `/v1`; `%2F` does not split a
 segment), and an empty segment is a segment of its own: `/v1` and `/v1/` match
-`("v1",)`, `//v1` does not. A path no prefix matches goes to the default app.
+`("v1",)`, `//v1` does not. A path no prefix matches goes to the default app. A path
+or host name that is not UTF-8 (`/t/%ff`) is a plain 400 here: the apps route on text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from twisted.web.resource import Resource
+from twisted.web.resource import ErrorPage, Resource
 
 
 class HTTPRoot(Resource):
@@ -31,9 +32,17 @@ class HTTPRoot(Resource):
     def getChild(self, name: bytes, request) -> Resource:
         # Give the segment back, so that the app sees the full path.
         request.postpath.insert(0, request.prepath.pop())
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return _NOT_UTF8
         segments = tuple(request.postpath[:self.longest])
         for length in range(len(segments), 0, -1):
             app = self.apps.get(segments[:length])
             if app is not None:
                 return app
         return self.default
+
+
+_NOT_UTF8 = ErrorPage(400, "Bad Request", "The path is not UTF-8.")

@@ -92,3 +92,11 @@ class HTTPRootTests(unittest.TestCase):
         for prefix in ((), ("",), ("v1", ""), ("v1/email",)):
             with self.assertRaises(ValueError):
                 HTTPRoot({prefix: echo_app("x")}, default=echo_app("operations"))
+
+    def test_paths_that_are_not_utf8(self):
+        """R-3: a plain 400 before any app (Klein would log each as an error)."""
+        for path in (b"/t/c/%ff", b"/%c3", b"/v1/email/%00%fe"):
+            status, body = get(self.root, path)
+            self.assertEqual(status, 400, path)
+            self.assertIn("not UTF-8", body)
+        self.assertEqual(self.flushLoggedErrors(), [])
