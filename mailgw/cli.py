@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import TextIO
 
 from twisted.internet import defer, task
@@ -31,6 +32,7 @@ from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dk
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
 from mailgw.gateway import embedded_cluster, open_database
 from mailgw.store import Stores
+from mailgw.store.statistics import COUNTERS, account_zone, time_range
 from mailgw.store.templates import Template
 from mailgw.tlscert import ensure_self_signed
 
@@ -170,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sender.add_parser("verify", help="mark a sender address verified")
     verify.add_argument("account")
     verify.add_argument("address")
+
+    stats = commands.add_parser("stats", help="statistics (as GET /v1/stats)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    send = stats.add_parser("send", help="a send's counters")
+    send.add_argument("send_id", type=int)
+    per_day = stats.add_parser("account", help="an account's counters per day, in its time "
+                               "zone, and in total")
+    per_day.add_argument("name")
+    per_day.add_argument("--from", dest="start", metavar="ISO",
+                         help="a date (that day in the account's time zone) or a time; "
+                         "default: 30 days before --to")
+    per_day.add_argument("--to", dest="end", metavar="ISO",
+                         help="a date (included) or a time; default: now")
     return parser
 
 
@@ -321,6 +336,40 @@ async def _sender_verify(stores, args, config, out, stdin) -> None:
     print(f"sender {sender.address} verified", file=out)
 
 
+async def _stats_send(stores, args, config, out, stdin) -> None:
+    stats = await stores.statistics.send(args.send_id)
+    if stats is None:
+        raise CommandError(f"no send {args.send_id}")
+    print(f"send {stats.send_id} ({stats.subject or 'no subject'}), created "
+          f"{stats.created_at.isoformat(timespec='seconds')}", file=out)
+    print(_table(["counter", "value"], [[name, value] for name, value
+                                        in stats.counters.as_dict().items()]), file=out)
+
+
+async def _stats_account(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.name)
+    zone = account_zone(account.timezone)
+    try:
+        start, end = time_range(args.start, args.end, zone, datetime.now(UTC))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    stats = await stores.statistics.account(account.id, start, end, zone.key)
+    print(f"account {account.name}, {zone.key}, from {start.isoformat(timespec='seconds')} "
+          f"to {end.isoformat(timespec='seconds')}", file=out)
+    rows = [[day.isoformat(), *counters.as_dict().values()] for day, counters in stats.days]
+    rows.append(["total", *stats.totals.as_dict().values()])
+    print(_table(["date", *COUNTERS], rows), file=out)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    """Columns as wide as their widest cell; text to the left, numbers to the right."""
+    cells = [header, *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
+                     .rstrip() for row in cells)
+
+
 COMMANDS = {
     ("account", "create"): _account_create,
     ("account", "list"): _account_list,
@@ -333,6 +382,8 @@ COMMANDS = {
     ("domain", "verify"): _domain_verify,
     ("sender", "add"): _sender_add,
     ("sender", "verify"): _sender_verify,
+    ("stats", "send"): _stats_send,
+    ("stats", "account"): _stats_account,
 }
 
 

@@ -6,7 +6,10 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
@@ -19,6 +22,8 @@ from mailgw.config import Config, DatabaseConfig
 from mailgw.errors import AlreadyExists, NotFound
 from mailgw.store import Stores
 from mailgw.store.database import Database
+from mailgw.store.statistics import COUNTERS
+from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import fresh_database
 
 MAILGW = str(Path(sys.executable).parent / "mailgw")
@@ -235,3 +240,35 @@ class ProgramTests(unittest.TestCase):
         self.assertIn("\tdemo\t", out)
         self.assertFalse(Path(state, "pg", "data", "postmaster.pid").exists(),
                          "the command stops the cluster it started")
+
+
+class StatsCommandTests(unittest.TestCase):
+    setUp = CommandTests.setUp
+    command = CommandTests.command
+
+    async def test_stats_send_and_account(self):
+        await self.command("account", "create", "acme")
+        account = await self.stores.accounts.get_account("acme")
+        stored = await self.stores.submissions.store(SubmissionRecord(
+            account_id=account.id, origin="smtp", message_uid=uuid.uuid4().hex,
+            sender="news@example.org", subject="Spring", html=None, body={"subject": "s"},
+            recipients=(QueuedRecipient("ana@example.net", None),)))
+        output = await self.command("stats", "send", str(stored.send_id))
+        self.assertIn(f"send {stored.send_id} (Spring)", output)
+        lines = output.splitlines()
+        self.assertEqual(lines[1].split(), ["counter", "value"])
+        self.assertEqual([line.split()[0] for line in lines[2:]], list(COUNTERS))
+        self.assertEqual(lines[2].split(), ["recipients", "1"])
+        today = datetime.now(ZoneInfo("America/Bogota")).date().isoformat()
+        output = await self.command("stats", "account", "acme", "--from", today, "--to", today)
+        lines = output.splitlines()
+        self.assertIn("account acme, America/Bogota", lines[0])
+        self.assertEqual(lines[1].split(), ["date", *COUNTERS])
+        self.assertEqual(lines[2].split()[:2], [today, "1"])
+        self.assertEqual(lines[3].split()[:2], ["total", "1"])
+        with self.assertRaises(CommandError):
+            await self.command("stats", "send", str(stored.send_id + 1))
+        with self.assertRaises(CommandError):
+            await self.command("stats", "account", "acme", "--from", "soon")
+        with self.assertRaises(NotFound):
+            await self.command("stats", "account", "nobody")
