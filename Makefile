@@ -9,7 +9,7 @@ TRIAL_ARGS ?=
 # twistd finds twisted/plugins/mailgw_plugin.py on this path.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint postgres venv clean bench-smtp bench-delivery
+.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-tracking
 
 run: venv postgres
 	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
@@ -29,6 +29,11 @@ bench-smtp: venv postgres
 # see bench/README.md.
 bench-delivery: venv postgres
 	$(VENV)/bin/python bench/delivery.py
+
+# Tracking benchmark: pixel and redirect hits per second, every event committed, against a
+# bare twisted.web tracker with one INSERT per hit; see bench/README.md.
+bench-tracking: venv postgres
+	$(VENV)/bin/python bench/tracking.py
 
 venv: $(VENV)/.installed
 

@@ -20,7 +20,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web import server
 
 from mailgw.accounts.avatar import SubmissionRealm
 from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
@@ -39,7 +38,7 @@ from mailgw.events.machine import MachineRules
 from mailgw.events.recorder import TrackingRecorder
 from mailgw.http.auth import KeyAuthenticator
 from mailgw.http.ops import OperationsApp
-from mailgw.http.root import HTTPRoot
+from mailgw.http.root import HTTPRoot, QuietSite
 from mailgw.http.stats import StatsApp
 from mailgw.http.tracking import TrackingApp
 from mailgw.smtp.auth import AuthThrottle
@@ -167,7 +166,7 @@ class Gateway(service.MultiService):
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
         root = HTTPRoot(self._http_apps(), OperationsApp(self.database).app.resource())
-        site = server.Site(root)
+        site = QuietSite(root, quiet=(b"/t/",))
         site.displayTracebacks = False
         smtp_backlog = self.config.smtp.listen_backlog
         wanted = (
@@ -200,7 +199,7 @@ class Gateway(service.MultiService):
             self.stores.submissions, self.link_signer, self.tracking_recorder,
             self.stores.tracking, self.stores.queue, self.clock,
             tracking_config.commit_wait_seconds, self.config.hostname,
-            self.config.bounce_domain).app.resource()
+            self.config.bounce_domain).resource()
         stats = StatsApp(self.key_authenticator, self.stores.statistics,
                          self.clock).app.resource()
         return {("a",): tracking, ("t",): tracking, ("v1", "stats"): stats}

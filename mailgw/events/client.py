@@ -52,8 +52,9 @@ def in_networks(address: str, candidates: Sequence[Network]) -> bool:
 
 def client_address(peer: str, forwarded: Sequence[bytes] | None,
                    trusted_proxies: Sequence[Network]) -> str:
-    """The client's address: the peer's, or the one its trusted proxies forwarded."""
-    client = normal_address(peer) or peer
+    """The client's address: the peer's (as Twisted writes it, an IPv4-mapped one as IPv4),
+    or the one its trusted proxies forwarded."""
+    client = peer.removeprefix("::ffff:") if "." in peer else peer
     if not forwarded or not trusted_proxies or not in_networks(client, trusted_proxies):
         return client
     header = b",".join(forwarded)[-MAX_FORWARDED_LENGTH:].decode("latin-1")

@@ -11,12 +11,14 @@ event.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from mailgw.accounts.settings import AccountSettings
-from mailgw.store.database import Database, PreparedStatement
+from mailgw.store.database import Database
 from mailgw.store.events import Event, EventType, insert_events
 from mailgw.store.group_commit import GroupCommitter
 
@@ -116,25 +118,34 @@ class TrackingStore:
                                              contact_id)
 
 
-_TRACKED_DELIVERIES = PreparedStatement(
-    "tracked_deliveries",
+# Planned at each run, not prepared: a plan made while `events` was small (a new
+# installation) would scan it whole for every batch, for as long as the plan lived. The
+# person's open is looked for with a subquery of its own (LIMIT 1), one index probe per
+# delivery: as an EXISTS, PostgreSQL may turn it into a hashed scan of every event when
+# its statistics lag behind a quickly growing table.
+_TRACKED_DELIVERIES = (
     "SELECT d.id, d.account_id, m.send_id, d.message_id, d.contact_id, d.recipient,"
     " d.state, CASE WHEN d.state = 'sent' THEN extract(epoch FROM d.updated_at)::float8 END,"
-    " split_part(m.sender, '@', 2), m.options, a.settings,"
-    f" EXISTS (SELECT 1 FROM events e WHERE e.delivery_id = d.id AND e.type = '{EventType.OPEN}'"
-    "  AND NOT e.machine)"
+    " split_part(m.sender, '@', 2), m.options, a.settings::text,"
+    f" (SELECT true FROM events e WHERE e.delivery_id = d.id AND e.type = '{EventType.OPEN}'"
+    "  AND NOT e.machine LIMIT 1) IS NOT NULL"
     " FROM deliveries d JOIN messages m ON m.id = d.message_id"
     " JOIN accounts a ON a.id = d.account_id"
-    " WHERE d.id = ANY(%(ids)s::bigint[])")
+    " WHERE d.id = ANY(%s)")
 
 
 async def _deliveries_txn(cursor, delivery_ids: list[int]) -> list[TrackedDelivery | None]:
-    await _TRACKED_DELIVERIES.execute(cursor, {"ids": delivery_ids})
+    await cursor.execute(_TRACKED_DELIVERIES, (delivery_ids,))
     found = {}
     for row in cursor.fetchall():
-        found[row[0]] = TrackedDelivery(*row[:9], row[9] or {}, AccountSettings.from_json(row[10]),
-                                        row[11])
+        found[row[0]] = TrackedDelivery(*row[:9], row[9] or {}, _settings(row[10]), row[11])
     return [found.get(delivery_id) for delivery_id in delivery_ids]
+
+
+@functools.lru_cache(maxsize=1024)
+def _settings(stored: str) -> AccountSettings:
+    """An account's settings, read once per text: every hit of a campaign has the same."""
+    return AccountSettings.from_json(json.loads(stored))
 
 
 async def _subscription_txn(cursor, account_id: int, address: str, domain: str

@@ -1,6 +1,8 @@
 """The HTTP root on a real Site over a StringTransport: which app answers a path, and
 what path that app sees."""
 
+import io
+
 from klein import Klein
 from klein.interfaces import IKleinRequest
 from twisted.internet import task
@@ -10,7 +12,7 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from mailgw.http.root import HTTPRoot
+from mailgw.http.root import HTTPRoot, QuietSite
 
 
 def echo_app(name: str) -> Resource:
@@ -24,9 +26,9 @@ def echo_app(name: str) -> Resource:
     return app.resource()
 
 
-def get(resource: Resource, path: bytes) -> tuple[int, str]:
+def get(resource: Resource, path: bytes, site: server.Site | None = None) -> tuple[int, str]:
     """The status and body of a GET of `path` (as sent, not normalised)."""
-    site = server.Site(resource, reactor=task.Clock())
+    site = site or server.Site(resource, reactor=task.Clock())
     site.timeOut = None
     transport = StringTransport()
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 80))
@@ -100,3 +102,20 @@ class HTTPRootTests(unittest.TestCase):
             self.assertEqual(status, 400, path)
             self.assertIn("not UTF-8", body)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class QuietSiteTests(unittest.TestCase):
+    def test_no_access_log_line_for_quiet_paths(self):
+        """Tracking hits (T-1, T-2) are events; they write no access-log line each."""
+        root = HTTPRoot({("t",): echo_app("tracking")}, default=echo_app("operations"))
+        site = QuietSite(root, quiet=(b"/t/",))
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        lines = io.StringIO()
+        site.logFile = lines
+        for path in (b"/t/o/tok.gif", b"/t/c/tok", b"/healthz", b"/tracking"):
+            get(root, path, site)
+        logged = lines.getvalue()
+        self.assertNotIn("/t/", logged)
+        self.assertIn('"GET /healthz HTTP/1.0" 200', logged)
+        self.assertIn('"GET /tracking HTTP/1.0" 200', logged)

@@ -8,6 +8,7 @@ from twisted.internet import defer
 from mailgw.store.events import Event, EventType
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from mailgw.store.tracking import (
+    _TRACKED_DELIVERIES,
     CATEGORIES,
     RESUBSCRIBE,
     UNSUBSCRIBE,
@@ -53,6 +54,21 @@ class TrackingStoreTests(DatabaseTestCase):
         self.assertFalse(ana.tracks_opens)
         self.assertFalse(ana.tracks_clicks)
         self.assertFalse(ana.opened)
+
+    async def test_lookup_probes_the_index_whatever_the_statistics(self):
+        """A person's open is looked for delivery by delivery: with statistics taken when
+        `events` was small (a new installation), PostgreSQL once hashed every event of the
+        table for each batch of hits."""
+        await self.sql("INSERT INTO deliveries (message_id, account_id, recipient)"
+                       " SELECT %s, %s, g || '@example.net' FROM generate_series(1, 10000) g",
+                       self.message_id, self.account)
+        await self.sql("INSERT INTO events (account_id, delivery_id, type)"
+                       " SELECT %s, g %% 10000, 'open' FROM generate_series(1, 20000) g",
+                       self.account)
+        plan = "\n".join(row[0] for row in await self.sql(
+            "EXPLAIN " + _TRACKED_DELIVERIES, list(range(self.ana, self.ana + 8))))
+        self.assertIn("events_delivery_id_idx", plan)
+        self.assertNotIn("Seq Scan on events", plan)
 
     async def test_opened_means_a_persons_open(self):
         ana = await self.tracking.delivery(self.ana)
