@@ -67,6 +67,7 @@ from common import (  # noqa: E402
     mib,
     status_kb,
 )
+from common import run_sql as sql  # noqa: E402
 
 TARGET_RATIO = 1.0
 HTTP_READY = re.compile(r"mailgw ready: .*http\.listener=(\d+)")
@@ -198,19 +199,6 @@ class Peer:
 
 
 # --- data ----------------------------------------------------------------------------------
-
-def sql(dsn: str, query: str, params: dict | tuple | None = None) -> list[tuple]:
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(query, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
-
 
 NEW_SEND = """\
 WITH account AS (SELECT id FROM accounts WHERE name = 'demo'),

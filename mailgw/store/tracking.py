@@ -168,24 +168,27 @@ async def _change_subscriptions_txn(cursor, changes: list[SubscriptionChange]) -
     return changed
 
 
+# The unsubscribe from a whole sender domain, and the way back: (statement, Aldeamo's
+# subscription_type, event type).
+_DOMAIN_CHANGES = {
+    UNSUBSCRIBE: ("INSERT INTO suppressions (account_id, address, scope_domain, reason)"
+                  " VALUES (%s, %s, %s, 'unsubscribed') ON CONFLICT DO NOTHING",
+                  DOMAIN_CANCELLED, EventType.UNSUBSCRIBED),
+    RESUBSCRIBE: ("DELETE FROM suppressions WHERE account_id = %s AND address = %s"
+                  " AND scope_domain = %s AND reason = 'unsubscribed'",
+                  DOMAIN_REACTIVATED, EventType.RESUBSCRIBED),
+}
+
+
 async def _change_subscription(cursor, change: SubscriptionChange) -> bool:
     delivery = change.delivery
     where = (delivery.account_id, delivery.recipient, delivery.sender_domain)
     details: dict[str, Any] = {"domain": delivery.sender_domain, **change.details}
     event_type = EventType.UNSUBSCRIBED
-    if change.action == UNSUBSCRIBE:
-        await cursor.execute(
-            "INSERT INTO suppressions (account_id, address, scope_domain, reason)"
-            " VALUES (%s, %s, %s, 'unsubscribed') ON CONFLICT DO NOTHING", where)
+    if change.action in _DOMAIN_CHANGES:
+        statement, details["subscription_type"], event_type = _DOMAIN_CHANGES[change.action]
+        await cursor.execute(statement, where)
         changed = cursor.rowcount > 0
-        details["subscription_type"] = DOMAIN_CANCELLED
-    elif change.action == RESUBSCRIBE:
-        await cursor.execute(
-            "DELETE FROM suppressions WHERE account_id = %s AND address = %s"
-            " AND scope_domain = %s AND reason = 'unsubscribed'", where)
-        changed = cursor.rowcount > 0
-        details["subscription_type"] = DOMAIN_REACTIVATED
-        event_type = EventType.RESUBSCRIBED
     elif change.action == CATEGORIES:
         categories = delivery.settings.categories
         cancelled = [c for c in categories if c not in change.keep]
