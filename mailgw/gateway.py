@@ -30,7 +30,13 @@ from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
-from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
+from mailgw.embedded_pg import (
+    Cluster,
+    EmbeddedPostgresService,
+    RestartPolicy,
+    RunAs,
+    cluster_root,
+)
 from mailgw.errors import NotFound, StartupError
 from mailgw.http.auth import KeyAuthenticator
 from mailgw.http.ops import OperationsApp
@@ -77,7 +83,8 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def embedded_cluster(config: Config) -> Cluster:
-    return Cluster(config.state_path / "pg", RunAs.for_cluster(config.database.embedded_user))
+    run_as = RunAs.for_cluster(config.database.embedded_user)
+    return Cluster(cluster_root(config.state_path, run_as), run_as)
 
 
 async def open_database(config: Config, reactor) -> Database:
