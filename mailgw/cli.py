@@ -22,6 +22,7 @@ from mailgw import credentials
 from mailgw.accounts.settings import ATTACHMENT_MODES, MULTIPART_MODES, AccountSettings
 from mailgw.config import Config, ConfigError, load_config
 from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
+from mailgw.content.footer_texts import LANGUAGES
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
 from mailgw.gateway import embedded_cluster, open_database
 from mailgw.store import Stores
@@ -57,6 +58,35 @@ def _networks(value: str) -> list[str] | None:
         return [str(ipaddress.ip_network(n.strip(), strict=False)) for n in value.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _yes_no(value: str) -> bool:
+    if value not in ("yes", "no"):
+        raise argparse.ArgumentTypeError(f"yes or no, not {value!r}")
+    return value == "yes"
+
+
+def _social_links(value: str) -> dict[str, str]:
+    """`network=url,...` (S-9), each URL http(s), as the footer shows only those; `none`
+    removes them all."""
+    if value == "none":
+        return {}
+    links = {}
+    for item in value.split(","):
+        network, equals, url = (part.strip() for part in item.partition("="))
+        if not (network and equals and url.lower().startswith(("http://", "https://"))
+                and url.isprintable() and " " not in url):
+            raise argparse.ArgumentTypeError(
+                f"network=https://... (comma-separated) or 'none', not {item.strip()!r}")
+        links[network] = url
+    return links
+
+
+def _language(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and int(value) in LANGUAGES):
+        known = ", ".join(map(str, sorted(LANGUAGES)))
+        raise argparse.ArgumentTypeError(f"one of {known} (S-9 language ids), not {value!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="client networks allowed to AUTH (Devino); any = everywhere")
     update.add_argument("--active", choices=("yes", "no"))
     update.add_argument("--timezone")
+    update.add_argument("--track-opens", type=_yes_no, metavar="yes|no",
+                        help="the open pixel (T-5; a message can still turn it off)")
+    update.add_argument("--track-clicks", type=_yes_no, metavar="yes|no",
+                        help="tracked links (T-5; a message can still turn them off)")
+    update.add_argument("--show-cab", type=_yes_no, metavar="yes|no",
+                        help="the \"view it in your browser\" line on top (S-9)")
+    update.add_argument("--social-links", type=_social_links, metavar="NETWORK=URL,...|none",
+                        help="profile links shown in the footer of messages that ask for "
+                        "them (X-Teenvio-SocialLinks: yes)")
+    update.add_argument("--language", type=_language, metavar="N",
+                        help="language of the inserted texts when a message names none "
+                        "(X-Teenvio-Language ids; default 3, Spanish)")
 
     user = commands.add_parser("user", help="SMTP users").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -208,7 +250,9 @@ async def _account_list(stores, args, config, out, stdin) -> None:
 async def _account_set(stores, args, config, out, stdin) -> None:
     settings = AccountSettings.changes(
         multipart=args.multipart, attachments=args.attachments,
-        archive=None if args.archive is None else args.archive == "yes")
+        archive=None if args.archive is None else args.archive == "yes",
+        track_opens=args.track_opens, track_clicks=args.track_clicks,
+        show_cab=args.show_cab, social_links=args.social_links, language=args.language)
     columns = {column: getattr(args, column)
                for column in ("sends_per_month", "max_contacts", "allowed_networks")
                if getattr(args, column) is not _UNSET}

@@ -107,9 +107,29 @@ class CommandTests(unittest.TestCase):
         with self.assertRaises(NotFound):
             await self.command("account", "set", "nobody", "--archive", "no")
 
+    async def test_account_set_switches(self):
+        """S-9, T-5: the switches a message can also set, and the account's social links
+        and default language, as the README promises."""
+        await self.command("account", "create", "acme")
+        await self.command("account", "set", "acme", "--track-opens", "no", "--track-clicks",
+                           "no", "--show-cab", "no", "--language", "4", "--social-links",
+                           "facebook=https://facebook.com/acme, x=https://x.com/acme")
+        account = await self.stores.accounts.get_account("acme")
+        settings = (await self.stores.accounts.profile(account.id)).settings
+        self.assertEqual(settings, AccountSettings(
+            show_cab=False, track_opens=False, track_clicks=False, language=4,
+            social_links={"facebook": "https://facebook.com/acme", "x": "https://x.com/acme"}))
+        await self.command("account", "set", "acme", "--track-opens", "yes",
+                           "--social-links", "none")
+        settings = (await self.stores.accounts.profile(account.id)).settings
+        self.assertEqual((settings.track_opens, settings.social_links, settings.language),
+                         (True, {}, 4))
+
     def test_account_set_refuses_bad_values(self):
         for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
-                     ["--attachments", "drop"]):
+                     ["--attachments", "drop"], ["--track-opens", "off"], ["--language", "9"],
+                     ["--language", "es"], ["--social-links", "facebook"],
+                     ["--social-links", "facebook=ftp://x"], ["--show-cab", "YES"]):
             with self.assertRaises(SystemExit):
                 build_parser().parse_args(["account", "set", "acme", *argv])
 

@@ -338,7 +338,8 @@ class QueueRunner:
             unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
             reply_to=context.reply_to,
             show_cab=settings.show_cab, social_links=settings.social_links,
-            track_opens=settings.track_opens, track_clicks=settings.track_clicks)
+            track_opens=settings.track_opens, track_clicks=settings.track_clicks,
+            language=settings.language)
         try:
             prepared = PreparedMessage(body, context.options, sender, self.signer)
         except Exception as e:

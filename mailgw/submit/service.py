@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from mailgw.accounts.avatar import SubmissionAccount
 from mailgw.content.body import StoredBody
@@ -97,6 +98,8 @@ THREADED_HTML_CHARS = 64 * 1024
 
 
 class SubmissionService:
+    log = Logger()
+
     def __init__(self, stores: Stores, public_base_url: str, clock,
                  run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
         self.stores = stores
@@ -142,6 +145,9 @@ class SubmissionService:
     async def submit(self, submission: Submission) -> StoredSubmission:
         account = submission.account
         content = submission.content
+        for notice in content.notices:  # S-9: accepted with the default; the operator sees why
+            self.log.warn("message of account {account} ({origin}): {notice}",
+                          account=account.name, origin=submission.origin, notice=notice)
         if submission.template_id is not None:
             content = await self._expand_template(submission)
         policy = ContentPolicy.from_settings(account.settings)

@@ -446,6 +446,21 @@ class RunnerTests(DatabaseTestCase):
         self.assertIn("Follow us", html)
         self.assertIn("https://facebook.com/acme", html)
 
+    async def test_account_default_language_when_the_message_names_none(self):
+        """S-9: `mailgw account set --language 6`; a message's own language still wins."""
+        await self.sql("UPDATE accounts SET settings = %s WHERE id = %s",
+                       Json({"language": 6}), self.account_id)
+        await self.submit("a@example.net", options={"language": None})
+        await self.submit("b@example.net", options={"language": 4})
+        await self.start()
+        texts = []
+        for message in sorted(self.pool.held, key=lambda m: m.recipient):
+            rendered = email.message_from_bytes(await message.render(),
+                                                policy=email.policy.default)
+            texts.append(rendered.get_body(("plain",)).get_content())
+        self.assertTrue(texts[0].startswith("Vous ne voyez pas correctement cet e-mail"))
+        self.assertTrue(texts[1].startswith("Can't see this email properly?"))
+
     async def test_recipient_suppressed_after_submission_is_not_sent(self):
         await self.submit("a@example.net")
         await self.sql("INSERT INTO suppressions (account_id, address, reason)"
