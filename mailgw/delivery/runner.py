@@ -333,7 +333,7 @@ class QueueRunner:
         bounce_domain = context.return_path_domain or self.bounce_domain
         body = StoredBody.from_json(context.body)
         sender = SenderContext(
-            from_address=context.sender, from_name=body.from_name,
+            from_address=context.from_address or context.sender, from_name=body.from_name,
             hostname=self.hostname, bounce_domain=bounce_domain,
             unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
             reply_to=context.reply_to,

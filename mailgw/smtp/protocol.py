@@ -43,7 +43,7 @@ from mailgw.errors import DatabaseUnavailable
 from mailgw.randomness import random_hex
 from mailgw.smtp import replies
 from mailgw.smtp.auth import MECHANISMS, AuthThrottle, decode_response
-from mailgw.submit.addresses import InvalidAddress, normalize_address
+from mailgw.submit.addresses import InvalidAddress
 from mailgw.submit.errors import DisallowedSender, SubmissionRefused
 from mailgw.submit.recipients import Recipient, RecipientImports
 from mailgw.submit.service import Submission, SubmissionService
@@ -569,11 +569,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return
         try:
-            email = normalize_address(address)
+            recipient = Recipient.parse(address, "to")
         except InvalidAddress:
             self._error(replies.invalid_recipient(address))
             return
-        recipient = Recipient(email, "to")
         if self.account.max_contacts is not None:
             # S-15: whether the contact fits under the cap is answered here.
             self._run(self._accept_when_imported(recipient))

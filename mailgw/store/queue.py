@@ -50,7 +50,10 @@ class MessageContext:
     body: dict[str, Any]
     options: dict[str, Any]
     account_settings: AccountSettings
-    # The sender domain's DKIM key and bounce domain, when the domain is registered.
+    # The header From's address when the client's is kept, else None (the sender).
+    from_address: str | None
+    # The DKIM key and bounce domain of the From's domain (DMARC alignment), else of the
+    # envelope sender's, when the domain is registered.
     dkim_domain: str | None
     dkim_selector: str | None
     dkim_algorithm: str | None
@@ -130,7 +133,7 @@ _CLAIM_DELIVERIES = PreparedStatement(
     "  coalesce(ct.fields, '{}'::jsonb),"
     "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
     "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
-    "   AND s.address = c.recipient"
+    "   AND s.address = lower(c.recipient)"
     "   AND (s.category IS NULL OR s.category = m.options->>'category')"
     "   AND (s.scope_domain IS NULL OR s.scope_domain = split_part(m.sender, '@', 2))"
     "   ORDER BY s.scope_domain NULLS FIRST, s.category NULLS FIRST LIMIT 1) END"
@@ -149,11 +152,15 @@ async def _claim_txn(cursor, owner: str, limit: int, lease_seconds: int
 async def _messages_txn(cursor, message_ids: list[int]) -> dict[int, MessageContext]:
     await cursor.execute(
         "SELECT m.id, m.account_id, m.sender, m.reply_to, m.body, m.options, a.settings,"
-        " sd.domain,"
+        " m.from_address, sd.domain,"
         " sd.dkim_selector, sd.dkim_algorithm, sd.dkim_private_key, sd.return_path_domain"
         " FROM messages m JOIN accounts a ON a.id = m.account_id"
-        " LEFT JOIN sender_domains sd ON sd.account_id = m.account_id"
-        "  AND sd.domain = split_part(m.sender, '@', 2)"
+        " LEFT JOIN LATERAL (SELECT * FROM sender_domains sd"
+        "  WHERE sd.account_id = m.account_id AND sd.domain IN ("
+        "   split_part(coalesce(m.from_address, m.sender), '@', -1),"
+        "   split_part(m.sender, '@', -1))"
+        "  ORDER BY sd.domain = split_part(coalesce(m.from_address, m.sender), '@', -1) DESC"
+        "  LIMIT 1) sd ON true"
         " WHERE m.id = ANY(%s)", (message_ids,))
     contexts = {}
     for row in cursor.fetchall():

@@ -532,7 +532,7 @@ class PreparedCacheTests(unittest.TestCase):
                              DeliveryConfig(), "gw", "gw", "n", _inline)
         for message_id in (1, 2):
             runner._prepare(MessageContext(message_id, 1, "news@example.org", None, BODY, {},
-                                           AccountSettings(),
+                                           AccountSettings(), None,
                                            "example.org", "s1", "rsa", key.private_key_pem,
                                            "bounces.example.org"))
         self.assertEqual(len(runner._dkim_signers), 1)

@@ -115,6 +115,22 @@ class QueueTests(DatabaseTestCase):
         (claimed,) = await self.queue.claim("node-a", 10, 300)
         self.assertEqual(claimed.suppressed, "unsubscribed")
 
+    async def test_suppression_matches_a_recipient_written_in_capitals(self):
+        """Recipients are queued as written (RFC 5321 2.4); suppressions are keyed, as
+        contacts, by the lowercased address."""
+        (contact,) = await self.sql("INSERT INTO contacts (account_id, email)"
+                                    " VALUES (%s, 'ana@example.net') RETURNING id",
+                                    self.account.id)
+        await self.stores.submissions.store(SubmissionRecord(
+            account_id=self.account.id, origin="smtp", message_uid=uuid.uuid4().hex,
+            sender="news@example.org", subject="s", html=None, body={"text": "x"},
+            recipients=(QueuedRecipient("Ana@example.net", contact[0]),)))
+        await self.sql("INSERT INTO suppressions (account_id, address, reason)"
+                       " VALUES (%s, 'ana@example.net', 'unsubscribed')", self.account.id)
+        (claimed,) = await self.queue.claim("node-a", 10, 300)
+        self.assertEqual((claimed.recipient, claimed.suppressed),
+                         ("Ana@example.net", "unsubscribed"))
+
     async def test_suppressions_by_sender_domain_and_category(self):
         """D-6: an unsubscribe counts for its sender domain (or all of them) and its
         category (or all of them), nothing wider."""
