@@ -113,19 +113,28 @@ class QueueStore:
         return await self.db.run_interaction("release_leases", _release_txn, owner, list(keep))
 
 
+# The due rows of a suspended recipient domain (O-7) are parked out of the way in the
+# same statement (next_attempt_at 'infinity', no attempt counted: see
+# schema/008_operator.sql) rather than claimed: each is touched once, however long the
+# suspension lasts, and with no domain suspended the check is one probe of an empty
+# table per claimed row.
 _CLAIM_DELIVERIES = PreparedStatement(
     "claim_deliveries",
     "WITH due AS ("
-    "  SELECT id FROM deliveries"
+    "  SELECT id, EXISTS (SELECT 1 FROM suspended_domains s"
+    "   WHERE s.domain = split_part(recipient, '@', -1)) AS held FROM deliveries"
     "  WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()"
     "  AND (lease_expires_at IS NULL OR lease_expires_at < now())"
     "  ORDER BY next_attempt_at LIMIT %(limit)s::integer FOR UPDATE SKIP LOCKED),"
+    " parked AS ("
+    "  UPDATE deliveries d SET next_attempt_at = 'infinity', updated_at = now()"
+    "  FROM due WHERE d.id = due.id AND due.held),"
     " claimed AS ("
     "  UPDATE deliveries d SET lease_owner = %(owner)s::text,"
     "   lease_expires_at = now() + make_interval(secs => %(lease)s::float8),"
     "   attempts = d.attempts + 1, first_attempt_at = coalesce(d.first_attempt_at, now()),"
     "   last_attempt_at = now(), updated_at = now()"
-    "  FROM due WHERE d.id = due.id"
+    "  FROM due WHERE d.id = due.id AND NOT due.held"
     "  RETURNING d.id, d.message_id, d.account_id, d.contact_id, d.recipient, d.attempts,"
     "   d.created_at)"
     " SELECT c.id, c.message_id, c.account_id, m.send_id, c.contact_id, c.recipient,"
