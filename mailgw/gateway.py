@@ -20,7 +20,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web import server
 
 from mailgw.accounts.avatar import SubmissionRealm
 from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
@@ -40,8 +39,9 @@ from mailgw.embedded_pg import (
 from mailgw.errors import NotFound, StartupError
 from mailgw.http.auth import KeyAuthenticator
 from mailgw.http.ops import OperationsApp
-from mailgw.http.root import HTTPRoot
+from mailgw.http.root import HTTPRoot, MeteredSite
 from mailgw.http.tracking import TrackingApp
+from mailgw.metrics import Metrics, QueueDepthProbe
 from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import SubmissionFactory
 from mailgw.store import Stores
@@ -87,10 +87,10 @@ def embedded_cluster(config: Config) -> Cluster:
     return Cluster(cluster_root(config.state_path, run_as), run_as)
 
 
-async def open_database(config: Config, reactor) -> Database:
+async def open_database(config: Config, reactor, metrics: Metrics | None = None) -> Database:
     """Connect the pool and bring the schema up to date."""
     database = Database(config.database.dsn or embedded_cluster(config).dsn,
-                        config.database.pool_size, reactor)
+                        config.database.pool_size, reactor, metrics)
     await database.start()
     try:
         await database.run_interaction("migrate", migrate_txn, available_migrations())
@@ -108,6 +108,8 @@ class Gateway(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
+        # What every component counts, served at /metrics (O-5).
+        self.metrics = Metrics()
         self.embedded: EmbeddedPostgresService | None = None
         self.database: Database | None = None
         self.stores: Stores | None = None
@@ -145,7 +147,7 @@ class Gateway(service.MultiService):
                 clock=self.clock, restart_policy=RestartPolicy(
                     give_up_seconds=self.config.database.embedded_restart_seconds))
             await self.embedded.start()
-        self.database = await open_database(self.config, self.reactor)
+        self.database = await open_database(self.config, self.reactor, self.metrics)
         self.stores = Stores.on(self.database)
         await self._check_trusted_account()
         # On every node, delivering or not: the tracking endpoints verify what it signs.
@@ -162,8 +164,12 @@ class Gateway(service.MultiService):
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
         tracking = TrackingApp(self.stores.submissions).app.resource()
-        root = HTTPRoot({("a",): tracking}, OperationsApp(self.database).app.resource())
-        site = server.Site(root)
+        operations = OperationsApp(
+            self.database, self.metrics,
+            QueueDepthProbe(self.stores.queue_admin.depth, self.clock),
+            self.config.http.metrics_networks)
+        root = HTTPRoot({("a",): tracking}, operations.app.resource())
+        site = MeteredSite(root, self.metrics)
         site.displayTracebacks = False
         smtp_backlog = self.config.smtp.listen_backlog
         wanted = (
@@ -208,9 +214,11 @@ class Gateway(service.MultiService):
                             per_destination=delivery.per_domain_connections,
                             max_connections=delivery.max_connections, authenticate=authenticate,
                             per_domain_rate=delivery.per_domain_rate)
+        self.metrics.outbound_connections_open.set_function(lambda: pool.open_connections)
         return QueueRunner(self.stores.queue, resolver, pool, self.link_signer, self.clock,
                            delivery, self.config.hostname, self.config.bounce_domain,
-                           node_name(self.config.hostname), self.key_threads.run)
+                           node_name(self.config.hostname), self.key_threads.run,
+                           metrics=self.metrics)
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
@@ -236,7 +244,8 @@ class Gateway(service.MultiService):
             max_connections=smtp.max_connections,
             max_connections_per_address=smtp.max_connections_per_address,
             data_timeout=smtp.data_timeout,
-            max_commands_without_message=smtp.max_commands_without_message)
+            max_commands_without_message=smtp.max_commands_without_message,
+            metrics=self.metrics)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

@@ -211,6 +211,13 @@ class DatabaseOutageTests(unittest.TestCase):
         code, body = await _get(url)
         self.assertEqual(code, 503)
         self.assertEqual(body["database"], "unreachable")
+        # O-5: the scrape still answers, in time, without the queue's figures.
+        response = await treq.get(url.replace("/healthz", "/metrics"), persistent=False)
+        exposition = (await response.content()).decode()
+        self.assertEqual(response.code, 200)
+        self.assertIn("mailgw_database_available 0.0\n", exposition)
+        self.assertIn("mailgw_database_outages_total 1.0\n", exposition)
+        self.assertNotIn("mailgw_queue_deliveries", exposition)
 
         cluster.start()
         for _ in range(100):  # reconnection backs off to 2 s at most

@@ -24,6 +24,7 @@ from typing import Any
 from psycopg2.extras import Json
 
 from mailgw.errors import NotFound
+from mailgw.metrics import QueueDepth
 from mailgw.store.database import Database
 from mailgw.store.events import EventType
 from mailgw.text import one_line
@@ -34,6 +35,9 @@ DELIVERY_STATES = ("queued", "deferred", "sent", "bounced", "not_sent")
 # Deliveries listed at most at once: a listing is for reading, not for export.
 MAX_LISTED = 1000
 MAX_REASON_LENGTH = 200
+# A scrape waits for the queue's depth (metrics.QUEUE_READ_SECONDS); the query itself
+# stops soon after, rather than go on loading the database for nobody.
+DEPTH_QUERY_SECONDS = 5
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # The recipient domain of a delivery, as the claim reads it (the last "@" separates it).
 _DOMAIN_OF_RECIPIENT = "split_part(d.recipient, '@', -1)"
@@ -208,6 +212,12 @@ class QueueAdminStore:
 
     async def suspended(self) -> list[SuspendedDomain]:
         return await self.db.run_interaction("queue_suspended", _suspended_txn)
+
+    async def depth(self) -> QueueDepth:
+        """The waiting deliveries by where they are, and how late the earliest due one
+        is (O-5, /metrics): one query over the queue's rows (the partial index of the
+        waiting ones), which PostgreSQL stops after DEPTH_QUERY_SECONDS."""
+        return await self.db.run_interaction("queue_depth", _depth_txn)
 
 
 def _no_delivery(delivery_id: int) -> NotFound:
@@ -386,3 +396,20 @@ async def _suspended_txn(cursor) -> list[SuspendedDomain]:
         f"  AND {_DOMAIN_OF_RECIPIENT} = s.domain)"
         " FROM suspended_domains s ORDER BY s.domain")
     return [SuspendedDomain(*row) for row in cursor.fetchall()]
+
+
+async def _depth_txn(cursor) -> QueueDepth:
+    await cursor.execute(f"SET LOCAL statement_timeout = '{DEPTH_QUERY_SECONDS}s'")
+    await cursor.execute(
+        "SELECT count(*) FILTER (WHERE sending),"
+        " count(*) FILTER (WHERE held AND NOT sending),"
+        " count(*) FILTER (WHERE state = 'queued' AND NOT held AND NOT sending),"
+        " count(*) FILTER (WHERE state = 'deferred' AND NOT held AND NOT sending),"
+        " coalesce(extract(epoch FROM now() - min(next_attempt_at)"
+        "  FILTER (WHERE next_attempt_at <= now() AND NOT sending)), 0)::float8"
+        " FROM (SELECT state, next_attempt_at, next_attempt_at = 'infinity' AS held,"
+        "  coalesce(lease_expires_at > now(), false) AS sending FROM deliveries"
+        "  WHERE state IN ('queued', 'deferred')) d")
+    sending, held, queued, deferred, oldest = cursor.fetchone()
+    return QueueDepth({"queued": queued, "deferred": deferred, "sending": sending,
+                       "held": held}, oldest)

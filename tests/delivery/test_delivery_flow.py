@@ -88,6 +88,9 @@ class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
         port = self.gateway.port_for("smtp.starttls_listeners[0]")
         await deferToThread(_send, port, ["ana@example.net"])
         (received,) = await self.sink.wait_for(1)
+        # The message is arriving (the sink runs on this reactor): its connection is open.
+        self.assertEqual(self.gateway.metrics.registry.get_sample_value(
+            "mailgw_outbound_connections_open"), 1)
         self.assertEqual(received.recipient, "ana@example.net")
         self.assertRegex(received.sender, r"^b-\d+-[a-z0-9]+@bounces\.example\.org$")
 
@@ -113,6 +116,9 @@ class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
         self.assertEqual(rows, [("sent", 1)])
         events = await self.sql("SELECT type FROM events ORDER BY id")
         self.assertEqual(events, [("queued",), ("sent",)])
+        # O-5, as the Gateway wires it.
+        self.assertEqual(self.gateway.metrics.registry.get_sample_value(
+            "mailgw_delivery_attempts_total", {"outcome": "sent"}), 1)
 
     async def test_local_part_keeps_its_case_and_the_contact_is_one(self):
         """RFC 5321 2.4: the receiving server may tell the local part's case apart, so it

@@ -409,6 +409,25 @@ class RunnerTests(DatabaseTestCase):
         events = await self.sql("SELECT details->>'type' FROM events WHERE type = 'bounced'")
         self.assertEqual(events, [("hard",)])
 
+    async def test_attempts_counted_by_outcome_with_their_duration(self):
+        """O-5: mailgw_delivery_attempts_total{outcome} and the duration histogram, on
+        the runner's clock (from the claim to the outcome)."""
+        await self.submit("a@example.net", "b@example.net")
+        await self.start()
+        self.clock.advance(3)
+        first, second = self.pool.held
+        first.done.callback(Outcome(first.delivery_id, "sent", "250 ok"))
+        second.done.callback(Outcome(second.delivery_id, "deferred", "451 later"))
+        await self.queue.settle()
+        registry = self.runner.metrics.registry
+        for outcome, count in (("sent", 1), ("deferred", 1), ("bounced", None)):
+            self.assertEqual(registry.get_sample_value("mailgw_delivery_attempts_total",
+                                                       {"outcome": outcome}), count)
+        self.assertEqual(registry.get_sample_value("mailgw_delivery_attempt_seconds_count"), 2)
+        self.assertEqual(registry.get_sample_value("mailgw_delivery_attempt_seconds_sum"), 6)
+        self.assertEqual(registry.get_sample_value("mailgw_delivery_attempt_seconds_bucket",
+                                                   {"le": "2.5"}), 0)
+
     async def test_return_path_of_an_unregistered_sender_domain_is_the_gateways(self):
         """alice@gmail.com must not get b-N-...@gmail.com and unsubscribe@gmail.com:
         bounces and unsubscribes would never reach mailgw."""
