@@ -10,8 +10,10 @@ on after that (the embedded PostgreSQL could not be restarted).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.cred.portal import Portal
@@ -80,6 +82,50 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind.lower() not in _BACKLOG_ENDPOINTS or "backlog=" in params:
         return description
     return f"{description}:backlog={backlog}"
+
+
+def http_listener(description: str) -> tuple[str, bool]:
+    """The endpoint string the HTTP listener listens on, and whether mailgw speaks TLS on
+    it: an `ssl:` listener that names no certificate of its own (privateKey=) gets the
+    [tls] one and the TLS options of the SMTP listeners, so that tracking links can be
+    https without a proxy in front."""
+    kind, _, params = description.partition(":")
+    if kind.lower() == "ssl" and "privatekey=" not in params.lower():
+        return f"tcp:{params}", True
+    return description, False
+
+
+def public_url_warnings(config: Config) -> list[str]:
+    """What makes the links in delivered mail fail for real recipients: a loopback host
+    (mail clients will not call it) or plain http (RFC 8058 one-click unsubscribe needs
+    https). Only when this node delivers: a node that only accepts mail links nothing."""
+    if not config.delivery.enabled:
+        return []
+    url = config.http.public_base_url
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    warnings = []
+    if host == "localhost" or host.endswith(".localhost") or _is_loopback_address(host):
+        warnings.append(
+            f"http.public_base_url {url} names this machine ({host}): recipients' mail "
+            "clients cannot reach it, so tracking links, the open pixel, the web version "
+            "and List-Unsubscribe in delivered mail will not work; set it to the public "
+            "name of the HTTP listener")
+    if parts.scheme == "http":
+        warnings.append(
+            f"http.public_base_url {url} is not https: one-click unsubscribe (RFC 8058) "
+            "needs an https URL, and mail clients warn about plain http links; serve "
+            "https (http.listener = \"ssl:443\" uses the [tls] certificate, or put a TLS "
+            "proxy in front) and set an https:// URL")
+    return warnings
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
 
 
 def embedded_cluster(config: Config) -> Cluster:
@@ -172,13 +218,14 @@ class Gateway(service.MultiService):
         site = MeteredSite(root, self.metrics)
         site.displayTracebacks = False
         smtp_backlog = self.config.smtp.listen_backlog
+        http_description, http_tls = http_listener(self.config.http.listener)
         wanted = (
             [(f"smtp.starttls_listeners[{i}]", d, smtp_backlog, smtp_factory)
              for i, d in enumerate(self.config.smtp.starttls_listeners)]
             + [(f"smtp.implicit_tls_listeners[{i}]", d, smtp_backlog, tls_factory)
                for i, d in enumerate(self.config.smtp.implicit_tls_listeners)]
-            + [("http.listener", self.config.http.listener, self.config.http.listen_backlog,
-                site)])
+            + [("http.listener", http_description, self.config.http.listen_backlog,
+                TLSMemoryBIOFactory(tls_options, False, site) if http_tls else site)])
         for key, description, backlog, factory in wanted:
             await self._listen(key, with_backlog(description, backlog), factory)
         if self.config.delivery.enabled:
@@ -186,6 +233,8 @@ class Gateway(service.MultiService):
             self.key_threads.start()
             self.runner = self._queue_runner()
             self.runner.start()
+        for problem in public_url_warnings(self.config):  # ("warning" is a Python warning's key)
+            self.log.warn("{problem}", problem=problem)
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
 
