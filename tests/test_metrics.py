@@ -15,20 +15,12 @@ from mailgw import credentials
 from mailgw.config import HTTPConfig
 from mailgw.errors import DatabaseUnavailable
 from mailgw.metrics import Metrics, QueueDepth, QueueDepthProbe
-from tests.harness import (
-    LOOPBACK_PORT,
-    PASSWORD,
-    SENDER,
-    SIMPLE,
-    USER,
-    fresh_database,
-    gateway_config,
-    smtp_client,
-    start_gateway,
-)
+from tests.harness import LOOPBACK_PORT, fresh_database, gateway_config, smtp_client, start_gateway
 
 README = Path(__file__).parent.parent / "README.md"
 DEPTH = QueueDepth({"queued": 3, "deferred": 2, "sending": 1, "held": 0}, 12.5)
+USER, PASSWORD, SENDER = "ops.pro", "metrics-pass", "ops@example.org"
+MESSAGE = b"Subject: hi\r\nContent-Type: text/plain\r\n\r\nHello\r\n"
 
 
 def samples(exposition: bytes) -> dict[tuple[str, tuple], float]:
@@ -51,7 +43,7 @@ def _sessions(port: int) -> None:
     try:
         client.ehlo("app")
         client.login(USER, PASSWORD)
-        client.sendmail(SENDER, ["a@example.net"], SIMPLE)
+        client.sendmail(SENDER, ["a@example.net"], MESSAGE)
         client.quit()
     finally:
         client.close()
