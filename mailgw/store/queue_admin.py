@@ -6,7 +6,18 @@ exist, `BadQueueRequest` for input that names nothing sensible (an unknown
 state, a domain that is no domain) and `QueueActionRefused` for an action that
 would change nothing or must not change what it names (retrying a delivery
 already sent, suspending a domain twice). Either way nothing is changed; the
-message is the operator's explanation.
+message is the operator's explanation (over HTTP: 404, 400 and 409).
+
+    counts(QueueFilter(state, account, domain)) -> [QueueCount]
+    deliveries(QueueFilter(...), limit)         -> [DeliverySummary]
+    show(delivery_id)                           -> DeliveryDetails (events: attempts, replies)
+    retry(delivery_id)                          -> DeliverySummary
+    retry_domain(domain)                        -> how many deferred deliveries are due now
+    cancel(delivery_id, reason)                 -> DeliverySummary (not_sent)
+    suspend(domain, reason)                     -> SuspendedDomain (held now)
+    resume(domain)                              -> how many held deliveries are due now
+    suspended()                                 -> [SuspendedDomain]
+    depth()                                     -> metrics.QueueDepth (for /metrics)
 
 A suspended recipient domain (table `suspended_domains`) holds its deliveries on
 every node, across restarts: they wait with next_attempt_at 'infinity' and are
