@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import TextIO
 
 from twisted.internet import defer, task
@@ -22,9 +23,19 @@ from mailgw import credentials
 from mailgw.accounts.settings import ATTACHMENT_MODES, MULTIPART_MODES, AccountSettings
 from mailgw.config import Config, ConfigError, load_config
 from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
+from mailgw.content.footer_texts import LANGUAGES
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
 from mailgw.gateway import embedded_cluster, open_database
 from mailgw.store import Stores
+from mailgw.store.queue_admin import (
+    DELIVERY_STATES,
+    MAX_LISTED,
+    MAX_REASON_LENGTH,
+    BadQueueRequest,
+    DeliverySummary,
+    QueueActionRefused,
+    QueueFilter,
+)
 from mailgw.store.templates import Template
 from mailgw.tlscert import ensure_self_signed
 
@@ -57,6 +68,41 @@ def _networks(value: str) -> list[str] | None:
         return [str(ipaddress.ip_network(n.strip(), strict=False)) for n in value.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _yes_no(value: str) -> bool:
+    if value not in ("yes", "no"):
+        raise argparse.ArgumentTypeError(f"yes or no, not {value!r}")
+    return value == "yes"
+
+
+def _social_links(value: str) -> dict[str, str]:
+    """`network=url,...` (S-9), each URL http(s), as the footer shows only those; `none`
+    removes them all."""
+    if value == "none":
+        return {}
+    links = {}
+    for item in value.split(","):
+        network, equals, url = (part.strip() for part in item.partition("="))
+        if not (network and equals and url.lower().startswith(("http://", "https://"))
+                and url.isprintable() and " " not in url):
+            raise argparse.ArgumentTypeError(
+                f"network=https://... (comma-separated) or 'none', not {item.strip()!r}")
+        links[network] = url
+    return links
+
+
+def _language(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and int(value) in LANGUAGES):
+        known = ", ".join(map(str, sorted(LANGUAGES)))
+        raise argparse.ArgumentTypeError(f"one of {known} (S-9 language ids), not {value!r}")
+    return int(value)
+
+
+def _delivery_id(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+        raise argparse.ArgumentTypeError(f"a delivery id (a whole number), not {value!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="client networks allowed to AUTH (Devino); any = everywhere")
     update.add_argument("--active", choices=("yes", "no"))
     update.add_argument("--timezone")
+    update.add_argument("--track-opens", type=_yes_no, metavar="yes|no",
+                        help="the open pixel (T-5; a message can still turn it off)")
+    update.add_argument("--track-clicks", type=_yes_no, metavar="yes|no",
+                        help="tracked links (T-5; a message can still turn them off)")
+    update.add_argument("--show-cab", type=_yes_no, metavar="yes|no",
+                        help="the \"view it in your browser\" line on top (S-9)")
+    update.add_argument("--social-links", type=_social_links, metavar="NETWORK=URL,...|none",
+                        help="profile links shown in the footer of messages that ask for "
+                        "them (X-Teenvio-SocialLinks: yes)")
+    update.add_argument("--language", type=_language, metavar="N",
+                        help="language of the inserted texts when a message names none "
+                        "(X-Teenvio-Language ids; default 3, Spanish)")
 
     user = commands.add_parser("user", help="SMTP users").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -148,6 +206,38 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sender.add_parser("verify", help="mark a sender address verified")
     verify.add_argument("account")
     verify.add_argument("address")
+
+    queue = commands.add_parser("queue", help="the delivery queue (O-7)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    listing = queue.add_parser("list", help="deliveries counted by state, account and "
+                               "recipient domain (by default those waiting: queued and "
+                               "deferred)")
+    listing.add_argument("--state", help=f"one of {', '.join(DELIVERY_STATES)}")
+    listing.add_argument("--account", help="an account name")
+    listing.add_argument("--domain", help="a recipient domain")
+    listing.add_argument("--deliveries", type=int, metavar="N", default=0,
+                         help=f"also list the first N of them, the next due first "
+                         f"(at most {MAX_LISTED})")
+    show = queue.add_parser("show", help="one delivery, with its attempts and the remote "
+                            "replies")
+    show.add_argument("delivery_id", type=_delivery_id)
+    retry = queue.add_parser("retry", help="try a waiting delivery now, or every deferred "
+                             "delivery to a domain")
+    retry.add_argument("delivery_id", type=_delivery_id, nargs="?")
+    retry.add_argument("--domain", help="every deferred delivery to this recipient domain")
+    cancel = queue.add_parser("cancel", help="never send a waiting delivery (recorded as "
+                              "not_sent with the reason)")
+    cancel.add_argument("delivery_id", type=_delivery_id)
+    cancel.add_argument("--reason", default="", help=f"at most {MAX_REASON_LENGTH} "
+                        "characters")
+    suspend = queue.add_parser("suspend", help="hold every delivery to a recipient domain, "
+                               "on every node, until resumed")
+    suspend.add_argument("domain")
+    suspend.add_argument("--reason", default="")
+    resume = queue.add_parser("resume", help="end a suspension: the held deliveries are due "
+                              "now")
+    resume.add_argument("domain")
+    queue.add_parser("suspended", help="the suspended recipient domains")
     return parser
 
 
@@ -208,7 +298,9 @@ async def _account_list(stores, args, config, out, stdin) -> None:
 async def _account_set(stores, args, config, out, stdin) -> None:
     settings = AccountSettings.changes(
         multipart=args.multipart, attachments=args.attachments,
-        archive=None if args.archive is None else args.archive == "yes")
+        archive=None if args.archive is None else args.archive == "yes",
+        track_opens=args.track_opens, track_clicks=args.track_clicks,
+        show_cab=args.show_cab, social_links=args.social_links, language=args.language)
     columns = {column: getattr(args, column)
                for column in ("sends_per_month", "max_contacts", "allowed_networks")
                if getattr(args, column) is not _UNSET}
@@ -298,6 +390,91 @@ async def _sender_verify(stores, args, config, out, stdin) -> None:
     print(f"sender {sender.address} verified", file=out)
 
 
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _delivery_line(delivery: DeliverySummary) -> str:
+    if delivery.held:
+        next_attempt = "held (domain suspended)"
+    elif delivery.sending:
+        next_attempt = "being attempted now"
+    else:
+        next_attempt = _when(delivery.next_attempt_at)
+    return "\t".join([str(delivery.id), delivery.account, delivery.recipient, delivery.state,
+                      str(delivery.attempts), next_attempt, delivery.last_reply or "-"])
+
+
+async def _queue_list(stores, args, config, out, stdin) -> None:
+    which = QueueFilter(args.state, args.account, args.domain)
+    counts = await stores.queue_admin.counts(which)
+    if args.deliveries:
+        deliveries = await stores.queue_admin.deliveries(which, args.deliveries)
+    if not counts:
+        print("no deliveries match", file=out)
+        return
+    print("state\taccount\tdomain\tdeliveries\theld\toldest", file=out)
+    for count in counts:
+        print(f"{count.state}\t{count.account}\t{count.domain}\t{count.deliveries}\t"
+              f"{count.held}\t{_when(count.oldest)}", file=out)
+    print(f"total\t{sum(count.deliveries for count in counts)}", file=out)
+    if args.deliveries:
+        print("\nid\taccount\trecipient\tstate\tattempts\tnext attempt\tlast reply",
+              file=out)
+        for delivery in deliveries:
+            print(_delivery_line(delivery), file=out)
+
+
+async def _queue_show(stores, args, config, out, stdin) -> None:
+    shown = await stores.queue_admin.show(args.delivery_id)
+    delivery = shown.delivery
+    print("id\taccount\trecipient\tstate\tattempts\tnext attempt\tlast reply", file=out)
+    print(_delivery_line(delivery), file=out)
+    sender = shown.sender + (f" (From {shown.from_address})" if shown.from_address else "")
+    print(f"message {shown.message_id} of send {shown.send_id} from {sender}: "
+          f"{shown.subject or ''}", file=out)
+    print(f"queued {_when(delivery.created_at)}, first attempt "
+          f"{_when(shown.first_attempt_at)}, last attempt {_when(shown.last_attempt_at)}",
+          file=out)
+    for event in shown.events:
+        said = event.details.get("reply") or event.details.get("reason") or ""
+        print(f"{_when(event.occurred_at)}\t{event.type}\t{said}".rstrip("\t"), file=out)
+
+
+async def _queue_retry(stores, args, config, out, stdin) -> None:
+    if (args.delivery_id is None) == (args.domain is None):
+        raise CommandError("queue retry takes a delivery id or --domain DOMAIN (one of them)")
+    if args.domain is not None:
+        count = await stores.queue_admin.retry_domain(args.domain)
+        print(f"{count} deferred deliveries to {args.domain.lower()} are due now", file=out)
+        return
+    delivery = await stores.queue_admin.retry(args.delivery_id)
+    print(f"delivery {delivery.id} to {delivery.recipient} is due now", file=out)
+
+
+async def _queue_cancel(stores, args, config, out, stdin) -> None:
+    delivery = await stores.queue_admin.cancel(args.delivery_id, args.reason)
+    print(f"delivery {delivery.id} to {delivery.recipient} cancelled: {delivery.state} "
+          f"({delivery.last_reply})", file=out)
+
+
+async def _queue_suspend(stores, args, config, out, stdin) -> None:
+    suspended = await stores.queue_admin.suspend(args.domain, args.reason)
+    print(f"{suspended.domain} suspended: {suspended.held} deliveries held (attempts under "
+          "way end as they will; a deferral is held too)", file=out)
+
+
+async def _queue_resume(stores, args, config, out, stdin) -> None:
+    released = await stores.queue_admin.resume(args.domain)
+    print(f"{args.domain.lower()} resumed: {released} held deliveries are due now", file=out)
+
+
+async def _queue_suspended(stores, args, config, out, stdin) -> None:
+    for suspended in await stores.queue_admin.suspended():
+        print(f"{suspended.domain}\t{_when(suspended.suspended_at)}\t{suspended.held} held"
+              f"\t{suspended.reason}".rstrip("\t"), file=out)
+
+
 COMMANDS = {
     ("account", "create"): _account_create,
     ("account", "list"): _account_list,
@@ -310,6 +487,13 @@ COMMANDS = {
     ("domain", "verify"): _domain_verify,
     ("sender", "add"): _sender_add,
     ("sender", "verify"): _sender_verify,
+    ("queue", "list"): _queue_list,
+    ("queue", "show"): _queue_show,
+    ("queue", "retry"): _queue_retry,
+    ("queue", "cancel"): _queue_cancel,
+    ("queue", "suspend"): _queue_suspend,
+    ("queue", "resume"): _queue_resume,
+    ("queue", "suspended"): _queue_suspended,
 }
 
 
@@ -388,7 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     async def run(reactor) -> None:
         try:
             await run_command(args, config, reactor, sys.stdout)
-        except (CommandError, StartupError, AlreadyExists, NotFound, DatabaseUnavailable) as e:
+        except (CommandError, StartupError, AlreadyExists, NotFound, DatabaseUnavailable,
+                BadQueueRequest, QueueActionRefused) as e:
             print(f"mailgw: {_describe(e)}", file=sys.stderr)
             raise SystemExit(1) from None
 

@@ -62,6 +62,8 @@ class HTTPConfig:
     listen_backlog: int = 1024
     # Base of every tracking, unsubscribe and web-version link (T-).
     public_base_url: str = "http://localhost:8080"
+    # Clients that may read /metrics (O-5): its figures describe customers' traffic.
+    metrics_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ def _check_values(config: Config) -> None:
     if bool(config.tls.certificate) != bool(config.tls.private_key):
         raise ConfigError("tls.certificate and tls.private_key: set both or neither")
     _check_networks("smtp.trusted_networks", config.smtp.trusted_networks)
+    _check_networks("http.metrics_networks", config.http.metrics_networks)
     if config.smtp.trusted_networks and not config.smtp.trusted_account:
         raise ConfigError("smtp.trusted_account: required when smtp.trusted_networks is set "
                           "(the account their mail is sent as)")

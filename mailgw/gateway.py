@@ -10,8 +10,10 @@ on after that (the embedded PostgreSQL could not be restarted).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.cred.portal import Portal
@@ -20,7 +22,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web import server
 
 from mailgw.accounts.avatar import SubmissionRealm
 from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
@@ -30,12 +31,19 @@ from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
-from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
+from mailgw.embedded_pg import (
+    Cluster,
+    EmbeddedPostgresService,
+    RestartPolicy,
+    RunAs,
+    cluster_root,
+)
 from mailgw.errors import NotFound, StartupError
 from mailgw.http.auth import KeyAuthenticator
 from mailgw.http.ops import OperationsApp
-from mailgw.http.root import HTTPRoot
+from mailgw.http.root import HTTPRoot, MeteredSite
 from mailgw.http.tracking import TrackingApp
+from mailgw.metrics import Metrics, QueueDepthProbe
 from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import SubmissionFactory
 from mailgw.store import Stores
@@ -76,14 +84,59 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+def http_listener(description: str) -> tuple[str, bool]:
+    """The endpoint string the HTTP listener listens on, and whether mailgw speaks TLS on
+    it: an `ssl:` listener that names no certificate of its own (privateKey=) gets the
+    [tls] one and the TLS options of the SMTP listeners, so that tracking links can be
+    https without a proxy in front."""
+    kind, _, params = description.partition(":")
+    if kind.lower() == "ssl" and "privatekey=" not in params.lower():
+        return f"tcp:{params}", True
+    return description, False
+
+
+def public_url_warnings(config: Config) -> list[str]:
+    """What makes the links in delivered mail fail for real recipients: a loopback host
+    (mail clients will not call it) or plain http (RFC 8058 one-click unsubscribe needs
+    https). Only when this node delivers: a node that only accepts mail links nothing."""
+    if not config.delivery.enabled:
+        return []
+    url = config.http.public_base_url
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    warnings = []
+    if host == "localhost" or host.endswith(".localhost") or _is_loopback_address(host):
+        warnings.append(
+            f"http.public_base_url {url} names this machine ({host}): recipients' mail "
+            "clients cannot reach it, so tracking links, the open pixel, the web version "
+            "and List-Unsubscribe in delivered mail will not work; set it to the public "
+            "name of the HTTP listener")
+    if parts.scheme == "http":
+        warnings.append(
+            f"http.public_base_url {url} is not https: one-click unsubscribe (RFC 8058) "
+            "needs an https URL, and mail clients warn about plain http links; serve "
+            "https (http.listener = \"ssl:443\" uses the [tls] certificate, or put a TLS "
+            "proxy in front) and set an https:// URL")
+    return warnings
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 def embedded_cluster(config: Config) -> Cluster:
-    return Cluster(config.state_path / "pg", RunAs.for_cluster(config.database.embedded_user))
+    run_as = RunAs.for_cluster(config.database.embedded_user)
+    return Cluster(cluster_root(config.state_path, run_as), run_as)
 
 
-async def open_database(config: Config, reactor) -> Database:
+async def open_database(config: Config, reactor, metrics: Metrics | None = None) -> Database:
     """Connect the pool and bring the schema up to date."""
     database = Database(config.database.dsn or embedded_cluster(config).dsn,
-                        config.database.pool_size, reactor)
+                        config.database.pool_size, reactor, metrics)
     await database.start()
     try:
         await database.run_interaction("migrate", migrate_txn, available_migrations())
@@ -101,6 +154,8 @@ class Gateway(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
+        # What every component counts, served at /metrics (O-5).
+        self.metrics = Metrics()
         self.embedded: EmbeddedPostgresService | None = None
         self.database: Database | None = None
         self.stores: Stores | None = None
@@ -138,7 +193,7 @@ class Gateway(service.MultiService):
                 clock=self.clock, restart_policy=RestartPolicy(
                     give_up_seconds=self.config.database.embedded_restart_seconds))
             await self.embedded.start()
-        self.database = await open_database(self.config, self.reactor)
+        self.database = await open_database(self.config, self.reactor, self.metrics)
         self.stores = Stores.on(self.database)
         await self._check_trusted_account()
         # On every node, delivering or not: the tracking endpoints verify what it signs.
@@ -155,17 +210,22 @@ class Gateway(service.MultiService):
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
         tracking = TrackingApp(self.stores.submissions).app.resource()
-        root = HTTPRoot({("a",): tracking}, OperationsApp(self.database).app.resource())
-        site = server.Site(root)
+        operations = OperationsApp(
+            self.database, self.metrics,
+            QueueDepthProbe(self.stores.queue_admin.depth, self.clock),
+            self.config.http.metrics_networks)
+        root = HTTPRoot({("a",): tracking}, operations.app.resource())
+        site = MeteredSite(root, self.metrics)
         site.displayTracebacks = False
         smtp_backlog = self.config.smtp.listen_backlog
+        http_description, http_tls = http_listener(self.config.http.listener)
         wanted = (
             [(f"smtp.starttls_listeners[{i}]", d, smtp_backlog, smtp_factory)
              for i, d in enumerate(self.config.smtp.starttls_listeners)]
             + [(f"smtp.implicit_tls_listeners[{i}]", d, smtp_backlog, tls_factory)
                for i, d in enumerate(self.config.smtp.implicit_tls_listeners)]
-            + [("http.listener", self.config.http.listener, self.config.http.listen_backlog,
-                site)])
+            + [("http.listener", http_description, self.config.http.listen_backlog,
+                TLSMemoryBIOFactory(tls_options, False, site) if http_tls else site)])
         for key, description, backlog, factory in wanted:
             await self._listen(key, with_backlog(description, backlog), factory)
         if self.config.delivery.enabled:
@@ -173,6 +233,8 @@ class Gateway(service.MultiService):
             self.key_threads.start()
             self.runner = self._queue_runner()
             self.runner.start()
+        for problem in public_url_warnings(self.config):  # ("warning" is a Python warning's key)
+            self.log.warn("{problem}", problem=problem)
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
 
@@ -201,9 +263,11 @@ class Gateway(service.MultiService):
                             per_destination=delivery.per_domain_connections,
                             max_connections=delivery.max_connections, authenticate=authenticate,
                             per_domain_rate=delivery.per_domain_rate)
+        self.metrics.outbound_connections_open.set_function(lambda: pool.open_connections)
         return QueueRunner(self.stores.queue, resolver, pool, self.link_signer, self.clock,
                            delivery, self.config.hostname, self.config.bounce_domain,
-                           node_name(self.config.hostname), self.key_threads.run)
+                           node_name(self.config.hostname), self.key_threads.run,
+                           metrics=self.metrics)
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
@@ -229,7 +293,8 @@ class Gateway(service.MultiService):
             max_connections=smtp.max_connections,
             max_connections_per_address=smtp.max_connections_per_address,
             data_timeout=smtp.data_timeout,
-            max_commands_without_message=smtp.max_commands_without_message)
+            max_commands_without_message=smtp.max_commands_without_message,
+            metrics=self.metrics)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

@@ -19,12 +19,16 @@ from mailgw.config import Config, DatabaseConfig
 from mailgw.errors import AlreadyExists, NotFound
 from mailgw.store import Stores
 from mailgw.store.database import Database
-from tests.harness import fresh_database
+from mailgw.store.queue_admin import BadQueueRequest, QueueActionRefused
+from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
+from tests.harness import fresh_database, run_sql
 
 MAILGW = str(Path(sys.executable).parent / "mailgw")
 
 
-class CommandTests(unittest.TestCase):
+class CommandTestCase(unittest.TestCase):
+    """`self.command(...)` runs a command in-process, over a fresh database."""
+
     async def setUp(self):
         dsn = fresh_database()
         self.config = Config(state_dir=self.mktemp(), hostname="mx.gw.example",
@@ -40,6 +44,8 @@ class CommandTests(unittest.TestCase):
         await run_command(args, self.config, reactor, out, io.StringIO(stdin))
         return out.getvalue()
 
+
+class CommandTests(CommandTestCase):
     async def test_init_creates_certificate_and_applies_migrations(self):
         output = await self.command("init")
         self.assertIn("self-signed TLS certificate", output)
@@ -107,9 +113,29 @@ class CommandTests(unittest.TestCase):
         with self.assertRaises(NotFound):
             await self.command("account", "set", "nobody", "--archive", "no")
 
+    async def test_account_set_switches(self):
+        """S-9, T-5: the switches a message can also set, and the account's social links
+        and default language, as the README promises."""
+        await self.command("account", "create", "acme")
+        await self.command("account", "set", "acme", "--track-opens", "no", "--track-clicks",
+                           "no", "--show-cab", "no", "--language", "4", "--social-links",
+                           "facebook=https://facebook.com/acme, x=https://x.com/acme")
+        account = await self.stores.accounts.get_account("acme")
+        settings = (await self.stores.accounts.profile(account.id)).settings
+        self.assertEqual(settings, AccountSettings(
+            show_cab=False, track_opens=False, track_clicks=False, language=4,
+            social_links={"facebook": "https://facebook.com/acme", "x": "https://x.com/acme"}))
+        await self.command("account", "set", "acme", "--track-opens", "yes",
+                           "--social-links", "none")
+        settings = (await self.stores.accounts.profile(account.id)).settings
+        self.assertEqual((settings.track_opens, settings.social_links, settings.language),
+                         (True, {}, 4))
+
     def test_account_set_refuses_bad_values(self):
         for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
-                     ["--attachments", "drop"]):
+                     ["--attachments", "drop"], ["--track-opens", "off"], ["--language", "9"],
+                     ["--language", "es"], ["--social-links", "facebook"],
+                     ["--social-links", "facebook=ftp://x"], ["--show-cab", "YES"]):
             with self.assertRaises(SystemExit):
                 build_parser().parse_args(["account", "set", "acme", *argv])
 
@@ -184,6 +210,108 @@ class CommandTests(unittest.TestCase):
             await self.command("sender", "add", "acme", "not-an-address")
 
 
+class QueueCommandTests(CommandTestCase):
+    """O-7: `mailgw queue`, over the queue a submission filled."""
+
+    async def setUp(self):
+        await super().setUp()
+        account = await self.stores.accounts.create_account("acme")
+        stored = await self.stores.submissions.store(SubmissionRecord(
+            account_id=account.id, origin="smtp", message_uid="a" * 32,
+            sender="news@example.org", subject="Ofertas", html=None, body={"text": "x"},
+            recipients=(QueuedRecipient("Ana@example.net", None),
+                        QueuedRecipient("bea@example.net", None),
+                        QueuedRecipient("cris@other.example", None))))
+        self.ids = [row[0] for row in await run_sql(
+            self.stores.database, "SELECT id FROM deliveries WHERE message_id = %s ORDER BY id",
+            stored.message_id)]
+
+    async def test_list_counts_and_deliveries(self):
+        output = await self.command("queue", "list", "--deliveries", "5")
+        lines = output.splitlines()
+        self.assertEqual(lines[0], "state\taccount\tdomain\tdeliveries\theld\toldest")
+        self.assertEqual([line.split("\t")[:5] for line in lines[1:3]],
+                         [["queued", "acme", "example.net", "2", "0"],
+                          ["queued", "acme", "other.example", "1", "0"]])
+        self.assertEqual(lines[3], "total\t3")
+        self.assertIn(f"{self.ids[0]}\tacme\tAna@example.net\tqueued\t0\t", output)
+        self.assertEqual(await self.command("queue", "list", "--state", "sent"),
+                         "no deliveries match\n")
+        self.assertIn("total\t1", await self.command("queue", "list", "--domain",
+                                                     "other.example"))
+
+    async def test_show_retry_and_cancel(self):
+        first = self.ids[0]
+        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'deferred',"
+                      " attempts = 1, last_reply = '451 later',"
+                      " next_attempt_at = now() + interval '1 hour' WHERE id = %s", first)
+        self.assertIn(f"delivery {first} to Ana@example.net is due now",
+                      await self.command("queue", "retry", str(first)))
+        shown = await self.command("queue", "show", str(first))
+        self.assertIn(f"{first}\tacme\tAna@example.net\tdeferred\t1\t", shown)
+        self.assertIn("from news@example.org: Ofertas", shown)
+        self.assertIn("\tqueued", shown)
+        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'deferred',"
+                      " next_attempt_at = now() + interval '1 hour'")
+        self.assertEqual(await self.command("queue", "retry", "--domain", "example.net"),
+                         "2 deferred deliveries to example.net are due now\n")
+        output = await self.command("queue", "cancel", str(first), "--reason", "bounced by hand")
+        self.assertIn("cancelled: not_sent (cancelled by the operator: bounced by hand)",
+                      output)
+        self.assertIn("\tnot_sent\tcancelled by the operator: bounced by hand",
+                      await self.command("queue", "show", str(first)))
+
+    async def test_suspend_resume(self):
+        self.assertIn("example.net suspended: 2 deliveries held",
+                      await self.command("queue", "suspend", "Example.NET", "--reason", "MX down"))
+        self.assertRegex(await self.command("queue", "suspended"),
+                         r"^example\.net\t\S+ \S+ UTC\t2 held\tMX down\n$")
+        listed = await self.command("queue", "list", "--domain", "example.net", "--deliveries",
+                                    "2")
+        self.assertIn("queued\tacme\texample.net\t2\t2\t", listed)
+        self.assertIn("held (domain suspended)", listed)
+        self.assertIn("example.net resumed: 2 held deliveries are due now",
+                      await self.command("queue", "resume", "example.net"))
+
+    async def test_bad_input_changes_nothing(self):
+        """Issue 16, point 6: each a clear message; the queue is as it was."""
+        before = await run_sql(self.stores.database, "SELECT * FROM deliveries ORDER BY id")
+        await self.command("queue", "suspend", "other.example")
+        for argv, error, message in (
+                (["retry", str(self.ids[2])], QueueActionRefused, "other.example is suspended"),
+                (["suspend", "other.example"], QueueActionRefused, "already suspended"),
+                (["resume", "example.net"], QueueActionRefused, "example.net is not suspended"),
+                (["retry", "--domain", "example.net"], QueueActionRefused,
+                 "no deferred deliveries to example.net"),
+                (["retry", "999999"], NotFound, "no delivery 999999"),
+                (["cancel", "999999"], NotFound, "no delivery 999999"),
+                (["list", "--state", "lost"], BadQueueRequest, "state must be one of"),
+                (["list", "--account", "nobody"], NotFound, "no account named 'nobody'"),
+                (["list", "--domain", "*.example"], BadQueueRequest, "not a domain name"),
+                (["list", "--deliveries", "100000"], BadQueueRequest, "1 to 1000"),
+                (["suspend", "localhost"], BadQueueRequest, "not a domain name"),
+                (["retry"], CommandError, "a delivery id or --domain"),
+                (["retry", "1", "--domain", "example.net"], CommandError, "one of them")):
+            with self.assertRaises(error, msg=argv) as caught:
+                await self.command("queue", *argv)
+            self.assertIn(message, str(caught.exception))
+        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'sent'"
+                      " WHERE id = %s", self.ids[0])
+        with self.assertRaises(QueueActionRefused) as caught:
+            await self.command("queue", "retry", str(self.ids[0]))
+        self.assertIn("is sent: it is not in the queue, nothing to retry", str(caught.exception))
+        await self.command("queue", "resume", "other.example")
+        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'queued'"
+                      " WHERE id = %s", self.ids[0])
+        self.assertEqual(
+            [row[:8] + row[9:14] for row in await run_sql(
+                self.stores.database, "SELECT * FROM deliveries ORDER BY id")],
+            [row[:8] + row[9:14] for row in before])
+        for value in ("abc", "-1", "0"):
+            with self.assertRaises(SystemExit):
+                build_parser().parse_args(["queue", "show", value])
+
+
 class ProgramTests(unittest.TestCase):
     """The installed `mailgw` program, as an operator runs it."""
 
@@ -195,7 +323,8 @@ class ProgramTests(unittest.TestCase):
     async def test_help(self):
         out, _, code = await self.mailgw("--help")
         self.assertEqual(code, 0)
-        for command in ("init", "migrate", "account", "user", "apikey", "domain", "sender"):
+        for command in ("init", "migrate", "account", "user", "apikey", "domain", "sender",
+                        "queue"):
             self.assertIn(command, out)
 
     async def test_bad_config_names_the_key(self):
@@ -205,6 +334,15 @@ class ProgramTests(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("smtp.max_size: unknown key", err)
         self.assertNotIn("Traceback", err)
+
+    async def test_queue_refusal_is_one_line(self):
+        path = Path(self.mktemp())
+        path.write_text(f'[database]\ndsn = "{fresh_database()}"\n')
+        for argv, message in ((["suspend", "*"], "mailgw: not a domain name: '*'\n"),
+                              (["resume", "example.net"],
+                               "mailgw: example.net is not suspended\n")):
+            _, err, code = await self.mailgw("-c", str(path), "queue", *argv)
+            self.assertEqual((code, err), (1, message))
 
     async def test_unreachable_database_is_one_line(self):
         path = Path(self.mktemp())

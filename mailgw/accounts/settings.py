@@ -1,8 +1,9 @@
 """An account's settings (the jsonb `accounts.settings`), typed and read in one place.
 
-Pure: nothing of mailgw is imported here, so that every layer, the store
-included, can return and read them.  A missing key, or a value the setting
-does not take, means the setting's default: a typo never blocks an account.
+Pure: nothing of mailgw but the list of S-9 languages is imported here, so
+that every layer, the store included, can return and read them.  A missing
+key, or a value the setting does not take, means the setting's default: a
+typo never blocks an account.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from mailgw.content.footer_texts import DEFAULT_LANGUAGE, LANGUAGES
 
 MULTIPART_MODES = ("generate", "strict")
 ATTACHMENT_MODES = ("keep", "links", "reject")
@@ -31,6 +34,9 @@ class AccountSettings:
     # T-5: the account's tracking switches (a message can turn tracking off as well).
     track_opens: bool = True
     track_clicks: bool = True
+    # S-9: the language of the inserted texts when a message names none (an
+    # X-Teenvio-Language id).
+    language: int = DEFAULT_LANGUAGE
 
     @classmethod
     def from_json(cls, stored: Any) -> AccountSettings:
@@ -50,6 +56,7 @@ class AccountSettings:
                 default, name)
 
         links = stored.get("social_links")
+        language = stored.get("language")
         return cls(
             multipart=choice("multipart", MULTIPART_MODES),
             attachments=choice("attachments", ATTACHMENT_MODES),
@@ -57,7 +64,9 @@ class AccountSettings:
             # A link that is not text cannot be a URL.
             social_links={str(network): url for network, url in links.items()
                           if isinstance(url, str)} if isinstance(links, Mapping) else {},
-            track_opens=switch("track_opens"), track_clicks=switch("track_clicks"))
+            track_opens=switch("track_opens"), track_clicks=switch("track_clicks"),
+            language=language if type(language) is int and language in LANGUAGES
+            else default.language)
 
     @classmethod
     def changes(cls, **values: Any) -> dict[str, Any]:

@@ -43,6 +43,10 @@ _TEXTS = {
 }
 
 
+# The language ids of X-Teenvio-Language (S-9).
+LANGUAGES = frozenset(_TEXTS)
+
+
 def header_footer_texts(language: int) -> FooterTexts:
     """The texts for an S-9 language id; Spanish for an id mailgw does not know."""
     return _TEXTS.get(language) or _TEXTS[DEFAULT_LANGUAGE]

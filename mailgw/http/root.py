@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from twisted.web import server
 from twisted.web.resource import Resource
+
+from mailgw.metrics import Metrics
+
+# The route of a request the default app answers, in metrics.
+DEFAULT_ROUTE = "/"
 
 
 class HTTPRoot(Resource):
@@ -35,5 +41,21 @@ class HTTPRoot(Resource):
         for length in range(len(segments), 0, -1):
             app = self.apps.get(segments[:length])
             if app is not None:
+                request.mailgw_route = "/" + "/".join(s.decode() for s in segments[:length])
                 return app
+        request.mailgw_route = DEFAULT_ROUTE
         return self.default
+
+
+class MeteredSite(server.Site):
+    """A Site that counts each request it answers by route (the mount point HTTPRoot
+    chose: a few values, whatever the paths asked for) and status (O-5)."""
+
+    def __init__(self, resource: Resource, metrics: Metrics, **kwargs) -> None:
+        super().__init__(resource, **kwargs)
+        self.metrics = metrics
+
+    def log(self, request) -> None:
+        super().log(request)
+        route = getattr(request, "mailgw_route", DEFAULT_ROUTE)
+        self.metrics.http_requests.labels(route, str(request.code)).inc()

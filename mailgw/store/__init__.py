@@ -12,6 +12,7 @@ from mailgw.store.events import EventStore
 from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.keys import KeyStore
 from mailgw.store.queue import QueueStore
+from mailgw.store.queue_admin import QueueAdminStore
 from mailgw.store.senders import SenderStore
 from mailgw.store.submissions import SubmissionStore
 from mailgw.store.templates import TemplateStore
@@ -36,6 +37,8 @@ class Stores:
     submissions: SubmissionStore
     templates: TemplateStore
     queue: QueueStore
+    # Queue administration (O-7): the CLI's `mailgw queue` and the management API.
+    queue_admin: QueueAdminStore
     events: EventStore
     keys: KeyStore
     auth_failures: AuthFailureStore
@@ -48,5 +51,6 @@ class Stores:
                    senders=SenderStore(database), contacts=contacts,
                    submissions=SubmissionStore(database, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
+                   queue_admin=QueueAdminStore(database),
                    events=EventStore(database, committer), keys=KeyStore(database),
                    auth_failures=AuthFailureStore(database))

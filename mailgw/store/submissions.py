@@ -38,8 +38,9 @@ class QueuedRecipient:
     @classmethod
     def imported(cls, request: RecipientImport, imported: ImportedRecipient
                  ) -> QueuedRecipient:
-        """A recipient imported as a contact (S-7)."""
-        return cls(request.email, imported.contact_id, request.kind, imported.suppressed)
+        """A recipient imported as a contact (S-7), queued as the client wrote it."""
+        return cls(request.address or request.email, imported.contact_id, request.kind,
+                   imported.suppressed)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class SubmissionRecord:
     archive: bool = False
     sends_per_month: int | None = None
     attachments: tuple[StoredAttachment, ...] = ()
+    # The header From's address when it is kept (a verified sender other than `sender`).
+    from_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,10 @@ _STORE_SUBMISSIONS = PreparedStatement(
     "   %(groups)s::bigint[], %(archive)s::boolean[], %(uids)s::text[],"
     "   %(reply_to)s::text[], %(headers)s::jsonb[], %(custom_headers)s::jsonb[],"
     "   %(options)s::jsonb[], %(client_ips)s::inet[], %(bodies)s::bytea[],"
-    "   %(raws)s::bytea[], %(sizes)s::integer[])"
+    "   %(raws)s::bytea[], %(sizes)s::integer[], %(from_addresses)s::text[])"
     "  WITH ORDINALITY AS i(account_id, origin, html, content_name, subject, sender,"
     "   group_id, archive, uid, reply_to, headers, custom_headers, options, client_ip,"
-    "   body, raw, size, n)),"
+    "   body, raw, size, from_address, n)),"
     " content AS ("
     "  INSERT INTO contents (id, account_id, name, html) OVERRIDING SYSTEM VALUE"
     "  SELECT content_id, account_id, content_name, html FROM input"
@@ -143,10 +146,10 @@ _STORE_SUBMISSIONS = PreparedStatement(
     "  FROM input),"
     " message AS ("
     "  INSERT INTO messages (id, account_id, send_id, message_uid, sender, reply_to,"
-    "   subject, headers, custom_headers, options, client_ip, body, raw, size)"
+    "   subject, headers, custom_headers, options, client_ip, body, raw, size, from_address)"
     "  OVERRIDING SYSTEM VALUE"
     "  SELECT message_id, account_id, send_id, uid, sender, reply_to, subject, headers,"
-    "   custom_headers, options, client_ip, body, raw, size FROM input),"
+    "   custom_headers, options, client_ip, body, raw, size, from_address FROM input),"
     " delivery AS ("
     "  INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
     "   last_reply)"
@@ -187,6 +190,7 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
                    for r in records],
         "raws": [r.raw if r.archive else None for r in records],
         "sizes": [r.size for r in records],
+        "from_addresses": [r.from_address for r in records],
         "rcpt_n": [n for n, _ in recipients], "emails": [r.email for _, r in recipients],
         "contacts": [r.contact_id for _, r in recipients],
         "kinds": [r.kind for _, r in recipients],

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient
+from mailgw.submit.addresses import delivery_address, normalize_address
 from mailgw.submit.errors import lower_refusals_translated
 
 # How long a RCPT's import waits for its message. Nobody waits on it meanwhile
@@ -36,8 +37,21 @@ RecipientKind = Literal["to", "cc", "bcc"]
 
 @dataclass(frozen=True)
 class Recipient:
-    email: str  # normalized (addresses.normalize_address)
+    email: str  # normalized (addresses.normalize_address): the contact's key
     kind: RecipientKind = "to"
+    # As delivered (addresses.delivery_address): the local part as written, the domain
+    # lowercased; None: `email`.
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, address: str, kind: RecipientKind = "to") -> Recipient:
+        """The recipient `address` names; InvalidAddress if it is none."""
+        email = normalize_address(address)
+        return cls(email, kind, delivery_address(address, email))
+
+    @property
+    def delivered_to(self) -> str:
+        return self.address or self.email
 
 
 class RecipientImports:

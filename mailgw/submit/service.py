@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from mailgw.accounts.avatar import SubmissionAccount
 from mailgw.content.body import StoredBody
@@ -97,6 +98,8 @@ THREADED_HTML_CHARS = 64 * 1024
 
 
 class SubmissionService:
+    log = Logger()
+
     def __init__(self, stores: Stores, public_base_url: str, clock,
                  run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
         self.stores = stores
@@ -132,7 +135,8 @@ class SubmissionService:
             if not self.stores.database.available:
                 raise DatabaseUnavailable("import_recipient")
             return RecipientImport(account.account_id, group_name, origin, recipient.email,
-                                   sender_domain, account.max_contacts, recipient.kind)
+                                   sender_domain, account.max_contacts, recipient.kind,
+                                   recipient.address)
 
         def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
             return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
@@ -142,6 +146,9 @@ class SubmissionService:
     async def submit(self, submission: Submission) -> StoredSubmission:
         account = submission.account
         content = submission.content
+        for notice in content.notices:  # S-9: accepted with the default; the operator sees why
+            self.log.warn("message of account {account} ({origin}): {notice}",
+                          account=account.name, origin=submission.origin, notice=notice)
         if submission.template_id is not None:
             content = await self._expand_template(submission)
         policy = ContentPolicy.from_settings(account.settings)
@@ -152,6 +159,7 @@ class SubmissionService:
                 content = apply_policy(content, policy)
         for address in content.reply_to:
             await self.check_sender(account, address)
+        from_address = await self._header_from(submission, content.from_address)
         attachments: tuple[StoredAttachment, ...] = ()
         if policy.attachments == "links":
             content, attachments = self._link_attachments(content)
@@ -163,7 +171,7 @@ class SubmissionService:
             subject=content.subject,
             html=content.html,
             body=StoredBody.of(content).to_json(),
-            recipients=tuple(QueuedRecipient(r.email, None, r.kind)
+            recipients=tuple(QueuedRecipient(r.delivered_to, None, r.kind)
                              for r in submission.recipients),
             group_id=submission.group_id,
             reply_to=content.reply_to[0] if content.reply_to else None,
@@ -176,9 +184,27 @@ class SubmissionService:
             archive=account.settings.archive,
             sends_per_month=account.sends_per_month,
             attachments=attachments,
+            from_address=from_address,
         )
         with lower_refusals_translated():
             return await self._store(record, submission.imports)
+
+    async def _header_from(self, submission: Submission, written: str | None) -> str | None:
+        """The header From's address as the client wrote it, to be kept (Aldeamo and
+        Devino clients set it themselves), when it is a verified sender of the account
+        and not the envelope sender; None: the From is the envelope sender (with the
+        display name written), as for a From the account may not use."""
+        if written is None or written == submission.sender:
+            return None
+        try:
+            await self.check_sender(submission.account, written)
+        except DisallowedSender:
+            self.log.warn("message of account {account} ({origin}): header From {written} "
+                          "is not a verified sender; the From is the envelope sender "
+                          "{sender}", account=submission.account.name,
+                          origin=submission.origin, written=written, sender=submission.sender)
+            return None
+        return written
 
     async def _store(self, record: SubmissionRecord, imports: RecipientImports | None
                      ) -> StoredSubmission:

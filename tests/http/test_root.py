@@ -10,7 +10,8 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from mailgw.http.root import HTTPRoot
+from mailgw.http.root import HTTPRoot, MeteredSite
+from mailgw.metrics import Metrics
 
 
 def echo_app(name: str) -> Resource:
@@ -24,9 +25,9 @@ def echo_app(name: str) -> Resource:
     return app.resource()
 
 
-def get(resource: Resource, path: bytes) -> tuple[int, str]:
+def get(resource: Resource, path: bytes, site: server.Site | None = None) -> tuple[int, str]:
     """The status and body of a GET of `path` (as sent, not normalised)."""
-    site = server.Site(resource, reactor=task.Clock())
+    site = site or server.Site(resource, reactor=task.Clock())
     site.timeOut = None
     transport = StringTransport()
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 80))
@@ -92,3 +93,22 @@ class HTTPRootTests(unittest.TestCase):
         for prefix in ((), ("",), ("v1", ""), ("v1/email",)):
             with self.assertRaises(ValueError):
                 HTTPRoot({prefix: echo_app("x")}, default=echo_app("operations"))
+
+
+class MeteredSiteTests(unittest.TestCase):
+    def test_requests_counted_by_mount_point_and_status(self):
+        """O-5: the route is the mount point that answered, a handful of values
+        whatever paths clients ask for; the status is the answer's."""
+        missing = Resource()  # answers 404 to everything
+        root = HTTPRoot({("v1", "email"): echo_app("aldeamo"), ("v1",): echo_app("dmds"),
+                         ("a",): missing}, default=echo_app("operations"))
+        metrics = Metrics()
+        site = MeteredSite(root, metrics, reactor=task.Clock())
+        for path in (b"/v1/email", b"/v1/%65mail", b"/v1/contacto/7", b"/healthz",
+                     b"/wp-login.php", b"/a/x"):
+            get(root, path, site)
+        counted = {(sample.labels["route"], sample.labels["status"]): sample.value
+                   for family in metrics.registry.collect() for sample in family.samples
+                   if sample.name == "mailgw_http_requests_total"}
+        self.assertEqual(counted, {("/v1/email", "200"): 2, ("/v1", "200"): 1,
+                                   ("/", "200"): 2, ("/a", "404"): 1})
