@@ -20,7 +20,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web import server
 
 from mailgw.accounts.avatar import SubmissionRealm
 from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
@@ -32,7 +31,12 @@ from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
 from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
 from mailgw.errors import NotFound, StartupError
+from mailgw.fetch import ContentFetcher
+from mailgw.http.aldeamo import AldeamoApp
+from mailgw.http.api import BoundedSite, RateLimiter
 from mailgw.http.auth import KeyAuthenticator
+from mailgw.http.manage import ManagementApp
+from mailgw.http.openapi import OpenAPIApp
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot
 from mailgw.http.tracking import TrackingApp
@@ -111,6 +115,8 @@ class Gateway(service.MultiService):
         self.portal: Portal | None = None
         self.key_authenticator: KeyAuthenticator | None = None
         self.submission_service: SubmissionService | None = None
+        # Content and attachments from URLs (R-4), for the API dialects.
+        self.fetcher: ContentFetcher | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -148,16 +154,19 @@ class Gateway(service.MultiService):
         self.portal = Portal(self.realm, [
             AccountCredentialsChecker(self.stores.accounts, self._run_in_thread),
             APIKeyChecker(self.stores.accounts)])
-        self.key_authenticator = KeyAuthenticator(self.portal)
+        http = self.config.http
+        self.key_authenticator = KeyAuthenticator(self.portal, RateLimiter(
+            self.clock, http.requests_per_second_per_key, http.request_burst_per_key))
         self.submission_service = SubmissionService(
             self.stores, self.config.http.public_base_url, self.clock, self._run_in_thread)
+        self.fetcher = ContentFetcher(self.reactor, self._dns_servers(),
+                                      http.fetch_allow_networks, http.fetch_timeout,
+                                      http.fetch_max_bytes)
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
-        tracking = TrackingApp(self.stores.submissions).app.resource()
-        root = HTTPRoot({("a",): tracking}, OperationsApp(self.database).app.resource())
-        site = server.Site(root)
-        site.displayTracebacks = False
+        site = BoundedSite(self._http_root(), http.max_body_size, http.request_timeout,
+                           http.idle_timeout, reactor=self.clock)
         smtp_backlog = self.config.smtp.listen_backlog
         wanted = (
             [(f"smtp.starttls_listeners[{i}]", d, smtp_backlog, smtp_factory)
@@ -176,6 +185,23 @@ class Gateway(service.MultiService):
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
 
+    def _http_root(self) -> HTTPRoot:
+        """Every app of the HTTP listener at its mount point (docs/architecture.md)."""
+        tracking = TrackingApp(self.stores.submissions).app.resource()
+        aldeamo = AldeamoApp(self.key_authenticator, self.submission_service, self.fetcher,
+                             self.config.smtp.max_recipients,
+                             self.config.smtp.max_message_size)
+        management = ManagementApp(self.key_authenticator, self.stores, self.config)
+        return HTTPRoot({("a",): tracking, ("v1", "email"): aldeamo.app.resource(),
+                         ("v1", "admin"): management.app.resource(),
+                         ("v1", "openapi.json"): OpenAPIApp().app.resource()},
+                        OperationsApp(self.database).app.resource())
+
+    def _dns_servers(self) -> list[tuple[str, int]]:
+        """delivery.dns_servers as (address, port); empty: /etc/resolv.conf."""
+        return [(host.strip("[]"), int(port)) for host, _, port in
+                (server.rpartition(":") for server in self.config.delivery.dns_servers)]
+
     def _embedded_gave_up(self) -> None:
         if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
             self.failed.callback(None)
@@ -189,9 +215,7 @@ class Gateway(service.MultiService):
             if delivery.smarthost_username:
                 authenticate = (delivery.smarthost_username, delivery.smarthost_password)
         else:
-            servers = [(h, int(p)) for h, _, p in
-                       (s.rpartition(":") for s in delivery.dns_servers)]
-            resolver = MXResolver(self.reactor, self.clock, servers,
+            resolver = MXResolver(self.reactor, self.clock, self._dns_servers(),
                                   port=delivery.remote_smtp_port)
         pool = OutboundPool(self.reactor, self.clock, self.config.hostname,
                             tls_policy=delivery.tls_policy,

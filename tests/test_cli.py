@@ -57,9 +57,9 @@ class CommandTests(unittest.TestCase):
         self.assertIn("curl -H 'Authorization: Bearer " + demo["api_key"], output)
         account_id, stored = await self.stores.accounts.password_hash_for(demo["user"])
         self.assertTrue(credentials.verify_password(demo["password"], stored))
-        found = await self.stores.accounts.account_for_api_key(
+        found, grant = await self.stores.accounts.api_key(
             credentials.hash_api_key(demo["api_key"]))
-        self.assertEqual(found.id, account_id)
+        self.assertEqual((found.id, grant.kind), (account_id, "account"))
         senders = await self.stores.senders.list_senders(account_id)
         self.assertEqual([(s.address, s.verified_at is not None) for s in senders],
                          [(demo["sender"], True)])
@@ -153,9 +153,8 @@ class CommandTests(unittest.TestCase):
         await self.command("account", "create", "acme")
         key = (await self.command("apikey", "create", "acme", "--name", "ci")).splitlines()[-1]
         self.assertTrue(key.startswith(credentials.API_KEY_PREFIX))
-        account = await self.stores.accounts.account_for_api_key(
-            credentials.hash_api_key(key))
-        self.assertEqual(account.name, "acme")
+        account, grant = await self.stores.accounts.api_key(credentials.hash_api_key(key))
+        self.assertEqual((account.name, grant.kind), ("acme", "account"))
 
     async def test_domain_add_prints_dns_records(self):
         await self.command("account", "create", "acme")

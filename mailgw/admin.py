@@ -1,0 +1,105 @@
+"""Account administration (H-3, O-4) shared by the `mailgw` command and the management
+API: both call these functions (and the stores' own), so that an operation means the
+same from either. What is made here and shown once (API keys, generated passwords,
+webhook secrets) is returned to the caller and stored only as the stores keep it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import urlsplit
+
+from mailgw import credentials
+from mailgw.content.dkim import DNSRecord, domain_dns_records, generate_dkim_key
+from mailgw.store import Stores
+from mailgw.store.accounts import APIKeyInfo
+from mailgw.store.senders import Sender, SenderDomain
+from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES, WebhookEndpoint
+from mailgw.submit.addresses import InvalidAddress, normalize_address
+
+
+class AdminRefused(Exception):
+    """The operation cannot be done as asked; str() says why."""
+
+
+async def create_api_key(stores: Stores, account_id: int, name: str, kind: str = "account",
+                         campaign_numid: int | None = None,
+                         operator: bool = False) -> tuple[APIKeyInfo, str]:
+    """A new key and the key itself, to be shown once (it is stored as a digest)."""
+    key = credentials.new_api_key()
+    try:
+        info = await stores.accounts.create_api_key(
+            account_id, name, credentials.hash_api_key(key), credentials.api_key_prefix(key),
+            kind, campaign_numid, operator)
+    except ValueError as refusal:
+        raise AdminRefused(str(refusal)) from None
+    return info, key
+
+
+async def create_user(stores: Stores, account_id: int, username: str,
+                      password: str | None = None) -> str:
+    """A user of the account; the password, generated when none is given."""
+    if not username or not username.isprintable() or " " in username:
+        raise AdminRefused(f"not a username: {username!r}")
+    password = password or credentials.new_password()
+    await stores.accounts.create_user(account_id, username, credentials.hash_password(password))
+    return password
+
+
+async def add_domain(stores: Stores, account_id: int, domain: str, algorithm: str = "rsa",
+                     selector: str = "mailgw", return_path_domain: str | None = None,
+                     verified: bool = False) -> SenderDomain:
+    """A sender domain with a new DKIM key (`domain_records` says what to publish)."""
+    domain = domain.lower().strip()
+    if not _is_domain(domain):
+        raise AdminRefused(f"not a domain name: {domain!r}")
+    return_path = (return_path_domain or f"bounces.{domain}").lower().strip()
+    if not _is_domain(return_path):
+        raise AdminRefused(f"not a domain name: {return_path!r}")
+    if not selector or not all(c.isalnum() or c in "-_" for c in selector):
+        raise AdminRefused(f"not a DKIM selector: {selector!r}")
+    key = generate_dkim_key(algorithm)
+    added = await stores.senders.add_domain(account_id, domain, selector, key.algorithm,
+                                            key.private_key_pem, key.public_key, return_path)
+    if verified:
+        added = await stores.senders.verify_domain(account_id, domain)
+    return added
+
+
+def domain_records(domain: SenderDomain, gateway_hostname: str) -> list[DNSRecord]:
+    """The DNS records to publish for a sender domain (DKIM, SPF, return path, DMARC)."""
+    return domain_dns_records(domain.domain, domain.dkim_selector, domain.dkim_algorithm,
+                              domain.dkim_public_key, domain.return_path_domain,
+                              gateway_hostname)
+
+
+async def add_sender(stores: Stores, account_id: int, address: str,
+                     verified: bool = False) -> Sender:
+    try:
+        normalized = normalize_address(address.strip())
+    except InvalidAddress:
+        raise AdminRefused(f"not an email address: {address}") from None
+    return await stores.senders.add_sender(account_id, normalized, verified)
+
+
+async def add_webhook(stores: Stores, account_id: int, url: str, event_types: list[str],
+                      allow_http_hosts: list[str]) -> tuple[WebhookEndpoint, str]:
+    """An endpoint and its signing secret (W-2), shown once. https only, except the hosts
+    the operator allows plain http for (`webhooks.allow_http_hosts`)."""
+    parts = urlsplit(url)
+    if not parts.hostname or parts.scheme not in ("https", "http") or (
+            parts.scheme == "http" and parts.hostname not in allow_http_hosts):
+        raise AdminRefused(f"a webhook URL must be https://... (http only for "
+                           f"{', '.join(allow_http_hosts) or 'no host'}), not {url[:100]!a}")
+    unknown = sorted(set(event_types) - set(WEBHOOK_EVENT_TYPES))
+    if not event_types or unknown:
+        raise AdminRefused(f"event types must be some of {', '.join(WEBHOOK_EVENT_TYPES)}")
+    secret = secrets.token_urlsafe(32)
+    return await stores.webhooks.create(account_id, url, secret, event_types), secret
+
+
+def _is_domain(name: str) -> bool:
+    labels = name.split(".")
+    return (len(labels) >= 2 and len(name) <= 253 and all(
+        label and len(label) <= 63 and label.isascii()
+        and all(c.isalnum() or c == "-" for c in label) for label in labels))
