@@ -125,12 +125,22 @@ class ContentFetcher:
         """The content at `url`; FetchRefused says why not."""
         if url[:5].lower() == "data:":
             return decode_data_uri(url, self.max_bytes)
+        timed_out = []
+
+        def cancelled(result, timeout):
+            timed_out.append(timeout)
+            return result
+
         d = defer.ensureDeferred(self._fetch(url))
-        d.addTimeout(self.timeout, self.reactor)
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=cancelled)
         try:
             return await d
-        except defer.TimeoutError:
-            raise FetchRefused(f"no answer within {self.timeout:g} s") from None
+        except Exception:
+            # Cancelled wherever it was (a lookup, a connection, the body), and said so
+            # by whichever layer that was: the time limit is the reason.
+            if timed_out:
+                raise FetchRefused(f"no answer within {self.timeout:g} s") from None
+            raise
 
     async def _fetch(self, url: str) -> Fetched:
         for _ in range(MAX_REDIRECTS + 1):
@@ -143,8 +153,6 @@ class ContentFetcher:
                 response = await treq.request("GET", url, agent=agent, allow_redirects=False,
                                               unbuffered=True,
                                               headers={"User-Agent": ["mailgw"]})
-            except defer.CancelledError:
-                raise
             except Exception as error:
                 raise FetchRefused(f"{parts.hostname}: {_reason(error)}") from None
             if response.code in _REDIRECTS:
@@ -254,4 +262,8 @@ def _ipv6(packed: bytes) -> str:
 
 
 def _reason(error: BaseException) -> str:
+    """The error in words; twisted.web's client errors hold the failures that made them."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(_reason(reason.value) for reason in reasons)
     return str(error) or type(error).__name__
