@@ -19,17 +19,17 @@ from mailgw.config import Config, DatabaseConfig
 from mailgw.errors import AlreadyExists, NotFound
 from mailgw.store import Stores
 from mailgw.store.database import Database
-from tests.harness import fresh_database
+from tests.harness import QueriesDatabase, fresh_database
 
 MAILGW = str(Path(sys.executable).parent / "mailgw")
 
 
-class CommandTests(unittest.TestCase):
+class CommandTests(QueriesDatabase, unittest.TestCase):
     async def setUp(self):
         dsn = fresh_database()
         self.config = Config(state_dir=self.mktemp(), hostname="mx.gw.example",
                              database=DatabaseConfig(dsn=dsn, pool_size=1))
-        database = Database(dsn, 1, reactor)
+        self.database = database = Database(dsn, 1, reactor)
         await database.start()
         self.addCleanup(database.close)
         self.stores = Stores.on(database)
@@ -155,6 +155,49 @@ class CommandTests(unittest.TestCase):
         self.assertTrue(key.startswith(credentials.API_KEY_PREFIX))
         account, grant = await self.stores.accounts.api_key(credentials.hash_api_key(key))
         self.assertEqual((account.name, grant.kind), ("acme", "account"))
+
+    async def test_apikey_kinds_list_and_revoke(self):
+        """H-3: the same key kinds as the management API, through the same functions."""
+        await self.command("account", "create", "acme")
+        account = await self.stores.accounts.get_account("acme")
+        await self.sql("INSERT INTO campaigns (account_id, type, numid) VALUES (%s, 'api', 5)",
+                       account.id)
+        for args, kind, operator in ((["--kind", "admin"], "admin", False),
+                                     (["--kind", "campaign", "--campaign", "5"], "campaign",
+                                      False),
+                                     (["--operator"], "admin", True)):
+            key = (await self.command("apikey", "create", "acme", *args)).splitlines()[-1]
+            _, grant = await self.stores.accounts.api_key(credentials.hash_api_key(key))
+            self.assertEqual((grant.kind, grant.operator), (kind, operator))
+        for wrong in (["--kind", "campaign"], ["--kind", "admin", "--campaign", "5"],
+                      ["--kind", "campaign", "--campaign", "6"],
+                      ["--kind", "campaign", "--campaign", "5", "--operator"]):
+            with self.assertRaises((CommandError, NotFound)):
+                await self.command("apikey", "create", "acme", *wrong)
+        listing = await self.command("apikey", "list", "acme")
+        self.assertIn("campaign 5", listing)
+        self.assertIn("operator", listing)
+        key_id = listing.split()[0]
+        await self.command("apikey", "revoke", "acme", key_id)
+        self.assertIn("revoked", (await self.command("apikey", "list", "acme")).splitlines()[0])
+
+    async def test_webhooks_and_suppressions(self):
+        await self.command("account", "create", "acme")
+        output = await self.command("webhook", "add", "acme", "https://hooks.example/in",
+                                    "--events", "sent,open")
+        self.assertEqual(len(output.splitlines()[-1]), 43)
+        self.assertIn("https://hooks.example/in\tsent,open",
+                      await self.command("webhook", "list", "acme"))
+        with self.assertRaises(CommandError):
+            await self.command("webhook", "add", "acme", "http://hooks.example/in")
+        await self.command("suppression", "add", "acme", "Ana@Example.net")
+        self.assertIn("ana@example.net\t*\t*\tmanual",
+                      await self.command("suppression", "list", "acme", "--domain",
+                                         "example.net"))
+        self.assertIn("1 suppressions removed", await self.command(
+            "suppression", "remove", "acme", "--address", "ana@example.net"))
+        with self.assertRaises(CommandError):
+            await self.command("suppression", "remove", "acme")
 
     async def test_domain_add_prints_dns_records(self):
         await self.command("account", "create", "acme")

@@ -54,11 +54,15 @@ def _bad(message: str) -> APIError:
 
 def _text(body: dict, name: str, required: bool = True, default: str | None = None
           ) -> str | None:
-    value = body.get(name, default)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value.strip()) or "\x00" in value:
-        raise _bad(f"{name} must be {'a non-empty' if required else 'a'} string")
+    """The text field `name`: required (non-empty), or optional with a default."""
+    value = body.get(name)
+    if value is None:
+        if default is not None or not required:
+            return default
+        raise _bad(f"{name} is required")
+    if not isinstance(value, str) or (required and default is None and not value.strip()) \
+            or "\x00" in value:
+        raise _bad(f"{name} must be a {'non-empty ' if required else ''}string without NUL")
     return value
 
 
