@@ -7,6 +7,8 @@ webhook secrets) is returned to the caller and stored only as the stores keep it
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from mailgw import credentials
@@ -20,6 +22,15 @@ from mailgw.submit.addresses import InvalidAddress, normalize_address
 
 class AdminRefused(Exception):
     """The operation cannot be done as asked; str() says why."""
+
+
+# Runs a CPU-heavy step (a password hash, a key generation) and fires with its result.
+InThread = Callable[..., Awaitable[Any]]
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """The command line's way: nothing else is waiting."""
+    return fn(*args)
 
 
 async def create_api_key(stores: Stores, account_id: int, name: str, kind: str = "account",
@@ -37,18 +48,21 @@ async def create_api_key(stores: Stores, account_id: int, name: str, kind: str =
 
 
 async def create_user(stores: Stores, account_id: int, username: str,
-                      password: str | None = None) -> str:
-    """A user of the account; the password, generated when none is given."""
+                      password: str | None = None, run_in_thread: InThread = _inline) -> str:
+    """A user of the account; the password, generated when none is given (its hash
+    made by `run_in_thread`: a server passes a thread, scrypt takes ~50 ms)."""
     if not username or not username.isprintable() or " " in username:
         raise AdminRefused(f"not a username: {username!r}")
     password = password or credentials.new_password()
-    await stores.accounts.create_user(account_id, username, credentials.hash_password(password))
+    await stores.accounts.create_user(account_id, username,
+                                      await run_in_thread(credentials.hash_password, password))
     return password
 
 
 async def add_domain(stores: Stores, account_id: int, domain: str, algorithm: str = "rsa",
                      selector: str = "mailgw", return_path_domain: str | None = None,
-                     verified: bool = False) -> SenderDomain:
+                     verified: bool = False, run_in_thread: InThread = _inline
+                     ) -> SenderDomain:
     """A sender domain with a new DKIM key (`domain_records` says what to publish)."""
     domain = domain.lower().strip()
     if not _is_domain(domain):
@@ -58,7 +72,7 @@ async def add_domain(stores: Stores, account_id: int, domain: str, algorithm: st
         raise AdminRefused(f"not a domain name: {return_path!r}")
     if not selector or not all(c.isalnum() or c in "-_" for c in selector):
         raise AdminRefused(f"not a DKIM selector: {selector!r}")
-    key = generate_dkim_key(algorithm)
+    key = await run_in_thread(generate_dkim_key, algorithm)
     added = await stores.senders.add_domain(account_id, domain, selector, key.algorithm,
                                             key.private_key_pem, key.public_key, return_path)
     if verified:

@@ -117,6 +117,7 @@ class Gateway(service.MultiService):
         self.submission_service: SubmissionService | None = None
         # Content and attachments from URLs, for the API dialects.
         self.fetcher: ContentFetcher | None = None
+        self.http_root: HTTPRoot | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -165,7 +166,8 @@ class Gateway(service.MultiService):
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
-        site = BoundedSite(self._http_root(), http.max_body_size, http.request_timeout,
+        self.http_root = self._http_root()
+        site = BoundedSite(self.http_root, http.max_body_size, http.request_timeout,
                            http.idle_timeout, reactor=self.clock)
         smtp_backlog = self.config.smtp.listen_backlog
         wanted = (
@@ -191,7 +193,8 @@ class Gateway(service.MultiService):
         aldeamo = AldeamoApp(self.key_authenticator, self.submission_service, self.fetcher,
                              self.config.smtp.max_recipients,
                              self.config.smtp.max_message_size)
-        management = ManagementApp(self.key_authenticator, self.stores, self.config)
+        management = ManagementApp(self.key_authenticator, self.stores, self.config,
+                                   self._run_in_thread)
         return HTTPRoot({("a",): tracking, ("v1", "email"): aldeamo.app.resource(),
                          ("v1", "admin"): management.app.resource(),
                          ("v1", "openapi.json"): OpenAPIApp().app.resource()},

@@ -83,6 +83,9 @@ def json_endpoint(handler: Callable[..., Awaitable[tuple[int, Any]]]
     @wraps(handler)
     async def answer(self, request, *args: Any, **kwargs: Any) -> bytes:
         try:
+            if any("\x00" in value for value in kwargs.values() if isinstance(value, str)):
+                # No name of anything holds one (PostgreSQL could not even compare it).
+                raise APIError(404, NOT_FOUND)
             status, body = await handler(self, request, *args, **kwargs)
         except APIError as refusal:
             for name, value in refusal.headers.items():

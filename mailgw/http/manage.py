@@ -20,10 +20,12 @@ import base64
 import binascii
 import ipaddress
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from klein import Klein
 
@@ -46,6 +48,9 @@ CONFLICT = "Already_exists"
 NOT_FOUND = "Not_found"
 FORBIDDEN = "Operator_only"
 MAX_PAGE = 500
+# A row id in a path: a bigint (a longer number is no row, not a database error).
+ROW_ID = f"<int(max={2**63 - 1})"
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _bad(message: str) -> APIError:
@@ -112,7 +117,9 @@ class Page:
                 after = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii") + b"=="))
             except (ValueError, UnicodeError, binascii.Error):
                 raise _bad("cursor is not one this API gave") from None
-            if type(after) is not type(first):
+            if type(after) is not type(first) or (isinstance(after, int)
+                                                  and not 0 <= after < 2**63) or (
+                    isinstance(after, str) and "\x00" in after):
                 raise _bad("cursor is not one this API gave")
         return cls(after, int(limit))
 
@@ -131,9 +138,12 @@ def _argument(request, name: bytes) -> str | None:
     if not values:
         return None
     try:
-        return values[0].decode("utf-8")
+        value = values[0].decode("utf-8")
     except UnicodeDecodeError:
         raise _bad(f"{name.decode()} is not UTF-8 text") from None
+    if "\x00" in value:
+        raise _bad(f"{name.decode()} must not contain NUL")
+    return value
 
 
 def _account_json(account: Account) -> dict:
@@ -151,10 +161,13 @@ class ManagementApp:
     app = Klein()
     add_json_error_pages(app)
 
-    def __init__(self, authenticator: KeyAuthenticator, stores: Stores, config: Config) -> None:
+    def __init__(self, authenticator: KeyAuthenticator, stores: Stores, config: Config,
+                 run_in_thread: Callable[..., Any]) -> None:
         self.authenticator = authenticator
         self.stores = stores
         self.config = config
+        # Password hashing and DKIM key generation (tens of milliseconds) off the reactor.
+        self.run_in_thread = run_in_thread
 
     async def _caller(self, request) -> SubmissionAccount:
         return await self.authenticator.caller(request, MANAGE)
@@ -196,11 +209,13 @@ class ManagementApp:
     async def create_account(self, request) -> tuple[int, Any]:
         await self._operator(request)
         body = _object(request)
-        name = _text(body, "name")
+        name = _text(body, "name").strip()
+        if not ACCOUNT_NAME.fullmatch(name):
+            raise _bad("an account name is 1 to 64 letters, digits, '.', '_' or '-'")
         try:
             account = await self.stores.accounts.create_account(
-                name.strip(), _text(body, "plan", default="default"),
-                _text(body, "timezone", default="America/Bogota"))
+                name, _text(body, "plan", default="default"),
+                _timezone(_text(body, "timezone", default="America/Bogota")))
         except AlreadyExists as taken:
             raise APIError(409, CONFLICT, str(taken)) from None
         return 201, _account_json(account)
@@ -235,7 +250,7 @@ class ManagementApp:
                                            archive=_switch(body, "archive"))
         columns: dict[str, Any] = {}
         if body.get("timezone") is not None:
-            columns["timezone"] = _text(body, "timezone")
+            columns["timezone"] = _timezone(_text(body, "timezone"))
         operator_only = {"plan", "sends_per_month", "max_contacts", "allowed_networks",
                          "active"} & body.keys()
         if operator_only and not caller.key.operator:
@@ -276,7 +291,8 @@ class ManagementApp:
         username = _text(body, "username").strip()
         try:
             password = await admin.create_user(self.stores, account.id, username,
-                                               _text(body, "password", required=False))
+                                               _text(body, "password", required=False),
+                                               self.run_in_thread)
         except admin.AdminRefused as refusal:
             raise _bad(str(refusal)) from None
         except AlreadyExists as taken:
@@ -322,7 +338,7 @@ class ManagementApp:
             raise APIError(404, NOT_FOUND, str(missing)) from None
         return 201, {**_key_json(info), "key": key}
 
-    @app.route("/v1/admin/accounts/<name>/keys/<int:key_id>", methods=["DELETE"])
+    @app.route(f"/v1/admin/accounts/<name>/keys/{ROW_ID}:key_id>", methods=["DELETE"])
     @json_endpoint
     async def revoke_key(self, request, name: str, key_id: int) -> tuple[int, Any]:
         _, account = await self._account(request, name)
@@ -356,7 +372,8 @@ class ManagementApp:
             domain = await admin.add_domain(
                 self.stores, account.id, _text(body, "domain"), algorithm,
                 _text(body, "selector", default="mailgw"),
-                _text(body, "return_path_domain", required=False), verified)
+                _text(body, "return_path_domain", required=False), verified,
+                self.run_in_thread)
         except admin.AdminRefused as refusal:
             raise _bad(str(refusal)) from None
         except AlreadyExists as taken:
@@ -503,7 +520,8 @@ class ManagementApp:
             raise _bad(str(refusal)) from None
         return 201, {**_webhook_json(endpoint), "secret": secret}
 
-    @app.route("/v1/admin/accounts/<name>/webhooks/<int:endpoint_id>", methods=["DELETE"])
+    @app.route(f"/v1/admin/accounts/<name>/webhooks/{ROW_ID}:endpoint_id>",
+               methods=["DELETE"])
     @json_endpoint
     async def delete_webhook(self, request, name: str, endpoint_id: int) -> tuple[int, Any]:
         _, account = await self._account(request, name)
@@ -565,6 +583,15 @@ def _which(request) -> SuppressionFilter:
     domain = _argument(request, b"domain")
     return SuppressionFilter(address.lower() if address else None,
                              domain.lower() if domain else None)
+
+
+def _timezone(name: str) -> str:
+    """An IANA time zone (the account's webhook timestamps, W-1)."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _bad(f"not a time zone: {name[:60]!a}") from None
+    return name
 
 
 def _networks(value: Any) -> list[str] | None:
