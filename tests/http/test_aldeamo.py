@@ -2,6 +2,8 @@
 name, templates, attachments, header injection and bad input (R-3, R-5)."""
 
 import base64
+import email
+import email.policy
 import json
 import uuid
 
@@ -11,7 +13,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server, static
 
 from mailgw import admin
-from mailgw.config import HTTPConfig
+from mailgw.config import DeliveryConfig, HTTPConfig
 from mailgw.store.templates import Template
 from tests.dns_server import LocalDNS
 from tests.harness import (
@@ -21,6 +23,7 @@ from tests.harness import (
     gateway_config,
     start_gateway,
 )
+from tests.smtp_sink import SMTPSink
 
 SENDER = "news@dominio.com"
 HTML = '<h1>Hola</h1><p>Ver <a href="https://shop.example.com/x">la oferta</a></p>'
@@ -44,11 +47,14 @@ def request_body(**changes):
 
 class AldeamoTestCase(QueriesDatabase, unittest.TestCase):
     http_config = HTTPConfig(listener=LOOPBACK_PORT)
+    delivery: DeliveryConfig | None = None  # None: no delivery
 
     async def setUp(self):
         self.dsn = fresh_database()
-        self.gateway = await start_gateway(self, gateway_config(self, self.dsn,
-                                                                http=self.http_config))
+        config = gateway_config(self, self.dsn, http=self.http_config)
+        if self.delivery is not None:
+            config = config.replace(delivery=self.delivery)
+        self.gateway = await start_gateway(self, config)
         self.database = self.gateway.database
         self.stores = self.gateway.stores
         self.account = await self.stores.accounts.create_account("acme")
@@ -303,3 +309,38 @@ class RateLimitTests(AldeamoTestCase):
         self.assertEqual((code, answer["error"]), (429, "Too_many_requests"))
         _, other = await admin.create_api_key(self.stores, self.account.id, "other")
         self.assertEqual((await self.post(request_body(), key=other))[0], 200)
+
+
+class DeliveredTests(AldeamoTestCase):
+    """A message sent over HTTP is delivered like one sent over SMTP."""
+
+    async def setUp(self):
+        self.sink = SMTPSink()
+        sink_port = self.sink.start()
+        self.addCleanup(self.sink.stop)
+        self.dns = LocalDNS({"example.com": {"MX": [(10, "mx.example.com")]},
+                             "mx.example.com": {"A": ["127.0.0.1"]}})
+        _, dns_port = self.dns.start(reactor)
+        self.addCleanup(self.dns.stop)
+        self.delivery = DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
+                                       remote_smtp_port=sink_port, poll_interval=0.05,
+                                       connect_timeout=5, reply_timeout=10)
+        await super().setUp()
+
+    async def test_each_recipient_gets_it_with_copies_text_and_tracking(self):
+        code, _ = await self.post(request_body(attachments=[
+            {"filename": "nota.txt", "path": "data:text/plain;base64,aG9sYQ=="}]))
+        self.assertEqual(code, 200)
+        received = sorted(await self.sink.wait_for(3), key=lambda r: r.recipient)
+        self.assertEqual([r.recipient for r in received],
+                         ["bcc@example.com", "cc@example.com", "recipient@example.com"])
+        message = email.message_from_bytes(received[2].data, policy=email.policy.default)
+        self.assertEqual((message["To"], message["Cc"], message["Subject"]),
+                         ("recipient@example.com", "cc@example.com", "Hello World"))
+        self.assertEqual(message["From"], f"John Doe <{SENDER}>")
+        self.assertIsNone(message["Bcc"])
+        self.assertIn("la oferta", message.get_body(("plain",)).get_content())
+        self.assertIn("/t/c/", message.get_body(("html",)).get_content())
+        [attachment] = message.iter_attachments()
+        self.assertEqual((attachment.get_filename(), attachment.get_content()),
+                         ("nota.txt", "hola"))
