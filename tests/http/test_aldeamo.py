@@ -4,15 +4,19 @@ name, templates, attachments, header injection and bad input (R-3, R-5)."""
 import base64
 import email
 import email.policy
+import io
 import json
+import os
+import socket
 import uuid
 
 import treq
-from twisted.internet import reactor
+from twisted.internet import reactor, utils
 from twisted.trial import unittest
 from twisted.web import resource, server, static
 
 from mailgw import admin
+from mailgw.cli import build_parser, run_command
 from mailgw.config import DeliveryConfig, HTTPConfig
 from mailgw.store.templates import Template
 from tests.dns_server import LocalDNS
@@ -344,3 +348,24 @@ class DeliveredTests(AldeamoTestCase):
         [attachment] = message.iter_attachments()
         self.assertEqual((attachment.get_filename(), attachment.get_content()),
                          ("nota.txt", "hola"))
+
+
+class DemoTests(unittest.TestCase):
+    async def test_the_curl_line_of_mailgw_init_demo_sends(self):
+        """The README's promise: the printed curl line works as it is."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = gateway_config(self, fresh_database(), http=HTTPConfig(
+            listener=f"tcp:{port}:interface=127.0.0.1"))
+        out = io.StringIO()
+        await run_command(build_parser().parse_args(["init", "--demo"]), config, reactor, out)
+        printed = out.getvalue()
+        curl = printed[printed.index("  curl "):printed.index("/v1/email") + len("/v1/email")]
+        await start_gateway(self, config)
+        output, errors, status = await utils.getProcessOutputAndValue(
+            "/bin/sh", ["-c", curl + " --silent --show-error"], env=dict(os.environ))
+        self.assertEqual(status, 0, errors)
+        answer = json.loads(output)
+        self.assertEqual(answer["message"], "Messages sent!")
+        self.assertEqual([r["email"] for r in answer["to"]], ["someone@example.net"])
