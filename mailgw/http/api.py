@@ -18,7 +18,9 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -68,10 +70,31 @@ def json_bytes(body: Any) -> bytes:
 
 
 def respond(request, status: int, body: Any) -> bytes:
+    data = json_bytes(body)
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json_bytes(body)
+    # Not chunked: a keep-alive client reads one length and the body.
+    request.setHeader(b"Content-Length", b"%d" % len(data))
+    return data
+
+
+def finished_anyway(work: defer.Deferred) -> defer.Deferred:
+    """A Deferred with `work`'s result; cancelling it (Klein does when the client goes
+    away) stops the waiting, not the work. A transaction cancelled half-way would cost
+    its pooled connection, and a group commit every caller of its batch; the work ends
+    as it would have, its answer unsent."""
+    waiting: defer.Deferred = defer.Deferred()
+
+    def settle(result):
+        if not waiting.called:
+            waiting.callback(result)
+        elif isinstance(result, Failure) and not result.check(APIError):
+            log.failure("after the client went away", result)
+        return None
+
+    work.addBoth(settle)
+    return waiting
 
 
 def json_endpoint(handler: Callable[..., Awaitable[tuple[int, Any]]]
@@ -86,7 +109,10 @@ def json_endpoint(handler: Callable[..., Awaitable[tuple[int, Any]]]
             if any("\x00" in value for value in kwargs.values() if isinstance(value, str)):
                 # No name of anything holds one (PostgreSQL could not even compare it).
                 raise APIError(404, NOT_FOUND)
-            status, body = await handler(self, request, *args, **kwargs)
+            status, body = await finished_anyway(defer.ensureDeferred(
+                handler(self, request, *args, **kwargs)))
+        except defer.CancelledError:
+            return b""  # the client is gone: nobody to answer
         except APIError as refusal:
             for name, value in refusal.headers.items():
                 request.setHeader(name, value)

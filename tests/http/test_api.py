@@ -4,15 +4,16 @@ requests cut, the rate limiter; and R-2, the API's 503 while PostgreSQL is away.
 import json
 
 import treq
-from twisted.internet import protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web import resource
+from twisted.web.test.requesthelper import DummyRequest
 
 from mailgw import admin
 from mailgw.config import HTTPConfig
-from mailgw.http.api import APIError, BoundedSite, RateLimiter
+from mailgw.http.api import APIError, BoundedSite, RateLimiter, json_endpoint
 from tests.harness import (
     LOOPBACK_PORT,
     Client,
@@ -197,3 +198,22 @@ async def until_async(check, what: str, attempts: int = 100) -> None:
         await task.deferLater(reactor, 0.1, lambda: None)
     raise AssertionError(f"still waiting for {what}")
 
+
+
+class ClientGoneTests(unittest.TestCase):
+    def test_the_work_goes_on_when_the_client_goes(self):
+        """Klein cancels a handler whose client went away: its transaction must not be
+        cancelled half-way (that would cost the pooled connection, or a whole group
+        commit)."""
+        cancelled = []
+        work = defer.Deferred(lambda _: cancelled.append(True))
+
+        class App:
+            @json_endpoint
+            async def handler(self, request):
+                return 200, await work
+
+        answer = defer.ensureDeferred(App().handler(DummyRequest([b"v1"])))
+        answer.cancel()
+        self.assertEqual((self.successResultOf(answer), cancelled), (b"", []))
+        work.callback({"stored": True})  # finishes unobserved, without an error
