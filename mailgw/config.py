@@ -71,6 +71,9 @@ class HTTPConfig:
     # Requests a second per API key, and how many may come at once (429 past them).
     requests_per_second_per_key: float = 50.0
     request_burst_per_key: int = 100
+    # Seconds a key's account is remembered without asking the database; a revoked key
+    # or a disabled account is refused within this time (0: asked every request).
+    key_cache_seconds: float = 10.0
     # Fetching content and attachments from URLs: seconds per fetch, largest
     # body, and networks allowed although private, loopback or link-local.
     fetch_timeout: float = 10.0
@@ -304,6 +307,7 @@ def _check_values(config: Config) -> None:
         except ValueError:
             raise ConfigError(f"delivery.dns_servers: {server!r} is not an IP address and "
                               "port") from None
+    _check_seconds("http.key_cache_seconds", config.http.key_cache_seconds)
     _check_seconds("database.embedded_restart_seconds",
                    config.database.embedded_restart_seconds)
     if config.delivery.per_domain_rate < 0:

@@ -157,7 +157,8 @@ class Gateway(service.MultiService):
             APIKeyChecker(self.stores.accounts)])
         http = self.config.http
         self.key_authenticator = KeyAuthenticator(self.portal, RateLimiter(
-            self.clock, http.requests_per_second_per_key, http.request_burst_per_key))
+            self.clock, http.requests_per_second_per_key, http.request_burst_per_key),
+            self.clock, http.key_cache_seconds)
         self.submission_service = SubmissionService(
             self.stores, self.config.http.public_base_url, self.clock, self._run_in_thread)
         self.fetcher = ContentFetcher(self.reactor, self._dns_servers(),

@@ -268,6 +268,7 @@ class ManagementApp:
         if "allowed_networks" in body:
             columns["allowed_networks"] = _networks(body["allowed_networks"])
         await self.stores.accounts.update_account(account.name, settings, columns)
+        self.authenticator.forget_keys()
         return 200, await self._account_details(
             await self.stores.accounts.get_account(account.name))
 
@@ -343,6 +344,7 @@ class ManagementApp:
     async def revoke_key(self, request, name: str, key_id: int) -> tuple[int, Any]:
         _, account = await self._account(request, name)
         await _found(self.stores.accounts.revoke_api_key(account.id, key_id))
+        self.authenticator.forget_keys()
         return 200, {"revoked": key_id}
 
     # -- sender domains and senders ------------------------------------------------------

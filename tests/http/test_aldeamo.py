@@ -197,6 +197,9 @@ class AttachmentURLTests(AldeamoTestCase):
 
 
 class ErrorNameTests(AldeamoTestCase):
+    # The tests change keys and accounts in the database directly.
+    http_config = HTTPConfig(listener=LOOPBACK_PORT, key_cache_seconds=0)
+
     async def test_key_errors_are_403(self):
         self.assertEqual(await self.error(request_body(), authorization=""),
                          (403, "Invalid_API_Key"))

@@ -1,6 +1,7 @@
 """API keys on the HTTP listener: Bearer or bare, wrong, revoked, a disabled account's."""
 
 from twisted.cred.portal import Portal
+from twisted.internet import task
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -101,3 +102,34 @@ class AuthorizeTests(unittest.TestCase):
 
     def test_an_smtp_login_has_no_key(self):
         self.assertRaises(KeyNotAuthorized, authorize, SubmissionAccount(1, "acme", "u"), SEND)
+
+
+class KeyCacheTests(DatabaseTestCase):
+    async def setUp(self):
+        await super().setUp()
+        accounts = self.stores.accounts
+        account = await accounts.create_account("acme")
+        self.key = credentials.new_api_key()
+        await accounts.create_api_key(account.id, "k", credentials.hash_api_key(self.key),
+                                      credentials.api_key_prefix(self.key))
+        self.clock = task.Clock()
+        self.authenticator = KeyAuthenticator(
+            Portal(SubmissionRealm(accounts), [APIKeyChecker(accounts)]), None, self.clock, 10)
+
+    async def test_an_account_remembered_for_a_while(self):
+        request = request_with(self.key.encode())
+        await self.authenticator.account(request)
+        await self.sql("UPDATE api_keys SET revoked_at = now()")
+        self.clock.advance(9)
+        self.assertEqual((await self.authenticator.account(request)).name, "acme")
+        self.clock.advance(1)
+        with self.assertRaises(InvalidAPIKey):
+            await self.authenticator.account(request)
+
+    async def test_forgotten_at_once_when_asked(self):
+        request = request_with(self.key.encode())
+        await self.authenticator.account(request)
+        await self.sql("UPDATE api_keys SET revoked_at = now()")
+        self.authenticator.forget_keys()
+        with self.assertRaises(InvalidAPIKey):
+            await self.authenticator.account(request)
