@@ -103,18 +103,9 @@ async def _http_session(run: _Run, port: int, key: str, html: str) -> None:
 
 
 async def run_http_load(spec: LoadSpec, port: int, key: str) -> LoadResult:
-    """The HTTP twin of loadgen.run_load: same counting, same warm-up and bounds."""
-    run = _Run(spec)
+    """loadgen.run_load with HTTP connections: the same counting, warm-up and bounds."""
     html = html_body(spec.sender, spec.message_size)
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    await asyncio.gather(*(_http_session(run, port, key, html)
-                           for _ in range(spec.sessions)))
-    result = run.result
-    result.client_cpu = time.process_time() - cpu0
-    result.wall = time.monotonic() - wall0
-    if run.started_at is not None and result.accepted:
-        result.elapsed = run.last_accept - run.started_at
-    return result
+    return await run_load(spec, lambda run: _http_session(run, port, key, html))
 
 
 @dataclass

@@ -27,6 +27,7 @@ import ssl
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -399,14 +400,22 @@ def client_tls_context() -> ssl.SSLContext:
     return context
 
 
-async def run_load(spec: LoadSpec) -> LoadResult:
-    """Run the load described by `spec` and return what happened."""
+async def run_load(spec: LoadSpec,
+                   session: Callable[[_Run], Awaitable[None]] | None = None) -> LoadResult:
+    """Run the load described by `spec` and return what happened. `session(run)` is one
+    client's loop (default: an SMTP session); bench/http_send.py gives its HTTP one,
+    which counts through the same `_Run`."""
     run = _Run(spec)
-    context = client_tls_context()
+    if session is None:
+        context = client_tls_context()
+
+        def session(run: _Run) -> Awaitable[None]:
+            return _session(run, context)
+
     cpu0, wall0 = time.process_time(), time.monotonic()
     if spec.warmup <= 0:
         run.started_at = wall0
-    await asyncio.gather(*(_session(run, context) for _ in range(spec.sessions)))
+    await asyncio.gather(*(session(run) for _ in range(spec.sessions)))
     result = run.result
     result.client_cpu = time.process_time() - cpu0
     result.wall = time.monotonic() - wall0

@@ -190,6 +190,16 @@ class ManagementApp:
         except NotFound as missing:
             raise APIError(404, NOT_FOUND, str(missing)) from None
 
+    async def _page(self, request, name: str, lister: Callable[..., Any],
+                    item_json: Callable[[Any], dict], key: Callable[[Any], Any],
+                    first: Any = 0) -> tuple[int, dict]:
+        """A page of one kind of the account's objects: `lister(account_id, after, limit)`
+        lists them in the order of `key`, which the cursor holds."""
+        _, account = await self._account(request, name)
+        page = Page.of(request, first)
+        return 200, page.answer(await lister(account.id, page.after, page.limit), item_json,
+                                key)
+
     # -- accounts ----------------------------------------------------------------------
 
     @app.route("/v1/admin/accounts", methods=["GET"])
@@ -277,10 +287,7 @@ class ManagementApp:
     @app.route("/v1/admin/accounts/<name>/users", methods=["GET"])
     @json_endpoint
     async def list_users(self, request, name: str) -> tuple[int, Any]:
-        _, account = await self._account(request, name)
-        page = Page.of(request)
-        users = await self.stores.accounts.list_users(account.id, page.after, page.limit)
-        return 200, page.answer(users, lambda u: {
+        return await self._page(request, name, self.stores.accounts.list_users, lambda u: {
             "username": u.username, "created_at": _time(u.created_at)}, lambda u: u.id)
 
     @app.route("/v1/admin/accounts/<name>/users", methods=["POST"])
@@ -312,10 +319,8 @@ class ManagementApp:
     @app.route("/v1/admin/accounts/<name>/keys", methods=["GET"])
     @json_endpoint
     async def list_keys(self, request, name: str) -> tuple[int, Any]:
-        _, account = await self._account(request, name)
-        page = Page.of(request)
-        keys = await self.stores.accounts.list_api_keys(account.id, page.after, page.limit)
-        return 200, page.answer(keys, _key_json, lambda k: k.id)
+        return await self._page(request, name, self.stores.accounts.list_api_keys, _key_json,
+                                lambda k: k.id)
 
     @app.route("/v1/admin/accounts/<name>/keys", methods=["POST"])
     @json_endpoint
@@ -352,10 +357,8 @@ class ManagementApp:
     @app.route("/v1/admin/accounts/<name>/domains", methods=["GET"])
     @json_endpoint
     async def list_domains(self, request, name: str) -> tuple[int, Any]:
-        _, account = await self._account(request, name)
-        page = Page.of(request)
-        domains = await self.stores.senders.list_domains(account.id, page.after, page.limit)
-        return 200, page.answer(domains, self._domain_json, lambda d: d.id)
+        return await self._page(request, name, self.stores.senders.list_domains,
+                                self._domain_json, lambda d: d.id)
 
     @app.route("/v1/admin/accounts/<name>/domains", methods=["POST"])
     @json_endpoint
@@ -415,10 +418,8 @@ class ManagementApp:
     @app.route("/v1/admin/accounts/<name>/senders", methods=["GET"])
     @json_endpoint
     async def list_senders(self, request, name: str) -> tuple[int, Any]:
-        _, account = await self._account(request, name)
-        page = Page.of(request, first="")
-        senders = await self.stores.senders.list_senders(account.id, page.after, page.limit)
-        return 200, page.answer(senders, _sender_json, lambda s: s.address)
+        return await self._page(request, name, self.stores.senders.list_senders, _sender_json,
+                                lambda s: s.address, first="")
 
     @app.route("/v1/admin/accounts/<name>/senders", methods=["POST"])
     @json_endpoint
@@ -456,10 +457,8 @@ class ManagementApp:
     @app.route("/v1/admin/accounts/<name>/templates", methods=["GET"])
     @json_endpoint
     async def list_templates(self, request, name: str) -> tuple[int, Any]:
-        _, account = await self._account(request, name)
-        page = Page.of(request, first="")
-        templates = await self.stores.templates.list(account.id, page.after, page.limit)
-        return 200, page.answer(templates, _template_json, lambda t: t.template_id)
+        return await self._page(request, name, self.stores.templates.list, _template_json,
+                                lambda t: t.template_id, first="")
 
     @app.route("/v1/admin/accounts/<name>/templates/<template_id>", methods=["GET"])
     @json_endpoint
@@ -500,10 +499,8 @@ class ManagementApp:
     @app.route("/v1/admin/accounts/<name>/webhooks", methods=["GET"])
     @json_endpoint
     async def list_webhooks(self, request, name: str) -> tuple[int, Any]:
-        _, account = await self._account(request, name)
-        page = Page.of(request)
-        endpoints = await self.stores.webhooks.list(account.id, page.after, page.limit)
-        return 200, page.answer(endpoints, _webhook_json, lambda w: w.id)
+        return await self._page(request, name, self.stores.webhooks.list, _webhook_json,
+                                lambda w: w.id)
 
     @app.route("/v1/admin/accounts/<name>/webhooks", methods=["POST"])
     @json_endpoint
@@ -537,11 +534,10 @@ class ManagementApp:
     async def list_suppressions(self, request, name: str) -> tuple[int, Any]:
         """Every suppression, or those of `?address=` or of `?domain=` (the addresses at a
         recipient domain)."""
-        _, account = await self._account(request, name)
-        page = Page.of(request)
-        rows = await self.stores.suppressions.list(account.id, _which(request), page.after,
-                                                   page.limit)
-        return 200, page.answer(rows, _suppression_json, lambda s: s.id)
+        which = _which(request)
+        return await self._page(
+            request, name, lambda account_id, after, limit: self.stores.suppressions.list(
+                account_id, which, after, limit), _suppression_json, lambda s: s.id)
 
     @app.route("/v1/admin/accounts/<name>/suppressions", methods=["POST"])
     @json_endpoint
