@@ -13,11 +13,15 @@ from urllib.parse import urlsplit
 
 from mailgw import credentials
 from mailgw.content.dkim import DNSRecord, domain_dns_records, generate_dkim_key
+from mailgw.content.message import CATEGORY_MAX_LENGTH
 from mailgw.store import Stores
 from mailgw.store.accounts import APIKeyInfo
 from mailgw.store.senders import Sender, SenderDomain
+from mailgw.store.suppressions import Suppression
 from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES, WebhookEndpoint
 from mailgw.submit.addresses import InvalidAddress, normalize_address
+
+USERNAME_MAX_LENGTH = 128
 
 
 class AdminRefused(Exception):
@@ -51,8 +55,10 @@ async def create_user(stores: Stores, account_id: int, username: str,
                       password: str | None = None, run_in_thread: InThread = _inline) -> str:
     """A user of the account; the password, generated when none is given (its hash
     made by `run_in_thread`: a server passes a thread, scrypt takes ~50 ms)."""
-    if not username or not username.isprintable() or " " in username:
-        raise AdminRefused(f"not a username: {username!r}")
+    if (not username or len(username) > USERNAME_MAX_LENGTH or not username.isprintable()
+            or " " in username):
+        raise AdminRefused(f"not a username (printable, no spaces, at most "
+                           f"{USERNAME_MAX_LENGTH} characters): {username[:80]!r}")
     password = password or credentials.new_password()
     await stores.accounts.create_user(account_id, username,
                                       await run_in_thread(credentials.hash_password, password))
@@ -65,10 +71,10 @@ async def add_domain(stores: Stores, account_id: int, domain: str, algorithm: st
                      ) -> SenderDomain:
     """A sender domain with a new DKIM key (`domain_records` says what to publish)."""
     domain = domain.lower().strip()
-    if not _is_domain(domain):
+    if not is_domain_name(domain):
         raise AdminRefused(f"not a domain name: {domain!r}")
     return_path = (return_path_domain or f"bounces.{domain}").lower().strip()
-    if not _is_domain(return_path):
+    if not is_domain_name(return_path):
         raise AdminRefused(f"not a domain name: {return_path!r}")
     if not selector or not all(c.isalnum() or c in "-_" for c in selector):
         raise AdminRefused(f"not a DKIM selector: {selector!r}")
@@ -112,7 +118,27 @@ async def add_webhook(stores: Stores, account_id: int, url: str, event_types: li
     return await stores.webhooks.create(account_id, url, secret, event_types), secret
 
 
-def _is_domain(name: str) -> bool:
+async def add_suppression(stores: Stores, account_id: int, address: str,
+                          sender_domain: str | None = None,
+                          category: str | None = None) -> Suppression:
+    """A manual suppression of `address` (for mail from `sender_domain`, in `category`;
+    None: all)."""
+    try:
+        normalized = normalize_address(address.strip())
+    except InvalidAddress:
+        raise AdminRefused(f"not an email address: {address[:80]}") from None
+    if sender_domain is not None:
+        sender_domain = sender_domain.lower().strip()
+        if not is_domain_name(sender_domain):
+            raise AdminRefused(f"not a domain name: {sender_domain[:80]!r}")
+    if category is not None and not (0 < len(category) <= CATEGORY_MAX_LENGTH
+                                     and category.isprintable()):
+        raise AdminRefused(f"a category is 1 to {CATEGORY_MAX_LENGTH} printable characters")
+    return await stores.suppressions.add(account_id, normalized, sender_domain, category)
+
+
+def is_domain_name(name: str) -> bool:
+    """An ASCII host name of two labels or more (IDNA already applied)."""
     labels = name.split(".")
     return (len(labels) >= 2 and len(name) <= 253 and all(
         label and len(label) <= 63 and label.isascii()

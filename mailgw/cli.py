@@ -340,8 +340,8 @@ async def _webhook_list(stores, args, config, out, stdin) -> None:
 
 async def _suppression_add(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
-    added = await stores.suppressions.add(account.id, args.address, args.sender_domain,
-                                          args.category)
+    added = await admin.add_suppression(stores, account.id, args.address,
+                                        args.sender_domain, args.category)
     print(f"{added.address} suppressed", file=out)
 
 

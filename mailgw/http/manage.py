@@ -41,7 +41,6 @@ from mailgw.store import Stores
 from mailgw.store.accounts import KEY_KINDS, Account
 from mailgw.store.suppressions import SuppressionFilter
 from mailgw.store.templates import Template
-from mailgw.submit.addresses import InvalidAddress, normalize_address
 
 BAD_REQUEST = "Bad_request"
 CONFLICT = "Already_exists"
@@ -545,15 +544,12 @@ class ManagementApp:
         _, account = await self._account(request, name)
         body = _object(request)
         try:
-            address = normalize_address(_text(body, "address").strip())
-        except InvalidAddress:
-            raise _bad("address is not an email address") from None
-        scope = _text(body, "sender_domain", required=False)
-        category = _text(body, "category", required=False)
-        try:
-            row = await self.stores.suppressions.add(account.id, address,
-                                                     scope.lower() if scope else None,
-                                                     category or None)
+            row = await admin.add_suppression(
+                self.stores, account.id, _text(body, "address"),
+                _text(body, "sender_domain", required=False) or None,
+                _text(body, "category", required=False) or None)
+        except admin.AdminRefused as refusal:
+            raise _bad(str(refusal)) from None
         except AlreadyExists as taken:
             raise APIError(409, CONFLICT, str(taken)) from None
         return 201, _suppression_json(row)

@@ -10,11 +10,14 @@ from pathlib import Path
 
 from klein import Klein
 
+from mailgw.http.api import add_json_error_pages
+
 DOCUMENT = Path(__file__).with_name("openapi.json")
 
 
 class OpenAPIApp:
     app = Klein()
+    add_json_error_pages(app)
 
     def __init__(self, document: Path = DOCUMENT) -> None:
         self.document = document.read_bytes()

@@ -185,3 +185,16 @@ class ManagementTests(QueriesDatabase, unittest.TestCase):
         for body in (None, [], {"username": 5}, {"username": ""}):
             code, answer = await self.call("POST", "/accounts/acme/users", body)
             self.assertEqual(code, 400, body)
+
+    async def test_values_too_long_for_an_index_are_400(self):
+        """Unique indexes hold at most ~2.7 KB a row: longer values are refused, not a
+        database error."""
+        long = "x" * 5000
+        for path, body in (("/accounts/acme/users", {"username": long}),
+                           ("/accounts/acme/suppressions",
+                            {"address": "a@example.net", "category": long}),
+                           ("/accounts/acme/suppressions",
+                            {"address": "a@example.net", "sender_domain": long + ".com"})):
+            self.assertEqual((await self.call("POST", path, body))[0], 400, path)
+        self.assertEqual((await self.call("PUT", f"/accounts/acme/templates/{long}",
+                                          {"html": "<p>x</p>"}))[0], 400)
