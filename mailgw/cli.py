@@ -8,6 +8,7 @@ command is an `async` function over the same Stores the server uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import re
@@ -19,14 +20,15 @@ from typing import TextIO
 
 from twisted.internet import defer, task
 
-from mailgw import credentials
+from mailgw import admin, credentials
 from mailgw.accounts.settings import ATTACHMENT_MODES, MULTIPART_MODES, AccountSettings
 from mailgw.config import Config, ConfigError, load_config
-from mailgw.content.dkim import DKIM_ALGORITHMS, domain_dns_records, generate_dkim_key
+from mailgw.content.dkim import DKIM_ALGORITHMS
 from mailgw.content.footer_texts import LANGUAGES
 from mailgw.errors import AlreadyExists, DatabaseUnavailable, NotFound, StartupError
 from mailgw.gateway import embedded_cluster, open_database
 from mailgw.store import Stores
+from mailgw.store.accounts import KEY_KINDS
 from mailgw.store.queue_admin import (
     DELIVERY_STATES,
     MAX_LISTED,
@@ -36,6 +38,7 @@ from mailgw.store.queue_admin import (
     QueueActionRefused,
     QueueFilter,
 )
+from mailgw.store.suppressions import SuppressionFilter
 from mailgw.store.templates import Template
 from mailgw.tlscert import ensure_self_signed
 
@@ -169,6 +172,44 @@ def build_parser() -> argparse.ArgumentParser:
     create = apikey.add_parser("create", help="create an API key (shown once)")
     create.add_argument("account")
     create.add_argument("--name", default="")
+    create.add_argument("--kind", choices=KEY_KINDS, default="account",
+                        help="account: sends and reads (default); admin: also manages the "
+                        "account under /v1/admin/; campaign: sends for one campaign only")
+    create.add_argument("--campaign", type=int, metavar="NUMID",
+                        help="the campaign of a campaign key")
+    create.add_argument("--operator", action="store_true",
+                        help="an admin key that manages every account (the installation's "
+                        "operator)")
+    listing = apikey.add_parser("list", help="list an account's API keys")
+    listing.add_argument("account")
+    revoke = apikey.add_parser("revoke", help="revoke an API key")
+    revoke.add_argument("account")
+    revoke.add_argument("key_id", type=int)
+
+    webhook = commands.add_parser("webhook", help="webhook endpoints").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    add = webhook.add_parser("add", help="add an endpoint (its signing secret shown once)")
+    add.add_argument("account")
+    add.add_argument("url")
+    add.add_argument("--events", default="sent,click,complaint,open,unsubscribed,bounce",
+                     help="comma-separated event types (default: every W-1 type)")
+    listing = webhook.add_parser("list", help="list an account's endpoints")
+    listing.add_argument("account")
+
+    suppression = commands.add_parser("suppression", help="the suppression list"
+                                      ).add_subparsers(dest="action", required=True,
+                                                       metavar="ACTION")
+    add = suppression.add_parser("add", help="never send to an address")
+    add.add_argument("account")
+    add.add_argument("address")
+    add.add_argument("--sender-domain", help="only for mail from this sender domain")
+    add.add_argument("--category", help="only for this campaign category")
+    for action, text in (("list", "list suppressions"),
+                         ("remove", "remove suppressions (by address or domain)")):
+        which = suppression.add_parser(action, help=text)
+        which.add_argument("account")
+        which.add_argument("--address")
+        which.add_argument("--domain", help="every address at this recipient domain")
 
     domain = commands.add_parser("domain", help="sender domains").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -280,7 +321,10 @@ async def run_command(args: argparse.Namespace, config: Config, reactor, out: Te
         elif args.command == "migrate":
             print("migrations applied", file=out)
         else:
-            await COMMANDS[args.command, args.action](stores, args, config, out, stdin)
+            try:
+                await COMMANDS[args.command, args.action](stores, args, config, out, stdin)
+            except admin.AdminRefused as refusal:
+                raise CommandError(str(refusal)) from None
 
 
 async def _account_create(stores, args, config, out, stdin) -> None:
@@ -331,41 +375,96 @@ async def _template_list(stores, args, config, out, stdin) -> None:
 
 async def _user_create(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
+    given = None
     if args.password_stdin:
-        password = stdin.readline().rstrip("\r\n")
-        if not password:
+        given = stdin.readline().rstrip("\r\n")
+        if not given:
             raise CommandError("no password on standard input")
-    else:
-        password = credentials.new_password()
-    await stores.accounts.create_user(account.id, args.username,
-                                      credentials.hash_password(password))
+    password = await admin.create_user(stores, account.id, args.username, given)
     print(f"user {args.username} created for account {account.name}", file=out)
-    if not args.password_stdin:
+    if given is None:
         print(f"password: {password}", file=out)
 
 
 async def _apikey_create(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
-    key = credentials.new_api_key()
-    await stores.accounts.create_api_key(account.id, args.name, credentials.hash_api_key(key),
-                                         credentials.api_key_prefix(key))
-    print(f"API key for account {account.name} (shown only now, stored hashed):", file=out)
+    kind = "admin" if args.operator else args.kind
+    if args.operator and args.kind not in ("account", "admin"):
+        raise CommandError("an operator key is an admin key")
+    info, key = await admin.create_api_key(stores, account.id, args.name, kind, args.campaign,
+                                           args.operator)
+    what = "operator key" if info.operator else f"{info.kind} key"
+    print(f"API {what} {info.id} for account {account.name} (shown only now, stored "
+          "hashed):", file=out)
     print(key, file=out)
+
+
+async def _apikey_list(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    for key in await stores.accounts.list_api_keys(account.id, limit=None):
+        state = "revoked" if key.revoked_at else "active"
+        kind = "operator" if key.operator else key.kind
+        campaign = "" if key.campaign_numid is None else f" campaign {key.campaign_numid}"
+        print(f"{key.id}\t{key.prefix}...\t{kind}{campaign}\t{key.name}\t{state}", file=out)
+
+
+async def _apikey_revoke(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    await stores.accounts.revoke_api_key(account.id, args.key_id)
+    print(f"API key {args.key_id} revoked", file=out)
+
+
+async def _webhook_add(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    events = [event.strip() for event in args.events.split(",") if event.strip()]
+    endpoint, secret = await admin.add_webhook(stores, account.id, args.url, events,
+                                               config.webhooks.allow_http_hosts)
+    print(f"webhook endpoint {endpoint.id} added; its signing secret (shown only now):",
+          file=out)
+    print(secret, file=out)
+
+
+async def _webhook_list(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    for endpoint in await stores.webhooks.list(account.id, limit=None):
+        print(f"{endpoint.id}\t{endpoint.url}\t{','.join(endpoint.event_types)}", file=out)
+
+
+async def _suppression_add(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    added = await admin.add_suppression(stores, account.id, args.address,
+                                        args.sender_domain, args.category)
+    print(f"{added.address} suppressed", file=out)
+
+
+def _suppression_filter(args) -> SuppressionFilter:
+    if not (args.address or args.domain):
+        raise CommandError("give --address or --domain")
+    return SuppressionFilter(args.address and args.address.lower(),
+                             args.domain and args.domain.lower())
+
+
+async def _suppression_list(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    for row in await stores.suppressions.list(account.id, _suppression_filter(args),
+                                              limit=None):
+        print(f"{row.id}\t{row.address}\t{row.scope_domain or '*'}\t{row.category or '*'}"
+              f"\t{row.reason}", file=out)
+
+
+async def _suppression_remove(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    removed = await stores.suppressions.remove(account.id, _suppression_filter(args))
+    print(f"{removed} suppressions removed", file=out)
 
 
 async def _domain_add(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
-    domain = args.domain.lower()
-    return_path = (args.return_path_domain or f"bounces.{domain}").lower()
-    key = generate_dkim_key(args.algorithm)
-    await stores.senders.add_domain(account.id, domain, args.selector, key.algorithm,
-                                    key.private_key_pem, key.public_key, return_path)
-    if args.verified:
-        await stores.senders.verify_domain(account.id, domain)
-    print(f"domain {domain} added to account {account.name}"
+    domain = await admin.add_domain(stores, account.id, args.domain, args.algorithm,
+                                    args.selector, args.return_path_domain, args.verified)
+    print(f"domain {domain.domain} added to account {account.name}"
           f"{' (verified)' if args.verified else ''}; publish these DNS records:", file=out)
-    for record in domain_dns_records(domain, args.selector, key.algorithm, key.public_key,
-                                     return_path, config.hostname):
+    for record in admin.domain_records(domain, config.hostname):
         print(record.zone_line(), file=out)
 
 
@@ -377,9 +476,7 @@ async def _domain_verify(stores, args, config, out, stdin) -> None:
 
 async def _sender_add(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
-    if not _looks_like_address(args.address):
-        raise CommandError(f"not an email address: {args.address}")
-    sender = await stores.senders.add_sender(account.id, args.address, args.verified)
+    sender = await admin.add_sender(stores, account.id, args.address, args.verified)
     print(f"sender {sender.address} added to account {account.name}"
           f"{' (verified)' if args.verified else ''}", file=out)
 
@@ -483,6 +580,13 @@ COMMANDS = {
     ("template", "list"): _template_list,
     ("user", "create"): _user_create,
     ("apikey", "create"): _apikey_create,
+    ("apikey", "list"): _apikey_list,
+    ("apikey", "revoke"): _apikey_revoke,
+    ("webhook", "add"): _webhook_add,
+    ("webhook", "list"): _webhook_list,
+    ("suppression", "add"): _suppression_add,
+    ("suppression", "list"): _suppression_list,
+    ("suppression", "remove"): _suppression_remove,
     ("domain", "add"): _domain_add,
     ("domain", "verify"): _domain_verify,
     ("sender", "add"): _sender_add,
@@ -495,10 +599,6 @@ COMMANDS = {
     ("queue", "resume"): _queue_resume,
     ("queue", "suspended"): _queue_suspended,
 }
-
-
-def _looks_like_address(address: str) -> bool:
-    return re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", address) is not None
 
 
 async def _create_demo(stores: Stores, config: Config, out: TextIO) -> None:
@@ -514,21 +614,14 @@ async def _create_demo(stores: Stores, config: Config, out: TextIO) -> None:
     password = credentials.new_password()
     await stores.accounts.set_password(account.id, DEMO_USER,
                                        credentials.hash_password(password))
-    try:
-        key = generate_dkim_key("rsa")
-        await stores.senders.add_domain(account.id, DEMO_DOMAIN, "mailgw", key.algorithm,
-                                        key.private_key_pem, key.public_key,
-                                        f"bounces.{DEMO_DOMAIN}")
-    except AlreadyExists:
-        pass
+    with contextlib.suppress(AlreadyExists):
+        await admin.add_domain(stores, account.id, DEMO_DOMAIN)
     await stores.senders.verify_domain(account.id, DEMO_DOMAIN)
     try:
         await stores.senders.add_sender(account.id, DEMO_SENDER, verified=True)
     except AlreadyExists:
         await stores.senders.verify_sender(account.id, DEMO_SENDER)
-    api_key = credentials.new_api_key()
-    await stores.accounts.create_api_key(account.id, "demo", credentials.hash_api_key(api_key),
-                                         credentials.api_key_prefix(api_key))
+    _, api_key = await admin.create_api_key(stores, account.id, "demo")
     demo = {"user": DEMO_USER, "password": password, "sender": DEMO_SENDER,
             "api_key": api_key}
     demo_file.write_text(json.dumps(demo, indent=2) + "\n")

@@ -39,9 +39,14 @@ from mailgw.embedded_pg import (
     cluster_root,
 )
 from mailgw.errors import NotFound, StartupError
+from mailgw.fetch import ContentFetcher
+from mailgw.http.aldeamo import AldeamoApp
+from mailgw.http.api import RateLimiter
 from mailgw.http.auth import KeyAuthenticator
+from mailgw.http.manage import ManagementApp
+from mailgw.http.openapi import OpenAPIApp
 from mailgw.http.ops import OperationsApp
-from mailgw.http.root import HTTPRoot, MeteredSite
+from mailgw.http.root import HTTPRoot, ListenerSite
 from mailgw.http.tracking import TrackingApp
 from mailgw.metrics import Metrics, QueueDepthProbe
 from mailgw.smtp.auth import AuthThrottle
@@ -166,6 +171,9 @@ class Gateway(service.MultiService):
         self.portal: Portal | None = None
         self.key_authenticator: KeyAuthenticator | None = None
         self.submission_service: SubmissionService | None = None
+        # Content and attachments from URLs (R-4), for the API dialects.
+        self.fetcher: ContentFetcher | None = None
+        self.http_root: HTTPRoot | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -203,20 +211,22 @@ class Gateway(service.MultiService):
         self.portal = Portal(self.realm, [
             AccountCredentialsChecker(self.stores.accounts, self._run_in_thread),
             APIKeyChecker(self.stores.accounts)])
-        self.key_authenticator = KeyAuthenticator(self.portal)
+        http = self.config.http
+        self.key_authenticator = KeyAuthenticator(self.portal, RateLimiter(
+            self.clock, http.requests_per_second_per_key, http.request_burst_per_key),
+            self.clock, http.key_cache_seconds)
         self.submission_service = SubmissionService(
             self.stores, self.config.http.public_base_url, self.clock, self._run_in_thread)
+        self.fetcher = ContentFetcher(self.reactor, self._dns_servers(),
+                                      http.fetch_allow_networks, http.fetch_timeout,
+                                      http.fetch_max_bytes)
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
-        tracking = TrackingApp(self.stores.submissions).app.resource()
-        operations = OperationsApp(
-            self.database, self.metrics,
-            QueueDepthProbe(self.stores.queue_admin.depth, self.clock),
-            self.config.http.metrics_networks)
-        root = HTTPRoot({("a",): tracking}, operations.app.resource())
-        site = MeteredSite(root, self.metrics)
-        site.displayTracebacks = False
+        self.http_root = self._http_root()
+        site = ListenerSite(self.http_root, self.metrics, max_body_size=http.max_body_size,
+                            request_timeout=http.request_timeout,
+                            idle_timeout=http.idle_timeout, reactor=self.clock)
         smtp_backlog = self.config.smtp.listen_backlog
         http_description, http_tls = http_listener(self.config.http.listener)
         wanted = (
@@ -238,6 +248,28 @@ class Gateway(service.MultiService):
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
 
+    def _http_root(self) -> HTTPRoot:
+        """Every app of the HTTP listener at its mount point (docs/architecture.md)."""
+        tracking = TrackingApp(self.stores.submissions).app.resource()
+        operations = OperationsApp(
+            self.database, self.metrics,
+            QueueDepthProbe(self.stores.queue_admin.depth, self.clock),
+            self.config.http.metrics_networks)
+        aldeamo = AldeamoApp(self.key_authenticator, self.submission_service, self.fetcher,
+                             self.config.smtp.max_recipients,
+                             self.config.smtp.max_message_size)
+        management = ManagementApp(self.key_authenticator, self.stores, self.config,
+                                   self._run_in_thread)
+        return HTTPRoot({("a",): tracking, ("v1", "email"): aldeamo.app.resource(),
+                         ("v1", "admin"): management.app.resource(),
+                         ("v1", "openapi.json"): OpenAPIApp().app.resource()},
+                        operations.app.resource())
+
+    def _dns_servers(self) -> list[tuple[str, int]]:
+        """delivery.dns_servers as (address, port); empty: /etc/resolv.conf."""
+        return [(host.strip("[]"), int(port)) for host, _, port in
+                (server.rpartition(":") for server in self.config.delivery.dns_servers)]
+
     def _embedded_gave_up(self) -> None:
         if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
             self.failed.callback(None)
@@ -251,9 +283,7 @@ class Gateway(service.MultiService):
             if delivery.smarthost_username:
                 authenticate = (delivery.smarthost_username, delivery.smarthost_password)
         else:
-            servers = [(h, int(p)) for h, _, p in
-                       (s.rpartition(":") for s in delivery.dns_servers)]
-            resolver = MXResolver(self.reactor, self.clock, servers,
+            resolver = MXResolver(self.reactor, self.clock, self._dns_servers(),
                                   port=delivery.remote_smtp_port)
         pool = OutboundPool(self.reactor, self.clock, self.config.hostname,
                             tls_policy=delivery.tls_policy,

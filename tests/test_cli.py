@@ -21,19 +21,19 @@ from mailgw.store import Stores
 from mailgw.store.database import Database
 from mailgw.store.queue_admin import BadQueueRequest, QueueActionRefused
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
-from tests.harness import fresh_database, run_sql
+from tests.harness import QueriesDatabase, fresh_database
 
 MAILGW = str(Path(sys.executable).parent / "mailgw")
 
 
-class CommandTestCase(unittest.TestCase):
+class CommandTestCase(QueriesDatabase, unittest.TestCase):
     """`self.command(...)` runs a command in-process, over a fresh database."""
 
     async def setUp(self):
         dsn = fresh_database()
         self.config = Config(state_dir=self.mktemp(), hostname="mx.gw.example",
                              database=DatabaseConfig(dsn=dsn, pool_size=1))
-        database = Database(dsn, 1, reactor)
+        self.database = database = Database(dsn, 1, reactor)
         await database.start()
         self.addCleanup(database.close)
         self.stores = Stores.on(database)
@@ -63,9 +63,9 @@ class CommandTests(CommandTestCase):
         self.assertIn("curl -H 'Authorization: Bearer " + demo["api_key"], output)
         account_id, stored = await self.stores.accounts.password_hash_for(demo["user"])
         self.assertTrue(credentials.verify_password(demo["password"], stored))
-        found = await self.stores.accounts.account_for_api_key(
+        found, grant = await self.stores.accounts.api_key(
             credentials.hash_api_key(demo["api_key"]))
-        self.assertEqual(found.id, account_id)
+        self.assertEqual((found.id, grant.kind), (account_id, "account"))
         senders = await self.stores.senders.list_senders(account_id)
         self.assertEqual([(s.address, s.verified_at is not None) for s in senders],
                          [(demo["sender"], True)])
@@ -179,9 +179,51 @@ class CommandTests(CommandTestCase):
         await self.command("account", "create", "acme")
         key = (await self.command("apikey", "create", "acme", "--name", "ci")).splitlines()[-1]
         self.assertTrue(key.startswith(credentials.API_KEY_PREFIX))
-        account = await self.stores.accounts.account_for_api_key(
-            credentials.hash_api_key(key))
-        self.assertEqual(account.name, "acme")
+        account, grant = await self.stores.accounts.api_key(credentials.hash_api_key(key))
+        self.assertEqual((account.name, grant.kind), ("acme", "account"))
+
+    async def test_apikey_kinds_list_and_revoke(self):
+        """H-3: the same key kinds as the management API, through the same functions."""
+        await self.command("account", "create", "acme")
+        account = await self.stores.accounts.get_account("acme")
+        await self.sql("INSERT INTO campaigns (account_id, type, numid) VALUES (%s, 'api', 5)",
+                       account.id)
+        for args, kind, operator in ((["--kind", "admin"], "admin", False),
+                                     (["--kind", "campaign", "--campaign", "5"], "campaign",
+                                      False),
+                                     (["--operator"], "admin", True)):
+            key = (await self.command("apikey", "create", "acme", *args)).splitlines()[-1]
+            _, grant = await self.stores.accounts.api_key(credentials.hash_api_key(key))
+            self.assertEqual((grant.kind, grant.operator), (kind, operator))
+        for wrong in (["--kind", "campaign"], ["--kind", "admin", "--campaign", "5"],
+                      ["--kind", "campaign", "--campaign", "6"],
+                      ["--kind", "campaign", "--campaign", "5", "--operator"]):
+            with self.assertRaises((CommandError, NotFound)):
+                await self.command("apikey", "create", "acme", *wrong)
+        listing = await self.command("apikey", "list", "acme")
+        self.assertIn("campaign 5", listing)
+        self.assertIn("operator", listing)
+        key_id = listing.split()[0]
+        await self.command("apikey", "revoke", "acme", key_id)
+        self.assertIn("revoked", (await self.command("apikey", "list", "acme")).splitlines()[0])
+
+    async def test_webhooks_and_suppressions(self):
+        await self.command("account", "create", "acme")
+        output = await self.command("webhook", "add", "acme", "https://hooks.example/in",
+                                    "--events", "sent,open")
+        self.assertEqual(len(output.splitlines()[-1]), 43)
+        self.assertIn("https://hooks.example/in\tsent,open",
+                      await self.command("webhook", "list", "acme"))
+        with self.assertRaises(CommandError):
+            await self.command("webhook", "add", "acme", "http://hooks.example/in")
+        await self.command("suppression", "add", "acme", "Ana@Example.net")
+        self.assertIn("ana@example.net\t*\t*\tmanual",
+                      await self.command("suppression", "list", "acme", "--domain",
+                                         "example.net"))
+        self.assertIn("1 suppressions removed", await self.command(
+            "suppression", "remove", "acme", "--address", "ana@example.net"))
+        with self.assertRaises(CommandError):
+            await self.command("suppression", "remove", "acme")
 
     async def test_domain_add_prints_dns_records(self):
         await self.command("account", "create", "acme")
@@ -222,8 +264,8 @@ class QueueCommandTests(CommandTestCase):
             recipients=(QueuedRecipient("Ana@example.net", None),
                         QueuedRecipient("bea@example.net", None),
                         QueuedRecipient("cris@other.example", None))))
-        self.ids = [row[0] for row in await run_sql(
-            self.stores.database, "SELECT id FROM deliveries WHERE message_id = %s ORDER BY id",
+        self.ids = [row[0] for row in await self.sql(
+            "SELECT id FROM deliveries WHERE message_id = %s ORDER BY id",
             stored.message_id)]
 
     async def test_list_counts_and_deliveries(self):
@@ -242,7 +284,7 @@ class QueueCommandTests(CommandTestCase):
 
     async def test_show_retry_and_cancel(self):
         first = self.ids[0]
-        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'deferred',"
+        await self.sql("UPDATE deliveries SET state = 'deferred',"
                       " attempts = 1, last_reply = '451 later',"
                       " next_attempt_at = now() + interval '1 hour' WHERE id = %s", first)
         self.assertIn(f"delivery {first} to Ana@example.net is due now",
@@ -251,7 +293,7 @@ class QueueCommandTests(CommandTestCase):
         self.assertIn(f"{first}\tacme\tAna@example.net\tdeferred\t1\t", shown)
         self.assertIn("from news@example.org: Ofertas", shown)
         self.assertIn("\tqueued", shown)
-        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'deferred',"
+        await self.sql("UPDATE deliveries SET state = 'deferred',"
                       " next_attempt_at = now() + interval '1 hour'")
         self.assertEqual(await self.command("queue", "retry", "--domain", "example.net"),
                          "2 deferred deliveries to example.net are due now\n")
@@ -275,7 +317,7 @@ class QueueCommandTests(CommandTestCase):
 
     async def test_bad_input_changes_nothing(self):
         """Issue 16, point 6: each a clear message; the queue is as it was."""
-        before = await run_sql(self.stores.database, "SELECT * FROM deliveries ORDER BY id")
+        before = await self.sql("SELECT * FROM deliveries ORDER BY id")
         await self.command("queue", "suspend", "other.example")
         for argv, error, message in (
                 (["retry", str(self.ids[2])], QueueActionRefused, "other.example is suspended"),
@@ -295,17 +337,17 @@ class QueueCommandTests(CommandTestCase):
             with self.assertRaises(error, msg=argv) as caught:
                 await self.command("queue", *argv)
             self.assertIn(message, str(caught.exception))
-        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'sent'"
+        await self.sql("UPDATE deliveries SET state = 'sent'"
                       " WHERE id = %s", self.ids[0])
         with self.assertRaises(QueueActionRefused) as caught:
             await self.command("queue", "retry", str(self.ids[0]))
         self.assertIn("is sent: it is not in the queue, nothing to retry", str(caught.exception))
         await self.command("queue", "resume", "other.example")
-        await run_sql(self.stores.database, "UPDATE deliveries SET state = 'queued'"
+        await self.sql("UPDATE deliveries SET state = 'queued'"
                       " WHERE id = %s", self.ids[0])
         self.assertEqual(
-            [row[:8] + row[9:14] for row in await run_sql(
-                self.stores.database, "SELECT * FROM deliveries ORDER BY id")],
+            [row[:8] + row[9:14] for row in await self.sql(
+                "SELECT * FROM deliveries ORDER BY id")],
             [row[:8] + row[9:14] for row in before])
         for value in ("abc", "-1", "0"):
             with self.assertRaises(SystemExit):

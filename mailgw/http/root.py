@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from mailgw.http.api import BoundedSite
 from mailgw.metrics import Metrics
 
 # The route of a request the default app answers, in metrics.
@@ -59,3 +60,8 @@ class MeteredSite(server.Site):
         super().log(request)
         route = getattr(request, "mailgw_route", DEFAULT_ROUTE)
         self.metrics.http_requests.labels(route, str(request.code)).inc()
+
+
+class ListenerSite(MeteredSite, BoundedSite):
+    """The HTTP listener's Site: requests counted (MeteredSite) and bounded in size and
+    time (BoundedSite)."""

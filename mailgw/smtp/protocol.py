@@ -27,7 +27,6 @@ import ipaddress
 import re
 import time
 from collections import Counter
-from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
 from twisted.internet import defer, interfaces, protocol
@@ -41,12 +40,11 @@ from zope.interface import implementer
 from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount, address_in
 from mailgw.errors import DatabaseUnavailable
 from mailgw.metrics import Metrics
-from mailgw.randomness import random_hex
 from mailgw.smtp import replies
 from mailgw.smtp.auth import MECHANISMS, AuthThrottle, decode_response
 from mailgw.submit.addresses import InvalidAddress
 from mailgw.submit.errors import DisallowedSender, SubmissionRefused
-from mailgw.submit.recipients import Recipient, RecipientImports
+from mailgw.submit.recipients import Recipient, RecipientImports, submission_group_name
 from mailgw.submit.service import Submission, SubmissionService
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
@@ -552,9 +550,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(_refusal_reply(refusal))
             return
         self._sender = sender
-        group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {random_hex(4)}"
-        self._imports = self.factory.service.recipient_imports(self.account, group_name,
-                                                               "smtp", sender)
+        self._imports = self.factory.service.recipient_imports(
+            self.account, submission_group_name("smtp"), "smtp", sender)
         self.reply(replies.SENDER_OK)
 
     def do_RCPT(self, rest: bytes) -> None:

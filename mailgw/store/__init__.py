@@ -15,7 +15,9 @@ from mailgw.store.queue import QueueStore
 from mailgw.store.queue_admin import QueueAdminStore
 from mailgw.store.senders import SenderStore
 from mailgw.store.submissions import SubmissionStore
+from mailgw.store.suppressions import SuppressionStore
 from mailgw.store.templates import TemplateStore
+from mailgw.store.webhooks import WebhookStore
 
 # Group-commit batches in flight at once: two, so that one batch is written while the
 # previous one waits for its WAL flush. More make the batches smaller, so more statements
@@ -42,6 +44,8 @@ class Stores:
     events: EventStore
     keys: KeyStore
     auth_failures: AuthFailureStore
+    suppressions: SuppressionStore
+    webhooks: WebhookStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -53,4 +57,5 @@ class Stores:
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
                    queue_admin=QueueAdminStore(database),
                    events=EventStore(database, committer), keys=KeyStore(database),
-                   auth_failures=AuthFailureStore(database))
+                   auth_failures=AuthFailureStore(database),
+                   suppressions=SuppressionStore(database), webhooks=WebhookStore(database))

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw.randomness import random_hex
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient
 from mailgw.submit.addresses import delivery_address, normalize_address
@@ -33,6 +35,12 @@ IMPORT_HOLD_SECONDS = 0.25
 # How a recipient is sent the message (the deliveries' kind): SMTP's RCPTs are all
 # "to"; the HTTP dialects have copies and blind copies.
 RecipientKind = Literal["to", "cc", "bcc"]
+
+
+def submission_group_name(origin: str) -> str:
+    """The name of the contact group made for one submission (S-7): its door, its time
+    and a random part (`SMTP 2026-05-04 10:11:12 9f3a01bc`, `API ...`)."""
+    return f"{origin.upper()} {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {random_hex(4)}"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from mailgw.submit.errors import (
     UnknownTemplate,
     lower_refusals_translated,
 )
-from mailgw.submit.recipients import Recipient, RecipientImports
+from mailgw.submit.recipients import Recipient, RecipientImports, submission_group_name
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,12 @@ class Submission:
     recipients: tuple[Recipient, ...]
     content: ParsedMessage
     imports: RecipientImports | None = None
-    group_id: int | None = None
     raw: bytes | None = None
     client_ip: str | None = None
     template_id: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
+    # Give each recipient a msgid of its own, which the door answers (H-1).
+    msgids: bool = False
 
     @classmethod
     def from_mime(cls, account: SubmissionAccount, origin: str, sender: str, raw: bytes,
@@ -129,6 +130,14 @@ class SubmissionService:
         """S-7: the recipients of one transaction, each upserted (normalized) as a contact
         in the submission's group `group_name`, with its suppression for the sender's
         domain."""
+        def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
+            return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
+
+        return RecipientImports(self._import_request(account, group_name, origin, sender),
+                                commit, self.clock)
+
+    def _import_request(self, account: SubmissionAccount, group_name: str, origin: str,
+                        sender: str) -> Callable[[Recipient], RecipientImport]:
         sender_domain = sender.rpartition("@")[2]
 
         def request(recipient: Recipient) -> RecipientImport:
@@ -138,10 +147,7 @@ class SubmissionService:
                                    sender_domain, account.max_contacts, recipient.kind,
                                    recipient.address)
 
-        def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
-            return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
-
-        return RecipientImports(request, commit, self.clock)
+        return request
 
     async def submit(self, submission: Submission) -> StoredSubmission:
         account = submission.account
@@ -173,7 +179,6 @@ class SubmissionService:
             body=StoredBody.of(content).to_json(),
             recipients=tuple(QueuedRecipient(r.delivered_to, None, r.kind)
                              for r in submission.recipients),
-            group_id=submission.group_id,
             reply_to=content.reply_to[0] if content.reply_to else None,
             headers=dict(content.headers),
             custom_headers=content.custom_headers,
@@ -185,9 +190,10 @@ class SubmissionService:
             sends_per_month=account.sends_per_month,
             attachments=attachments,
             from_address=from_address,
+            msgids=submission.msgids,
         )
         with lower_refusals_translated():
-            return await self._store(record, submission.imports)
+            return await self._store(record, submission)
 
     async def _header_from(self, submission: Submission, written: str | None) -> str | None:
         """The header From's address as the client wrote it, to be kept (Aldeamo and
@@ -206,12 +212,19 @@ class SubmissionService:
             return None
         return written
 
-    async def _store(self, record: SubmissionRecord, imports: RecipientImports | None
+    async def _store(self, record: SubmissionRecord, submission: Submission
                      ) -> StoredSubmission:
         """Commit the record with the imports of its recipients when they are still
-        held (one transaction), else once they are committed."""
+        held (one transaction), else once they are committed. Recipients given without
+        imports (the HTTP doors) are imported in the same transaction as the message,
+        as contacts of a group made for it (S-7)."""
+        imports = submission.imports
         if imports is None:
-            return await self.stores.submissions.store(record)
+            request = self._import_request(submission.account,
+                                           submission_group_name(submission.origin),
+                                           submission.origin, submission.sender)
+            return await self.stores.submissions.store(
+                record, [request(recipient) for recipient in submission.recipients])
         held = imports.take()
         if held is not None:
             return await self.stores.submissions.store(record, held)

@@ -182,3 +182,27 @@ class RecipientKindTests(ServiceTestCase):
                 self.account, "smtp", "a@example.org", PLAIN, imports, "192.0.2.7"))
             self.assertEqual(await self.kinds(stored), [("a@example.net", "to"),
                                                         ("b@example.net", "cc")])
+
+    async def test_given_recipients_become_contacts_of_a_group_with_the_message(self):
+        """The HTTP doors give recipients, not imports: they are imported in the message's
+        own transaction, into a group of the door's origin, suppressions looked up."""
+        await self.stores.suppressions.add(self.account.account_id, "b@example.net")
+        stored = await self.service.submit(Submission(
+            self.account, "api", "a@example.org",
+            (Recipient("a@example.net"), Recipient("b@example.net", "cc")),
+            parse_message(PLAIN), msgids=True))
+        rows = await self.sql(
+            "SELECT d.recipient, d.state, d.msgid::text, g.name LIKE 'API %%', g.origin"
+            " FROM deliveries d JOIN group_members m ON m.contact_id = d.contact_id"
+            " JOIN groups g ON g.id = m.group_id ORDER BY d.recipient")
+        self.assertEqual(rows, [
+            ("a@example.net", "queued", stored.msgids[0][1], True, "api"),
+            ("b@example.net", "not_sent", stored.msgids[1][1], True, "api")])
+        self.assertEqual([email for email, _ in stored.msgids], ["a@example.net",
+                                                                  "b@example.net"])
+        smtp = await self.service.submit(Submission(
+            self.account, "smtp", "a@example.org", (Recipient("c@example.net"),),
+            parse_message(PLAIN)))
+        self.assertEqual(smtp.msgids, ())
+        self.assertEqual(await self.sql("SELECT msgid FROM deliveries WHERE recipient ="
+                                        " 'c@example.net'"), [(None,)])
