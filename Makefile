@@ -9,7 +9,7 @@ TRIAL_ARGS ?=
 # twistd finds twisted/plugins/mailgw_plugin.py on this path.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-tracking
+.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-http fuzz-http bench-tracking
 
 run: venv postgres
 	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
@@ -29,6 +29,16 @@ bench-smtp: venv postgres
 # see bench/README.md.
 bench-delivery: venv postgres
 	$(VENV)/bin/python bench/delivery.py
+
+# HTTP send benchmark: POST /v1/email against mailgw's own SMTP ingest of the same
+# message, in the same run; see bench/README.md.
+bench-http: venv postgres
+	$(VENV)/bin/python bench/http_send.py
+
+# Schemathesis against a live Gateway: every operation of mailgw/http/openapi.json, a
+# few thousand generated requests; fails if any is answered 500.
+fuzz-http: venv postgres
+	$(VENV)/bin/python -m tests.fuzz_http --max-examples 20
 
 # Tracking benchmark: pixel and redirect hits per second, every event committed, against a
 # bare twisted.web tracker with one INSERT per hit; see bench/README.md.

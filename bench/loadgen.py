@@ -27,6 +27,7 @@ import ssl
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -55,6 +56,7 @@ class LoadSpec:
     message_size: int = 5000  # approximate size of each message, in bytes
     recipient_domain: str = "example.net"
     links: int = 0  # http(s) links in each part (newsletter-like; 0: none)
+    html_only: bool = False  # one text/html part instead of multipart/alternative
     pipelining: bool = True  # pipeline MAIL/RCPT/DATA when the server offers it
     auth_mechanism: str = "PLAIN"  # or "LOGIN"
     starttls: bool = True
@@ -183,32 +185,49 @@ class SMTPClient:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 
 
-def build_message_template(sender: str, size: int, links: int = 0) -> tuple[bytes, bytes]:
+def _filler_lines(total: int, width: int, wrap: str = "{}") -> list[str]:
+    """Lines of filler words of about `width` characters, `total` characters in all."""
+    out, line, i, used = [], [], 0, 0
+    while used < total:
+        line.append(FILLER_WORDS[i % len(FILLER_WORDS)])
+        i += 1
+        if len(" ".join(line)) >= width:
+            text = wrap.format(" ".join(line))
+            out.append(text)
+            used += len(text) + 2
+            line = []
+    return out
+
+
+def newsletter_html(size: int) -> str:
+    """An HTML document of about `size` bytes of paragraphs (the HTML-only message, and
+    the body of bench/http_send.py's requests)."""
+    return "\r\n".join(["<html><body>", *_filler_lines(size - 40, 60, "<p>{}</p>"),
+                         "</body></html>"])
+
+
+def build_message_template(sender: str, size: int, links: int = 0,
+                           html_only: bool = False) -> tuple[bytes, bytes]:
     """Headers-after-To and the dot-stuffed body of a multipart/alternative message.
 
     The message is about `size` bytes: a text/plain and a text/html part of the
     same newsletter-like text, with `links` article links (<a href> in the HTML,
-    bare URLs in the text) spread through it.  Only To, Date and Message-ID
-    differ per message.
+    bare URLs in the text) spread through it; or, `html_only`, the HTML of
+    `newsletter_html` alone (the server generates the text part).  Only To, Date
+    and Message-ID differ per message.
     """
     boundary = "=_loadgen_boundary_5f0c1e"
     head = (f"From: Load Generator <{sender}>\r\n"
             "Subject: Load test newsletter\r\n"
             "MIME-Version: 1.0\r\n"
             f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n')
+    if html_only:
+        head = head.replace(f'multipart/alternative; boundary="{boundary}"',
+                            "text/html; charset=utf-8\r\nContent-Transfer-Encoding: 7bit")
+        body = newsletter_html(max(size - len(head) - 300, 200)) + "\r\n"
+        return head.encode(), body.encode().replace(b"\r\n.", b"\r\n..")
     budget = max(size - len(head) - 560, 200)  # To, Date, Message-ID, MIME lines
-
-    def lines(total: int, width: int, wrap: str = "{}") -> list[str]:
-        out, line, i, used = [], [], 0, 0
-        while used < total:
-            line.append(FILLER_WORDS[i % len(FILLER_WORDS)])
-            i += 1
-            if len(" ".join(line)) >= width:
-                text = wrap.format(" ".join(line))
-                out.append(text)
-                used += len(text) + 2
-                line = []
-        return out
+    lines = _filler_lines
 
     urls = [f"https://www.example.org/news/2024/article-{i}?utm_source=newsletter&id={i}"
             for i in range(1, links + 1)]
@@ -253,7 +272,7 @@ class _Run:
         self.started_at: float | None = None  # start of the measured phase
         self.last_accept = 0.0
         self.head, self.body = build_message_template(spec.sender, spec.message_size,
-                                                      spec.links)
+                                                      spec.links, spec.html_only)
 
     def take(self) -> int | None:
         """The next message's sequence number, or None when the run is over."""
@@ -381,14 +400,22 @@ def client_tls_context() -> ssl.SSLContext:
     return context
 
 
-async def run_load(spec: LoadSpec) -> LoadResult:
-    """Run the load described by `spec` and return what happened."""
+async def run_load(spec: LoadSpec,
+                   session: Callable[[_Run], Awaitable[None]] | None = None) -> LoadResult:
+    """Run the load described by `spec` and return what happened. `session(run)` is one
+    client's loop (default: an SMTP session); bench/http_send.py gives its HTTP one,
+    which counts through the same `_Run`."""
     run = _Run(spec)
-    context = client_tls_context()
+    if session is None:
+        context = client_tls_context()
+
+        def session(run: _Run) -> Awaitable[None]:
+            return _session(run, context)
+
     cpu0, wall0 = time.process_time(), time.monotonic()
     if spec.warmup <= 0:
         run.started_at = wall0
-    await asyncio.gather(*(_session(run, context) for _ in range(spec.sessions)))
+    await asyncio.gather(*(session(run) for _ in range(spec.sessions)))
     result = run.result
     result.client_cpu = time.process_time() - cpu0
     result.wall = time.monotonic() - wall0

@@ -62,6 +62,25 @@ class HTTPConfig:
     listen_backlog: int = 1024
     # Base of every tracking, unsubscribe and web-version link (T-).
     public_base_url: str = "http://localhost:8080"
+    # Clients that may read /metrics (O-5): its figures describe customers' traffic.
+    metrics_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Largest request body (R-3): a longer one is refused with 413 while it arrives.
+    max_body_size: int = 2 * 1024 * 1024
+    # Seconds a request (its headers and body) may take to arrive (slow clients: 408).
+    request_timeout: float = 30.0
+    # Seconds an idle keep-alive connection stays open.
+    idle_timeout: float = 60.0
+    # Requests a second per API key, and how many may come at once (429 past them).
+    requests_per_second_per_key: float = 50.0
+    request_burst_per_key: int = 100
+    # Seconds a key's account is remembered without asking the database; a revoked key
+    # or a disabled account is refused within this time (0: asked every request).
+    key_cache_seconds: float = 10.0
+    # Fetching content and attachments from URLs (R-4): seconds per fetch, largest
+    # body, and networks allowed although private, loopback or link-local.
+    fetch_timeout: float = 10.0
+    fetch_max_bytes: int = 10 * 1024 * 1024
+    fetch_allow_networks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -261,6 +280,13 @@ def _check_values(config: Config) -> None:
         "smtp.idle_timeout": config.smtp.idle_timeout,
         "smtp.listen_backlog": config.smtp.listen_backlog,
         "http.listen_backlog": config.http.listen_backlog,
+        "http.max_body_size": config.http.max_body_size,
+        "http.request_timeout": config.http.request_timeout,
+        "http.idle_timeout": config.http.idle_timeout,
+        "http.requests_per_second_per_key": config.http.requests_per_second_per_key,
+        "http.request_burst_per_key": config.http.request_burst_per_key,
+        "http.fetch_timeout": config.http.fetch_timeout,
+        "http.fetch_max_bytes": config.http.fetch_max_bytes,
         "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
         "smtp.data_timeout": config.smtp.data_timeout,
         "smtp.max_commands_without_message": config.smtp.max_commands_without_message,
@@ -305,6 +331,8 @@ def _check_values(config: Config) -> None:
     for i, agent in enumerate(config.tracking.machine_agents):
         if not agent.strip():
             raise ConfigError(f"tracking.machine_agents[{i}]: must not be empty")
+    _check_networks("http.metrics_networks", config.http.metrics_networks)
+    _check_networks("http.fetch_allow_networks", config.http.fetch_allow_networks)
     if config.smtp.trusted_networks and not config.smtp.trusted_account:
         raise ConfigError("smtp.trusted_account: required when smtp.trusted_networks is set "
                           "(the account their mail is sent as)")
@@ -315,6 +343,7 @@ def _check_values(config: Config) -> None:
         except ValueError:
             raise ConfigError(f"delivery.dns_servers: {server!r} is not an IP address and "
                               "port") from None
+    _check_seconds("http.key_cache_seconds", config.http.key_cache_seconds)
     _check_seconds("database.embedded_restart_seconds",
                    config.database.embedded_restart_seconds)
     if config.delivery.per_domain_rate < 0:

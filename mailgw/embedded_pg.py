@@ -4,7 +4,9 @@ With no DSN configured, mailgw creates a cluster in `<state_dir>/pg` the first
 time, and runs it listening only on a Unix socket in that directory.  initdb
 and postgres refuse to run as root, so when mailgw runs as root the cluster
 belongs to an unprivileged system user (`database.embedded_user`), created on
-first use.
+first use.  That user cannot enter a state dir under a closed directory (root's
+mode-700 home, where `git clone` puts a first try): the cluster then lives under
+/var/lib/mailgw, and `<state_dir>/pg` is a symbolic link to it (`cluster_root`).
 
 Two ways to run it: `EmbeddedPostgresService` runs `postgres` as a child of
 the twistd process (stopped with it, and restarted by a `Supervisor` when it
@@ -14,8 +16,10 @@ the test harness, which need it only for a while.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +39,9 @@ PG_PORT = 5432
 # Unix socket paths are limited to 107 bytes; ".s.PGSQL.5432" takes 14 of them.
 MAX_SOCKET_DIR_LENGTH = 107 - 14
 INSTALL_HINT = "install PostgreSQL with: apt-get install -y postgresql"
+# Where clusters live whose state dir their user cannot reach: one directory each,
+# named after the state dir (`cluster_root`).
+SHARED_CLUSTERS_DIR = Path("/var/lib/mailgw")
 
 
 def find_pg_bin() -> Path:
@@ -88,6 +95,51 @@ def _create_system_user(name: str) -> None:
                            f"{result.stderr.strip()}")
 
 
+def cluster_root(state_dir: Path, run_as: RunAs, shared: Path = SHARED_CLUSTERS_DIR) -> Path:
+    """Where the cluster of `state_dir` lives: `<state_dir>/pg` when `run_as` can reach
+    it; else a directory under `shared` named after the state dir, which
+    `<state_dir>/pg` then links to, so that the next start (and the operator) finds it
+    there. Root running mailgw from its mode-700 home is the usual case."""
+    in_state = state_dir / "pg"
+    if in_state.is_symlink():  # placed by an earlier start
+        return in_state.resolve()
+    if run_as.uid == os.geteuid() or _user_can(run_as, "-x", _nearest_existing(state_dir)):
+        return in_state
+    root = shared / _cluster_name(state_dir)
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        shared.chmod(0o755)  # whatever the umask: the cluster's user goes through it
+        state_dir.mkdir(parents=True, exist_ok=True)
+        in_state.symlink_to(root, target_is_directory=True)
+    except OSError as e:
+        raise StartupError(f"cannot place the database directory in {shared} for "
+                           f"{state_dir}: {e.strerror}") from None
+    return root
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the closest of its parents that exists: the missing ones will be made
+    with root's usual umask (022), which lets everyone through."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _cluster_name(state_dir: Path) -> str:
+    """The last two parts of the state dir's path, for the operator to recognise, and a
+    digest of all of it, so that two state dirs never share a cluster."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(state_dir.parts[-2:]))[:40]
+    digest = hashlib.sha256(str(state_dir).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{readable}-{digest[:10]}"
+
+
+def _user_can(run_as: RunAs, test_flag: str, path: Path) -> bool:
+    """test(1) `test_flag` on `path`, as `run_as` (its own groups only)."""
+    result = subprocess.run(["test", test_flag, str(path)], user=run_as.uid,
+                            group=run_as.gid, extra_groups=[])
+    return result.returncode == 0
+
+
 class Cluster:
     """A PostgreSQL cluster in `root`: data in root/data, socket in root."""
 
@@ -138,9 +190,7 @@ class Cluster:
         """postgres runs as another user: every parent directory must let it through."""
         if self.run_as.uid == os.geteuid():
             return
-        result = subprocess.run(["test", "-w", str(self.root)], user=self.run_as.uid,
-                                group=self.run_as.gid, extra_groups=[])
-        if result.returncode != 0:
+        if not _user_can(self.run_as, "-w", self.root):
             raise StartupError(
                 f"user {self.run_as.name} cannot reach {self.root} (a parent directory is "
                 f"closed to it); choose a state_dir it can reach, e.g. under /var/lib")

@@ -10,8 +10,10 @@ on after that (the embedded PostgreSQL could not be restarted).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.cred.portal import Portal
@@ -29,18 +31,30 @@ from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
 from mailgw.delivery.runner import QueueRunner, node_name
-from mailgw.embedded_pg import Cluster, EmbeddedPostgresService, RestartPolicy, RunAs
+from mailgw.embedded_pg import (
+    Cluster,
+    EmbeddedPostgresService,
+    RestartPolicy,
+    RunAs,
+    cluster_root,
+)
 from mailgw.errors import NotFound, StartupError
 from mailgw.events.agents import AgentParser
 from mailgw.events.client import networks
 from mailgw.events.geo import GeoLocator
 from mailgw.events.machine import MachineRules
 from mailgw.events.recorder import TrackingRecorder
+from mailgw.fetch import ContentFetcher
+from mailgw.http.aldeamo import AldeamoApp
+from mailgw.http.api import RateLimiter
 from mailgw.http.auth import KeyAuthenticator
+from mailgw.http.manage import ManagementApp
+from mailgw.http.openapi import OpenAPIApp
 from mailgw.http.ops import OperationsApp
-from mailgw.http.root import HTTPRoot, QuietSite
+from mailgw.http.root import HTTPRoot, ListenerSite
 from mailgw.http.stats import StatsApp
 from mailgw.http.tracking import TrackingApp
+from mailgw.metrics import Metrics, QueueDepthProbe
 from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import SubmissionFactory
 from mailgw.store import Stores
@@ -81,14 +95,59 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+def http_listener(description: str) -> tuple[str, bool]:
+    """The endpoint string the HTTP listener listens on, and whether mailgw speaks TLS on
+    it: an `ssl:` listener that names no certificate of its own (privateKey=) gets the
+    [tls] one and the TLS options of the SMTP listeners, so that tracking links can be
+    https without a proxy in front."""
+    kind, _, params = description.partition(":")
+    if kind.lower() == "ssl" and "privatekey=" not in params.lower():
+        return f"tcp:{params}", True
+    return description, False
+
+
+def public_url_warnings(config: Config) -> list[str]:
+    """What makes the links in delivered mail fail for real recipients: a loopback host
+    (mail clients will not call it) or plain http (RFC 8058 one-click unsubscribe needs
+    https). Only when this node delivers: a node that only accepts mail links nothing."""
+    if not config.delivery.enabled:
+        return []
+    url = config.http.public_base_url
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    warnings = []
+    if host == "localhost" or host.endswith(".localhost") or _is_loopback_address(host):
+        warnings.append(
+            f"http.public_base_url {url} names this machine ({host}): recipients' mail "
+            "clients cannot reach it, so tracking links, the open pixel, the web version "
+            "and List-Unsubscribe in delivered mail will not work; set it to the public "
+            "name of the HTTP listener")
+    if parts.scheme == "http":
+        warnings.append(
+            f"http.public_base_url {url} is not https: one-click unsubscribe (RFC 8058) "
+            "needs an https URL, and mail clients warn about plain http links; serve "
+            "https (http.listener = \"ssl:443\" uses the [tls] certificate, or put a TLS "
+            "proxy in front) and set an https:// URL")
+    return warnings
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 def embedded_cluster(config: Config) -> Cluster:
-    return Cluster(config.state_path / "pg", RunAs.for_cluster(config.database.embedded_user))
+    run_as = RunAs.for_cluster(config.database.embedded_user)
+    return Cluster(cluster_root(config.state_path, run_as), run_as)
 
 
-async def open_database(config: Config, reactor) -> Database:
+async def open_database(config: Config, reactor, metrics: Metrics | None = None) -> Database:
     """Connect the pool and bring the schema up to date."""
     database = Database(config.database.dsn or embedded_cluster(config).dsn,
-                        config.database.pool_size, reactor)
+                        config.database.pool_size, reactor, metrics)
     await database.start()
     try:
         await database.run_interaction("migrate", migrate_txn, available_migrations())
@@ -106,6 +165,8 @@ class Gateway(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
+        # What every component counts, served at /metrics (O-5).
+        self.metrics = Metrics()
         self.embedded: EmbeddedPostgresService | None = None
         self.database: Database | None = None
         self.stores: Stores | None = None
@@ -120,6 +181,9 @@ class Gateway(service.MultiService):
         # Records opens, clicks and unsubscribes; its `lost` counts events lost to
         # database trouble (T-1, T-2).
         self.tracking_recorder: TrackingRecorder | None = None
+        # Content and attachments from URLs (R-4), for the API dialects.
+        self.fetcher: ContentFetcher | None = None
+        self.http_root: HTTPRoot | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
         self.runner: QueueRunner | None = None
@@ -149,7 +213,7 @@ class Gateway(service.MultiService):
                 clock=self.clock, restart_policy=RestartPolicy(
                     give_up_seconds=self.config.database.embedded_restart_seconds))
             await self.embedded.start()
-        self.database = await open_database(self.config, self.reactor)
+        self.database = await open_database(self.config, self.reactor, self.metrics)
         self.stores = Stores.on(self.database)
         await self._check_trusted_account()
         # On every node, delivering or not: the tracking endpoints verify what it signs.
@@ -159,23 +223,31 @@ class Gateway(service.MultiService):
         self.portal = Portal(self.realm, [
             AccountCredentialsChecker(self.stores.accounts, self._run_in_thread),
             APIKeyChecker(self.stores.accounts)])
-        self.key_authenticator = KeyAuthenticator(self.portal)
+        http = self.config.http
+        self.key_authenticator = KeyAuthenticator(self.portal, RateLimiter(
+            self.clock, http.requests_per_second_per_key, http.request_burst_per_key),
+            self.clock, http.key_cache_seconds)
         self.submission_service = SubmissionService(
             self.stores, self.config.http.public_base_url, self.clock, self._run_in_thread)
+        self.fetcher = ContentFetcher(self.reactor, self._dns_servers(),
+                                      http.fetch_allow_networks, http.fetch_timeout,
+                                      http.fetch_max_bytes)
 
         smtp_factory = self.smtp_factory = self._smtp_factory(tls_options)
         tls_factory = TLSMemoryBIOFactory(tls_options, False, smtp_factory)
-        root = HTTPRoot(self._http_apps(), OperationsApp(self.database).app.resource())
-        site = QuietSite(root, quiet=(b"/t/",))
-        site.displayTracebacks = False
+        self.http_root = self._http_root()
+        site = ListenerSite(self.http_root, self.metrics, max_body_size=http.max_body_size,
+                            request_timeout=http.request_timeout,
+                            idle_timeout=http.idle_timeout, reactor=self.clock)
         smtp_backlog = self.config.smtp.listen_backlog
+        http_description, http_tls = http_listener(self.config.http.listener)
         wanted = (
             [(f"smtp.starttls_listeners[{i}]", d, smtp_backlog, smtp_factory)
              for i, d in enumerate(self.config.smtp.starttls_listeners)]
             + [(f"smtp.implicit_tls_listeners[{i}]", d, smtp_backlog, tls_factory)
                for i, d in enumerate(self.config.smtp.implicit_tls_listeners)]
-            + [("http.listener", self.config.http.listener, self.config.http.listen_backlog,
-                site)])
+            + [("http.listener", http_description, self.config.http.listen_backlog,
+                TLSMemoryBIOFactory(tls_options, False, site) if http_tls else site)])
         for key, description, backlog, factory in wanted:
             await self._listen(key, with_backlog(description, backlog), factory)
         if self.config.delivery.enabled:
@@ -183,26 +255,49 @@ class Gateway(service.MultiService):
             self.key_threads.start()
             self.runner = self._queue_runner()
             self.runner.start()
+        for problem in public_url_warnings(self.config):  # ("warning" is a Python warning's key)
+            self.log.warn("{problem}", problem=problem)
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
             f"{listener.key}={listener.port_number}" for listener in self.listeners))
 
-    def _http_apps(self) -> dict:
-        """The apps of the HTTP listener by path prefix: tracking (T-) and statistics
-        (H-4)."""
-        tracking_config = self.config.tracking
+    def _http_root(self) -> HTTPRoot:
+        """Every app of the HTTP listener at its mount point (docs/architecture.md)."""
+        tracking = self._tracking_app().resource()
+        operations = OperationsApp(
+            self.database, self.metrics,
+            QueueDepthProbe(self.stores.queue_admin.depth, self.clock),
+            self.config.http.metrics_networks)
+        aldeamo = AldeamoApp(self.key_authenticator, self.submission_service, self.fetcher,
+                             self.config.smtp.max_recipients,
+                             self.config.smtp.max_message_size)
+        management = ManagementApp(self.key_authenticator, self.stores, self.config,
+                                   self._run_in_thread)
+        return HTTPRoot({("a",): tracking, ("v1", "email"): aldeamo.app.resource(),
+                         ("v1", "admin"): management.app.resource(),
+                         ("v1", "openapi.json"): OpenAPIApp().app.resource(),
+                         ("t",): tracking,
+                         ("v1", "stats"): StatsApp(self.key_authenticator,
+                                                   self.stores.statistics,
+                                                   self.clock).app.resource()},
+                        operations.app.resource())
+
+    def _dns_servers(self) -> list[tuple[str, int]]:
+        """delivery.dns_servers as (address, port); empty: /etc/resolv.conf."""
+        return [(host.strip("[]"), int(port)) for host, _, port in
+                (server.rpartition(":") for server in self.config.delivery.dns_servers)]
+
+    def _tracking_app(self) -> TrackingApp:
+        """The tracking endpoints (T-) and the recorder of their events."""
+        tracking = self.config.tracking
         self.tracking_recorder = TrackingRecorder(
             self.database, self.stores.tracking, self.stores.events, AgentParser(), self.geo,
-            MachineRules(tracking_config.scanner_seconds, tracking_config.machine_networks,
-                         tracking_config.machine_agents),
-            networks(tracking_config.trusted_proxies), self.clock)
-        tracking = TrackingApp(
-            self.stores.submissions, self.link_signer, self.tracking_recorder,
-            self.stores.tracking, self.stores.queue, self.clock,
-            tracking_config.commit_wait_seconds, self.config.hostname,
-            self.config.bounce_domain).resource()
-        stats = StatsApp(self.key_authenticator, self.stores.statistics,
-                         self.clock).app.resource()
-        return {("a",): tracking, ("t",): tracking, ("v1", "stats"): stats}
+            MachineRules(tracking.scanner_seconds, tracking.machine_networks,
+                         tracking.machine_agents),
+            networks(tracking.trusted_proxies), self.clock, self.metrics)
+        return TrackingApp(self.stores.submissions, self.link_signer, self.tracking_recorder,
+                           self.stores.tracking, self.stores.queue, self.clock,
+                           tracking.commit_wait_seconds, self.config.hostname,
+                           self.config.bounce_domain)
 
     def _embedded_gave_up(self) -> None:
         if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
@@ -217,9 +312,7 @@ class Gateway(service.MultiService):
             if delivery.smarthost_username:
                 authenticate = (delivery.smarthost_username, delivery.smarthost_password)
         else:
-            servers = [(h, int(p)) for h, _, p in
-                       (s.rpartition(":") for s in delivery.dns_servers)]
-            resolver = MXResolver(self.reactor, self.clock, servers,
+            resolver = MXResolver(self.reactor, self.clock, self._dns_servers(),
                                   port=delivery.remote_smtp_port)
         pool = OutboundPool(self.reactor, self.clock, self.config.hostname,
                             tls_policy=delivery.tls_policy,
@@ -229,9 +322,11 @@ class Gateway(service.MultiService):
                             per_destination=delivery.per_domain_connections,
                             max_connections=delivery.max_connections, authenticate=authenticate,
                             per_domain_rate=delivery.per_domain_rate)
+        self.metrics.outbound_connections_open.set_function(lambda: pool.open_connections)
         return QueueRunner(self.stores.queue, resolver, pool, self.link_signer, self.clock,
                            delivery, self.config.hostname, self.config.bounce_domain,
-                           node_name(self.config.hostname), self.key_threads.run)
+                           node_name(self.config.hostname), self.key_threads.run,
+                           metrics=self.metrics)
 
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
@@ -257,7 +352,8 @@ class Gateway(service.MultiService):
             max_connections=smtp.max_connections,
             max_connections_per_address=smtp.max_connections_per_address,
             data_timeout=smtp.data_timeout,
-            max_commands_without_message=smtp.max_commands_without_message)
+            max_commands_without_message=smtp.max_commands_without_message,
+            metrics=self.metrics)
 
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""

@@ -10,6 +10,7 @@ clients), and delivering one message took four of them. The bytes are the same
 from __future__ import annotations
 
 import os
+import uuid
 
 _CHUNK = 4096
 
@@ -38,3 +39,8 @@ def random_hex(nbytes: int = 16) -> str:
     """`nbytes` random bytes as lowercase hex (32 characters for the default, as
     `uuid4().hex`)."""
     return _bytes.take(nbytes).hex()
+
+
+def random_uuid() -> str:
+    """A random (version 4) UUID as text, like `str(uuid4())`."""
+    return str(uuid.UUID(bytes=_bytes.take(16), version=4))

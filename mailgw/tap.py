@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import sys
 
 from twisted.logger import Logger
@@ -35,11 +36,26 @@ class Options(usage.Options):
 def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
 
+    raised = raise_open_file_limit()
+    if raised is not None:
+        log.info("open file limit raised from {soft} to {hard}", soft=raised[0],
+                 hard=raised[1])
     gateway = Gateway(options["config_object"], reactor)
     gateway.ready.addErrback(_stop_on_startup_failure, reactor)
     # Its cause is logged where it happens (the embedded PostgreSQL's supervisor).
     gateway.failed.addCallback(lambda _: _stop_with_exit_status_1(reactor))
     return gateway
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Every SMTP session, outbound connection and database connection is an open file:
+    the soft limit goes up to the hard one (a shell's 1024 is about smtp.max_connections
+    alone; the systemd unit sets both). Returns (old soft limit, new) when it rose."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
 
 
 def _stop_on_startup_failure(failure, reactor) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg2
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -197,6 +198,18 @@ def smtp_client(port: int, implicit_tls: bool = False) -> smtplib.SMTP:
 async def run_sql(database: Database, sql: str, *params: Any) -> list[tuple] | None:
     """One statement in its own transaction: its rows, or None if it returns none."""
     return await database.run_interaction("test_sql", _sql_txn, sql, params)
+
+
+def log_lines(test: unittest.TestCase) -> list[str]:
+    """The lines logged from now to the end of the test, as the operator reads them."""
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
 
 
 async def until(predicate, what: str, seconds: float = 10) -> None:

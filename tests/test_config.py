@@ -99,6 +99,8 @@ class ErrorTests(unittest.TestCase):
                                "http.public_base_url")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/33"]}},
                                "smtp.trusted_networks[0]")
+        self.assertConfigError({"http": {"metrics_networks": ["127.0.0.0/8", "localhost"]}},
+                               "http.metrics_networks[1]")
         self.assertConfigError({"delivery": {"dns_servers": ["127.0.0.1"]}},
                                "delivery.dns_servers")
         self.assertConfigError({"delivery": {"dns_servers": ["ns.example.org:53"]}},

@@ -20,6 +20,7 @@ from mailgw.embedded_pg import (
     RestartPolicy,
     RunAs,
     Supervisor,
+    cluster_root,
 )
 from mailgw.errors import StartupError
 from mailgw.gateway import embedded_cluster
@@ -354,6 +355,52 @@ class ClusterTests(unittest.TestCase):
         with self.assertRaises(StartupError) as caught:
             cluster.initialize()
         self.assertIn("cannot reach", str(caught.exception))
+
+    def test_state_dir_under_a_closed_home_gets_a_cluster_its_user_reaches(self):
+        """Issue 16: root runs `make run` from a clone in its mode-700 home. The cluster
+        goes to a shared directory, `<state_dir>/pg` links to it, and the next start
+        finds the same cluster, its data kept."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("only root runs the cluster as another user")
+        home = Path(tempfile.mkdtemp(prefix="mailgw-test-home-"))  # mode 0700, root's
+        shared = Path(tempfile.mkdtemp(prefix="mailgw-test-shared-")) / "lib"
+        shared.parent.chmod(0o755)  # as /var/lib
+        self.addCleanup(shutil.rmtree, home, True)
+        self.addCleanup(shutil.rmtree, shared.parent, True)
+        state = home / "mailgw" / "var"
+        run_as = RunAs.for_cluster("mailgw")
+
+        root = cluster_root(state, run_as, shared)
+        self.assertEqual(root.parent, shared)
+        self.assertEqual((state / "pg").resolve(), root)
+        self.assertEqual(shared.stat().st_mode & 0o777, 0o755)
+        cluster = Cluster(root, run_as)
+        self.addCleanup(cluster.stop)
+        cluster.initialize()
+        cluster.start()
+        with psycopg2.connect(cluster.dsn) as connection, connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE kept (n integer)")
+        connection.close()
+        cluster.stop()
+
+        again = Cluster(cluster_root(state, run_as, shared), run_as)
+        self.assertEqual(again.root, root)
+        again.initialize()
+        again.start()
+        with psycopg2.connect(again.dsn) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM kept")
+            self.assertEqual(cursor.fetchone(), (0,))
+        connection.close()
+        again.stop()
+
+    def test_state_dir_its_user_reaches_keeps_the_cluster(self):
+        state = Path(tempfile.mkdtemp(prefix="mailgw-test-open-"))
+        state.chmod(0o755)
+        self.addCleanup(shutil.rmtree, state, True)
+        shared = Path(self.mktemp())
+        self.assertEqual(cluster_root(state, RunAs.for_cluster("mailgw"), shared),
+                         state / "pg")
+        self.assertFalse(shared.exists())
 
     def test_socket_path_too_long(self):
         cluster = Cluster(Path("/tmp/" + "x" * 120), RunAs.current())

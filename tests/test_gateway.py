@@ -1,5 +1,6 @@
 """The running Gateway: listeners, /healthz, database outages, start-up errors."""
 
+import http.client
 import smtplib
 import ssl
 
@@ -11,10 +12,18 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailgw.config import DatabaseConfig, HTTPConfig, SMTPConfig, TLSConfig, TrackingConfig
+from mailgw.config import (
+    Config,
+    DatabaseConfig,
+    DeliveryConfig,
+    HTTPConfig,
+    SMTPConfig,
+    TLSConfig,
+    TrackingConfig,
+)
 from mailgw.content.links import LinkSigner
 from mailgw.errors import StartupError
-from mailgw.gateway import Gateway, with_backlog
+from mailgw.gateway import Gateway, http_listener, public_url_warnings, with_backlog
 from mailgw.smtp.protocol import CLOSE_GRACE_SECONDS
 from mailgw.store.contacts import RecipientImport
 from tests.harness import (
@@ -22,6 +31,7 @@ from tests.harness import (
     Client,
     fresh_database,
     gateway_config,
+    log_lines,
     new_cluster,
     reactor_turns,
     start_gateway,
@@ -141,6 +151,67 @@ class BacklogTests(unittest.TestCase):
                          "systemd:domain=INET:index=0")
 
 
+def _https_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET over TLS; the status and the certificate the server showed (DER)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                             context=_client_tls())
+    try:
+        connection.request("GET", path)
+        status = connection.getresponse().status
+        return status, connection.sock.getpeercert(binary_form=True)
+    finally:
+        connection.close()
+
+
+class HTTPSTests(unittest.TestCase):
+    """Issue 16, point 5: tracking links must work for real recipients, https included."""
+
+    async def test_ssl_listener_serves_the_configured_certificate(self):
+        config = gateway_config(self, fresh_database(), http=HTTPConfig(
+            listener="ssl:0:interface=127.0.0.1"))
+        gateway = await start_gateway(self, config)
+        status, certificate = await deferToThread(
+            _https_get, gateway.port_for("http.listener"), "/healthz")
+        self.assertEqual(status, 200)
+        self.assertEqual(ssl.DER_cert_to_PEM_cert(certificate).strip(),
+                         config.certificate_path.read_text().strip())
+
+    def test_listener_strings(self):
+        self.assertEqual(http_listener("ssl:8443"), ("tcp:8443", True))
+        self.assertEqual(http_listener("SSL:443:interface=192.0.2.1"),
+                         ("tcp:443:interface=192.0.2.1", True))
+        own = "ssl:443:privateKey=/etc/k.pem:certKey=/etc/c.pem"
+        self.assertEqual(http_listener(own), (own, False))
+        self.assertEqual(http_listener("tcp:8080"), ("tcp:8080", False))
+
+
+class PublicURLWarningTests(unittest.TestCase):
+    def warnings(self, url: str, delivering: bool = True) -> list[str]:
+        return public_url_warnings(Config(http=HTTPConfig(public_base_url=url),
+                                          delivery=DeliveryConfig(enabled=delivering)))
+
+    def test_loopback_or_plain_http_while_delivering(self):
+        """RFC 8058 one-click needs https; mail clients will not call localhost."""
+        (local, plain) = self.warnings("http://localhost:8080")
+        self.assertIn("names this machine (localhost)", local)
+        self.assertIn("is not https: one-click unsubscribe (RFC 8058)", plain)
+        for url in ("https://127.0.0.1", "https://[::1]:8443/", "https://mail.localhost"):
+            (warning,) = self.warnings(url)
+            self.assertIn("names this machine", warning)
+        (warning,) = self.warnings("http://links.example.com")
+        self.assertIn("is not https", warning)
+        self.assertEqual(self.warnings("https://links.example.com/mailgw"), [])
+        self.assertEqual(self.warnings("http://localhost:8080", delivering=False), [])
+
+    async def test_logged_at_start(self):
+        lines = log_lines(self)
+        await start_gateway(self, gateway_config(
+            self, fresh_database(), delivery=DeliveryConfig(dns_servers=["127.0.0.1:53"])))
+        self.assertEqual(len([line for line in lines
+                              if line.startswith("http.public_base_url http://localhost:8080")]),
+                         2)
+
+
 class _Stopping:
     """Stands in for the SMTP factory or the queue runner: notes when its stop began,
     finishes when the test says."""
@@ -211,6 +282,13 @@ class DatabaseOutageTests(unittest.TestCase):
         code, body = await _get(url)
         self.assertEqual(code, 503)
         self.assertEqual(body["database"], "unreachable")
+        # O-5: the scrape still answers, in time, without the queue's figures.
+        response = await treq.get(url.replace("/healthz", "/metrics"), persistent=False)
+        exposition = (await response.content()).decode()
+        self.assertEqual(response.code, 200)
+        self.assertIn("mailgw_database_available 0.0\n", exposition)
+        self.assertIn("mailgw_database_outages_total 1.0\n", exposition)
+        self.assertNotIn("mailgw_queue_deliveries", exposition)
 
         cluster.start()
         for _ in range(100):  # reconnection backs off to 2 s at most

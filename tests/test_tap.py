@@ -2,6 +2,7 @@
 
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -17,11 +18,22 @@ from twisted.trial import unittest
 
 from mailgw.config import Config
 from mailgw.embedded_pg import Cluster, RunAs
-from mailgw.tap import Options
+from mailgw.tap import Options, raise_open_file_limit
 from tests.harness import LOOPBACK_PORT
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 REPO = str(Path(__file__).parent.parent)
+
+
+class OpenFileLimitTests(unittest.TestCase):
+    def test_soft_limit_raised_to_the_hard_one(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        raised = raise_open_file_limit()
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
+        self.assertEqual(raised, (min(1024, hard), hard) if hard > 1024 else None)
+        self.assertIsNone(raise_open_file_limit())
 
 
 class OptionsTests(unittest.TestCase):

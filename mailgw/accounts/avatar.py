@@ -1,7 +1,8 @@
 """The account avatar and the realm that makes it (S-4), for the SMTP and HTTP doors.
 
 A checker (checkers.py) turns credentials into an avatar id, (account id,
-username); the realm loads the account and returns its `SubmissionAccount`.
+username), and for an API key (account id, username, what the key may do); the
+realm loads the account and returns its `SubmissionAccount`.
 A login to a disabled account fails with `AccountInactive`, an UnauthorizedLogin
 that a door can tell from wrong credentials (H-1: Current_service_is_not_active
 against Invalid_API_Key).
@@ -17,7 +18,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from mailgw.accounts.settings import AccountSettings
-from mailgw.store.accounts import AccountStore
+from mailgw.store.accounts import AccountStore, KeyGrant
 
 
 class AccountInactive(error.UnauthorizedLogin):
@@ -40,6 +41,8 @@ class SubmissionAccount:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     max_contacts: int | None = None
     sends_per_month: int | None = None
+    # The API key it logged in with (kind, campaign); None for SMTP logins.
+    key: KeyGrant | None = None
 
     def allows_client(self, address: str) -> bool:
         """S-4: an account with an allow-list accepts only clients inside it."""
@@ -71,7 +74,7 @@ class SubmissionRealm:
         _, avatar, _ = await self._avatar(account.id, username)
         return avatar
 
-    async def _avatar(self, account_id: int, username: str):
+    async def _avatar(self, account_id: int, username: str, key: KeyGrant | None = None):
         profile = await self.accounts.profile(account_id)
         if profile is None:
             raise error.UnauthorizedLogin()
@@ -81,5 +84,5 @@ class SubmissionRealm:
         allowed = None if networks is None else tuple(
             ipaddress.ip_network(n, strict=False) for n in networks)
         avatar = SubmissionAccount(account_id, profile.name, username, profile.settings,
-                                   allowed, profile.max_contacts, profile.sends_per_month)
+                                   allowed, profile.max_contacts, profile.sends_per_month, key)
         return ISubmissionAccount, avatar, lambda: None

@@ -21,7 +21,7 @@ from zope.interface import Attribute, implementer
 
 from mailgw.accounts.avatar import AccountInactive
 from mailgw.credentials import api_key_prefix, hash_api_key, verify_password
-from mailgw.store.accounts import AccountStore
+from mailgw.store.accounts import AccountStore, KeyGrant
 
 CAMPAIGN_USER_PREFIX = "dmdsid-"
 
@@ -73,29 +73,32 @@ class APIKey:
 
 @implementer(ICredentialsChecker)
 class APIKeyChecker:
-    """Checks account API keys: the key is found by its SHA-256 digest (an indexed
-    lookup that compares no secret byte by byte).  An unknown or revoked key is
-    UnauthorizedLogin; the key of a disabled account, AccountInactive."""
+    """Checks API keys of every kind: the key is found by its SHA-256 digest (an indexed
+    lookup that compares no secret byte by byte, so its time tells nothing of the
+    key).  An unknown or revoked key is UnauthorizedLogin; the key of a disabled
+    account, AccountInactive."""
 
     credentialInterfaces = (IAPIKey,)
 
     def __init__(self, accounts: AccountStore) -> None:
         self.accounts = accounts
 
-    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str]]:
+    def requestAvatarId(self, creds) -> defer.Deferred[tuple[int, str, KeyGrant]]:
         return defer.ensureDeferred(self._check(creds))
 
-    async def _check(self, creds) -> tuple[int, str]:
+    async def _check(self, creds) -> tuple[int, str, KeyGrant]:
         key = _text(creds.key)
         if not key:
             raise error.UnauthorizedLogin()
-        account = await self.accounts.account_for_api_key(hash_api_key(key))
-        if account is None:
+        found = await self.accounts.api_key(hash_api_key(key))
+        if found is None:
             raise error.UnauthorizedLogin()
+        account, grant = found
         if not account.active:
             raise AccountInactive()
-        # No username: the key's first characters name it, as in api_keys.key_prefix.
-        return account.id, api_key_prefix(key)
+        # No username: the key's first characters name it, as in api_keys.key_prefix; and
+        # what the key may do, which the HTTP apps check (http/auth.py).
+        return account.id, api_key_prefix(key), grant
 
 
 # A real scrypt hash of a random password: unknown users cost as much as known ones.

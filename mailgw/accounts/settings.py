@@ -1,8 +1,9 @@
 """An account's settings (the jsonb `accounts.settings`), typed and read in one place.
 
-Pure: nothing of mailgw is imported here, so that every layer, the store
-included, can return and read them.  A missing key, or a value the setting
-does not take, means the setting's default: a typo never blocks an account.
+Pure: nothing of mailgw but the list of S-9 languages is imported here, so
+that every layer, the store included, can return and read them.  A missing
+key, or a value the setting does not take, means the setting's default: a
+typo never blocks an account.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from mailgw.content.footer_texts import DEFAULT_LANGUAGE, LANGUAGES
 
 MULTIPART_MODES = ("generate", "strict")
 ATTACHMENT_MODES = ("keep", "links", "reject")
@@ -44,6 +47,9 @@ class AccountSettings:
     # T-3: the campaign categories a recipient may unsubscribe from one by one on the
     # unsubscribe page (Aldeamo's domain categories); none: the page offers the domain.
     categories: tuple[str, ...] = ()
+    # S-9: the language of the inserted texts when a message names none (an
+    # X-Teenvio-Language id).
+    language: int = DEFAULT_LANGUAGE
 
     @classmethod
     def from_json(cls, stored: Any) -> AccountSettings:
@@ -64,6 +70,7 @@ class AccountSettings:
 
         links = stored.get("social_links")
         categories = stored.get("categories")
+        language = stored.get("language")
         return cls(
             multipart=choice("multipart", MULTIPART_MODES),
             attachments=choice("attachments", ATTACHMENT_MODES),
@@ -74,7 +81,9 @@ class AccountSettings:
             track_opens=switch("track_opens"), track_clicks=switch("track_clicks"),
             # A name that is no category name is left out, and so is a repeated one.
             categories=tuple(dict.fromkeys(c for c in categories if category_name(c)))
-            [:MAX_CATEGORIES] if isinstance(categories, list | tuple) else ())
+            [:MAX_CATEGORIES] if isinstance(categories, list | tuple) else (),
+            language=language if type(language) is int and language in LANGUAGES
+            else default.language)
 
     @classmethod
     def changes(cls, **values: Any) -> dict[str, Any]:

@@ -29,11 +29,12 @@ def sender_context(message: MessageContext, body: StoredBody, hostname: str,
     """What the message's account and sender bring to every recipient's copy."""
     settings = message.account_settings
     return SenderContext(
-        from_address=message.sender, from_name=body.from_name, hostname=hostname,
-        bounce_domain=bounce_domain, unsubscribe_mailto=f"unsubscribe@{bounce_domain}",
-        dkim=dkim, reply_to=message.reply_to,
-        show_cab=settings.show_cab, social_links=settings.social_links,
-        track_opens=settings.track_opens, track_clicks=settings.track_clicks)
+        from_address=message.from_address or message.sender, from_name=body.from_name,
+        hostname=hostname, bounce_domain=bounce_domain,
+        unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=dkim,
+        reply_to=message.reply_to, show_cab=settings.show_cab,
+        social_links=settings.social_links, track_opens=settings.track_opens,
+        track_clicks=settings.track_clicks, language=settings.language)
 
 
 def recipient_context(delivery_id: int, email: str, fields: Mapping[str, Any]

@@ -45,15 +45,17 @@ _TEXTS = {
 }
 
 
+# The language ids of X-Teenvio-Language (S-9).
+LANGUAGES = frozenset(_TEXTS)
+
+
 def header_footer_texts(language: int) -> FooterTexts:
     """The texts for an S-9 language id; Spanish for an id mailgw does not know."""
     return _TEXTS.get(language) or _TEXTS[DEFAULT_LANGUAGE]
 
 
 def message_language(options: Mapping[str, Any], default: int = DEFAULT_LANGUAGE) -> int:
-    """A message's language id from its stored options (S-9), `default` when it has none
-    or one that is no number."""
-    try:
-        return int(options.get("language", default))
-    except (TypeError, ValueError):
-        return default
+    """A message's language id from its stored options (S-9); `default` (the account's
+    language) when it names none."""
+    language = options.get("language")
+    return language if isinstance(language, int) else default

@@ -24,6 +24,7 @@ from urllib.parse import unquote
 import html2text
 
 from mailgw.accounts.settings import AccountSettings
+from mailgw.content.footer_texts import LANGUAGES
 from mailgw.content.mime import read_message
 
 
@@ -39,15 +40,14 @@ def _nul_refused(where: str) -> ContentRefused:
     return ContentRefused(f"message contains a NUL character in {where}")
 
 
-LANGUAGES = frozenset({3, 4, 5, 6, 7, 8, 11, 13, 14, 15, 16, 17, 18})
-
 @dataclass(frozen=True)
 class MessageOptions:
     """The S-9 switches a message may set through its control headers."""
 
     show_cab: bool = True
     social_links: bool = False
-    language: int = 3
+    # None: the account's default language (AccountSettings.language).
+    language: int | None = None
     track_opens: bool = True
     track_clicks: bool = True
     # The campaign category (X-Mailgw-Category): recipients who unsubscribed from it for
@@ -91,6 +91,8 @@ class ParsedMessage:
     # Headers delivered with the message, as written (RFC 2047 words kept so that address
     # lists re-parse the same way), unfolded, 8-bit bytes decoded.
     headers: tuple[tuple[str, str], ...]
+    # What was read but not taken (a switch with a value it does not know), for the log.
+    notices: tuple[str, ...] = ()
 
 
 class _HeadersAsWritten(Compat32):
@@ -113,8 +115,9 @@ _CONTROL_SWITCHES = {
     "category": "category",
 }
 CATEGORY_MAX_LENGTH = 64
-_YES = frozenset({"yes", "si", "sí", "true", "1"})
-_NO = frozenset({"no", "false", "0"})
+# Teenvio's values (S-9): "no" switches a feature off, "yes" on (SocialLinks is off by
+# default); any other value leaves the default, as Teenvio does.
+_SWITCH_VALUES = {"yes": True, "no": False}
 # Everything else (Received, DKIM-Signature, Bcc, Content-*, ...) is rebuilt or must not leak.
 _DELIVERY_HEADERS = frozenset({
     "message-id", "date", "to", "cc", "in-reply-to", "references", "keywords", "comments",
@@ -166,7 +169,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
 
 
 def _parse(message: Message) -> ParsedMessage:
-    options, custom_headers, headers = _read_headers(message)
+    options, custom_headers, headers, notices = _read_headers(message)
     bodies, attachments = _read_parts(message)
     senders = _addresses("From", message.get_all("From", []))
     from_name, from_address = senders[0] if senders else (None, None)
@@ -182,14 +185,16 @@ def _parse(message: Message) -> ParsedMessage:
         options=options,
         custom_headers=custom_headers,
         headers=headers,
+        notices=notices,
     )
 
 
-def _read_headers(message: Message
-                  ) -> tuple[MessageOptions, dict[str, str], tuple[tuple[str, str], ...]]:
+def _read_headers(message: Message) -> tuple[MessageOptions, dict[str, str],
+                                             tuple[tuple[str, str], ...], tuple[str, ...]]:
     switches: dict[str, bool | int | str] = {}
     custom_headers: dict[str, str] = {}
     kept: list[tuple[str, str]] = []
+    notices: list[str] = []
     for name, value in message.items():
         if "\x00" in value:
             raise _nul_refused(f"the {name} header")
@@ -199,18 +204,25 @@ def _read_headers(message: Message
             # Unknown X-Teenvio-* / X-Mailgw-* headers are dropped too: they are ours.
             switch = _CONTROL_SWITCHES.get(lowered[len(prefix):])
             if switch is not None:
-                switches[switch] = _switch_value(name, switch, _decoded(name, value))
+                decoded = _decoded(name, value)
+                taken = _switch_value(name, switch, decoded)
+                if taken is None:
+                    notices.append(f"{name}: {decoded[:40]!a} is not a value it takes; "
+                                   "the default applies")
+                else:
+                    switches[switch] = taken
         elif lowered.startswith("x-"):
             custom_headers[name] = _decoded(name, value)
             kept.append((name, _unfolded(value)))
         elif lowered in _DELIVERY_HEADERS or lowered.startswith("list-"):
             kept.append((name, _unfolded(value)))
-    return MessageOptions(**switches), custom_headers, tuple(kept)
+    return MessageOptions(**switches), custom_headers, tuple(kept), tuple(notices)
 
 
-def _switch_value(header: str, switch: str, value: str) -> bool | int | str:
-    """A value a client got wrong is refused, so it learns at once rather than from a
-    campaign sent with tracking it meant to turn off."""
+def _switch_value(header: str, switch: str, value: str) -> bool | int | str | None:
+    """The switch's value, or None for one it does not take (the default then applies,
+    as Teenvio does: a message is never refused for a value like "off" or an unknown
+    language). A bad category is refused: which recipients are sent to depends on it."""
     if switch == "category":
         name = value.strip()
         if name and len(name) <= CATEGORY_MAX_LENGTH and name.isprintable():
@@ -221,13 +233,8 @@ def _switch_value(header: str, switch: str, value: str) -> bool | int | str:
     if switch == "language":
         if word.isascii() and word.isdigit() and int(word) in LANGUAGES:
             return int(word)
-        known = ", ".join(str(language) for language in sorted(LANGUAGES))
-        raise ContentRefused(f"{header} must be one of {known}, not {value[:40]!a}")
-    if word in _YES:
-        return True
-    if word in _NO:
-        return False
-    raise ContentRefused(f"{header} must be yes or no, not {value[:40]!a}")
+        return None
+    return _SWITCH_VALUES.get(word)
 
 
 def _leaves(part: Message, in_alternative: bool = False, nested: bool = False

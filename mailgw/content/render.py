@@ -47,7 +47,7 @@ class SenderContext:
     bounce_domain: str  # VERP Return-Path domain of the sender domain
     unsubscribe_mailto: str  # List-Unsubscribe mailto: address
     dkim: DKIMSigner | None
-    language: int = 3  # S-9, used when the message options carry none
+    language: int = 3  # S-9: the account's default, used when the message names none
     show_cab: bool = True  # account switches: a feature is on only when the message's
     social_links: Mapping[str, str] = field(default_factory=dict)  # network -> profile URL
     track_opens: bool = True  # option (S-9) and the account's switch (T-5) are both on

@@ -65,11 +65,7 @@ class MXResolver:
 
     def __init__(self, reactor: Any, clock: Any, servers: list[tuple[str, int]] | None = None,
                  port: int = 25, timeout: float = 10.0, max_cache_entries: int = 10000) -> None:
-        if servers:
-            self._resolver = client.Resolver(servers=[_server(h, p) for h, p in servers],
-                                             reactor=reactor)
-        else:
-            self._resolver = client.createResolver()
+        self._resolver = dns_resolver(reactor, servers)
         self.port = port
         self._timeouts = (timeout / 7, 2 * timeout / 7, 4 * timeout / 7)
         self._max_entries = max_cache_entries
@@ -275,6 +271,14 @@ class _NoSuchDomain(Exception):
     def __init__(self, ttl: float) -> None:
         super().__init__(ttl)
         self.ttl = ttl
+
+
+def dns_resolver(reactor: Any, servers: list[tuple[str, int]] | None):
+    """A twisted.names resolver that asks `servers` (IP address, port), or else the
+    system's (/etc/resolv.conf, /etc/hosts)."""
+    if servers:
+        return client.Resolver(servers=[_server(h, p) for h, p in servers], reactor=reactor)
+    return client.createResolver()
 
 
 def _server(host: str, port: int) -> tuple[str, int]:

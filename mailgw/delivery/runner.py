@@ -34,6 +34,7 @@ from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
 from mailgw.idle import IdleWaiters
+from mailgw.metrics import Metrics
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome, QueueStore
 
 # Deferred deliveries are retried after retry_base, then twice as long each time, never
@@ -84,9 +85,11 @@ class QueueRunner:
 
     def __init__(self, queue: QueueStore, resolver, pool: OutboundPool, signer: LinkSigner,
                  clock, config: DeliveryConfig, hostname: str, bounce_domain: str, owner: str,
-                 run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
+                 run_in_thread: Callable[..., defer.Deferred[Any]],
+                 metrics: Metrics | None = None) -> None:
         """`bounce_domain`: of the return path and the unsubscribe mailto: address of
         senders whose domain has no return-path domain of its own."""
+        self.metrics = metrics or Metrics()
         self.queue = queue
         self.resolver = resolver
         self.pool = pool
@@ -246,9 +249,12 @@ class QueueRunner:
 
     async def _deliver(self, delivery: ClaimedDelivery, message: _Ready | Exception | None
                        ) -> None:
+        started = self.clock.seconds()
         outcome = self._retry_policy(delivery, await self._attempt(delivery, message))
         if self._leases_released and delivery.id not in self._sending:
             return  # stop() gave its lease back: the next claim tries it again
+        self.metrics.delivery_attempts.labels(outcome.state).inc()
+        self.metrics.delivery_attempt_seconds.observe(self.clock.seconds() - started)
         self.log.info("delivery {id} to {rcpt}: {state} ({reply})", id=delivery.id,
                       rcpt=delivery.recipient, state=outcome.state, reply=outcome.reply)
         await self._record(outcome)

@@ -4,8 +4,9 @@ The endpoints answer a hit only once its event is committed, through the group
 commit: a burst of opens after a campaign costs one statement and one flush per batch.
 The pixel and the redirect never fail for our trouble: with the database out of reach
 their event is lost, logged (`tracking event lost`) and counted in `lost`, by event
-type, for the metrics. Subscription changes, which the recipient must be able to count
-on, raise instead, and their endpoint answers 503.
+type, and in the metric `mailgw_tracking_events_lost_total`. Subscription changes,
+which the recipient must be able to count on, raise instead, and their endpoint
+answers 503.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mailgw.events.agents import Agent, AgentParser
 from mailgw.events.client import Network, client_address
 from mailgw.events.geo import GeoLocator
 from mailgw.events.machine import MachineRules
+from mailgw.metrics import Metrics
 from mailgw.store.database import Database
 from mailgw.store.events import EventStore, EventType
 from mailgw.store.tracking import SubscriptionChange, TrackedDelivery, TrackingStore
@@ -49,7 +51,8 @@ class TrackingRecorder:
 
     def __init__(self, database: Database, tracking: TrackingStore, events: EventStore,
                  agents: AgentParser, geo: GeoLocator, rules: MachineRules,
-                 trusted_proxies: Sequence[Network], clock) -> None:
+                 trusted_proxies: Sequence[Network], clock,
+                 metrics: Metrics | None = None) -> None:
         self.database = database
         self.tracking = tracking
         self.events = events
@@ -58,7 +61,8 @@ class TrackingRecorder:
         self.rules = rules
         self.trusted_proxies = tuple(trusted_proxies)
         self.clock = clock
-        # Events lost to database trouble, by type (a counter for /metrics).
+        self.metrics = metrics
+        # Events lost to database trouble, by type (and in all in the metrics).
         self.lost: Counter[str] = Counter()
 
     def hit(self, method: bytes, peer: str, forwarded: Sequence[bytes] | None,
@@ -140,5 +144,7 @@ class TrackingRecorder:
 
     def _lost(self, type_: EventType, delivery_id: int, why: str) -> None:
         self.lost[type_] += 1
+        if self.metrics is not None:
+            self.metrics.tracking_events_lost.inc()
         self.log.warn("tracking event lost: {type} of delivery {id} ({why})", type=type_,
                       id=delivery_id, why=why)

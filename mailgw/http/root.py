@@ -18,6 +18,12 @@ from collections.abc import Mapping
 from twisted.web import server
 from twisted.web.resource import ErrorPage, Resource
 
+from mailgw.http.api import BoundedSite
+from mailgw.metrics import Metrics
+
+# The route of a request the default app answers, in metrics.
+DEFAULT_ROUTE = "/"
+
 
 class HTTPRoot(Resource):
     def __init__(self, apps: Mapping[tuple[str, ...], Resource], default: Resource) -> None:
@@ -42,23 +48,44 @@ class HTTPRoot(Resource):
         for length in range(len(segments), 0, -1):
             app = self.apps.get(segments[:length])
             if app is not None:
+                request.mailgw_route = "/" + "/".join(s.decode() for s in segments[:length])
                 return app
+        request.mailgw_route = DEFAULT_ROUTE
         return self.default
 
 
-class QuietSite(server.Site):
-    """A Site that writes no access-log line for the paths under `quiet` prefixes:
-    tracking hits come by the thousand after a campaign goes out, and each one is an
-    event already (T-1, T-2); a log line each would flood the log and cost as much CPU
-    as the hit's own work."""
+class MeteredSite(server.Site):
+    """A Site that counts each request it answers by route (the mount point HTTPRoot
+    chose: a few values, whatever the paths asked for) and status (O-5)."""
 
-    def __init__(self, resource: Resource, quiet: tuple[bytes, ...] = ()) -> None:
-        super().__init__(resource)
-        self.quiet = quiet
+    def __init__(self, resource: Resource, metrics: Metrics, **kwargs) -> None:
+        super().__init__(resource, **kwargs)
+        self.metrics = metrics
+
+    def log(self, request) -> None:
+        super().log(request)
+        route = getattr(request, "mailgw_route", DEFAULT_ROUTE)
+        self.metrics.http_requests.labels(route, str(request.code)).inc()
+
+
+class QuietSite(server.Site):
+    """A Site that writes no access-log line for the paths under `quiet`: tracking hits
+    come by the thousand after a campaign goes out, and each one is an event already
+    (T-1, T-2); a log line each would flood the log and cost as much CPU as the hit's
+    own work."""
+
+    quiet: tuple[bytes, ...] = ()
 
     def log(self, request) -> None:
         if not request.path.startswith(self.quiet):
             super().log(request)
+
+
+class ListenerSite(MeteredSite, QuietSite, BoundedSite):
+    """The HTTP listener's Site: requests counted (MeteredSite), tracking hits left out
+    of the access log (QuietSite), bounded in size and time (BoundedSite)."""
+
+    quiet = (b"/t/",)
 
 
 _NOT_UTF8 = ErrorPage(400, "Bad Request", "The path is not UTF-8.")

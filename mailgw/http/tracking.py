@@ -101,7 +101,7 @@ class TrackingApp:
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         return data
 
-    @app.route("/t/o/<token>", methods=["GET", "HEAD"])
+    @app.route("/t/o/<token>.gif", methods=["GET", "HEAD"])
     def open_pixel(self, request, token: str) -> defer.Deferred[bytes]:
         delivery_id, _ = self._verify("o", token)
         recorded = self._within(self.recorder.opened(delivery_id, self._hit(request)))
@@ -147,7 +147,8 @@ class TrackingApp:
             raise TransientDatabaseError("the change was not committed in time")
         if one_click:
             return _plain(request, 200, b"Unsubscribed\n")
-        texts = unsubscribe_texts(message_language(delivery.options))
+        texts = unsubscribe_texts(message_language(delivery.options,
+                                                   delivery.settings.language))
         notice = {CATEGORIES: texts.saved, RESUBSCRIBE: texts.resubscribed}.get(action)
         return await self._subscription_page(request, delivery, notice)
 
@@ -168,13 +169,10 @@ class TrackingApp:
         _page_headers(request)
         return html.encode("utf-8")
 
-    @app.route("/t/", branch=True)
-    def unknown(self, request) -> bytes:
-        raise _NoSuchToken()
-
     @app.handle_errors(_NoSuchToken, HTTPException)
     def not_found(self, request, failure: Failure) -> bytes:
-        """Also what the router refuses: a path or a method no route takes."""
+        """Also what the router refuses: a path (`/t/x/...`, a pixel without `.gif`) or a
+        method no route takes."""
         return _plain(request, 404, b"Not found\n")
 
     @app.handle_errors(TransientDatabaseError)
@@ -232,7 +230,8 @@ class TrackingApp:
         subscription = await self.tracking.subscription(delivery)
         _page_headers(request)
         return await unsubscribe_page(
-            unsubscribe_texts(message_language(delivery.options)), delivery.recipient,
+            unsubscribe_texts(message_language(delivery.options, delivery.settings.language)),
+            delivery.recipient,
             delivery.sender_domain, delivery.settings.categories, subscription, notice)
 
     @staticmethod
@@ -271,10 +270,14 @@ class _TrackingResource(Resource):
     def render(self, request) -> bytes | int:
         path = request.postpath
         handler = self.hot.get(path[1]) if len(path) == 3 and path[0] == b"t" else None
+        token = path[-1]
+        if path[1:2] == [b"o"]:  # as its route says: /t/o/<token>.gif
+            handler = handler if token.endswith(b".gif") else None
+            token = token[:-4]
         if handler is None or request.method not in (b"GET", b"HEAD"):
             return self.routed.render(request)
         try:
-            answered = handler(request, path[2].decode("ascii"))
+            answered = handler(request, token.decode("ascii"))
         except (_NoSuchToken, UnicodeDecodeError):
             return _plain(request, 404, b"Not found\n")
         gone: list[bool] = []

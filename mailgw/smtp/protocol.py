@@ -27,7 +27,6 @@ import ipaddress
 import re
 import time
 from collections import Counter
-from datetime import UTC, datetime
 
 from twisted.cred import error as cred_error
 from twisted.internet import defer, interfaces, protocol
@@ -40,12 +39,12 @@ from zope.interface import implementer
 
 from mailgw.accounts.avatar import ISubmissionAccount, SubmissionAccount, address_in
 from mailgw.errors import DatabaseUnavailable
-from mailgw.randomness import random_hex
+from mailgw.metrics import Metrics
 from mailgw.smtp import replies
 from mailgw.smtp.auth import MECHANISMS, AuthThrottle, decode_response
-from mailgw.submit.addresses import InvalidAddress, normalize_address
+from mailgw.submit.addresses import InvalidAddress
 from mailgw.submit.errors import DisallowedSender, SubmissionRefused
-from mailgw.submit.recipients import Recipient, RecipientImports
+from mailgw.submit.recipients import Recipient, RecipientImports, submission_group_name
 from mailgw.submit.service import Submission, SubmissionService
 
 _PATH = re.compile(rb"^(?P<verb>FROM|TO):\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))"
@@ -262,6 +261,11 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
 
     def reply(self, reply: replies.Reply) -> None:
         self.sendCode(*reply)
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """Every reply, the greeting included, goes through here: counted by class."""
+        self.factory.metrics.smtp_replies.labels(f"{code // 100}xx").inc()
+        super().sendCode(code, message)
 
     def sendLine(self, line: bytes) -> None:
         """Replies always end in CRLF, whatever ends the client's lines."""
@@ -497,6 +501,7 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
                               " outside account {account}'s networks", user=username,
                               ip=self.peer_ip, account=account.name)
             delay = await throttle.record_failure(self.peer_ip, username)
+            self.factory.metrics.smtp_auth_failures.inc()
         if delay:
             await _sleep(self.factory.clock, delay)
         self.reply(replies.BAD_CREDENTIALS)
@@ -545,9 +550,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(_refusal_reply(refusal))
             return
         self._sender = sender
-        group_name = f"SMTP {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {random_hex(4)}"
-        self._imports = self.factory.service.recipient_imports(self.account, group_name,
-                                                               "smtp", sender)
+        self._imports = self.factory.service.recipient_imports(
+            self.account, submission_group_name("smtp"), "smtp", sender)
         self.reply(replies.SENDER_OK)
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -569,11 +573,10 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return
         try:
-            email = normalize_address(address)
+            recipient = Recipient.parse(address, "to")
         except InvalidAddress:
             self._error(replies.invalid_recipient(address))
             return
-        recipient = Recipient(email, "to")
         if self.account.max_contacts is not None:
             # S-15: whether the contact fits under the cap is answered here.
             self._run(self._accept_when_imported(recipient))
@@ -649,6 +652,8 @@ class SubmissionProtocol(basic.LineReceiver, smtp.ESMTP):
         else:
             self.messages += 1
             self.recipients_total += recipients
+            self.factory.metrics.smtp_messages.inc()
+            self.factory.metrics.smtp_recipients.inc(recipients)
             self._commands_without_message = 0
             self.reply(replies.accepted(stored.send_id, stored.message_uid))
 
@@ -753,8 +758,11 @@ class SubmissionFactory(smtp.SMTPFactory):
                  trusted_networks: tuple = (), trusted_account=None,
                  tls_handshake_timeout: int = 30, max_connections: int = 1000,
                  max_connections_per_address: int = 100, data_timeout: int = 600,
-                 max_commands_without_message: int = 100) -> None:
+                 max_commands_without_message: int = 100, metrics: Metrics | None = None
+                 ) -> None:
         super().__init__(portal=portal)
+        self.metrics = metrics or Metrics()
+        self.metrics.smtp_sessions_open.set_function(lambda: len(self.sessions))
         self.domain = hostname.encode("idna")
         self.tls_options = tls_options
         self.clock = clock
@@ -781,6 +789,7 @@ class SubmissionFactory(smtp.SMTPFactory):
         return address_in(address, self.trusted_networks)
 
     def session_started(self, session: SubmissionProtocol) -> None:
+        self.metrics.smtp_sessions.inc()
         self.sessions.add(session)
         self._per_address[session.peer_ip] += 1
 
@@ -804,6 +813,7 @@ class SubmissionFactory(smtp.SMTPFactory):
         return p
 
     def _refuse(self, ip: str, reply: replies.Reply) -> _Refusal:
+        self.metrics.smtp_replies.labels(f"{reply[0] // 100}xx").inc()
         self.log.info("smtp connection from {ip} refused: {sessions} sessions, {from_ip} from "
                       "this address", ip=ip, sessions=len(self.sessions),
                       from_ip=self._per_address[ip])

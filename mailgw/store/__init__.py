@@ -12,11 +12,14 @@ from mailgw.store.events import EventStore
 from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.keys import KeyStore
 from mailgw.store.queue import QueueStore
+from mailgw.store.queue_admin import QueueAdminStore
 from mailgw.store.senders import SenderStore
 from mailgw.store.statistics import StatisticsStore
 from mailgw.store.submissions import SubmissionStore
+from mailgw.store.suppressions import SuppressionStore
 from mailgw.store.templates import TemplateStore
 from mailgw.store.tracking import TrackingStore
+from mailgw.store.webhooks import WebhookStore
 
 # Group-commit batches in flight at once: two, so that one batch is written while the
 # previous one waits for its WAL flush. More make the batches smaller, so more statements
@@ -38,11 +41,15 @@ class Stores:
     submissions: SubmissionStore
     templates: TemplateStore
     queue: QueueStore
+    # Queue administration (O-7): the CLI's `mailgw queue` and the management API.
+    queue_admin: QueueAdminStore
     events: EventStore
     keys: KeyStore
     auth_failures: AuthFailureStore
     tracking: TrackingStore
     statistics: StatisticsStore
+    suppressions: SuppressionStore
+    webhooks: WebhookStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -52,7 +59,9 @@ class Stores:
                    senders=SenderStore(database), contacts=contacts,
                    submissions=SubmissionStore(database, contacts),
                    templates=TemplateStore(database), queue=QueueStore(database, committer),
+                   queue_admin=QueueAdminStore(database),
                    events=EventStore(database, committer), keys=KeyStore(database),
                    auth_failures=AuthFailureStore(database),
+                   suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
                    tracking=TrackingStore(database, committer),
                    statistics=StatisticsStore(database))

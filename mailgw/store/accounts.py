@@ -37,6 +37,45 @@ class AccountProfile:
     sends_per_month: int | None
 
 
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    created_at: datetime
+
+
+# API key kinds (H-1, H-3): what each may do is the HTTP door's business (http/auth.py).
+KEY_KINDS = ("account", "admin", "campaign")
+
+
+@dataclass(frozen=True)
+class KeyGrant:
+    """What an API key is allowed: its kind, its campaign (campaign keys), and whether it is
+    the installation's operator key (an admin key over every account)."""
+
+    key_id: int
+    kind: str = "account"
+    campaign_id: int | None = None
+    campaign_numid: int | None = None
+    operator: bool = False
+    # api_keys.can_send: false keeps a key from sending (API_key_not_authorized).
+    can_send: bool = True
+
+
+@dataclass(frozen=True)
+class APIKeyInfo:
+    """An API key as listed (never the key itself, which is shown once)."""
+
+    id: int
+    name: str
+    prefix: str
+    kind: str
+    campaign_numid: int | None
+    operator: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 _ACCOUNT_COLUMNS = "id, name, plan, timezone, active, created_at"
 # Columns an operator may change (S-4 allow-list, S-15 quotas, H-1 active).
 ACCOUNT_COLUMNS = frozenset({"plan", "timezone", "active", "allowed_networks",
@@ -75,6 +114,21 @@ class AccountStore:
     async def list_accounts(self) -> list[Account]:
         return await self.db.run_interaction("list_accounts", _select_accounts_txn)
 
+    async def accounts_page(self, after_id: int = 0, limit: int | None = 100) -> list[Account]:
+        """Accounts in the order of their ids, after `after_id` (a page of H-3's list)."""
+        return await self.db.run_interaction("accounts_page", _select_accounts_page_txn,
+                                             after_id, limit)
+
+    async def list_users(self, account_id: int, after_id: int = 0,
+                         limit: int | None = 100) -> list[User]:
+        return await self.db.run_interaction("list_users", _select_users_txn, account_id,
+                                             after_id, limit)
+
+    async def delete_user(self, account_id: int, username: str) -> None:
+        if not await self.db.run_interaction("delete_user", _delete_user_txn, account_id,
+                                             username):
+            raise NotFound(f"no user {username!r} in this account")
+
     async def create_user(self, account_id: int, username: str, password_hash: str) -> int:
         try:
             return await self.db.run_interaction("create_user", _insert_user_txn, account_id,
@@ -105,14 +159,36 @@ class AccountStore:
                                              account_id)
 
     async def create_api_key(self, account_id: int, name: str, key_hash: str,
-                             key_prefix: str) -> int:
-        return await self.db.run_interaction("create_api_key", _insert_api_key_txn, account_id,
-                                             name, key_hash, key_prefix)
+                             key_prefix: str, kind: str = "account",
+                             campaign_numid: int | None = None,
+                             operator: bool = False) -> APIKeyInfo:
+        """A new key of `kind`; a campaign key names a campaign of the account by its
+        numid (NotFound otherwise)."""
+        if kind not in KEY_KINDS or (kind == "campaign") != (campaign_numid is not None):
+            raise ValueError(f"a {kind} key {'needs' if kind == 'campaign' else 'takes no'}"
+                             " campaign")
+        if operator and kind != "admin":
+            raise ValueError("an operator key is an admin key")
+        created = await self.db.run_interaction(
+            "create_api_key", _insert_api_key_txn, account_id, name, key_hash, key_prefix,
+            kind, campaign_numid, operator)
+        if created is None:
+            raise NotFound(f"no campaign {campaign_numid} in this account")
+        return created
 
-    async def account_for_api_key(self, key_hash: str) -> Account | None:
-        """The account of a key that is not revoked, active or not."""
-        return await self.db.run_interaction("account_for_api_key", _select_key_account_txn,
-                                             key_hash)
+    async def api_key(self, key_hash: str) -> tuple[Account, KeyGrant] | None:
+        """The account of a key that is not revoked (active or not) and what the key may do."""
+        return await self.db.run_interaction("api_key", _select_api_key_txn, key_hash)
+
+    async def list_api_keys(self, account_id: int, after_id: int = 0,
+                            limit: int | None = 100) -> list[APIKeyInfo]:
+        return await self.db.run_interaction("list_api_keys", _select_api_keys_txn,
+                                             account_id, after_id, limit)
+
+    async def revoke_api_key(self, account_id: int, key_id: int) -> None:
+        if not await self.db.run_interaction("revoke_api_key", _revoke_api_key_txn,
+                                             account_id, key_id):
+            raise NotFound(f"no API key {key_id} in this account")
 
 
 async def _insert_account_txn(cursor, name: str, plan: str, timezone: str) -> Account:
@@ -143,6 +219,26 @@ async def _select_accounts_txn(cursor) -> list[Account]:
     return [Account(*row) for row in cursor.fetchall()]
 
 
+async def _select_accounts_page_txn(cursor, after_id: int,
+                                    limit: int | None) -> list[Account]:
+    await cursor.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id > %s"
+                         " ORDER BY id LIMIT %s", (after_id, limit))
+    return [Account(*row) for row in cursor.fetchall()]
+
+
+async def _select_users_txn(cursor, account_id: int, after_id: int,
+                            limit: int | None) -> list[User]:
+    await cursor.execute("SELECT id, username, created_at FROM users WHERE account_id = %s"
+                         " AND id > %s ORDER BY id LIMIT %s", (account_id, after_id, limit))
+    return [User(*row) for row in cursor.fetchall()]
+
+
+async def _delete_user_txn(cursor, account_id: int, username: str) -> bool:
+    await cursor.execute("DELETE FROM users WHERE account_id = %s AND username = %s"
+                         " RETURNING id", (account_id, username))
+    return cursor.fetchone() is not None
+
+
 async def _insert_user_txn(cursor, account_id: int, username: str, password_hash: str) -> int:
     await cursor.execute(
         "INSERT INTO users (account_id, username, password_hash) VALUES (%s, %s, %s)"
@@ -168,21 +264,54 @@ async def _select_user_hash_txn(cursor, username: str) -> tuple[int, str] | None
     return (row[0], row[1]) if row else None
 
 
+_KEY_INFO_COLUMNS = ("k.id, k.name, k.key_prefix, k.kind, c.numid, k.operator, k.created_at,"
+                     " k.revoked_at")
+
+
 async def _insert_api_key_txn(cursor, account_id: int, name: str, key_hash: str,
-                              key_prefix: str) -> int:
+                              key_prefix: str, kind: str, campaign_numid: int | None,
+                              operator: bool) -> APIKeyInfo | None:
+    campaign_id = None
+    if campaign_numid is not None:
+        await cursor.execute("SELECT id FROM campaigns WHERE account_id = %s AND numid = %s",
+                             (account_id, campaign_numid))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        campaign_id = row[0]
     await cursor.execute(
-        "INSERT INTO api_keys (account_id, name, key_hash, key_prefix) VALUES (%s, %s, %s, %s)"
-        " RETURNING id", (account_id, name, key_hash, key_prefix))
-    return cursor.fetchone()[0]
+        "WITH k AS (INSERT INTO api_keys (account_id, name, key_hash, key_prefix, kind,"
+        " campaign_id, operator) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING *)"
+        f" SELECT {_KEY_INFO_COLUMNS} FROM k LEFT JOIN campaigns c ON c.id = k.campaign_id",
+        (account_id, name, key_hash, key_prefix, kind, campaign_id, operator))
+    return APIKeyInfo(*cursor.fetchone())
 
 
-async def _select_key_account_txn(cursor, key_hash: str) -> Account | None:
+async def _select_api_key_txn(cursor, key_hash: str) -> tuple[Account, KeyGrant] | None:
     await cursor.execute(
         "SELECT " + ", ".join(f"a.{c.strip()}" for c in _ACCOUNT_COLUMNS.split(",")) +
+        ", k.id, k.kind, k.campaign_id, c.numid, k.operator, k.can_send"
         " FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+        " LEFT JOIN campaigns c ON c.id = k.campaign_id"
         " WHERE k.key_hash = %s AND k.revoked_at IS NULL", (key_hash,))
     row = cursor.fetchone()
-    return Account(*row) if row else None
+    return (Account(*row[:6]), KeyGrant(*row[6:])) if row else None
+
+
+async def _select_api_keys_txn(cursor, account_id: int, after_id: int,
+                               limit: int | None) -> list[APIKeyInfo]:
+    await cursor.execute(
+        f"SELECT {_KEY_INFO_COLUMNS} FROM api_keys k LEFT JOIN campaigns c"
+        " ON c.id = k.campaign_id WHERE k.account_id = %s AND k.id > %s ORDER BY k.id LIMIT %s",
+        (account_id, after_id, limit))
+    return [APIKeyInfo(*row) for row in cursor.fetchall()]
+
+
+async def _revoke_api_key_txn(cursor, account_id: int, key_id: int) -> bool:
+    await cursor.execute(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())"
+        " WHERE account_id = %s AND id = %s RETURNING id", (account_id, key_id))
+    return cursor.fetchone() is not None
 
 
 async def _select_campaign_key_txn(cursor, numid: int) -> tuple[int, str] | None:

@@ -27,6 +27,8 @@ class RecipientImport:
     max_contacts: int | None
     # How the contact is sent the message: to, cc or bcc (deliveries.kind).
     kind: str = "to"
+    # The address as delivered (its local part as written); None: `email`.
+    address: str | None = None
 
 
 @dataclass(frozen=True)

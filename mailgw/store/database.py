@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from mailgw.errors import DatabaseUnavailable, StartupError, TransientDatabaseError
+from mailgw.metrics import Metrics
 from mailgw.text import one_line
 
 T = TypeVar("T")
@@ -82,11 +83,20 @@ class Database:
 
     log = Logger()
 
-    def __init__(self, dsn: str, pool_size: int, reactor) -> None:
+    def __init__(self, dsn: str, pool_size: int, reactor, metrics: Metrics | None = None
+                 ) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
         self.reactor = reactor
         self._pool = _ReconnectingPool(reactor, with_keepalives(dsn), min=pool_size)
+        # Counted here and by the stores' group committer (O-5).
+        self.metrics = metrics or Metrics()
+        self.metrics.database_connections.set(pool_size)
+        self.metrics.database_connections_in_use.set_function(
+            lambda: len(self._pool.every_connection) - len(self._pool.connections))
+        self.metrics.database_available.set_function(lambda: float(self.available))
+        # A lost session after a working one starts an outage; the next success ends it.
+        self._reachable = True
 
     async def start(self) -> None:
         try:
@@ -118,8 +128,12 @@ class Database:
                 raise
             self.log.warn("database unavailable during {desc}: {error}", desc=desc,
                           error=_describe(e))
+            if self._reachable:
+                self._reachable = False
+                self.metrics.database_outages.inc()
             self._pool.reconnect_idle(Failure(e))
             raise DatabaseUnavailable(desc) from e
+        self._reachable = True
         return result
 
     async def is_reachable(self) -> bool:

@@ -84,6 +84,7 @@ class GroupCommitter:
 
     async def _run_batch(self, batch: list[_Call]) -> None:
         desc, fn = batch[0][:2]
+        started = self.db.reactor.seconds()
         try:
             results = await self.db.run_interaction(f"{desc}[{len(batch)}]", fn,
                                                     [item for _, _, item, _ in batch])
@@ -97,5 +98,8 @@ class GroupCommitter:
             for *_, d in batch:
                 d.errback(failure)
             return
+        metrics = self.db.metrics  # O-5: how well batching works, and what a commit costs
+        metrics.group_commit_batch_size.labels(desc).observe(len(batch))
+        metrics.group_commit_seconds.labels(desc).observe(self.db.reactor.seconds() - started)
         for (*_, d), result in zip(batch, results, strict=True):
             d.callback(result)

@@ -50,7 +50,10 @@ class MessageContext:
     body: dict[str, Any]
     options: dict[str, Any]
     account_settings: AccountSettings
-    # The sender domain's DKIM key and bounce domain, when the domain is registered.
+    # The header From's address when the client's is kept, else None (the sender).
+    from_address: str | None
+    # The DKIM key and bounce domain of the From's domain (DMARC alignment), else of the
+    # envelope sender's, when the domain is registered.
     dkim_domain: str | None
     dkim_selector: str | None
     dkim_algorithm: str | None
@@ -110,19 +113,28 @@ class QueueStore:
         return await self.db.run_interaction("release_leases", _release_txn, owner, list(keep))
 
 
+# The due rows of a suspended recipient domain (O-7) are parked out of the way in the
+# same statement (next_attempt_at 'infinity', no attempt counted: see
+# schema/008_operator.sql) rather than claimed: each is touched once, however long the
+# suspension lasts, and with no domain suspended the check is one probe of an empty
+# table per claimed row.
 _CLAIM_DELIVERIES = PreparedStatement(
     "claim_deliveries",
     "WITH due AS ("
-    "  SELECT id FROM deliveries"
+    "  SELECT id, EXISTS (SELECT 1 FROM suspended_domains s"
+    "   WHERE s.domain = split_part(recipient, '@', -1)) AS held FROM deliveries"
     "  WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()"
     "  AND (lease_expires_at IS NULL OR lease_expires_at < now())"
     "  ORDER BY next_attempt_at LIMIT %(limit)s::integer FOR UPDATE SKIP LOCKED),"
+    " parked AS ("
+    "  UPDATE deliveries d SET next_attempt_at = 'infinity', updated_at = now()"
+    "  FROM due WHERE d.id = due.id AND due.held),"
     " claimed AS ("
     "  UPDATE deliveries d SET lease_owner = %(owner)s::text,"
     "   lease_expires_at = now() + make_interval(secs => %(lease)s::float8),"
     "   attempts = d.attempts + 1, first_attempt_at = coalesce(d.first_attempt_at, now()),"
     "   last_attempt_at = now(), updated_at = now()"
-    "  FROM due WHERE d.id = due.id"
+    "  FROM due WHERE d.id = due.id AND NOT due.held"
     "  RETURNING d.id, d.message_id, d.account_id, d.contact_id, d.recipient, d.attempts,"
     "   d.created_at)"
     " SELECT c.id, c.message_id, c.account_id, m.send_id, c.contact_id, c.recipient,"
@@ -130,7 +142,7 @@ _CLAIM_DELIVERIES = PreparedStatement(
     "  coalesce(ct.fields, '{}'::jsonb),"
     "  CASE WHEN ct.invalid THEN 'invalid' ELSE ("
     "   SELECT reason FROM suppressions s WHERE s.account_id = c.account_id"
-    "   AND s.address = c.recipient"
+    "   AND s.address = lower(c.recipient)"
     "   AND (s.category IS NULL OR s.category = m.options->>'category')"
     "   AND (s.scope_domain IS NULL OR s.scope_domain = split_part(m.sender, '@', 2))"
     "   ORDER BY s.scope_domain NULLS FIRST, s.category NULLS FIRST LIMIT 1) END"
@@ -149,11 +161,15 @@ async def _claim_txn(cursor, owner: str, limit: int, lease_seconds: int
 async def _messages_txn(cursor, message_ids: list[int]) -> dict[int, MessageContext]:
     await cursor.execute(
         "SELECT m.id, m.account_id, m.sender, m.reply_to, m.body, m.options, a.settings,"
-        " sd.domain,"
+        " m.from_address, sd.domain,"
         " sd.dkim_selector, sd.dkim_algorithm, sd.dkim_private_key, sd.return_path_domain"
         " FROM messages m JOIN accounts a ON a.id = m.account_id"
-        " LEFT JOIN sender_domains sd ON sd.account_id = m.account_id"
-        "  AND sd.domain = split_part(m.sender, '@', 2)"
+        " LEFT JOIN LATERAL (SELECT * FROM sender_domains sd"
+        "  WHERE sd.account_id = m.account_id AND sd.domain IN ("
+        "   split_part(coalesce(m.from_address, m.sender), '@', -1),"
+        "   split_part(m.sender, '@', -1))"
+        "  ORDER BY sd.domain = split_part(coalesce(m.from_address, m.sender), '@', -1) DESC"
+        "  LIMIT 1) sd ON true"
         " WHERE m.id = ANY(%s)", (message_ids,))
     contexts = {}
     for row in cursor.fetchall():

@@ -76,8 +76,33 @@ class SenderStore:
         return await self.db.run_interaction("sender_allowed", _sender_allowed_txn, account_id,
                                              address.lower())
 
-    async def list_senders(self, account_id: int) -> list[Sender]:
-        return await self.db.run_interaction("list_senders", _select_senders_txn, account_id)
+    async def list_senders(self, account_id: int, after: str = "",
+                           limit: int | None = None) -> list[Sender]:
+        """The account's senders by address (a page: those after `after`)."""
+        return await self.db.run_interaction("list_senders", _select_senders_txn, account_id,
+                                             after, limit)
+
+    async def delete_sender(self, account_id: int, address: str) -> None:
+        if not await self.db.run_interaction("delete_sender", _delete_txn, "senders",
+                                             "address", account_id, address.lower()):
+            raise NotFound(f"sender {address} is not registered for this account")
+
+    async def list_domains(self, account_id: int, after_id: int = 0,
+                           limit: int | None = None) -> list[SenderDomain]:
+        return await self.db.run_interaction("list_domains", _select_domains_txn, account_id,
+                                             after_id, limit)
+
+    async def get_domain(self, account_id: int, domain: str) -> SenderDomain:
+        found = await self.db.run_interaction("get_domain", _select_domains_txn, account_id,
+                                              0, 1, domain.lower())
+        if not found:
+            raise NotFound(f"domain {domain} is not registered for this account")
+        return found[0]
+
+    async def delete_domain(self, account_id: int, domain: str) -> None:
+        if not await self.db.run_interaction("delete_domain", _delete_txn, "sender_domains",
+                                             "domain", account_id, domain.lower()):
+            raise NotFound(f"domain {domain} is not registered for this account")
 
 
 async def _insert_domain_txn(cursor, account_id, domain, selector, algorithm, private_key_pem,
@@ -117,11 +142,29 @@ async def _verify_sender_txn(cursor, account_id: int, address: str) -> Sender | 
     return Sender(*row) if row else None
 
 
-async def _select_senders_txn(cursor, account_id: int) -> list[Sender]:
+async def _select_senders_txn(cursor, account_id: int, after: str,
+                              limit: int | None) -> list[Sender]:
     await cursor.execute(
-        f"SELECT {_SENDER_COLUMNS} FROM senders WHERE account_id = %s ORDER BY address",
-        (account_id,))
+        f"SELECT {_SENDER_COLUMNS} FROM senders WHERE account_id = %s AND address > %s"
+        " ORDER BY address LIMIT %s", (account_id, after, limit))
     return [Sender(*row) for row in cursor.fetchall()]
+
+
+async def _select_domains_txn(cursor, account_id: int, after_id: int, limit: int | None,
+                              domain: str | None = None) -> list[SenderDomain]:
+    await cursor.execute(
+        f"SELECT {_DOMAIN_COLUMNS} FROM sender_domains WHERE account_id = %s AND id > %s"
+        " AND (%s::text IS NULL OR domain = %s) ORDER BY id LIMIT %s",
+        (account_id, after_id, domain, domain, limit))
+    return [SenderDomain(*row) for row in cursor.fetchall()]
+
+
+async def _delete_txn(cursor, table: str, column: str, account_id: int, value: str) -> bool:
+    """Delete the account's row of `table` (a constant of this module) whose `column` is
+    `value`; whether there was one."""
+    await cursor.execute(f"DELETE FROM {table} WHERE account_id = %s AND {column} = %s"
+                         " RETURNING id", (account_id, value))
+    return cursor.fetchone() is not None
 
 
 async def _sender_allowed_txn(cursor, account_id: int, address: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
+from mailgw.randomness import random_uuid
 from mailgw.store.contacts import ContactStore, Imported, ImportedRecipient, RecipientImport
 from mailgw.store.database import SEND_QUOTA_LOCK, Database, PreparedStatement, lock_account
 from mailgw.store.events import EventType
@@ -38,8 +39,9 @@ class QueuedRecipient:
     @classmethod
     def imported(cls, request: RecipientImport, imported: ImportedRecipient
                  ) -> QueuedRecipient:
-        """A recipient imported as a contact (S-7)."""
-        return cls(request.email, imported.contact_id, request.kind, imported.suppressed)
+        """A recipient imported as a contact (S-7), queued as the client wrote it."""
+        return cls(request.address or request.email, imported.contact_id, request.kind,
+                   imported.suppressed)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class SubmissionRecord:
     archive: bool = False
     sends_per_month: int | None = None
     attachments: tuple[StoredAttachment, ...] = ()
+    # The header From's address when it is kept (a verified sender other than `sender`).
+    from_address: str | None = None
+    # Give each recipient's delivery a msgid (a UUID) of its own (H-1, W-1).
+    msgids: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class StoredSubmission:
     message_uid: str
     queued: int
     not_sent: int
+    # (recipient, msgid) of each recipient, in order, when the record asked for msgids.
+    msgids: tuple[tuple[str, str], ...] = ()
 
 
 class SubmissionStore:
@@ -128,10 +136,10 @@ _STORE_SUBMISSIONS = PreparedStatement(
     "   %(groups)s::bigint[], %(archive)s::boolean[], %(uids)s::text[],"
     "   %(reply_to)s::text[], %(headers)s::jsonb[], %(custom_headers)s::jsonb[],"
     "   %(options)s::jsonb[], %(client_ips)s::inet[], %(bodies)s::bytea[],"
-    "   %(raws)s::bytea[], %(sizes)s::integer[])"
+    "   %(raws)s::bytea[], %(sizes)s::integer[], %(from_addresses)s::text[])"
     "  WITH ORDINALITY AS i(account_id, origin, html, content_name, subject, sender,"
     "   group_id, archive, uid, reply_to, headers, custom_headers, options, client_ip,"
-    "   body, raw, size, n)),"
+    "   body, raw, size, from_address, n)),"
     " content AS ("
     "  INSERT INTO contents (id, account_id, name, html) OVERRIDING SYSTEM VALUE"
     "  SELECT content_id, account_id, content_name, html FROM input"
@@ -143,17 +151,18 @@ _STORE_SUBMISSIONS = PreparedStatement(
     "  FROM input),"
     " message AS ("
     "  INSERT INTO messages (id, account_id, send_id, message_uid, sender, reply_to,"
-    "   subject, headers, custom_headers, options, client_ip, body, raw, size)"
+    "   subject, headers, custom_headers, options, client_ip, body, raw, size, from_address)"
     "  OVERRIDING SYSTEM VALUE"
     "  SELECT message_id, account_id, send_id, uid, sender, reply_to, subject, headers,"
-    "   custom_headers, options, client_ip, body, raw, size FROM input),"
+    "   custom_headers, options, client_ip, body, raw, size, from_address FROM input),"
     " delivery AS ("
     "  INSERT INTO deliveries (message_id, account_id, contact_id, recipient, kind, state,"
-    "   last_reply)"
+    "   last_reply, msgid)"
     "  SELECT i.message_id, i.account_id, r.contact_id, r.email, r.kind,"
-    "   CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason"
+    "   CASE WHEN r.reason IS NULL THEN 'queued' ELSE 'not_sent' END, r.reason, r.msgid"
     "  FROM unnest(%(rcpt_n)s::bigint[], %(emails)s::text[], %(contacts)s::bigint[],"
-    "   %(kinds)s::text[], %(reasons)s::text[]) AS r(n, email, contact_id, kind, reason)"
+    "   %(kinds)s::text[], %(reasons)s::text[], %(msgids)s::uuid[])"
+    "   AS r(n, email, contact_id, kind, reason, msgid)"
     "  JOIN input i ON i.n = r.n"
     "  RETURNING id, account_id, message_id, contact_id, recipient, state, last_reply),"
     " event AS ("
@@ -172,6 +181,7 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
                                  ) -> list[StoredSubmission]:
     await _check_send_quotas(cursor, records)
     recipients = [(n, r) for n, record in enumerate(records, 1) for r in record.recipients]
+    msgids = [random_uuid() if records[n - 1].msgids else None for n, _ in recipients]
     await _STORE_SUBMISSIONS.execute(cursor, {
         "accounts": [r.account_id for r in records], "origins": [r.origin for r in records],
         "html": [r.html for r in records],
@@ -187,11 +197,13 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
                    for r in records],
         "raws": [r.raw if r.archive else None for r in records],
         "sizes": [r.size for r in records],
+        "from_addresses": [r.from_address for r in records],
         "rcpt_n": [n for n, _ in recipients], "emails": [r.email for _, r in recipients],
         "contacts": [r.contact_id for _, r in recipients],
         "kinds": [r.kind for _, r in recipients],
-        "reasons": [r.suppressed for _, r in recipients]})
+        "reasons": [r.suppressed for _, r in recipients], "msgids": msgids})
     stored = []
+    answered = iter(msgids)
     for record, (send_id, message_id) in zip(records, cursor.fetchall(), strict=True):
         for attachment in record.attachments:
             await cursor.execute(
@@ -200,8 +212,11 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
                 (record.account_id, message_id, attachment.token, attachment.filename,
                  attachment.content_type, attachment.data))
         queued = _queued(record)
-        stored.append(StoredSubmission(send_id, message_id, record.message_uid, queued,
-                                       len(record.recipients) - queued))
+        ids = [next(answered) for _ in record.recipients]
+        stored.append(StoredSubmission(
+            send_id, message_id, record.message_uid, queued, len(record.recipients) - queued,
+            tuple(zip((r.email for r in record.recipients), ids, strict=True))
+            if record.msgids else ()))
     return stored
 
 

@@ -28,9 +28,16 @@ class TemplateStore:
         return await self.db.run_interaction("get_template", _select_template_txn, account_id,
                                              template_id)
 
-    async def list(self, account_id: int) -> list[Template]:
+    async def list(self, account_id: int, after: str = "",
+                   limit: int | None = None) -> list[Template]:
+        """The account's templates by id (a page: those after `after`)."""
         return await self.db.run_interaction("list_templates", _select_templates_txn,
-                                             account_id)
+                                             account_id, after, limit)
+
+    async def delete(self, account_id: int, template_id: str) -> bool:
+        """Whether there was such a template."""
+        return await self.db.run_interaction("delete_template", _delete_template_txn,
+                                             account_id, template_id)
 
 
 _COLUMNS = "template_id, name, subject, html, text"
@@ -55,8 +62,15 @@ async def _select_template_txn(cursor, account_id: int, template_id: str) -> Tem
     return Template(*row) if row else None
 
 
-async def _select_templates_txn(cursor, account_id: int) -> list[Template]:
+async def _select_templates_txn(cursor, account_id: int, after: str,
+                                limit: int | None) -> list[Template]:
     await cursor.execute(
-        f"SELECT {_COLUMNS} FROM templates WHERE account_id = %s ORDER BY template_id",
-        (account_id,))
+        f"SELECT {_COLUMNS} FROM templates WHERE account_id = %s AND template_id > %s"
+        " ORDER BY template_id LIMIT %s", (account_id, after, limit))
     return [Template(*row) for row in cursor.fetchall()]
+
+
+async def _delete_template_txn(cursor, account_id: int, template_id: str) -> bool:
+    await cursor.execute("DELETE FROM templates WHERE account_id = %s AND template_id = %s"
+                         " RETURNING id", (account_id, template_id))
+    return cursor.fetchone() is not None

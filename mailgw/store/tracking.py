@@ -101,7 +101,7 @@ class TrackingStore:
 
     async def subscription(self, delivery: TrackedDelivery) -> Subscription:
         return await self.db.run_interaction("subscription", _subscription_txn,
-                                             delivery.account_id, delivery.recipient,
+                                             delivery.account_id, delivery.recipient.lower(),
                                              delivery.sender_domain)
 
     async def change_subscription(self, change: SubscriptionChange) -> bool:
@@ -182,7 +182,8 @@ _DOMAIN_CHANGES = {
 
 async def _change_subscription(cursor, change: SubscriptionChange) -> bool:
     delivery = change.delivery
-    where = (delivery.account_id, delivery.recipient, delivery.sender_domain)
+    # Suppressions hold addresses in lower case (D-6 compares with lower(recipient)).
+    where = (delivery.account_id, delivery.recipient.lower(), delivery.sender_domain)
     details: dict[str, Any] = {"domain": delivery.sender_domain, **change.details}
     event_type = EventType.UNSUBSCRIBED
     if change.action in _DOMAIN_CHANGES:

@@ -44,3 +44,15 @@ def normalize_address(address: str) -> str:
     except EmailNotValidError:
         raise InvalidAddress(address) from None
     return valid.normalized.lower()
+
+
+def delivery_address(address: str, normalized: str) -> str:
+    """`address` as mail is delivered to it, `normalized` being normalize_address(address):
+    the local part as written, since the receiving server may tell its case apart
+    (RFC 5321 2.4), and the domain lowercased. A local part that normalizing changed
+    beyond its case (a quoted one written anew) is taken as normalized."""
+    local = address.rpartition("@")[0]
+    normalized_local, _, domain = normalized.rpartition("@")
+    if local.lower() != normalized_local:
+        return normalized
+    return f"{local}@{domain}"

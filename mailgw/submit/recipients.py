@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw.randomness import random_hex
 from mailgw.store.contacts import ImportedRecipient, RecipientImport
 from mailgw.store.submissions import QueuedRecipient
+from mailgw.submit.addresses import delivery_address, normalize_address
 from mailgw.submit.errors import lower_refusals_translated
 
 # How long a RCPT's import waits for its message. Nobody waits on it meanwhile
@@ -34,10 +37,29 @@ IMPORT_HOLD_SECONDS = 0.25
 RecipientKind = Literal["to", "cc", "bcc"]
 
 
+def submission_group_name(origin: str) -> str:
+    """The name of the contact group made for one submission (S-7): its door, its time
+    and a random part (`SMTP 2026-05-04 10:11:12 9f3a01bc`, `API ...`)."""
+    return f"{origin.upper()} {datetime.now(UTC):%Y-%m-%d %H:%M:%S} {random_hex(4)}"
+
+
 @dataclass(frozen=True)
 class Recipient:
-    email: str  # normalized (addresses.normalize_address)
+    email: str  # normalized (addresses.normalize_address): the contact's key
     kind: RecipientKind = "to"
+    # As delivered (addresses.delivery_address): the local part as written, the domain
+    # lowercased; None: `email`.
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, address: str, kind: RecipientKind = "to") -> Recipient:
+        """The recipient `address` names; InvalidAddress if it is none."""
+        email = normalize_address(address)
+        return cls(email, kind, delivery_address(address, email))
+
+    @property
+    def delivered_to(self) -> str:
+        return self.address or self.email
 
 
 class RecipientImports:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from mailgw.accounts.avatar import SubmissionAccount
 from mailgw.content.body import StoredBody
@@ -46,7 +47,7 @@ from mailgw.submit.errors import (
     UnknownTemplate,
     lower_refusals_translated,
 )
-from mailgw.submit.recipients import Recipient, RecipientImports
+from mailgw.submit.recipients import Recipient, RecipientImports, submission_group_name
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,12 @@ class Submission:
     recipients: tuple[Recipient, ...]
     content: ParsedMessage
     imports: RecipientImports | None = None
-    group_id: int | None = None
     raw: bytes | None = None
     client_ip: str | None = None
     template_id: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
+    # Give each recipient a msgid of its own, which the door answers (H-1).
+    msgids: bool = False
 
     @classmethod
     def from_mime(cls, account: SubmissionAccount, origin: str, sender: str, raw: bytes,
@@ -97,6 +99,8 @@ THREADED_HTML_CHARS = 64 * 1024
 
 
 class SubmissionService:
+    log = Logger()
+
     def __init__(self, stores: Stores, public_base_url: str, clock,
                  run_in_thread: Callable[..., defer.Deferred[Any]]) -> None:
         self.stores = stores
@@ -126,22 +130,31 @@ class SubmissionService:
         """S-7: the recipients of one transaction, each upserted (normalized) as a contact
         in the submission's group `group_name`, with its suppression for the sender's
         domain."""
+        def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
+            return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
+
+        return RecipientImports(self._import_request(account, group_name, origin, sender),
+                                commit, self.clock)
+
+    def _import_request(self, account: SubmissionAccount, group_name: str, origin: str,
+                        sender: str) -> Callable[[Recipient], RecipientImport]:
         sender_domain = sender.rpartition("@")[2]
 
         def request(recipient: Recipient) -> RecipientImport:
             if not self.stores.database.available:
                 raise DatabaseUnavailable("import_recipient")
             return RecipientImport(account.account_id, group_name, origin, recipient.email,
-                                   sender_domain, account.max_contacts, recipient.kind)
+                                   sender_domain, account.max_contacts, recipient.kind,
+                                   recipient.address)
 
-        def commit(request: RecipientImport) -> defer.Deferred[ImportedRecipient]:
-            return defer.ensureDeferred(self.stores.contacts.import_recipient(request))
-
-        return RecipientImports(request, commit, self.clock)
+        return request
 
     async def submit(self, submission: Submission) -> StoredSubmission:
         account = submission.account
         content = submission.content
+        for notice in content.notices:  # S-9: accepted with the default; the operator sees why
+            self.log.warn("message of account {account} ({origin}): {notice}",
+                          account=account.name, origin=submission.origin, notice=notice)
         if submission.template_id is not None:
             content = await self._expand_template(submission)
         policy = ContentPolicy.from_settings(account.settings)
@@ -152,6 +165,7 @@ class SubmissionService:
                 content = apply_policy(content, policy)
         for address in content.reply_to:
             await self.check_sender(account, address)
+        from_address = await self._header_from(submission, content.from_address)
         attachments: tuple[StoredAttachment, ...] = ()
         if policy.attachments == "links":
             content, attachments = self._link_attachments(content)
@@ -163,9 +177,8 @@ class SubmissionService:
             subject=content.subject,
             html=content.html,
             body=StoredBody.of(content).to_json(),
-            recipients=tuple(QueuedRecipient(r.email, None, r.kind)
+            recipients=tuple(QueuedRecipient(r.delivered_to, None, r.kind)
                              for r in submission.recipients),
-            group_id=submission.group_id,
             reply_to=content.reply_to[0] if content.reply_to else None,
             headers=dict(content.headers),
             custom_headers=content.custom_headers,
@@ -176,16 +189,42 @@ class SubmissionService:
             archive=account.settings.archive,
             sends_per_month=account.sends_per_month,
             attachments=attachments,
+            from_address=from_address,
+            msgids=submission.msgids,
         )
         with lower_refusals_translated():
-            return await self._store(record, submission.imports)
+            return await self._store(record, submission)
 
-    async def _store(self, record: SubmissionRecord, imports: RecipientImports | None
+    async def _header_from(self, submission: Submission, written: str | None) -> str | None:
+        """The header From's address as the client wrote it, to be kept (Aldeamo and
+        Devino clients set it themselves), when it is a verified sender of the account
+        and not the envelope sender; None: the From is the envelope sender (with the
+        display name written), as for a From the account may not use."""
+        if written is None or written == submission.sender:
+            return None
+        try:
+            await self.check_sender(submission.account, written)
+        except DisallowedSender:
+            self.log.warn("message of account {account} ({origin}): header From {written} "
+                          "is not a verified sender; the From is the envelope sender "
+                          "{sender}", account=submission.account.name,
+                          origin=submission.origin, written=written, sender=submission.sender)
+            return None
+        return written
+
+    async def _store(self, record: SubmissionRecord, submission: Submission
                      ) -> StoredSubmission:
         """Commit the record with the imports of its recipients when they are still
-        held (one transaction), else once they are committed."""
+        held (one transaction), else once they are committed. Recipients given without
+        imports (the HTTP doors) are imported in the same transaction as the message,
+        as contacts of a group made for it (S-7)."""
+        imports = submission.imports
         if imports is None:
-            return await self.stores.submissions.store(record)
+            request = self._import_request(submission.account,
+                                           submission_group_name(submission.origin),
+                                           submission.origin, submission.sender)
+            return await self.stores.submissions.store(
+                record, [request(recipient) for recipient in submission.recipients])
         held = imports.take()
         if held is not None:
             return await self.stores.submissions.store(record, held)

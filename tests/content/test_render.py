@@ -14,9 +14,9 @@ from twisted.trial import unittest
 
 from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner, generate_dkim_key
-from mailgw.content.footer_texts import FooterTexts, header_footer_texts
+from mailgw.content.footer_texts import LANGUAGES, FooterTexts, header_footer_texts
 from mailgw.content.links import LinkSigner
-from mailgw.content.message import LANGUAGES, MessageOptions
+from mailgw.content.message import MessageOptions
 from mailgw.content.render import PreparedMessage, RecipientContext, SenderContext
 from tests.child import assert_finishes
 from tests.harness import published
@@ -260,6 +260,13 @@ class RenderTests(unittest.TestCase):
         self.assertTrue(text_of(message).startswith(english + ": "))
         self.assertIn(">Can't see this email properly? View it in your browser</a>",
                       html_of(message))
+
+    def test_language_of_the_sender_when_the_message_names_none(self):
+        """The account's default language (S-9); the message's own id wins over it."""
+        _, message = render(options_=options(language=None), sender_=sender(language=4))
+        self.assertTrue(text_of(message).startswith("Can't see this email properly?"))
+        _, message = render(options_=options(language=5), sender_=sender(language=4))
+        self.assertTrue(text_of(message).startswith("Non visualizzi correttamente"))
 
     def test_show_cab_off(self):
         for options_, sender_ in ((options(show_cab=False), sender()),

@@ -37,14 +37,15 @@ HTML_MESSAGE = (
     b" <a href=\"[Unsubscribe]\">unsubscribe</a></p></body></html>\r\n")
 
 
-def _send(port: int, recipients: list[str]) -> None:
+def _send(port: int, recipients: list[str], sender: str = SENDER,
+          message: bytes = HTML_MESSAGE) -> None:
     client = smtp_client(port)
     try:
         client.ehlo("app")
         client.starttls(context=insecure_tls())
         client.ehlo("app")
         client.login(USER, PASSWORD)
-        client.sendmail(SENDER, recipients, HTML_MESSAGE)
+        client.sendmail(sender, recipients, message)
     finally:
         client.close()
 
@@ -87,6 +88,9 @@ class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
         port = self.gateway.port_for("smtp.starttls_listeners[0]")
         await deferToThread(_send, port, ["ana@example.net"])
         (received,) = await self.sink.wait_for(1)
+        # The message is arriving (the sink runs on this reactor): its connection is open.
+        self.assertEqual(self.gateway.metrics.registry.get_sample_value(
+            "mailgw_outbound_connections_open"), 1)
         self.assertEqual(received.recipient, "ana@example.net")
         self.assertRegex(received.sender, r"^b-\d+-[a-z0-9]+@bounces\.example\.org$")
 
@@ -112,6 +116,63 @@ class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
         self.assertEqual(rows, [("sent", 1)])
         events = await self.sql("SELECT type FROM events ORDER BY id")
         self.assertEqual(events, [("queued",), ("sent",)])
+        # O-5, as the Gateway wires it.
+        self.assertEqual(self.gateway.metrics.registry.get_sample_value(
+            "mailgw_delivery_attempts_total", {"outcome": "sent"}), 1)
+
+    async def test_local_part_keeps_its_case_and_the_contact_is_one(self):
+        """RFC 5321 2.4: the receiving server may tell the local part's case apart, so it
+        is delivered, and shown in To, as the client wrote it; only the domain is
+        lowered. Contacts match whatever the case."""
+        port = self.gateway.port_for("smtp.starttls_listeners[0]")
+        await deferToThread(_send, port, ["Ana.Perez@Example.NET"])
+        (received,) = await self.sink.wait_for(1)
+        self.assertEqual(received.recipient, "Ana.Perez@example.net")
+        message = email.message_from_bytes(received.data, policy=email.policy.default)
+        self.assertEqual(message["To"], "Ana.Perez@example.net")
+        await deferToThread(_send, port, ["ana.perez@example.net"])
+        await self.sink.wait_for(2)
+        self.assertEqual(await self.sql("SELECT email FROM contacts"),
+                         [("ana.perez@example.net",)])
+        self.assertEqual(await self.sql("SELECT recipient FROM deliveries ORDER BY id"),
+                         [("Ana.Perez@example.net",), ("ana.perez@example.net",)])
+
+    async def test_header_from_of_a_verified_sender_is_kept_and_aligned(self):
+        """Aldeamo and Devino clients write From themselves: when it is a verified sender
+        of the account it is kept, display name and address, whatever the envelope
+        sender; the DKIM signature and the return path are its domain's (DMARC). A From
+        the account may not use becomes the envelope sender, its display name kept."""
+        stores = self.gateway.stores
+        shop_key = generate_dkim_key("rsa")
+        await stores.senders.add_domain(self.account.id, "shop.example.com", "mg2", "rsa",
+                                        shop_key.private_key_pem, shop_key.public_key,
+                                        "bounces.shop.example.com")
+        await stores.senders.verify_domain(self.account.id, "shop.example.com")
+        port = self.gateway.port_for("smtp.starttls_listeners[0]")
+        kept = HTML_MESSAGE.replace(b"From: News <news@example.org>",
+                                    b'From: "Tienda Acme" <Ventas@Shop.Example.COM>')
+        await deferToThread(_send, port, ["ana@example.net"], "mailer@example.org", kept)
+        (received,) = await self.sink.wait_for(1)
+        message = email.message_from_bytes(received.data, policy=email.policy.default)
+        self.assertEqual(message["From"], "Tienda Acme <Ventas@shop.example.com>")
+        self.assertRegex(received.sender, r"^b-\d+-[a-z0-9]+@bounces\.shop\.example\.com$")
+        self.assertIn("d=shop.example.com", message["DKIM-Signature"])
+        records = {b"mg2._domainkey.shop.example.com.": shop_key,
+                   b"mg1._domainkey.example.org.": self.key}
+
+        def lookup(name, timeout=5):
+            key = records.get(name)
+            return key and f"v=DKIM1; k=rsa; p={key.public_key}".encode()
+        self.assertTrue(dkim.verify(received.data, dnsfunc=lookup))
+
+        foreign = HTML_MESSAGE.replace(b"From: News <news@example.org>",
+                                       b"From: Someone <someone@elsewhere.example>")
+        await deferToThread(_send, port, ["bea@example.net"], "mailer@example.org", foreign)
+        received = (await self.sink.wait_for(2))[1]
+        message = email.message_from_bytes(received.data, policy=email.policy.default)
+        self.assertEqual(message["From"], "Someone <mailer@example.org>")
+        self.assertIn("d=example.org", message["DKIM-Signature"])
+        self.assertTrue(dkim.verify(received.data, dnsfunc=lookup))
 
     async def test_unusable_dkim_key_sends_unsigned(self):
         await self.sql("UPDATE sender_domains SET dkim_private_key = 'garbage'"

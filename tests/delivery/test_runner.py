@@ -409,6 +409,25 @@ class RunnerTests(DatabaseTestCase):
         events = await self.sql("SELECT details->>'type' FROM events WHERE type = 'bounced'")
         self.assertEqual(events, [("hard",)])
 
+    async def test_attempts_counted_by_outcome_with_their_duration(self):
+        """O-5: mailgw_delivery_attempts_total{outcome} and the duration histogram, on
+        the runner's clock (from the claim to the outcome)."""
+        await self.submit("a@example.net", "b@example.net")
+        await self.start()
+        self.clock.advance(3)
+        first, second = self.pool.held
+        first.done.callback(Outcome(first.delivery_id, "sent", "250 ok"))
+        second.done.callback(Outcome(second.delivery_id, "deferred", "451 later"))
+        await self.queue.settle()
+        registry = self.runner.metrics.registry
+        for outcome, count in (("sent", 1), ("deferred", 1), ("bounced", None)):
+            self.assertEqual(registry.get_sample_value("mailgw_delivery_attempts_total",
+                                                       {"outcome": outcome}), count)
+        self.assertEqual(registry.get_sample_value("mailgw_delivery_attempt_seconds_count"), 2)
+        self.assertEqual(registry.get_sample_value("mailgw_delivery_attempt_seconds_sum"), 6)
+        self.assertEqual(registry.get_sample_value("mailgw_delivery_attempt_seconds_bucket",
+                                                   {"le": "2.5"}), 0)
+
     async def test_return_path_of_an_unregistered_sender_domain_is_the_gateways(self):
         """alice@gmail.com must not get b-N-...@gmail.com and unsubscribe@gmail.com:
         bounces and unsubscribes would never reach mailgw."""
@@ -445,6 +464,21 @@ class RunnerTests(DatabaseTestCase):
         self.assertIn("View it in your browser", html)
         self.assertIn("Follow us", html)
         self.assertIn("https://facebook.com/acme", html)
+
+    async def test_account_default_language_when_the_message_names_none(self):
+        """S-9: `mailgw account set --language 6`; a message's own language still wins."""
+        await self.sql("UPDATE accounts SET settings = %s WHERE id = %s",
+                       Json({"language": 6}), self.account_id)
+        await self.submit("a@example.net", options={"language": None})
+        await self.submit("b@example.net", options={"language": 4})
+        await self.start()
+        texts = []
+        for message in sorted(self.pool.held, key=lambda m: m.recipient):
+            rendered = email.message_from_bytes(await message.render(),
+                                                policy=email.policy.default)
+            texts.append(rendered.get_body(("plain",)).get_content())
+        self.assertTrue(texts[0].startswith("Vous ne voyez pas correctement cet e-mail"))
+        self.assertTrue(texts[1].startswith("Can't see this email properly?"))
 
     async def test_recipient_suppressed_after_submission_is_not_sent(self):
         await self.submit("a@example.net")
@@ -517,7 +551,7 @@ class PreparedCacheTests(unittest.TestCase):
                              DeliveryConfig(), "gw", "gw", "n", _inline)
         for message_id in (1, 2):
             runner._prepare(MessageContext(message_id, 1, "news@example.org", None, BODY, {},
-                                           AccountSettings(),
+                                           AccountSettings(), None,
                                            "example.org", "s1", "rsa", key.private_key_pem,
                                            "bounces.example.org"))
         self.assertEqual(len(runner._dkim_signers), 1)

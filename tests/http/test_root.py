@@ -12,7 +12,8 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from mailgw.http.root import HTTPRoot, QuietSite
+from mailgw.http.root import HTTPRoot, ListenerSite, MeteredSite
+from mailgw.metrics import Metrics
 
 
 def echo_app(name: str) -> Resource:
@@ -105,10 +106,13 @@ class HTTPRootTests(unittest.TestCase):
 
 
 class QuietSiteTests(unittest.TestCase):
-    def test_no_access_log_line_for_quiet_paths(self):
-        """Tracking hits (T-1, T-2) are events; they write no access-log line each."""
+    def test_no_access_log_line_for_tracking_hits(self):
+        """Tracking hits (T-1, T-2) are events; they write no access-log line each, and
+        are counted in the metrics all the same."""
         root = HTTPRoot({("t",): echo_app("tracking")}, default=echo_app("operations"))
-        site = QuietSite(root, quiet=(b"/t/",))
+        metrics = Metrics()
+        site = ListenerSite(root, metrics, max_body_size=1000, request_timeout=10,
+                            idle_timeout=10, reactor=task.Clock())
         site.startFactory()
         self.addCleanup(site.stopFactory)
         lines = io.StringIO()
@@ -119,3 +123,26 @@ class QuietSiteTests(unittest.TestCase):
         self.assertNotIn("/t/", logged)
         self.assertIn('"GET /healthz HTTP/1.0" 200', logged)
         self.assertIn('"GET /tracking HTTP/1.0" 200', logged)
+        counted = {sample.labels["route"]: sample.value
+                   for family in metrics.registry.collect() for sample in family.samples
+                   if sample.name == "mailgw_http_requests_total"}
+        self.assertEqual(counted, {"/t": 2, "/": 2})
+
+
+class MeteredSiteTests(unittest.TestCase):
+    def test_requests_counted_by_mount_point_and_status(self):
+        """O-5: the route is the mount point that answered, a handful of values
+        whatever paths clients ask for; the status is the answer's."""
+        missing = Resource()  # answers 404 to everything
+        root = HTTPRoot({("v1", "email"): echo_app("aldeamo"), ("v1",): echo_app("dmds"),
+                         ("a",): missing}, default=echo_app("operations"))
+        metrics = Metrics()
+        site = MeteredSite(root, metrics, reactor=task.Clock())
+        for path in (b"/v1/email", b"/v1/%65mail", b"/v1/contacto/7", b"/healthz",
+                     b"/wp-login.php", b"/a/x"):
+            get(root, path, site)
+        counted = {(sample.labels["route"], sample.labels["status"]): sample.value
+                   for family in metrics.registry.collect() for sample in family.samples
+                   if sample.name == "mailgw_http_requests_total"}
+        self.assertEqual(counted, {("/v1/email", "200"): 2, ("/v1", "200"): 1,
+                                   ("/", "200"): 2, ("/a", "404"): 1})

@@ -65,20 +65,22 @@ class StatsTests(QueriesDatabase, unittest.TestCase):
         for path, key in ((f"/v1/stats/sends/{self.send_id}", self.other_key),
                           (f"/v1/stats/sends/{self.send_id + 1}", None),
                           ("/v1/stats/sends/abc", None), ("/v1/stats/sends/" + "9" * 40, None),
-                          ("/v1/stats/sends/", None), ("/v1/stats/nothing", None)):
+                          ("/v1/stats/sends/", None), ("/v1/stats/nothing", None),
+                          ("/v1/stats/sends/%00", None)):
             code, body = await self.get(path, key)
-            self.assertEqual((code, body["error"]), (404, "not_found"), path)
+            self.assertEqual((code, body["error"]), (404, "Not_found"), path)
 
     async def test_wrong_keys(self):
         response = await self.http.get(self.base + f"/v1/stats/sends/{self.send_id}")
         self.assertEqual(response.code, 403)
-        self.assertEqual(json.loads(await treq.content(response))["error"], "invalid_api_key")
+        self.assertEqual(json.loads(await treq.content(response))["error"], "Invalid_API_Key")
         for key in ("mgw_wrong", "x" * 600):
             code, body = await self.get("/v1/stats", key)
-            self.assertEqual((code, body["error"]), (403, "invalid_api_key"))
+            self.assertEqual((code, body["error"]), (403, "Invalid_API_Key"))
         await self.gateway.stores.accounts.update_account("acme", {}, {"active": False})
+        self.gateway.key_authenticator.forget_keys()
         code, body = await self.get("/v1/stats")
-        self.assertEqual((code, body["error"]), (403, "account_inactive"))
+        self.assertEqual((code, body["error"]), (403, "Current_service_is_not_active"))
 
     async def test_account_per_day_in_its_time_zone(self):
         code, body = await self.get("/v1/stats?from=2026-03-01&to=2026-03-02")
@@ -99,4 +101,4 @@ class StatsTests(QueriesDatabase, unittest.TestCase):
         for query in ("from=yesterday", "to=2026-02-30", "from=2026-03-02&to=2026-03-01",
                       "from=2020-01-01&to=2026-01-01", "from=%ff"):
             code, body = await self.get(f"/v1/stats?{query}")
-            self.assertEqual((code, body["error"]), (400, "bad_request"), query)
+            self.assertEqual((code, body["error"]), (400, "Bad_request"), query)

@@ -1,7 +1,6 @@
 """The tracking endpoints on a running Gateway, over HTTP, against a real PostgreSQL
 (T-1 to T-6, R-3)."""
 
-import json
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -169,7 +168,8 @@ class PixelAndClickTests(TrackingTestCase):
         opening = urlsplit(self.signer.open_url(self.ana)).path.rpartition("/")[2]
         paths = [f"/t/c/{token[:-3]}", f"/t/c/{altered}", f"/t/c/{opening}",
                  f"/t/c/{opening.removesuffix('.gif')}", "/t/c/", "/t/c", f"/t/c/{'A' * 8000}",
-                 "/t/c/!!!not-base64", "/t/c/%00", f"/t/o/{token}", f"/t/o/{token}.gif",
+                 "/t/c/!!!not-base64", "/t/c/%00", f"/t/o/{token}",
+                 f"/t/o/{opening.removesuffix('.gif')}", f"/t/o/{token}.gif",
                  f"/t/w/{token}", f"/t/u/{token}", "/t/x/abc", "/t/", "/t", "/a/nothing",
                  "/t/o/" + "%" * 50]
         for path in paths:
@@ -468,5 +468,8 @@ class OutageTests(unittest.TestCase):
             b"Content-Type": [b"application/x-www-form-urlencoded"]})
         self.assertEqual(response.code, 503)
         self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"60"])
-        self.assertEqual(json.loads(json.dumps(dict(self.gateway.tracking_recorder.lost))),
-                         {"open": 1, "click": 1})
+        self.assertEqual(dict(self.gateway.tracking_recorder.lost), {"open": 1, "click": 1})
+        [lost] = [sample.value for family in self.gateway.metrics.registry.collect()
+                  for sample in family.samples
+                  if sample.name == "mailgw_tracking_events_lost_total"]
+        self.assertEqual(lost, 2)

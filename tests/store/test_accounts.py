@@ -49,9 +49,10 @@ class AccountStoreTests(DatabaseTestCase):
         key = credentials.new_api_key()
         await self.stores.accounts.create_api_key(account.id, "ci",
                                                   credentials.hash_api_key(key), key[:8])
-        found = await self.stores.accounts.account_for_api_key(credentials.hash_api_key(key))
+        found, grant = await self.stores.accounts.api_key(credentials.hash_api_key(key))
         self.assertEqual(found, account)
-        self.assertIsNone(await self.stores.accounts.account_for_api_key("0" * 64))
+        self.assertEqual((grant.kind, grant.campaign_id, grant.operator), ("account", None, False))
+        self.assertIsNone(await self.stores.accounts.api_key("0" * 64))
 
 
 class SenderStoreTests(DatabaseTestCase):

@@ -87,6 +87,17 @@ async def _backend_pid_txn(cursor):
     return cursor.fetchone()[0]
 
 
+async def _recovered(database: Database) -> None:
+    """Once the pool answers again (its first reconnection attempt is immediate)."""
+    for _ in range(100):
+        try:
+            if await database.run_interaction("select_one", _select_one_txn) == 1:
+                return
+        except DatabaseUnavailable:
+            await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("the pool did not recover")
+
+
 class KeepaliveTests(DatabaseTestCase):
     async def test_keepalives_unless_the_dsn_sets_them(self):
         """A vanished database host is noticed within about a minute (R-2)."""
@@ -149,17 +160,29 @@ class SessionEndedTests(DatabaseTestCase):
         with self.assertRaises(DatabaseUnavailable):
             await self.database.run_interaction("session_ended", _session_ended_txn)
         self.assertEqual(self.flushLoggedErrors(), [])
-        for _ in range(100):  # the first reconnection attempt is immediate
-            try:
-                self.assertEqual(
-                    await self.database.run_interaction("select_one", _select_one_txn), 1)
-            except DatabaseUnavailable:
-                await task.deferLater(reactor, 0.05, lambda: None)
-            else:
-                break
-        else:
-            self.fail("the pool did not recover")
+        await _recovered(self.database)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_outages_and_connections_in_use_are_counted(self):
+        """O-5: a lost session after a working one is an outage (the failures that follow
+        it until a success are the same outage); the pool's connections in use."""
+        registry = self.database.metrics.registry
+        self.assertEqual(registry.get_sample_value("mailgw_database_connections"), 2)
+
+        async def in_use_txn(cursor):
+            return registry.get_sample_value("mailgw_database_connections_in_use")
+
+        self.assertEqual(await self.database.run_interaction("in_use", in_use_txn), 1)
+        self.assertEqual(registry.get_sample_value("mailgw_database_connections_in_use"), 0)
+        for _ in range(2):
+            with self.assertRaises(DatabaseUnavailable):
+                await self.database.run_interaction("session_ended", _session_ended_txn)
+            self.assertEqual(registry.get_sample_value("mailgw_database_outages_total"), 1)
+        await _recovered(self.database)
+        self.assertEqual(registry.get_sample_value("mailgw_database_outages_total"), 1)
+        with self.assertRaises(DatabaseUnavailable):
+            await self.database.run_interaction("session_ended", _session_ended_txn)
+        self.assertEqual(registry.get_sample_value("mailgw_database_outages_total"), 2)
 
     async def test_close_while_reconnecting(self):
         with self.assertRaises(DatabaseUnavailable):

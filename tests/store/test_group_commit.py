@@ -39,6 +39,24 @@ class GroupCommitterTests(DatabaseTestCase):
         self.assertEqual(sorted({size for _, size in results}), [1, 19])
         self.assertEqual(len(await self.database.run_interaction("names", _names_txn)), 20)
 
+    async def test_batch_sizes_and_commit_times_are_measured(self):
+        """O-5: mailgw_group_commit_batch_size and _seconds, by batch."""
+        committer = GroupCommitter(self.database, max_in_flight=1)
+        await defer.gatherResults([committer.run("insert", _insert_txn, f"a{i:02}")
+                                   for i in range(20)])
+        registry = self.database.metrics.registry
+        labels = {"batch": "insert"}
+        self.assertEqual(registry.get_sample_value("mailgw_group_commit_batch_size_count",
+                                                   labels), 2)
+        self.assertEqual(registry.get_sample_value("mailgw_group_commit_batch_size_sum",
+                                                   labels), 20)
+        self.assertEqual(registry.get_sample_value("mailgw_group_commit_batch_size_bucket",
+                                                   {**labels, "le": "1.0"}), 1)
+        self.assertEqual(registry.get_sample_value("mailgw_group_commit_seconds_count",
+                                                   labels), 2)
+        self.assertGreater(registry.get_sample_value("mailgw_group_commit_seconds_sum",
+                                                     labels), 0)
+
     async def test_each_batch_function_gets_its_own_items(self):
         committer = GroupCommitter(self.database, max_in_flight=1)
         calls = [committer.run("insert", _insert_txn, "first"),

@@ -4,7 +4,7 @@ from email_validator import EmailNotValidError, validate_email
 from twisted.trial import unittest
 
 from mailgw.submit import addresses
-from mailgw.submit.addresses import InvalidAddress, normalize_address
+from mailgw.submit.addresses import InvalidAddress, delivery_address, normalize_address
 
 ADDRESSES = [
     "ana@example.net", "Ana.Perez@Example.NET", "a+tag@mail.example.co.uk",
@@ -58,3 +58,17 @@ class NormalizeAddressTests(unittest.TestCase):
                    lambda *args, **kwargs: self.fail("email-validator was asked"))
         self.assertEqual(normalize_address("Bo.Smith+news@Mail.Example.COM"),
                          "bo.smith+news@mail.example.com")
+
+
+class DeliveryAddressTests(unittest.TestCase):
+    def test_local_part_as_written_domain_lowered(self):
+        """RFC 5321 2.4: only the domain is case-insensitive."""
+        for written, delivered in (("Ana.Perez@Example.NET", "Ana.Perez@example.net"),
+                                   ("ana@example.net", "ana@example.net"),
+                                   ("O'Brien+News@Mail.Example.COM",
+                                    "O'Brien+News@mail.example.com")):
+            self.assertEqual(delivery_address(written, normalize_address(written)), delivered)
+
+    def test_local_part_written_anew_is_the_normalized_one(self):
+        self.assertEqual(delivery_address('"Ana"@Example.org', "ana@example.org"),
+                         "ana@example.org")

@@ -22,7 +22,7 @@ from mailgw.submit.service import (
     Submission,
     SubmissionService,
 )
-from tests.harness import DatabaseTestCase
+from tests.harness import DatabaseTestCase, log_lines
 
 PLAIN = b"From: a@example.org\r\nSubject: s\r\nContent-Type: text/plain\r\n\r\nHello\r\n"
 
@@ -109,13 +109,30 @@ class RefusalTests(ServiceTestCase):
 
     async def test_content(self):
         with self.assertRaises(ContentNotAccepted) as refused:
-            self.from_mime(b"Subject: s\r\nX-Mailgw-ShowCab: maybe\r\n\r\nx")
-        self.assertIn("ShowCab must be yes or no", str(refused.exception))
+            self.from_mime(b"Subject: s\r\nX-Mailgw-Category: \x01\r\n\r\nx")
+        self.assertIn("Category must be a category name", str(refused.exception))
         strict = dataclasses.replace(self.account, settings=AccountSettings(multipart="strict"))
         with self.assertRaises(ContentNotAccepted) as refused:
             await self.service.submit(self.from_mime(PLAIN, strict))
         self.assertEqual(str(refused.exception),
                          "message needs a text/plain and a text/html part")
+
+    async def test_switch_value_it_does_not_take_is_logged_not_refused(self):
+        """S-9 (Teenvio): `X-Teenvio-TrackingOpening: off` is no reason for a 554; the
+        default applies and the operator reads why."""
+        lines = log_lines(self)
+        submission = self.from_mime(b"Subject: s\r\nX-Teenvio-TrackingOpening: off\r\n"
+                                    b"X-Teenvio-Language: 99\r\n\r\nHello\r\n")
+        submission.imports.add(Recipient("r@example.net"))
+        stored = await self.service.submit(submission)
+        options = await self.sql("SELECT options FROM messages WHERE id = %s",
+                                 stored.message_id)
+        self.assertEqual((options[0][0]["track_opens"], options[0][0]["language"]),
+                         (True, None))
+        self.assertIn("message of account acme (smtp): X-Teenvio-TrackingOpening: 'off' is "
+                      "not a value it takes; the default applies", lines)
+        self.assertIn("message of account acme (smtp): X-Teenvio-Language: '99' is not a "
+                      "value it takes; the default applies", lines)
 
     async def test_templates(self):
         with self.assertRaises(BadTemplateVariables) as refused:
@@ -165,3 +182,27 @@ class RecipientKindTests(ServiceTestCase):
                 self.account, "smtp", "a@example.org", PLAIN, imports, "192.0.2.7"))
             self.assertEqual(await self.kinds(stored), [("a@example.net", "to"),
                                                         ("b@example.net", "cc")])
+
+    async def test_given_recipients_become_contacts_of_a_group_with_the_message(self):
+        """The HTTP doors give recipients, not imports: they are imported in the message's
+        own transaction, into a group of the door's origin, suppressions looked up."""
+        await self.stores.suppressions.add(self.account.account_id, "b@example.net")
+        stored = await self.service.submit(Submission(
+            self.account, "api", "a@example.org",
+            (Recipient("a@example.net"), Recipient("b@example.net", "cc")),
+            parse_message(PLAIN), msgids=True))
+        rows = await self.sql(
+            "SELECT d.recipient, d.state, d.msgid::text, g.name LIKE 'API %%', g.origin"
+            " FROM deliveries d JOIN group_members m ON m.contact_id = d.contact_id"
+            " JOIN groups g ON g.id = m.group_id ORDER BY d.recipient")
+        self.assertEqual(rows, [
+            ("a@example.net", "queued", stored.msgids[0][1], True, "api"),
+            ("b@example.net", "not_sent", stored.msgids[1][1], True, "api")])
+        self.assertEqual([email for email, _ in stored.msgids], ["a@example.net",
+                                                                  "b@example.net"])
+        smtp = await self.service.submit(Submission(
+            self.account, "smtp", "a@example.org", (Recipient("c@example.net"),),
+            parse_message(PLAIN)))
+        self.assertEqual(smtp.msgids, ())
+        self.assertEqual(await self.sql("SELECT msgid FROM deliveries WHERE recipient ="
+                                        " 'c@example.net'"), [(None,)])
