@@ -143,11 +143,16 @@ class TrackingStoreTests(DatabaseTestCase):
                          [(None, "complaint"), ("other.example", "unsubscribed")])
 
     async def test_queue_honours_the_unsubscribe(self):
-        """D-6: a delivery claimed after the unsubscribe is not sent."""
+        """D-6: a delivery claimed after the unsubscribe is not sent, its local part
+        written in capitals or not (suppressions hold addresses in lower case)."""
+        await self.sql("UPDATE deliveries SET recipient = 'Bob@example.net' WHERE id = %s",
+                       self.bob)
         await self.change(UNSUBSCRIBE, recipient=self.bob)
+        self.assertEqual(await self.sql("SELECT address FROM suppressions"),
+                         [("bob@example.net",)])
         claimed = await self.stores.queue.claim("node", 10, 60)
         self.assertEqual([(d.recipient, d.suppressed) for d in claimed],
-                         [("bob@example.net", "unsubscribed")])
+                         [("Bob@example.net", "unsubscribed")])
 
     async def test_concurrent_changes_of_one_address(self):
         results = await defer.gatherResults([
