@@ -2,7 +2,8 @@
 
 A tracking URL carries what it points at, signed: the tracking endpoints need no database
 lookup to redirect and cannot be turned into an open redirect (T-2). A bounce address
-carries its delivery id, signed, so that a DSN names the delivery it is about (D-7).
+and a Message-ID carry their delivery id, signed, so that a DSN or a complaint names the
+delivery it is about (D-7).
 Only the standard library: the tracking endpoints and the inbound bounce listener verify
 tokens without loading the MIME and DKIM code of rendering.
 """
@@ -24,6 +25,7 @@ _BOUNCE_TAG_BYTES = 10
 _MAX_TOKEN_LENGTH = 16_384
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _BOUNCE_LOCAL_PART = re.compile(r"b-(0|[1-9][0-9]{0,19})-([a-z2-7]{16})")
+_MESSAGE_ID = re.compile(r"<?(0|[1-9][0-9]{0,19})\.([a-z2-7]{16})@[^<>@\s]+>?")
 
 
 class LinkSigner:
@@ -73,6 +75,26 @@ class LinkSigner:
         try:
             local = address.strip().strip("<>").rpartition("@")
             found = _BOUNCE_LOCAL_PART.fullmatch((local[0] if local[1] else local[2]).lower())
+            if found is None:
+                return None
+            delivery_id = int(found.group(1))
+            if hmac.compare_digest(self._bounce_tag(delivery_id), found.group(2)):
+                return delivery_id
+        except Exception:
+            pass
+        return None
+
+    def message_id(self, delivery_id: int, hostname: str) -> str:
+        """The Message-ID of one delivery's copy, <id.tag@hostname>: the same on every
+        attempt (a copy sent again after a crash is the same message, RFC 5322 3.6.4),
+        and signed like its bounce address, so that a complaint that kept only the
+        Message-ID still names its delivery (D-7)."""
+        return f"<{delivery_id}.{self._bounce_tag(delivery_id)}@{hostname}>"
+
+    def parse_message_id(self, value: str) -> int | None:
+        """The delivery id of a Message-ID we made, or None. Never raises."""
+        try:
+            found = _MESSAGE_ID.fullmatch(value.strip().lower())
             if found is None:
                 return None
             delivery_id = int(found.group(1))

@@ -529,6 +529,7 @@ class PreparedMessage:
     _layout: list  # the MIME tree's chunks, _TEXT and _HTML where the parts go
     _from_header: bytes
     _middle_headers: bytes  # the headers between Date and List-Unsubscribe
+    _list_unsubscribe: bool  # a feedback notice to the sender (D-7) has none
 
     def __init__(self, body: StoredBody, options: Mapping[str, Any] | None,
                  sender: SenderContext, signer: LinkSigner) -> None:
@@ -562,6 +563,7 @@ class PreparedMessage:
         from_name = sender.from_name if sender.from_name is not None else body.from_name
         self._from_header = _address_header("From", from_name, sender.from_address)
         self._middle_headers = _middle_headers(body.headers, sender.reply_to)
+        self._list_unsubscribe = not options.get("notice", False)
 
     # Rendering.
 
@@ -595,17 +597,19 @@ class PreparedMessage:
         subject = merge(self._subject, recipient.variables, recipient.fields, links)
         token = unsubscribe.rpartition("/")[2]
         list_unsubscribe = (f"List-Unsubscribe: <{unsubscribe}>,\r\n <mailto:"
-                            f"{self._unsubscribe_mailto}?subject=unsubscribe-{token}>\r\n")
+                            f"{self._unsubscribe_mailto}?subject=unsubscribe-{token}>\r\n"
+                            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+                            if self._list_unsubscribe else "")
         message = b"".join([
             self._from_header,
             _to_header(recipient.email),
             self._subject_header if subject == self._subject
             else _unstructured("Subject", subject),
             f"Date: {format_datetime(datetime.now(UTC))}\r\n"
-            f"Message-ID: <{random_hex()}@{self._hostname}>\r\n".encode("ascii"),
+            f"Message-ID: {self._signer.message_id(delivery_id, self._hostname)}\r\n"
+            .encode("ascii"),
             self._middle_headers,
             list_unsubscribe.encode("ascii"),
-            b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
             *(text_part if chunk is _TEXT else html_part if chunk is _HTML else chunk
               for chunk in self._layout),
         ])

@@ -89,3 +89,18 @@ class LinkSignerTests(unittest.TestCase):
                     "b-1-" + "a" * 16 + "@x", None, 5):
             self.assertIsNone(SIGNER.parse_bounce_address(bad), bad)
         self.assertIsNone(LinkSigner(b"other", BASE).parse_bounce_address(address))
+
+    def test_message_id(self):
+        """D-7: a complaint that kept only the Message-ID names its delivery."""
+        message_id = SIGNER.message_id(12345, "gw.example.net")
+        self.assertRegex(message_id, r"^<12345\.[a-z2-7]{16}@gw\.example\.net>$")
+        self.assertEqual(SIGNER.message_id(12345, "gw.example.net"), message_id)
+        self.assertEqual(SIGNER.parse_message_id(message_id), 12345)
+        self.assertEqual(SIGNER.parse_message_id(f" {message_id.upper()} "), 12345)
+        self.assertEqual(SIGNER.parse_message_id(message_id.strip("<>")), 12345)
+        tag = message_id.split(".")[1].partition("@")[0]
+        for bad in (message_id.replace("12345", "12346"), message_id.replace(tag, tag[:-1]),
+                    message_id.replace("@gw", "gw"), "<5231AC96.9010208@dominio.com>", "",
+                    SIGNER.bounce_address(12345, "gw.example.net"), None, 5):
+            self.assertIsNone(SIGNER.parse_message_id(bad), bad)
+        self.assertIsNone(LinkSigner(b"other", BASE).parse_message_id(message_id))

@@ -128,7 +128,7 @@ class RenderTests(unittest.TestCase):
         self.assertEqual(message["From"].addresses[0].display_name, "Tienda Ñandú")
         self.assertEqual(message["From"].addresses[0].addr_spec, "news@example.org")
         self.assertEqual(message["Subject"], "Oferta para Ana & Bea Juan <Pérez>")
-        self.assertRegex(message["Message-ID"], r"^<[0-9a-f]{32}@gw\.example\.net>$")
+        self.assertEqual(message["Message-ID"], SIGNER.message_id(4242, "gw.example.net"))
         self.assertIsNotNone(message["Date"].datetime)
         self.assertEqual(message["MIME-Version"], "1.0")
         self.assertEqual(message["X-Campaign"], "spring-2024")
@@ -164,10 +164,22 @@ class RenderTests(unittest.TestCase):
         for line in folded.split(b"\r\n"):
             self.assertLessEqual(len(line), 78)
 
-    def test_message_id_per_recipient(self):
+    def test_message_id_per_delivery(self):
+        """One Message-ID per delivery, the same on every attempt (RFC 5322 3.6.4: a copy
+        sent again is the same message), signed so that a complaint names it (D-7)."""
         prepared = PreparedMessage(body(), options(), sender(), SIGNER)
-        ids = {message_from_bytes(prepared.render(RECIPIENT))["Message-ID"] for _ in range(3)}
+        ids = {message_from_bytes(prepared.render(dataclasses.replace(RECIPIENT,
+                                                                      delivery_id=d)))
+               ["Message-ID"] for d in (1, 2, 3, 3)}
         self.assertEqual(len(ids), 3)
+        self.assertEqual(SIGNER.parse_message_id(
+            message_from_bytes(prepared.render(RECIPIENT))["Message-ID"]), 4242)
+
+    def test_feedback_notice_has_no_list_unsubscribe(self):
+        """A notice to the sender (D-7) is no marketing: nothing to unsubscribe from."""
+        _, message = render(options_={**options(), "notice": True})
+        self.assertIsNone(message["List-Unsubscribe"])
+        self.assertIsNone(message["List-Unsubscribe-Post"])
 
     def test_parts_and_merge_tags(self):
         _, message = render()
