@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--language", type=_language, metavar="N",
                         help="language of the inserted texts when a message names none "
                         "(X-Teenvio-Language ids; default 3, Spanish)")
+    update.add_argument("--forward-feedback", type=_yes_no, metavar="yes|no",
+                        help="send a notice of each bounce and complaint to the envelope "
+                        "sender of the message (Aldeamo's feedback forwarding)")
     update.add_argument("--categories", type=_categories, metavar="NAME,...|none",
                         help="campaign categories recipients may unsubscribe from one by "
                         "one on the unsubscribe page (none: the sender's domain only)")
@@ -381,7 +384,7 @@ async def _account_set(stores, args, config, out, stdin) -> None:
         archive=None if args.archive is None else args.archive == "yes",
         track_opens=args.track_opens, track_clicks=args.track_clicks,
         show_cab=args.show_cab, social_links=args.social_links, language=args.language,
-        categories=args.categories)
+        categories=args.categories, forward_feedback=args.forward_feedback)
     columns = {column: getattr(args, column)
                for column in ("sends_per_month", "max_contacts", "allowed_networks")
                if getattr(args, column) is not _UNSET}

@@ -141,6 +141,20 @@ class CommandTests(CommandTestCase):
         self.assertEqual((settings.track_opens, settings.social_links, settings.language),
                          (True, {}, 4))
 
+    async def test_account_set_forward_feedback(self):
+        """D-7, Aldeamo: feedback forwarding is off until the account asks for it."""
+        account = await self.stores.accounts.create_account("acme")
+        profile = await self.stores.accounts.profile(account.id)
+        self.assertFalse(profile.settings.forward_feedback)
+        await self.command("account", "set", "acme", "--forward-feedback", "yes")
+        profile = await self.stores.accounts.profile(account.id)
+        self.assertTrue(profile.settings.forward_feedback)
+        await self.command("account", "set", "acme", "--forward-feedback", "no")
+        profile = await self.stores.accounts.profile(account.id)
+        self.assertFalse(profile.settings.forward_feedback)
+        with self.assertRaises(SystemExit):
+            build_parser().parse_args(["account", "set", "acme", "--forward-feedback", "on"])
+
     def test_account_set_refuses_bad_values(self):
         for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
                      ["--attachments", "drop"], ["--track-opens", "off"], ["--language", "9"],

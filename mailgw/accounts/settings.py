@@ -50,6 +50,9 @@ class AccountSettings:
     # S-9: the language of the inserted texts when a message names none (an
     # X-Teenvio-Language id).
     language: int = DEFAULT_LANGUAGE
+    # D-7 (Aldeamo's feedback forwarding): each bounce and complaint of the account's mail
+    # is also told, by a notice, to the envelope sender of the message.
+    forward_feedback: bool = False
 
     @classmethod
     def from_json(cls, stored: Any) -> AccountSettings:
@@ -79,6 +82,7 @@ class AccountSettings:
             social_links={str(network): url for network, url in links.items()
                           if isinstance(url, str)} if isinstance(links, Mapping) else {},
             track_opens=switch("track_opens"), track_clicks=switch("track_clicks"),
+            forward_feedback=switch("forward_feedback"),
             # A name that is no category name is left out, and so is a repeated one.
             categories=tuple(dict.fromkeys(c for c in categories if category_name(c)))
             [:MAX_CATEGORIES] if isinstance(categories, list | tuple) else (),

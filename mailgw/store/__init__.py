@@ -10,6 +10,7 @@ from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
 from mailgw.store.events import EventStore
 from mailgw.store.group_commit import GroupCommitter
+from mailgw.store.inbound import InboundStore
 from mailgw.store.keys import KeyStore
 from mailgw.store.queue import QueueStore
 from mailgw.store.queue_admin import QueueAdminStore
@@ -50,6 +51,8 @@ class Stores:
     statistics: StatisticsStore
     suppressions: SuppressionStore
     webhooks: WebhookStore
+    # Bounces and complaints that come back by mail (D-7).
+    inbound: InboundStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -64,4 +67,4 @@ class Stores:
                    auth_failures=AuthFailureStore(database),
                    suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
                    tracking=TrackingStore(database, committer),
-                   statistics=StatisticsStore(database))
+                   statistics=StatisticsStore(database), inbound=InboundStore(database))

@@ -20,6 +20,7 @@ from mailgw.accounts.settings import AccountSettings
 from mailgw.store.database import Database, PreparedStatement
 from mailgw.store.events import EventType
 from mailgw.store.group_commit import GroupCommitter
+from mailgw.store.notices import NOTICE, FeedbackNotice, queue_notices_txn
 
 
 @dataclass(frozen=True)
@@ -208,20 +209,21 @@ _RECORD_OUTCOMES = PreparedStatement(
     "    ELSE now() + make_interval(secs => i.retry) END,"
     "   lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
     "  FROM input i WHERE d.id = i.id AND d.lease_owner = i.owner"
-    "  RETURNING d.id, d.account_id, d.message_id, d.contact_id, d.recipient,"
+    "  RETURNING d.id, d.account_id, d.message_id, d.contact_id, d.recipient, d.kind,"
     "   (SELECT send_id FROM messages m WHERE m.id = d.message_id) AS send_id,"
     "   i.type, i.details),"
     " event AS ("
     "  INSERT INTO events (account_id, send_id, message_id, delivery_id, contact_id,"
     "   recipient, type, details)"
     "  SELECT account_id, send_id, message_id, id, contact_id, recipient, type, details"
-    "  FROM updated)"
+    f"  FROM updated WHERE kind <> '{NOTICE}')"
     " SELECT id, account_id, send_id, contact_id, recipient FROM updated")
 
 
 async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[bool]:
     """Outcomes and their events for a batch in one statement, each with its lease
-    checked; then the hard-bounce counts of the contacts that bounced hard."""
+    checked (a feedback notice's outcome writes no event); then the hard-bounce counts
+    of the contacts that bounced hard, and the notices of the bounces (D-7)."""
     outcomes = [r.outcome for r in recordings]
     await _RECORD_OUTCOMES.execute(cursor, {
         "ids": [o.delivery_id for o in outcomes], "owners": [r.owner for r in recordings],
@@ -230,22 +232,29 @@ async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[boo
         "types": [EventType(o.state) for o in outcomes],
         "details": [Json(_event_details(o)) for o in outcomes]})
     recorded = {row[0]: row[1:] for row in cursor.fetchall()}
-    hard_bounces: dict[int, _HardBounces] = {}
+    hard_bounces: dict[int, HardBounces] = {}
+    notices = []
     for recording in recordings:
-        row = recorded.get(recording.outcome.delivery_id)
-        if row is not None and recording.outcome.bounce_type == "hard" and row[2] is not None:
+        outcome = recording.outcome
+        row = recorded.get(outcome.delivery_id)
+        if row is None or outcome.state != "bounced":
+            continue
+        notices.append(FeedbackNotice(outcome.delivery_id, "bounce", outcome.bounce_type,
+                                      outcome.reply[:1000]))
+        if outcome.bounce_type == "hard" and row[2] is not None:
             account_id, send_id, contact_id, recipient = row
             previous = hard_bounces.get(contact_id)
-            hard_bounces[contact_id] = _HardBounces(
+            hard_bounces[contact_id] = HardBounces(
                 contact_id, account_id, send_id, recipient, recording.hard_bounce_limit,
                 1 + (previous.count if previous else 0))
     if hard_bounces:
-        await _count_hard_bounces(cursor, list(hard_bounces.values()))
+        await count_hard_bounces(cursor, list(hard_bounces.values()))
+    await queue_notices_txn(cursor, notices)
     return [r.outcome.delivery_id in recorded for r in recordings]
 
 
 @dataclass(frozen=True)
-class _HardBounces:
+class HardBounces:
     """A contact's hard bounces in one batch; the ids of the last one name its event."""
 
     contact_id: int
@@ -277,8 +286,10 @@ _COUNT_HARD_BOUNCES = PreparedStatement(
     " FROM counted JOIN input i ON i.contact_id = counted.id WHERE counted.reached")
 
 
-async def _count_hard_bounces(cursor, bounces: list[_HardBounces]) -> None:
-    """The contacts are locked first, in the order the RCPT imports lock them (account,
+async def count_hard_bounces(cursor, bounces: list[HardBounces]) -> None:
+    """D-7: count the hard bounces (from the delivery engine, or from DSNs) towards the
+    contacts' invalidation. The contacts are locked first, in the order the RCPT imports
+    lock them (account,
     then address), so that a batch of outcomes and a batch of imports never wait for
     each other in a cycle. NO KEY UPDATE, like the UPDATE itself: the key-share locks
     of deliveries being stored for these contacts are not in its way."""

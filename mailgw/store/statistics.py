@@ -1,11 +1,14 @@
 """Statistics per send and per account (H-4), counted from the event log.
 
-`deferred` counts the deliveries waiting now; every other counter counts events:
-`recipients` the queued ones and those not sent at submission (each recipient has one
-of the two), `opens_*` and `clicks_*` people's events (`*_total`), the deliveries they
-are about (`*_unique`: a person opening twice is one), and machines' events apart
-(`*_machine`, T-6). A send's counters come from one index of the events (migration 006)
-without touching the table; an account's per day, in its time zone.
+`deferred` counts the deliveries waiting now (feedback notices to senders aside, D-7);
+every other counter counts events: `recipients` the queued ones and those not sent at
+submission (each recipient has one of the two), `opens_*` and `clicks_*` people's events
+(`*_total`), the deliveries they are about (`*_unique`: a person opening twice is one),
+and machines' events apart (`*_machine`, T-6). A bounce that comes back later by mail
+(a DSN, D-7) adds a `bounced` event to a delivery whose `sent` event stays: its server
+had accepted the message, so it counts in `sent` and in `bounced_*`. A send's counters
+come from one index of the events (migration 006) without touching the table; an
+account's per day, in its time zone.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mailgw.store.database import Database
 from mailgw.store.events import EventType
+from mailgw.store.notices import NOTICE
 
 COUNTERS = ("recipients", "sent", "deferred", "bounced_soft", "bounced_hard", "not_sent",
             "opens_unique", "opens_total", "opens_machine", "clicks_unique", "clicks_total",
@@ -151,7 +155,8 @@ async def _send_txn(cursor, send_id: int, account_id: int | None) -> SendStatist
         extra[name] = cursor.fetchone()[0]
     await cursor.execute(
         "SELECT count(*) FROM deliveries d JOIN messages m ON m.id = d.message_id"
-        " WHERE m.send_id = %s AND d.state = 'deferred'", (send_id,))
+        f" WHERE m.send_id = %s AND d.state = 'deferred' AND d.kind <> '{NOTICE}'",
+        (send_id,))
     deferred = cursor.fetchone()[0]
     return SendStatistics(send_id, send[0], send[1],
                           _counters(tally, extra["not_queued"], extra["hard"], deferred))
@@ -207,7 +212,7 @@ async def _account_txn(cursor, account_id: int, start: datetime, end: datetime,
     await cursor.execute(
         "SELECT (created_at AT TIME ZONE %(tz)s)::date, count(*) FROM deliveries"
         " WHERE account_id = %(account)s AND created_at >= %(start)s AND created_at < %(end)s"
-        " AND state = 'deferred' GROUP BY 1", params)
+        f" AND state = 'deferred' AND kind <> '{NOTICE}' GROUP BY 1", params)
     per_day["deferred"] = dict(cursor.fetchall())
     await cursor.execute(
         f"SELECT type, count(DISTINCT delivery_id) FROM events WHERE {in_range}"

@@ -27,6 +27,9 @@ DOMAIN_CANCELLED = "domain subscription cancelled"
 DOMAIN_REACTIVATED = "domain subscription reactivated"
 CATEGORY_UPDATE = "domain category update"
 UNSUBSCRIBE, RESUBSCRIBE, CATEGORIES = "unsubscribe", "resubscribe", "categories"
+# A complaint (ARF, D-7): unsubscribed from the domain as UNSUBSCRIBE does, the
+# suppression's reason `complaint`; the unsubscribe page cannot lift it.
+COMPLAINT = "complaint"
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,9 @@ class Subscription:
 @dataclass(frozen=True)
 class SubscriptionChange:
     delivery: TrackedDelivery
-    # UNSUBSCRIBE (the whole sender domain), RESUBSCRIBE (to all of it again) or
-    # CATEGORIES (the account's categories not in `keep` cancelled, the others active).
+    # UNSUBSCRIBE (the whole sender domain), COMPLAINT (the same, for a complaint),
+    # RESUBSCRIBE (to all of it again) or CATEGORIES (the account's categories not in
+    # `keep` cancelled, the others active).
     action: str
     occurred_at: datetime
     # The event's details besides subscription_type, domain and categories (method,
@@ -97,7 +101,8 @@ class TrackingStore:
 
     async def delivery(self, delivery_id: int) -> TrackedDelivery | None:
         """The delivery, or None when it is gone (its message or account deleted)."""
-        return await self._lookups.run("tracked_deliveries", _deliveries_txn, delivery_id)
+        return await self._lookups.run("tracked_deliveries", tracked_deliveries_txn,
+                                       delivery_id)
 
     async def subscription(self, delivery: TrackedDelivery) -> Subscription:
         return await self.db.run_interaction("subscription", _subscription_txn,
@@ -134,7 +139,9 @@ _TRACKED_DELIVERIES = (
     " WHERE d.id = ANY(%s)")
 
 
-async def _deliveries_txn(cursor, delivery_ids: list[int]) -> list[TrackedDelivery | None]:
+async def tracked_deliveries_txn(cursor, delivery_ids: list[int]
+                                 ) -> list[TrackedDelivery | None]:
+    """The deliveries, None for those that are gone, in the caller's transaction."""
     await cursor.execute(_TRACKED_DELIVERIES, (delivery_ids,))
     found = {}
     for row in cursor.fetchall():
@@ -152,7 +159,8 @@ async def _subscription_txn(cursor, account_id: int, address: str, domain: str
                             ) -> Subscription:
     await cursor.execute(
         "SELECT category FROM suppressions WHERE account_id = %s AND address = %s"
-        " AND scope_domain = %s AND reason = 'unsubscribed'", (account_id, address, domain))
+        " AND scope_domain = %s AND reason IN ('unsubscribed', 'complaint')",
+        (account_id, address, domain))
     categories = [row[0] for row in cursor.fetchall()]
     return Subscription(None in categories, frozenset(c for c in categories if c is not None))
 
@@ -164,23 +172,28 @@ async def _change_subscriptions_txn(cursor, changes: list[SubscriptionChange]) -
     order = sorted(range(len(changes)), key=lambda i: (changes[i].delivery.account_id,
                                                        changes[i].delivery.recipient))
     for i in order:
-        changed[i] = await _change_subscription(cursor, changes[i])
+        changed[i] = await change_subscription_txn(cursor, changes[i])
     return changed
 
 
-# The unsubscribe from a whole sender domain, and the way back: (statement, Aldeamo's
-# subscription_type, event type).
+# The unsubscribe from a whole sender domain (a complaint's too), and the way back:
+# (statement, Aldeamo's subscription_type, event type).
 _DOMAIN_CHANGES = {
     UNSUBSCRIBE: ("INSERT INTO suppressions (account_id, address, scope_domain, reason)"
                   " VALUES (%s, %s, %s, 'unsubscribed') ON CONFLICT DO NOTHING",
                   DOMAIN_CANCELLED, EventType.UNSUBSCRIBED),
+    COMPLAINT: ("INSERT INTO suppressions (account_id, address, scope_domain, reason)"
+                " VALUES (%s, %s, %s, 'complaint') ON CONFLICT DO NOTHING",
+                DOMAIN_CANCELLED, EventType.UNSUBSCRIBED),
     RESUBSCRIBE: ("DELETE FROM suppressions WHERE account_id = %s AND address = %s"
                   " AND scope_domain = %s AND reason = 'unsubscribed'",
                   DOMAIN_REACTIVATED, EventType.RESUBSCRIBED),
 }
 
 
-async def _change_subscription(cursor, change: SubscriptionChange) -> bool:
+async def change_subscription_txn(cursor, change: SubscriptionChange) -> bool:
+    """Carry out the change and write its event in the caller's transaction; False when
+    it changed nothing."""
     delivery = change.delivery
     # Suppressions hold addresses in lower case (D-6 compares with lower(recipient)).
     where = (delivery.account_id, delivery.recipient.lower(), delivery.sender_domain)
