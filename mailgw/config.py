@@ -145,6 +145,26 @@ TLS_POLICIES = ("opportunistic", "verify")
 
 
 @dataclass(frozen=True)
+class InboundConfig:
+    """The listener for bounces, complaints and List-Unsubscribe mail (D-7, T-3)."""
+
+    # Twisted endpoint strings; empty: no listener. In production "tcp:25", the host the
+    # MX records of the return-path domains name (`mailgw domain add` prints them).
+    listeners: list[str] = field(default_factory=list)
+    # Bytes of a message that are kept and read: a report says what it has to say at its
+    # start, and the rest (the returned original) is read and dropped.
+    max_message_size: int = 128 * 1024
+    max_recipients: int = 100
+    # As the [smtp] keys of the same names (R-6).
+    max_connections: int = 100
+    max_connections_per_address: int = 10
+    idle_timeout: int = 300
+    tls_handshake_timeout: int = 30
+    data_timeout: int = 600
+    max_commands_without_message: int = 100
+
+
+@dataclass(frozen=True)
 class WebhookConfig:
     timeout_seconds: int = 5
     max_queue_per_endpoint: int = 10000
@@ -185,6 +205,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -301,6 +322,15 @@ def _check_values(config: Config) -> None:
         "delivery.reply_timeout": config.delivery.reply_timeout,
         "delivery.hard_bounce_limit": config.delivery.hard_bounce_limit,
         "delivery.poll_interval": config.delivery.poll_interval,
+        "inbound.max_message_size": config.inbound.max_message_size,
+        "inbound.max_recipients": config.inbound.max_recipients,
+        "inbound.max_connections": config.inbound.max_connections,
+        "inbound.max_connections_per_address": config.inbound.max_connections_per_address,
+        "inbound.idle_timeout": config.inbound.idle_timeout,
+        "inbound.tls_handshake_timeout": config.inbound.tls_handshake_timeout,
+        "inbound.data_timeout": config.inbound.data_timeout,
+        "inbound.max_commands_without_message":
+            config.inbound.max_commands_without_message,
         "webhooks.timeout_seconds": config.webhooks.timeout_seconds,
         "webhooks.max_queue_per_endpoint": config.webhooks.max_queue_per_endpoint,
         "webhooks.max_retry_seconds": config.webhooks.max_retry_seconds,

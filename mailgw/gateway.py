@@ -54,6 +54,9 @@ from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot, ListenerSite
 from mailgw.http.stats import StatsApp
 from mailgw.http.tracking import TrackingApp
+from mailgw.inbound.listener import InboundFactory
+from mailgw.inbound.processor import FeedbackProcessor, ReturnPathDomains
+from mailgw.inbound.reports import read_report
 from mailgw.metrics import Metrics, QueueDepthProbe
 from mailgw.smtp.auth import AuthThrottle
 from mailgw.smtp.protocol import SubmissionFactory
@@ -186,6 +189,8 @@ class Gateway(service.MultiService):
         self.http_root: HTTPRoot | None = None
         self.listeners: list[Listener] = []
         self.smtp_factory: SubmissionFactory | None = None
+        # The listener for bounces and complaints (D-7), when [inbound] listeners asks.
+        self.inbound_factory: InboundFactory | None = None
         self.runner: QueueRunner | None = None
         self.key_threads: KeyThreads | None = None
         self.ready: defer.Deferred[Gateway] = defer.Deferred()
@@ -248,6 +253,10 @@ class Gateway(service.MultiService):
                for i, d in enumerate(self.config.smtp.implicit_tls_listeners)]
             + [("http.listener", http_description, self.config.http.listen_backlog,
                 TLSMemoryBIOFactory(tls_options, False, site) if http_tls else site)])
+        if self.config.inbound.listeners:
+            self.inbound_factory = self._inbound_factory(tls_options)
+            wanted += [(f"inbound.listeners[{i}]", d, smtp_backlog, self.inbound_factory)
+                       for i, d in enumerate(self.config.inbound.listeners)]
         for key, description, backlog, factory in wanted:
             await self._listen(key, with_backlog(description, backlog), factory)
         if self.config.delivery.enabled:
@@ -355,6 +364,17 @@ class Gateway(service.MultiService):
             max_commands_without_message=smtp.max_commands_without_message,
             metrics=self.metrics)
 
+    def _inbound_factory(self, tls_options) -> InboundFactory:
+        """D-7: DSNs, complaints and List-Unsubscribe mail, on the return-path domains."""
+        processor = FeedbackProcessor(
+            self.stores.inbound, self.stores.tracking, self.link_signer,
+            ReturnPathDomains(self.stores.inbound.return_path_domains,
+                              self.config.bounce_domain, self.clock),
+            lambda raw: self._run_in_thread(read_report, raw), self.clock,
+            self.config.delivery.hard_bounce_limit, self.metrics)
+        return InboundFactory(self.config.hostname, tls_options, self.clock,
+                              self.config.inbound, processor, self.metrics)
+
     def _run_in_thread(self, fn, *args):
         """CPU-heavy work (password hashing, text from big HTML) off the reactor thread."""
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
@@ -397,14 +417,13 @@ class Gateway(service.MultiService):
                                    for listener in listeners])
         # Side by side: sessions finishing and deliveries finishing wait for different
         # things, so the slower of the two bounds the stop, not their sum.
-        stopping = []
-        if self.smtp_factory is not None:
-            stopping.append(defer.ensureDeferred(
-                self.smtp_factory.shutdown(SHUTDOWN_GRACE_SECONDS)))
+        stopping = [defer.ensureDeferred(factory.shutdown(SHUTDOWN_GRACE_SECONDS))
+                    for factory in (self.smtp_factory, self.inbound_factory)
+                    if factory is not None]
         if self.runner is not None:
             stopping.append(defer.ensureDeferred(self.runner.stop()))
         await defer.gatherResults(stopping, consumeErrors=True)
-        self.smtp_factory = self.runner = None
+        self.smtp_factory = self.inbound_factory = self.runner = None
         if self.key_threads is not None:
             self.key_threads.stop()
             self.key_threads = None

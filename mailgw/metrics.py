@@ -3,7 +3,7 @@
 The Gateway builds one `Metrics`, with a registry of its own (not the client
 library's global one: several Gateways in one process, as in the tests, each
 count their own), and hands it to the components that count: the SMTP
-factory and its sessions, the queue runner, the database pool and its group
+factories and their sessions, the queue runner, the database pool and its group
 committer, the HTTP site. Figures that are a state rather than events (sessions
 and connections open, connections in use) are read from the components when
 scraped. The depth of the queue is read from PostgreSQL at scrape time, by one
@@ -80,6 +80,15 @@ class Metrics:
         self.smtp_auth_failures = counter(
             "mailgw_smtp_auth_failures", "SMTP AUTH attempts refused for their credentials "
             "(or for a client outside the account's networks)")
+        # The inbound listener for bounces and complaints (D-7).
+        self.inbound_sessions = counter("mailgw_inbound_sessions", "Inbound SMTP sessions "
+                                        "accepted (bounces and complaints)")
+        self.inbound_replies = counter("mailgw_inbound_replies", "Inbound SMTP replies sent, "
+                                       "by code class (2xx, 3xx, 4xx, 5xx)", ("class",))
+        self.inbound_messages = counter(
+            "mailgw_inbound_messages", "Mail to the bounce domains by outcome: bounce, "
+            "complaint, unsubscribe (recorded), ignored (names a delivery but has nothing to "
+            "record), unmatched (names no delivery: dropped)", ("outcome",))
         # Delivery.
         self.delivery_attempts = counter("mailgw_delivery_attempts", "Delivery attempts by "
                                          "outcome (sent, deferred, bounced, not_sent)",

@@ -21,6 +21,10 @@ READY_FOR_TLS = (220, b"2.0.0 Ready to start TLS")
 CLOSING = (221, b"2.0.0 Closing connection.")
 CANNOT_VRFY = (252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 HELP = (214, b"2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+# The inbound listener for bounces and complaints (D-7): no AUTH, no relaying.
+INBOUND_HELP = (214, b"2.0.0 Commands: EHLO HELO STARTTLS MAIL RCPT DATA RSET NOOP VRFY HELP "
+                     b"QUIT")
+RELAY_DENIED = (550, b"5.7.1 Relay access denied")
 
 INVALID_COMMAND = (500, b"5.5.1 Invalid command")
 SYNTAX_ERROR = (500, b"5.5.2 Syntax error")
