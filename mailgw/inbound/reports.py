@@ -20,6 +20,7 @@ runs it in a thread all the same.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from email.policy import compat32
 from flufl.bounce import all_failures
 
 from mailgw.text import one_line
+
+# flufl.bounce logs a traceback when one of its detectors chokes on odd input (and then
+# raises, which read_report takes for "nothing detected"): no traceback for bad input.
+logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
+logging.getLogger("flufl.bounce").propagate = False
 
 # What a report says (Report.kind).
 BOUNCE = "bounce"  # a delivery failed for good: hard (5.x.x) or soft (4.x.x)
@@ -269,5 +275,5 @@ def _limited(text: str) -> str:
 
 def _clean(references: list[str]) -> tuple[str, ...]:
     """Non-empty, each once, in order, at most MAX_REFERENCES."""
-    return tuple(dict.fromkeys(r.strip()[:512] for r in references if r and r.strip())
-                 )[:MAX_REFERENCES]
+    return tuple(dict.fromkeys(r.strip()[:512] for r in references
+                               if r and r.strip().strip("<>")))[:MAX_REFERENCES]
