@@ -24,7 +24,7 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(load_config(EXAMPLE), Config())
         text = EXAMPLE.read_text()
         for section in ("smtp", "http", "tls", "database", "delivery", "webhooks",
-                        "tracking"):
+                        "tracking", "inbound"):
             fields = Config.__dataclass_fields__[section].default_factory().__dataclass_fields__
             for key in fields:
                 self.assertIn(f"\n{key} = ", text, f"{section}.{key} missing from the example")
@@ -120,6 +120,13 @@ class ErrorTests(unittest.TestCase):
                                    "delivery.bounce_domain")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/8"]}},
                                "smtp.trusted_account")
+
+    def test_bad_inbound_values(self):
+        for key in ("max_message_size", "max_recipients", "max_connections",
+                    "max_connections_per_address", "idle_timeout", "tls_handshake_timeout",
+                    "data_timeout", "max_commands_without_message"):
+            self.assertConfigError({"inbound": {key: 0}}, f"inbound.{key}")
+        self.assertConfigError({"inbound": {"listeners": "tcp:25"}}, "inbound.listeners")
 
     def test_bad_tracking_values(self):
         self.assertConfigError({"tracking": {"trusted_proxies": ["10.0.0.0/33"]}},

@@ -17,6 +17,7 @@ from mailgw.config import (
     DatabaseConfig,
     DeliveryConfig,
     HTTPConfig,
+    InboundConfig,
     SMTPConfig,
     TLSConfig,
     TrackingConfig,
@@ -325,6 +326,11 @@ class StartupErrorTests(unittest.TestCase):
     async def test_bad_endpoint(self):
         config = gateway_config(self, fresh_database(), http=HTTPConfig(listener="bogus:80"))
         await self.assertStartupError(config, "http.listener", "bogus:80")
+
+    async def test_bad_inbound_listener(self):
+        config = gateway_config(self, fresh_database(),
+                                inbound=InboundConfig(listeners=[LOOPBACK_PORT, "bogus:25"]))
+        await self.assertStartupError(config, "inbound.listeners[1]", "bogus:25")
 
     async def test_unreachable_dsn(self):
         config = gateway_config(self, "host=/nonexistent dbname=mailgw user=mailgw")
