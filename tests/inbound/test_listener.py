@@ -186,6 +186,18 @@ class HardeningTests(unittest.TestCase):
         self.assertEqual(session.deliver(VERP.encode(), message), [b"250 2.0.0 OK"])
         self.assertEqual(len(session.inbound.bounces), 1)
 
+    def test_memory_bounded_while_a_large_message_comes(self):
+        """A flood of text keeps max_message_size bytes of it, however much comes."""
+        session = Session(config=InboundConfig(max_message_size=1000))
+        session.send(b"EHLO x", b"MAIL FROM:<>", b"RCPT TO:<" + VERP.encode() + b">",
+                     b"DATA")
+        for _ in range(1000):
+            session.send(b"x" * 998)
+        collector = session.protocol._collector
+        self.assertEqual(collector.size, 1000 * 1000)
+        self.assertEqual(sum(len(chunk) for chunk in collector._chunks), 1000)
+        self.assertEqual(session.send(b"."), [b"250 2.0.0 OK"])
+
     def test_long_line(self):
         session = Session()
         self.assertEqual(session.send(b"NOOP " + b"x" * 5000),
