@@ -33,7 +33,8 @@ class EventType(StrEnum):
     # A 4xx or connection trouble; it is retried (D-5); details: reply. QueueStore.
     DEFERRED = "deferred"
     # A 5xx, or retried past the maximum age (D-5); details: type (hard or soft),
-    # reply. QueueStore; later also the inbound DSNs (D-7).
+    # reply. QueueStore; and a bounce that came back by mail (D-7), InboundStore, with
+    # source "dsn" and, when the DSN gives one, status (RFC 3463, "5.1.1").
     BOUNCED = "bounced"
     # Not sent to a suppressed or invalid recipient, or a deleted message (D-6);
     # details: reason. SubmissionStore at submission, QueueStore at delivery.
@@ -53,16 +54,19 @@ class EventType(StrEnum):
     # TrackingStore; details: subscription_type ("domain subscription cancelled" or
     # "domain category update"), domain, reason, method ("one-click" or "page"),
     # categories ({name: "cancelled" or "active"}, category updates only), and the
-    # client fields of opens.
+    # client fields of opens. By mail (D-7, InboundStore and the inbound listener):
+    # method "mailto" (List-Unsubscribe mailto:) or "complaint" (an ARF report), and
+    # no client fields.
     UNSUBSCRIBED = "unsubscribed"
     # A contact was subscribed again: from the unsubscribe page (T-3), through
     # TrackingStore, with subscription_type "domain subscription reactivated", domain,
     # method and client fields; or by the APIs (H-2), through EventStore.
     RESUBSCRIBED = "resubscribed"
-    # A complaint (ARF) arrived (D-7). The inbound processing, through EventStore.
+    # A complaint (ARF) arrived (D-7). InboundStore; details: source "arf",
+    # feedback_type ("abuse", "fraud", ...), user_agent (the reporter's software).
     COMPLAINT = "complaint"
-    # A contact reached the hard-bounce limit and is no longer sent to (D-7);
-    # details: reason. QueueStore.
+    # A contact reached the hard-bounce limit, or complained, and is no longer sent to
+    # (D-7); details: reason ("2 hard bounces", "complaint"). QueueStore, InboundStore.
     INVALIDATED = "invalidated"
     # An invalid contact was made valid again (H-2). The APIs, through EventStore.
     REVALIDATED = "revalidated"

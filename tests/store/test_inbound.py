@@ -12,6 +12,7 @@ from mailgw.store.inbound import (
     Complaint,
 )
 from mailgw.store.queue import Outcome
+from mailgw.store.tracking import RESUBSCRIBE, SubscriptionChange
 from tests.store.test_queue import QueueTestCase
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -52,6 +53,17 @@ class InboundStoreTests(QueueTestCase):
         self.assertEqual(await self.stores.inbound.record_complaint(complaint), RECORDED)
         self.assertEqual(await self.stores.inbound.record_complaint(complaint), ALREADY)
         self.assertEqual(await self.types(), ["queued", "sent", "complaint", "invalidated"])
+
+    async def test_complaint_shown_on_the_unsubscribe_page(self):
+        """The page shows a complaint's recipient unsubscribed, and its resubscribe
+        cannot lift a complaint's suppression."""
+        delivery_id = await self.sent()
+        await self.stores.inbound.record_complaint(Complaint(delivery_id, None, None, NOW))
+        delivery = await self.stores.tracking.delivery(delivery_id)
+        self.assertTrue((await self.stores.tracking.subscription(delivery)).unsubscribed)
+        self.assertFalse(await self.stores.tracking.change_subscription(
+            SubscriptionChange(delivery, RESUBSCRIBE, NOW)))
+        self.assertEqual(await self.sql("SELECT reason FROM suppressions"), [("complaint",)])
 
     async def test_complaint_after_a_bounce_is_recorded(self):
         delivery_id = await self.sent()
