@@ -74,15 +74,9 @@ class LinkSigner:
         """The delivery id of a bounce address we made (with or without <> and domain)."""
         try:
             local = address.strip().strip("<>").rpartition("@")
-            found = _BOUNCE_LOCAL_PART.fullmatch((local[0] if local[1] else local[2]).lower())
-            if found is None:
-                return None
-            delivery_id = int(found.group(1))
-            if hmac.compare_digest(self._bounce_tag(delivery_id), found.group(2)):
-                return delivery_id
+            return self._signed_id(_BOUNCE_LOCAL_PART, local[0] if local[1] else local[2])
         except Exception:
-            pass
-        return None
+            return None
 
     def message_id(self, delivery_id: int, hostname: str) -> str:
         """The Message-ID of one delivery's copy, <id.tag@hostname>: the same on every
@@ -94,14 +88,19 @@ class LinkSigner:
     def parse_message_id(self, value: str) -> int | None:
         """The delivery id of a Message-ID we made, or None. Never raises."""
         try:
-            found = _MESSAGE_ID.fullmatch(value.strip().lower())
-            if found is None:
-                return None
-            delivery_id = int(found.group(1))
-            if hmac.compare_digest(self._bounce_tag(delivery_id), found.group(2)):
-                return delivery_id
+            return self._signed_id(_MESSAGE_ID, value.strip())
         except Exception:
-            pass
+            return None
+
+    def _signed_id(self, pattern: re.Pattern[str], text: str) -> int | None:
+        """The delivery id that `text` (matched whole by `pattern`: the id, then its tag)
+        carries, when its tag is ours."""
+        found = pattern.fullmatch(text.lower())
+        if found is None:
+            return None
+        delivery_id = int(found.group(1))
+        if hmac.compare_digest(self._bounce_tag(delivery_id), found.group(2)):
+            return delivery_id
         return None
 
     def _token(self, kind: str, delivery_id: int, url: str | None = None) -> str:

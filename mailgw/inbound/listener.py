@@ -19,7 +19,7 @@ from mailgw.config import InboundConfig
 from mailgw.inbound.processor import Envelope, FeedbackProcessor
 from mailgw.metrics import Metrics
 from mailgw.smtp import replies
-from mailgw.smtp.session import QUIT, DataCollector, SessionFactory, SMTPSession, parse_path
+from mailgw.smtp.session import QUIT, DataCollector, SessionFactory, SMTPSession
 
 # MAIL FROM parameters taken (and ignored): SIZE is not a limit here.
 _MAIL_PARAMETERS = (b"SIZE", b"BODY", b"AUTH", b"SMTPUTF8")
@@ -33,7 +33,7 @@ class InboundSession(SMTPSession):
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
-        self._sender: str | None = None
+        self._sender = None
         self._recipients: list[str] = []
 
     def _session_ended(self) -> None:
@@ -46,12 +46,8 @@ class InboundSession(SMTPSession):
                 for keyword in super()._extensions()]
 
     def do_MAIL(self, rest: bytes) -> None:
-        if self._sender is not None:
-            self._error(replies.SENDER_ALREADY_GIVEN)
-            return
-        parsed = parse_path(rest, b"FROM")
+        parsed = self._mail_path(rest)
         if parsed is None:
-            self._error(replies.BAD_ARGUMENTS)
             return
         address, params = parsed
         if any(name not in _MAIL_PARAMETERS for name, _ in params):
@@ -61,19 +57,8 @@ class InboundSession(SMTPSession):
         self.reply(replies.SENDER_OK)
 
     def do_RCPT(self, rest: bytes) -> None:
-        if self._sender is None:
-            self._error(replies.NEED_MAIL)
-            return
-        parsed = parse_path(rest, b"TO")
-        if parsed is None:
-            self._error(replies.BAD_ARGUMENTS)
-            return
-        address, params = parsed
-        if params:
-            self._error(replies.PARAMETER_NOT_IMPLEMENTED)
-            return
-        if len(self._recipients) >= self.factory.max_recipients:
-            self.reply(replies.TOO_MANY_RECIPIENTS)
+        address = self._rcpt_path(rest, len(self._recipients))
+        if address is None:
             return
         local, at, domain = address.rpartition("@")
         if not (local and at and domain) or len(address) > 320:

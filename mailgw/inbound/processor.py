@@ -179,7 +179,7 @@ class FeedbackProcessor:
         if report.kind == BOUNCE:
             result = await self.inbound.record_bounce(AsyncBounce(
                 delivery_id, report.bounce_type, report.reply, report.status,
-                self.hard_bounce_limit))
+                self.hard_bounce_limit, self._now()))
             return self._outcome("bounce", result, delivery_id,
                                  f"{report.bounce_type} bounce: {report.reply}")
         if report.kind == COMPLAINT:

@@ -30,7 +30,6 @@ from mailgw.smtp.session import (
     DataCollector,
     SessionFactory,
     SMTPSession,
-    parse_path,
 )
 from mailgw.submit.addresses import InvalidAddress
 from mailgw.submit.errors import DisallowedSender, SubmissionRefused
@@ -78,7 +77,7 @@ class SubmissionProtocol(SMTPSession):
         """Forget the transaction; its recipients' imports commit all the same (S-7)."""
         if self._imports is not None:
             self._imports.close()
-        self._sender: str | None = None
+        self._sender = None
         # The accepted RCPTs, from the MAIL on.
         self._imports = None
 
@@ -188,12 +187,8 @@ class SubmissionProtocol(SMTPSession):
         if self.account is None and not self.factory.is_trusted(self.peer_ip):
             self._error(replies.AUTH_REQUIRED)
             return
-        if self._sender is not None:
-            self._error(replies.SENDER_ALREADY_GIVEN)
-            return
-        parsed = parse_path(rest, b"FROM")
+        parsed = self._mail_path(rest)
         if parsed is None:
-            self._error(replies.BAD_ARGUMENTS)
             return
         address, params = parsed
         for name, value in params:
@@ -236,19 +231,8 @@ class SubmissionProtocol(SMTPSession):
         if self.account is None:
             self._error(replies.AUTH_REQUIRED)
             return
-        if self._sender is None:
-            self._error(replies.NEED_MAIL)
-            return
-        parsed = parse_path(rest, b"TO")
-        if parsed is None:
-            self._error(replies.BAD_ARGUMENTS)
-            return
-        address, params = parsed
-        if params:
-            self._error(replies.PARAMETER_NOT_IMPLEMENTED)
-            return
-        if len(self._imports) >= self.factory.max_recipients:
-            self.reply(replies.TOO_MANY_RECIPIENTS)
+        address = self._rcpt_path(rest, len(self._imports or ()))
+        if address is None:
             return
         try:
             recipient = Recipient.parse(address, "to")

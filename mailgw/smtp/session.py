@@ -165,6 +165,8 @@ class SMTPSession(basic.LineReceiver, smtp.ESMTP):
         # Commands since the last message accepted, accepted RCPTs aside (R-6).
         self._commands_without_message = 0
         self.closed: defer.Deferred[None] = defer.Deferred()
+        # The transaction's reverse-path, from its MAIL on ("" for the null one).
+        self._sender: str | None = None
 
     # -- what a kind of session adds ------------------------------------------------------
 
@@ -412,6 +414,36 @@ class SMTPSession(basic.LineReceiver, smtp.ESMTP):
 
     def _forget_before_tls(self) -> None:
         self._reset_transaction()
+
+    def _mail_path(self, rest: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:
+        """MAIL's reverse-path and parameters, or None once refused (a sender given
+        already, a malformed path). The subclass sets `_sender` when it takes it."""
+        if self._sender is not None:
+            self._error(replies.SENDER_ALREADY_GIVEN)
+            return None
+        parsed = parse_path(rest, b"FROM")
+        if parsed is None:
+            self._error(replies.BAD_ARGUMENTS)
+        return parsed
+
+    def _rcpt_path(self, rest: bytes, recipients: int) -> str | None:
+        """RCPT's forward-path, or None once refused: no MAIL before it, a malformed
+        path, a parameter (none is taken), or `recipients` at max_recipients already."""
+        if self._sender is None:
+            self._error(replies.NEED_MAIL)
+            return None
+        parsed = parse_path(rest, b"TO")
+        if parsed is None:
+            self._error(replies.BAD_ARGUMENTS)
+            return None
+        address, params = parsed
+        if params:
+            self._error(replies.PARAMETER_NOT_IMPLEMENTED)
+            return None
+        if recipients >= self.factory.max_recipients:
+            self.reply(replies.TOO_MANY_RECIPIENTS)
+            return None
+        return address
 
     def _start_data(self, collector: DataCollector) -> None:
         """DATA accepted: the text is read into `collector`, within `data_timeout`."""

@@ -22,6 +22,7 @@ from mailgw.store.queue import HardBounces, count_hard_bounces
 from mailgw.store.tracking import (
     COMPLAINT,
     SubscriptionChange,
+    TrackedDelivery,
     change_subscription_txn,
     tracked_deliveries_txn,
 )
@@ -45,6 +46,7 @@ class AsyncBounce:
     # The RFC 3463 status when the report gives one.
     status: str | None
     hard_bounce_limit: int
+    occurred_at: datetime
 
 
 @dataclass(frozen=True)
@@ -53,22 +55,6 @@ class Complaint:
     feedback_type: str | None
     user_agent: str | None
     occurred_at: datetime
-
-
-@dataclass(frozen=True)
-class _Delivery:
-    id: int
-    account_id: int
-    send_id: int
-    message_id: int
-    contact_id: int | None
-    recipient: str
-    state: str
-    kind: str
-
-    def event(self, type_: EventType, details: dict[str, Any]) -> Event:
-        return Event(self.account_id, type_, details, self.send_id, self.message_id,
-                     self.id, self.contact_id, self.recipient)
 
 
 class InboundStore:
@@ -91,24 +77,27 @@ async def _domains_txn(cursor) -> frozenset[str]:
     return frozenset(row[0] for row in cursor.fetchall())
 
 
-async def _delivery(cursor, delivery_id: int) -> _Delivery | None:
-    """The delivery, locked until the transaction ends: two reports about it at once
-    are recorded one after the other, and the second finds the first."""
-    await cursor.execute(
-        "SELECT d.id, d.account_id, m.send_id, d.message_id, d.contact_id, d.recipient,"
-        " d.state, d.kind FROM deliveries d JOIN messages m ON m.id = d.message_id"
-        " WHERE d.id = %s FOR NO KEY UPDATE OF d", (delivery_id,))
+async def _delivery(cursor, delivery_id: int) -> tuple[TrackedDelivery | None, str | None]:
+    """The delivery, locked until the transaction ends (two reports about it at once are
+    recorded one after the other, and the second finds the first); or None and why it
+    cannot have a report."""
+    await cursor.execute("SELECT kind FROM deliveries WHERE id = %s FOR NO KEY UPDATE",
+                         (delivery_id,))
     row = cursor.fetchone()
-    return _Delivery(*row) if row else None
+    if row is None:
+        return None, GONE
+    if row[0] == NOTICE:
+        return None, OF_A_NOTICE
+    [delivery] = await tracked_deliveries_txn(cursor, [delivery_id])
+    return delivery, None if delivery is not None else GONE
 
 
 async def _bounce_txn(cursor, bounce: AsyncBounce) -> str:
     """A delivery recorded `sent` becomes `bounced`; its `sent` event stays (its server
     had taken the message), and a `bounced` event like the delivery engine's is added,
     with `source: "dsn"`."""
-    delivery = await _delivery(cursor, bounce.delivery_id)
-    refused = _refusal(delivery)
-    if refused is not None:
+    delivery, refused = await _delivery(cursor, bounce.delivery_id)
+    if delivery is None:
         return refused
     if delivery.state != "sent":
         return ALREADY if delivery.state == "bounced" else NOT_SENT
@@ -118,7 +107,8 @@ async def _bounce_txn(cursor, bounce: AsyncBounce) -> str:
                                "source": "dsn"}
     if bounce.status is not None:
         details["status"] = bounce.status
-    await insert_events(cursor, [delivery.event(EventType.BOUNCED, details)])
+    await insert_events(cursor, [delivery.event(EventType.BOUNCED, details,
+                                                bounce.occurred_at)])
     if bounce.bounce_type == "hard" and delivery.contact_id is not None:
         await count_hard_bounces(cursor, [HardBounces(
             delivery.contact_id, delivery.account_id, delivery.send_id, delivery.recipient,
@@ -133,9 +123,8 @@ async def _complaint_txn(cursor, complaint: Complaint) -> str:
     suppression's reason `complaint`, with its `unsubscribed` event unless they were
     already); the contact invalidated (with its `invalidated` event) unless whitelisted
     (D-6)."""
-    delivery = await _delivery(cursor, complaint.delivery_id)
-    refused = _refusal(delivery)
-    if refused is not None:
+    delivery, refused = await _delivery(cursor, complaint.delivery_id)
+    if delivery is None:
         return refused
     await cursor.execute("SELECT 1 FROM events WHERE delivery_id = %s AND type = %s LIMIT 1",
                          (delivery.id, EventType.COMPLAINT))
@@ -147,10 +136,10 @@ async def _complaint_txn(cursor, complaint: Complaint) -> str:
                                "feedback_type": complaint.feedback_type or "abuse"}
     if complaint.user_agent:
         details["user_agent"] = complaint.user_agent
-    await insert_events(cursor, [delivery.event(EventType.COMPLAINT, details)])
-    [tracked] = await tracked_deliveries_txn(cursor, [delivery.id])
+    await insert_events(cursor, [delivery.event(EventType.COMPLAINT, details,
+                                                complaint.occurred_at)])
     await change_subscription_txn(cursor, SubscriptionChange(
-        tracked, COMPLAINT, complaint.occurred_at,
+        delivery, COMPLAINT, complaint.occurred_at,
         {"method": "complaint", "reason": COMPLAINT_REASON}))
     if delivery.contact_id is not None:
         await cursor.execute("UPDATE contacts SET invalid = true, updated_at = now()"
@@ -164,11 +153,3 @@ async def _complaint_txn(cursor, complaint: Complaint) -> str:
     await queue_notices_txn(cursor, [FeedbackNotice(
         delivery.id, "complaint", feedback_type=complaint.feedback_type)])
     return RECORDED
-
-
-def _refusal(delivery: _Delivery | None) -> str | None:
-    if delivery is None:
-        return GONE
-    if delivery.kind == NOTICE:
-        return OF_A_NOTICE
-    return None

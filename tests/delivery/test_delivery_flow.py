@@ -1,5 +1,6 @@
 """Delivery end to end: SMTP in, MX through a local DNS server, a local receiver out."""
 
+import dataclasses
 import email
 import email.policy
 import uuid
@@ -59,17 +60,23 @@ def _zone(sink_port: int) -> dict:
     }
 
 
+def local_delivery(test: unittest.TestCase) -> tuple[SMTPSink, LocalDNS, DeliveryConfig]:
+    """A local receiver and DNS server (_zone), stopped when `test` ends, and the
+    delivery config that reaches them."""
+    sink = SMTPSink()
+    sink_port = sink.start()
+    test.addCleanup(sink.stop)
+    dns = LocalDNS(_zone(sink_port))
+    _, dns_port = dns.start(reactor)
+    test.addCleanup(dns.stop)
+    return sink, dns, DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
+                                     remote_smtp_port=sink_port, poll_interval=0.05,
+                                     connect_timeout=5, reply_timeout=10)
+
+
 class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
     async def setUp(self):
-        self.sink = SMTPSink()
-        sink_port = self.sink.start()
-        self.addCleanup(self.sink.stop)
-        self.dns = LocalDNS(_zone(sink_port))
-        _, dns_port = self.dns.start(reactor)
-        self.addCleanup(self.dns.stop)
-        self.delivery = DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
-                                       remote_smtp_port=sink_port, poll_interval=0.05,
-                                       connect_timeout=5, reply_timeout=10)
+        self.sink, self.dns, self.delivery = local_delivery(self)
         self.dsn = fresh_database()
         self.gateway = await start_gateway(self, gateway_config(self, self.dsn,
                                                                 delivery=self.delivery))
@@ -225,12 +232,7 @@ class MultiNodeTests(unittest.TestCase):
     timeout = 300
 
     async def test_two_gateways_deliver_each_recipient_once(self):
-        sink = SMTPSink()
-        sink_port = sink.start()
-        self.addCleanup(sink.stop)
-        dns = LocalDNS(_zone(sink_port))
-        _, dns_port = dns.start(reactor)
-        self.addCleanup(dns.stop)
+        sink, _, local = local_delivery(self)
         dsn = fresh_database()
         disabled = await start_gateway(self, gateway_config(self, dsn))
         stores = disabled.stores
@@ -242,9 +244,8 @@ class MultiNodeTests(unittest.TestCase):
                 sender=SENDER, subject="s", html="<p>x</p>",
                 body={"subject": "s", "html": "<p>x</p>", "text": "x"},
                 recipients=tuple(QueuedRecipient(r, None) for r in recipients[start:start + 200])))
-        delivery = DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
-                                  remote_smtp_port=sink_port, poll_interval=0.05,
-                                  batch_size=50)
+        delivery = dataclasses.replace(local, batch_size=50, connect_timeout=30,
+                                       reply_timeout=300)
         for _ in range(2):
             await start_gateway(self, gateway_config(self, dsn, delivery=delivery))
         await sink.wait_for(2000)

@@ -7,16 +7,14 @@ import email.policy
 import re
 import smtplib
 
-from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mailgw import credentials
-from mailgw.config import DeliveryConfig, InboundConfig
+from mailgw.config import InboundConfig
 from mailgw.content.dkim import generate_dkim_key
 from mailgw.store.events import EventType
-from tests.delivery.test_delivery_flow import _send, _settled, _zone
-from tests.dns_server import LocalDNS
+from tests.delivery.test_delivery_flow import _send, _settled, local_delivery
 from tests.harness import (
     LOOPBACK_PORT,
     PASSWORD,
@@ -29,7 +27,6 @@ from tests.harness import (
     start_gateway,
 )
 from tests.inbound import samples
-from tests.smtp_sink import SMTPSink
 
 SENDER = "news@example.org"
 
@@ -50,15 +47,7 @@ def _mail(port: int, sender: str, recipients: list[str], message: bytes,
 
 class InboundFlowTests(QueriesDatabase, unittest.TestCase):
     async def setUp(self):
-        self.sink = SMTPSink()
-        sink_port = self.sink.start()
-        self.addCleanup(self.sink.stop)
-        self.dns = LocalDNS(_zone(sink_port))
-        _, dns_port = self.dns.start(reactor)
-        self.addCleanup(self.dns.stop)
-        delivery = DeliveryConfig(dns_servers=[f"127.0.0.1:{dns_port}"],
-                                  remote_smtp_port=sink_port, poll_interval=0.05,
-                                  connect_timeout=5, reply_timeout=10)
+        self.sink, self.dns, delivery = local_delivery(self)
         self.gateway = await start_gateway(self, gateway_config(
             self, fresh_database(), delivery=delivery,
             inbound=InboundConfig(listeners=[LOOPBACK_PORT])))

@@ -27,7 +27,7 @@ class InboundStoreTests(QueueTestCase):
         return claimed.id
 
     def bounce(self, delivery_id, bounce_type="hard") -> AsyncBounce:
-        return AsyncBounce(delivery_id, bounce_type, "550 5.1.1 unknown", "5.1.1", 2)
+        return AsyncBounce(delivery_id, bounce_type, "550 5.1.1 unknown", "5.1.1", 2, NOW)
 
     async def types(self):
         return [t for (t,) in await self.sql("SELECT type FROM events ORDER BY id")]
