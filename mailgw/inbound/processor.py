@@ -128,6 +128,8 @@ class FeedbackProcessor:
         self.clock = clock
         self.hard_bounce_limit = hard_bounce_limit
         self.metrics = metrics
+        for outcome in OUTCOMES:  # every outcome shown from the start, at 0
+            metrics.inbound_messages.labels(outcome)
 
     async def accepts(self, domain: str) -> bool:
         """Whether mail for `domain` is ours to take (no relaying)."""

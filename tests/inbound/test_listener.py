@@ -113,6 +113,8 @@ class DialogueTests(unittest.TestCase):
                          (42, "hard", "5.1.1"))
         self.assertEqual(session.metrics.registry.get_sample_value(
             "mailgw_inbound_messages_total", {"outcome": "bounce"}), 1)
+        self.assertEqual(session.metrics.registry.get_sample_value(
+            "mailgw_inbound_messages_total", {"outcome": "unmatched"}), 0)
 
     def test_no_relaying(self):
         session = Session()
