@@ -27,6 +27,7 @@ from mailgw.accounts.avatar import SubmissionRealm
 from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
 from mailgw.config import Config
 from mailgw.content.links import LinkSigner
+from mailgw.credentials import Sealer
 from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
@@ -165,6 +166,8 @@ class Gateway(service.MultiService):
         self.database: Database | None = None
         self.stores: Stores | None = None
         self.link_signer: LinkSigner | None = None
+        # Seals the DMDS campaign keys, which must be shown again (H-2).
+        self.campaign_sealer: Sealer | None = None
         # Shared by the doors: who an SMTP login or an HTTP API key is, and the one
         # submission path they both hand messages to.
         self.realm: SubmissionRealm | None = None
@@ -207,6 +210,7 @@ class Gateway(service.MultiService):
         # On every node, delivering or not: the tracking endpoints verify what it signs.
         self.link_signer = LinkSigner(await self.stores.keys.signing_key("links"),
                                       self.config.http.public_base_url)
+        self.campaign_sealer = Sealer(await self.stores.keys.signing_key("campaign_keys"))
         self.realm = SubmissionRealm(self.stores.accounts)
         self.portal = Portal(self.realm, [
             AccountCredentialsChecker(self.stores.accounts, self._run_in_thread),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from mailgw.store.accounts import AccountStore
 from mailgw.store.auth_failures import AuthFailureStore
+from mailgw.store.campaigns import CampaignStore
 from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
 from mailgw.store.events import EventStore
@@ -46,6 +47,8 @@ class Stores:
     auth_failures: AuthFailureStore
     suppressions: SuppressionStore
     webhooks: WebhookStore
+    # DMDS campaigns and their keys (H-2).
+    campaigns: CampaignStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -58,4 +61,5 @@ class Stores:
                    queue_admin=QueueAdminStore(database),
                    events=EventStore(database, committer), keys=KeyStore(database),
                    auth_failures=AuthFailureStore(database),
-                   suppressions=SuppressionStore(database), webhooks=WebhookStore(database))
+                   suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
+                   campaigns=CampaignStore(database))
