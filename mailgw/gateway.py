@@ -42,8 +42,10 @@ from mailgw.embedded_pg import (
 from mailgw.errors import NotFound, StartupError
 from mailgw.fetch import ContentFetcher
 from mailgw.http.aldeamo import AldeamoApp
-from mailgw.http.api import RateLimiter
+from mailgw.http.api import RateLimiter, error_body
 from mailgw.http.auth import KeyAuthenticator
+from mailgw.http.dmds import DMDSApp, dmds_error_body
+from mailgw.http.dmds_input import SenderDomains
 from mailgw.http.manage import ManagementApp
 from mailgw.http.openapi import OpenAPIApp
 from mailgw.http.ops import OperationsApp
@@ -66,6 +68,10 @@ _BACKLOG_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix")
 # long to commit: with the SMTP grace, the queue runner's bounded stop running side by
 # side, and the embedded PostgreSQL's shutdown, a stop stays within systemd's 90 s.
 COMMIT_GRACE_SECONDS = 15
+# The DMDS API's mount point: every /v1/ path the longer prefixes do not take (H-2).
+DMDS_MOUNT = ("v1",)
+# How long a DMDS sender's domain is looked up in DNS before it is taken as existing.
+SENDER_LOOKUP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,8 @@ class Gateway(service.MultiService):
         self.http_root = self._http_root()
         site = ListenerSite(self.http_root, self.metrics, max_body_size=http.max_body_size,
                             request_timeout=http.request_timeout,
-                            idle_timeout=http.idle_timeout, reactor=self.clock)
+                            idle_timeout=http.idle_timeout, reactor=self.clock,
+                            error_body=self._error_body)
         smtp_backlog = self.config.smtp.listen_backlog
         http_description, http_tls = http_listener(self.config.http.listener)
         wanted = (
@@ -266,8 +273,26 @@ class Gateway(service.MultiService):
                                    self._run_in_thread)
         return HTTPRoot({("a",): tracking, ("v1", "email"): aldeamo.app.resource(),
                          ("v1", "admin"): management.app.resource(),
-                         ("v1", "openapi.json"): OpenAPIApp().app.resource()},
+                         ("v1", "openapi.json"): OpenAPIApp().app.resource(),
+                         DMDS_MOUNT: self._dmds_app().app.resource()},
                         operations.app.resource())
+
+    def _dmds_app(self) -> DMDSApp:
+        """H-2: its sender domains looked up with the resolver of delivery.dns_servers."""
+        domains = SenderDomains(MXResolver(self.reactor, self.clock, self._dns_servers(),
+                                           timeout=SENDER_LOOKUP_SECONDS))
+        return DMDSApp(self.key_authenticator, self.submission_service, self.stores,
+                       self.fetcher, self.campaign_sealer, domains,
+                       batch_size=self.config.smtp.max_recipients,
+                       max_contacts=self.config.http.dmds_max_recipients,
+                       max_message_size=self.config.smtp.max_message_size)
+
+    def _error_body(self, path: bytes, name: str, message: str) -> dict:
+        """The body of a request refused before any app sees it (413, 408), in the
+        dialect of the app its path goes to."""
+        if self.http_root.route_of(path) == "/" + "/".join(DMDS_MOUNT):
+            return dmds_error_body(name, message)
+        return error_body(name, message)
 
     def _dns_servers(self) -> list[tuple[str, int]]:
         """delivery.dns_servers as (address, port); empty: /etc/resolv.conf."""

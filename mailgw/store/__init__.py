@@ -9,6 +9,8 @@ from mailgw.store.auth_failures import AuthFailureStore
 from mailgw.store.campaigns import CampaignStore
 from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
+from mailgw.store.dmds import DMDSStore
+from mailgw.store.dmds_events import DMDSEventStore
 from mailgw.store.events import EventStore
 from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.keys import KeyStore
@@ -47,8 +49,10 @@ class Stores:
     auth_failures: AuthFailureStore
     suppressions: SuppressionStore
     webhooks: WebhookStore
-    # DMDS campaigns and their keys (H-2).
+    # DMDS campaigns and their keys, the contact book, the event log as DMDS reads it (H-2).
     campaigns: CampaignStore
+    dmds: DMDSStore
+    dmds_events: DMDSEventStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -62,4 +66,5 @@ class Stores:
                    events=EventStore(database, committer), keys=KeyStore(database),
                    auth_failures=AuthFailureStore(database),
                    suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
-                   campaigns=CampaignStore(database))
+                   campaigns=CampaignStore(database), dmds=DMDSStore(database),
+                   dmds_events=DMDSEventStore(database))
