@@ -279,8 +279,9 @@ class Gateway(service.MultiService):
 
     def _dmds_app(self) -> DMDSApp:
         """H-2: its sender domains looked up with the resolver of delivery.dns_servers."""
-        domains = SenderDomains(MXResolver(self.reactor, self.clock, self._dns_servers(),
-                                           timeout=SENDER_LOOKUP_SECONDS))
+        domains = SenderDomains(lambda: MXResolver(self.reactor, self.clock,
+                                                   self._dns_servers(),
+                                                   timeout=SENDER_LOOKUP_SECONDS))
         return DMDSApp(self.key_authenticator, self.submission_service, self.stores,
                        self.fetcher, self.campaign_sealer, domains,
                        batch_size=self.config.smtp.max_recipients,

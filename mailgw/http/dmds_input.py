@@ -9,7 +9,7 @@ Every refusal is an APIError whose message is the `on` of the DMDS error body.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -227,12 +227,16 @@ class SenderDomains:
     of delivery.dns_servers), answers cached for their TTL: a domain without mail
     servers nor address does not exist."""
 
-    def __init__(self, resolver: MXResolver) -> None:
-        self.resolver = resolver
+    def __init__(self, resolver: Callable[[], MXResolver]) -> None:
+        # Made on first use: the system's resolver re-reads its files on a timer.
+        self._make_resolver = resolver
+        self._resolver: MXResolver | None = None
 
     async def missing(self, domain: str) -> bool:
+        if self._resolver is None:
+            self._resolver = self._make_resolver()
         try:
-            await self.resolver.mail_servers(domain)
+            await self._resolver.mail_servers(domain)
         except NullMX:
             return False
         except PermanentDNSFailure:
