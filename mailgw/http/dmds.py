@@ -246,7 +246,7 @@ class DMDSApp:
             "dispositivo": projection.device(contact.device),
             "subtipo_dispositivo_id": None, "grupo_de_dominio_id": 0,
             "invalido": contact.invalid, "whitelist": contact.whitelisted,
-            "campos": [{"nombre": name, "valor": value} for name, value in campos.items()],
+            "campos": _campos(campos),
             "eventos": [projection.contact_event(event, tz) for event in contact.events],
             "grupos": contact.groups, "campanias": contact.campaigns,
             "campanias_desusc": contact.unsubscribed_campaigns})
@@ -352,7 +352,7 @@ class DMDSApp:
         found = await self.stores.dmds.filters(caller.account_id)
         return _ok(filtros=[
             {"id": f.id, "nombre": f.name, "grupos": f.groups,
-             "campos": [{"nombre": name, "valor": value} for name, value in f.campos.items()]}
+             "campos": _campos(f.campos)}
             for f in found])
 
     @_route(app, "/v1/filtros/", "POST", "PUT")
@@ -845,6 +845,11 @@ class DMDSApp:
         return start, end, tz
 
 
+def _campos(campos: dict[str, Any]) -> list[dict[str, Any]]:
+    """Campos as the seed shows them, by name."""
+    return [{"nombre": name, "valor": campos[name]} for name in sorted(campos)]
+
+
 def _operation(created: bool) -> str:
     return "Alta" if created else "Modificacion"
 
@@ -857,9 +862,11 @@ def _variable_name(params: Params) -> str:
 
 
 def _url(value: str | None, field: str) -> str | None:
-    if value is not None and not value.lower().startswith(("http://", "https://")):
+    """A URL the fetcher takes: http(s), or a data: URI holding the content itself."""
+    if value is not None and not value.strip().lower().startswith(
+            ("http://", "https://", "data:")):
         raise bad(f"{field} must be an http or https URL")
-    return value
+    return value.strip() if value is not None else None
 
 
 def _names(item: dict, field: str, *keys: str) -> dict[str, str]:

@@ -133,7 +133,7 @@ class Params:
             raise bad(f"{name} must not contain NUL characters")
         if len(value) > max_length:
             raise bad(f"{name} is longer than {max_length} characters")
-        return value.strip() if header else value
+        return value
 
     def number(self, name: str, default: int | None = None, minimum: int = 0,
                maximum: int = 2**63 - 1) -> int | None:
