@@ -9,7 +9,7 @@ TRIAL_ARGS ?=
 # twistd finds twisted/plugins/mailgw_plugin.py on this path.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-http fuzz-http
+.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-http fuzz-http bench-tracking
 
 run: venv postgres
 	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
@@ -39,6 +39,11 @@ bench-http: venv postgres
 # few thousand generated requests; fails if any is answered 500.
 fuzz-http: venv postgres
 	$(VENV)/bin/python -m tests.fuzz_http --max-examples 20
+
+# Tracking benchmark: pixel and redirect hits per second, every event committed, against a
+# bare twisted.web tracker with one INSERT per hit; see bench/README.md.
+bench-tracking: venv postgres
+	$(VENV)/bin/python bench/tracking.py
 
 venv: $(VENV)/.installed
 

@@ -475,6 +475,20 @@ def embedded_dsn(server: Server) -> str:
     return f"host={server.home / 'state' / 'pg'} port=5432 dbname=mailgw user=mailgw"
 
 
+def run_sql(dsn: str, query: str, params: dict | tuple | None = None) -> list[tuple]:
+    """One statement against a database (autocommit): its rows, [] for none."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        conn.close()
+
+
 def durability(postgresql_conf: Path) -> str:
     """The durability settings the embedded cluster runs with (last assignment wins)."""
     settings = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}

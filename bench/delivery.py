@@ -70,6 +70,7 @@ from common import (
     mib,
     postfix_server,
     report_log,
+    run_sql,
     status_kb,
     wait_for_banner,
 )
@@ -282,16 +283,7 @@ def quiet_report(log_path: Path) -> None:
 
 def sql(server: Server, query: str, params: dict | None = None) -> list[tuple]:
     """One statement against a running mailgw's embedded database (autocommit)."""
-    import psycopg2
-
-    conn = psycopg2.connect(embedded_dsn(server))
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(query, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
+    return run_sql(embedded_dsn(server), query, params)
 
 
 def delivery_states(server: Server) -> dict[str, int]:

@@ -21,7 +21,13 @@ from typing import TextIO
 from twisted.internet import defer, task
 
 from mailgw import admin, credentials
-from mailgw.accounts.settings import ATTACHMENT_MODES, MULTIPART_MODES, AccountSettings
+from mailgw.accounts.settings import (
+    ATTACHMENT_MODES,
+    MAX_CATEGORIES,
+    MULTIPART_MODES,
+    AccountSettings,
+    category_name,
+)
 from mailgw.config import Config, ConfigError, load_config
 from mailgw.content.dkim import DKIM_ALGORITHMS
 from mailgw.content.footer_texts import LANGUAGES
@@ -38,6 +44,7 @@ from mailgw.store.queue_admin import (
     QueueActionRefused,
     QueueFilter,
 )
+from mailgw.store.statistics import COUNTERS, account_zone, time_range
 from mailgw.store.suppressions import SuppressionFilter
 from mailgw.store.templates import Template
 from mailgw.tlscert import ensure_self_signed
@@ -71,6 +78,19 @@ def _networks(value: str) -> list[str] | None:
         return [str(ipaddress.ip_network(n.strip(), strict=False)) for n in value.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _categories(value: str) -> tuple[str, ...]:
+    if value == "none":
+        return ()
+    names = tuple(name.strip() for name in value.split(","))
+    bad = [name for name in names if not category_name(name)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not a category name: {bad[0]!r} (1 to 64 "
+                                         "printable characters)")
+    if len(set(names)) != len(names) or len(names) > MAX_CATEGORIES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CATEGORIES} categories, each once")
+    return names
 
 
 def _yes_no(value: str) -> bool:
@@ -157,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--language", type=_language, metavar="N",
                         help="language of the inserted texts when a message names none "
                         "(X-Teenvio-Language ids; default 3, Spanish)")
+    update.add_argument("--categories", type=_categories, metavar="NAME,...|none",
+                        help="campaign categories recipients may unsubscribe from one by "
+                        "one on the unsubscribe page (none: the sender's domain only)")
 
     user = commands.add_parser("user", help="SMTP users").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -279,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "now")
     resume.add_argument("domain")
     queue.add_parser("suspended", help="the suspended recipient domains")
+
+    stats = commands.add_parser("stats", help="statistics (as GET /v1/stats)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    send = stats.add_parser("send", help="a send's counters")
+    send.add_argument("send_id", type=int)
+    per_day = stats.add_parser("account", help="an account's counters per day, in its time "
+                               "zone, and in total")
+    per_day.add_argument("name")
+    per_day.add_argument("--from", dest="start", metavar="ISO",
+                         help="a date (that day in the account's time zone) or a time; "
+                         "default: 30 days before --to")
+    per_day.add_argument("--to", dest="end", metavar="ISO",
+                         help="a date (included) or a time; default: now")
     return parser
 
 
@@ -344,7 +380,8 @@ async def _account_set(stores, args, config, out, stdin) -> None:
         multipart=args.multipart, attachments=args.attachments,
         archive=None if args.archive is None else args.archive == "yes",
         track_opens=args.track_opens, track_clicks=args.track_clicks,
-        show_cab=args.show_cab, social_links=args.social_links, language=args.language)
+        show_cab=args.show_cab, social_links=args.social_links, language=args.language,
+        categories=args.categories)
     columns = {column: getattr(args, column)
                for column in ("sends_per_month", "max_contacts", "allowed_networks")
                if getattr(args, column) is not _UNSET}
@@ -487,6 +524,40 @@ async def _sender_verify(stores, args, config, out, stdin) -> None:
     print(f"sender {sender.address} verified", file=out)
 
 
+async def _stats_send(stores, args, config, out, stdin) -> None:
+    stats = await stores.statistics.send(args.send_id)
+    if stats is None:
+        raise CommandError(f"no send {args.send_id}")
+    print(f"send {stats.send_id} ({stats.subject or 'no subject'}), created "
+          f"{stats.created_at.isoformat(timespec='seconds')}", file=out)
+    print(_table(["counter", "value"], [[name, value] for name, value
+                                        in stats.counters.as_dict().items()]), file=out)
+
+
+async def _stats_account(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.name)
+    zone = account_zone(account.timezone)
+    try:
+        start, end = time_range(args.start, args.end, zone, datetime.now(UTC))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    stats = await stores.statistics.account(account.id, start, end, zone.key)
+    print(f"account {account.name}, {zone.key}, from {start.isoformat(timespec='seconds')} "
+          f"to {end.isoformat(timespec='seconds')}", file=out)
+    rows = [[day.isoformat(), *counters.as_dict().values()] for day, counters in stats.days]
+    rows.append(["total", *stats.totals.as_dict().values()])
+    print(_table(["date", *COUNTERS], rows), file=out)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    """Columns as wide as their widest cell; text to the left, numbers to the right."""
+    cells = [header, *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
+                     .rstrip() for row in cells)
+
+
 def _when(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
@@ -598,6 +669,8 @@ COMMANDS = {
     ("queue", "suspend"): _queue_suspend,
     ("queue", "resume"): _queue_resume,
     ("queue", "suspended"): _queue_suspended,
+    ("stats", "send"): _stats_send,
+    ("stats", "account"): _stats_account,
 }
 
 

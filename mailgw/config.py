@@ -157,6 +157,28 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """The open pixel, click redirects, unsubscribe page and web version (T-1 to T-6)."""
+
+    # A GeoIP2 or GeoLite2 City (or Country) file; empty: events carry no place (T-1).
+    geoip_database: str = ""
+    # Proxies (load balancers) whose X-Forwarded-For is believed, as networks; the
+    # client of any other connection is its peer address.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # A click or open this soon after its message was delivered is a machine's: link
+    # scanners and image prefetchers fetch within seconds of delivery (T-6).
+    scanner_seconds: float = 5.0
+    # Networks and user-agent words added to the built-in lists of mail privacy proxies
+    # (opens) and link scanners (opens and clicks) (T-6, mailgw/events/machine.py).
+    machine_networks: list[str] = field(default_factory=list)
+    machine_agents: list[str] = field(default_factory=list)
+    # The pixel and the redirect wait this long for their event's commit, then answer
+    # anyway (the recipient never waits for our trouble); the unsubscribe POST answers
+    # 503 instead, for the mail client to try again.
+    commit_wait_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = "localhost"
     state_dir: str = "var"
@@ -166,6 +188,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def state_path(self) -> Path:
@@ -302,6 +325,16 @@ def _check_values(config: Config) -> None:
     if bool(config.tls.certificate) != bool(config.tls.private_key):
         raise ConfigError("tls.certificate and tls.private_key: set both or neither")
     _check_networks("smtp.trusted_networks", config.smtp.trusted_networks)
+    _check_networks("tracking.trusted_proxies", config.tracking.trusted_proxies)
+    _check_networks("tracking.machine_networks", config.tracking.machine_networks)
+    _check_seconds("tracking.scanner_seconds", config.tracking.scanner_seconds)
+    if not (math.isfinite(config.tracking.commit_wait_seconds)
+            and config.tracking.commit_wait_seconds > 0):
+        raise ConfigError("tracking.commit_wait_seconds: must be greater than 0, got "
+                          f"{config.tracking.commit_wait_seconds}")
+    for i, agent in enumerate(config.tracking.machine_agents):
+        if not agent.strip():
+            raise ConfigError(f"tracking.machine_agents[{i}]: must not be empty")
     _check_networks("http.metrics_networks", config.http.metrics_networks)
     _check_networks("http.fetch_allow_networks", config.http.fetch_allow_networks)
     if config.smtp.trusted_networks and not config.smtp.trusted_account:

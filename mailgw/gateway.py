@@ -40,6 +40,11 @@ from mailgw.embedded_pg import (
     cluster_root,
 )
 from mailgw.errors import NotFound, StartupError
+from mailgw.events.agents import AgentParser
+from mailgw.events.client import networks
+from mailgw.events.geo import GeoLocator
+from mailgw.events.machine import MachineRules
+from mailgw.events.recorder import TrackingRecorder
 from mailgw.fetch import ContentFetcher
 from mailgw.http.aldeamo import AldeamoApp
 from mailgw.http.api import RateLimiter, error_body
@@ -50,6 +55,7 @@ from mailgw.http.manage import ManagementApp
 from mailgw.http.openapi import OpenAPIApp
 from mailgw.http.ops import OperationsApp
 from mailgw.http.root import HTTPRoot, ListenerSite
+from mailgw.http.stats import StatsApp
 from mailgw.http.tracking import TrackingApp
 from mailgw.metrics import Metrics, QueueDepthProbe
 from mailgw.smtp.auth import AuthThrottle
@@ -180,6 +186,10 @@ class Gateway(service.MultiService):
         self.portal: Portal | None = None
         self.key_authenticator: KeyAuthenticator | None = None
         self.submission_service: SubmissionService | None = None
+        self.geo: GeoLocator | None = None
+        # Records opens, clicks and unsubscribes; its `lost` counts events lost to
+        # database trouble (T-1, T-2).
+        self.tracking_recorder: TrackingRecorder | None = None
         # Content and attachments from URLs (R-4), for the API dialects.
         self.fetcher: ContentFetcher | None = None
         self.http_root: HTTPRoot | None = None
@@ -204,6 +214,8 @@ class Gateway(service.MultiService):
     async def _start(self) -> None:
         self._prepare_state_dir()
         tls_options = self._tls_options()
+        # Before anything starts: a bad GeoIP file is a one-line start-up error.
+        self.geo = GeoLocator.open(self.config.tracking.geoip_database)
         if not self.config.database.dsn:
             self.embedded = EmbeddedPostgresService(
                 embedded_cluster(self.config), self.reactor, self._embedded_gave_up,
@@ -261,7 +273,7 @@ class Gateway(service.MultiService):
 
     def _http_root(self) -> HTTPRoot:
         """Every app of the HTTP listener at its mount point (docs/architecture.md)."""
-        tracking = TrackingApp(self.stores.submissions).app.resource()
+        tracking = self._tracking_app().resource()
         operations = OperationsApp(
             self.database, self.metrics,
             QueueDepthProbe(self.stores.queue_admin.depth, self.clock),
@@ -274,6 +286,10 @@ class Gateway(service.MultiService):
         return HTTPRoot({("a",): tracking, ("v1", "email"): aldeamo.app.resource(),
                          ("v1", "admin"): management.app.resource(),
                          ("v1", "openapi.json"): OpenAPIApp().app.resource(),
+                         ("t",): tracking,
+                         ("v1", "stats"): StatsApp(self.key_authenticator,
+                                                   self.stores.statistics,
+                                                   self.clock).app.resource(),
                          DMDS_MOUNT: self._dmds_app().app.resource()},
                         operations.app.resource())
 
@@ -299,6 +315,19 @@ class Gateway(service.MultiService):
         """delivery.dns_servers as (address, port); empty: /etc/resolv.conf."""
         return [(host.strip("[]"), int(port)) for host, _, port in
                 (server.rpartition(":") for server in self.config.delivery.dns_servers)]
+
+    def _tracking_app(self) -> TrackingApp:
+        """The tracking endpoints (T-) and the recorder of their events."""
+        tracking = self.config.tracking
+        self.tracking_recorder = TrackingRecorder(
+            self.database, self.stores.tracking, self.stores.events, AgentParser(), self.geo,
+            MachineRules(tracking.scanner_seconds, tracking.machine_networks,
+                         tracking.machine_agents),
+            networks(tracking.trusted_proxies), self.clock, self.metrics)
+        return TrackingApp(self.stores.submissions, self.link_signer, self.tracking_recorder,
+                           self.stores.tracking, self.stores.queue, self.clock,
+                           tracking.commit_wait_seconds, self.config.hostname,
+                           self.config.bounce_domain)
 
     def _embedded_gave_up(self) -> None:
         if self.running:  # a stop under way ends mailgw anyway (and stops the reactor)
@@ -421,6 +450,9 @@ class Gateway(service.MultiService):
         if self.embedded is not None:
             await self.embedded.stop()
             self.embedded = None
+        if self.geo is not None:
+            self.geo.close()
+            self.geo = None
 
     def stopService(self) -> defer.Deferred[None]:
         d = defer.maybeDeferred(super().stopService)

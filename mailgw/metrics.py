@@ -116,8 +116,8 @@ class Metrics:
                                      "route (the mount point: /t, /a, /v1/email, /v1/admin, "
                                      "... or / for the rest) and status", ("route", "status"))
         self.tracking_events_lost = counter("mailgw_tracking_events_lost",
-                                            "Tracking events (opens, clicks, unsubscribes) "
-                                            "not recorded: the database was out of reach")
+                                            "Tracking events (opens, clicks) not recorded: "
+                                            "the database was out of reach")
         # Read at scrape time (QueueDepthProbe), shown while it is set.
         self._queue_depth: QueueDepth | None = None
         registry.register(_QueueCollector(self))

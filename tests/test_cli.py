@@ -6,7 +6,10 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
@@ -20,6 +23,7 @@ from mailgw.errors import AlreadyExists, NotFound
 from mailgw.store import Stores
 from mailgw.store.database import Database
 from mailgw.store.queue_admin import BadQueueRequest, QueueActionRefused
+from mailgw.store.statistics import COUNTERS
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import QueriesDatabase, fresh_database
 
@@ -95,12 +99,14 @@ class CommandTests(CommandTestCase):
         self.assertIn("account acme updated", output)
         account = await self.stores.accounts.get_account("acme")
         self.assertFalse(account.active)
-        await self.command("account", "set", "acme", "--active", "yes")
+        await self.command("account", "set", "acme", "--active", "yes",
+                           "--categories", "News, Offers,Events")
         profile = await self.stores.accounts.profile(account.id)
         settings, networks = profile.settings, profile.allowed_networks
         max_contacts, sends = profile.max_contacts, profile.sends_per_month
         self.assertEqual(settings, AccountSettings(multipart="strict", attachments="links",
-                                                   archive=True))
+                                                   archive=True,
+                                                   categories=("News", "Offers", "Events")))
         self.assertEqual(networks, ["10.0.0.0/8", "192.0.2.7/32"])
         self.assertEqual((max_contacts, sends), (50, 1000))
         await self.command("account", "set", "acme", "--sends-per-month", "none",
@@ -110,6 +116,10 @@ class CommandTests(CommandTestCase):
         max_contacts, sends = profile.max_contacts, profile.sends_per_month
         self.assertEqual((networks, max_contacts, sends), (None, 50, None))
         self.assertEqual(settings.attachments, "links")
+        self.assertEqual(settings.categories, ("News", "Offers", "Events"))
+        await self.command("account", "set", "acme", "--categories", "none")
+        self.assertEqual((await self.stores.accounts.profile(account.id)).settings.categories,
+                         ())
         with self.assertRaises(NotFound):
             await self.command("account", "set", "nobody", "--archive", "no")
 
@@ -135,7 +145,9 @@ class CommandTests(CommandTestCase):
         for argv in (["--sends-per-month", "-3"], ["--allowed-networks", "10.0.0.0/33"],
                      ["--attachments", "drop"], ["--track-opens", "off"], ["--language", "9"],
                      ["--language", "es"], ["--social-links", "facebook"],
-                     ["--social-links", "facebook=ftp://x"], ["--show-cab", "YES"]):
+                     ["--social-links", "facebook=ftp://x"], ["--show-cab", "YES"],
+                     ["--categories", "News,,Offers"], ["--categories", "News,News"],
+                     ["--categories", "x" * 65]):
             with self.assertRaises(SystemExit):
                 build_parser().parse_args(["account", "set", "acme", *argv])
 
@@ -408,3 +420,35 @@ class ProgramTests(unittest.TestCase):
         self.assertIn("\tdemo\t", out)
         self.assertFalse(Path(state, "pg", "data", "postmaster.pid").exists(),
                          "the command stops the cluster it started")
+
+
+class StatsCommandTests(unittest.TestCase):
+    setUp = CommandTests.setUp
+    command = CommandTests.command
+
+    async def test_stats_send_and_account(self):
+        await self.command("account", "create", "acme")
+        account = await self.stores.accounts.get_account("acme")
+        stored = await self.stores.submissions.store(SubmissionRecord(
+            account_id=account.id, origin="smtp", message_uid=uuid.uuid4().hex,
+            sender="news@example.org", subject="Spring", html=None, body={"subject": "s"},
+            recipients=(QueuedRecipient("ana@example.net", None),)))
+        output = await self.command("stats", "send", str(stored.send_id))
+        self.assertIn(f"send {stored.send_id} (Spring)", output)
+        lines = output.splitlines()
+        self.assertEqual(lines[1].split(), ["counter", "value"])
+        self.assertEqual([line.split()[0] for line in lines[2:]], list(COUNTERS))
+        self.assertEqual(lines[2].split(), ["recipients", "1"])
+        today = datetime.now(ZoneInfo("America/Bogota")).date().isoformat()
+        output = await self.command("stats", "account", "acme", "--from", today, "--to", today)
+        lines = output.splitlines()
+        self.assertIn("account acme, America/Bogota", lines[0])
+        self.assertEqual(lines[1].split(), ["date", *COUNTERS])
+        self.assertEqual(lines[2].split()[:2], [today, "1"])
+        self.assertEqual(lines[3].split()[:2], ["total", "1"])
+        with self.assertRaises(CommandError):
+            await self.command("stats", "send", str(stored.send_id + 1))
+        with self.assertRaises(CommandError):
+            await self.command("stats", "account", "acme", "--from", "soon")
+        with self.assertRaises(NotFound):
+            await self.command("stats", "account", "nobody")

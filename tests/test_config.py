@@ -23,7 +23,8 @@ class DefaultsTests(unittest.TestCase):
         """etc/mailgw.toml shows the defaults: parsing it changes nothing."""
         self.assertEqual(load_config(EXAMPLE), Config())
         text = EXAMPLE.read_text()
-        for section in ("smtp", "http", "tls", "database", "delivery", "webhooks"):
+        for section in ("smtp", "http", "tls", "database", "delivery", "webhooks",
+                        "tracking"):
             fields = Config.__dataclass_fields__[section].default_factory().__dataclass_fields__
             for key in fields:
                 self.assertIn(f"\n{key} = ", text, f"{section}.{key} missing from the example")
@@ -120,6 +121,20 @@ class ErrorTests(unittest.TestCase):
                                    "delivery.bounce_domain")
         self.assertConfigError({"smtp": {"trusted_networks": ["10.0.0.0/8"]}},
                                "smtp.trusted_account")
+
+    def test_bad_tracking_values(self):
+        self.assertConfigError({"tracking": {"trusted_proxies": ["10.0.0.0/33"]}},
+                               "tracking.trusted_proxies[0]")
+        self.assertConfigError({"tracking": {"machine_networks": ["apple"]}},
+                               "tracking.machine_networks[0]")
+        self.assertConfigError({"tracking": {"machine_agents": [" "]}},
+                               "tracking.machine_agents[0]")
+        for seconds in (-1, float("nan")):
+            self.assertConfigError({"tracking": {"scanner_seconds": seconds}},
+                                   "tracking.scanner_seconds")
+        for seconds in (0, float("inf")):
+            self.assertConfigError({"tracking": {"commit_wait_seconds": seconds}},
+                                   "tracking.commit_wait_seconds")
 
     def test_missing_file(self):
         with self.assertRaises(ConfigError) as caught:

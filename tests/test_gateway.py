@@ -19,6 +19,7 @@ from mailgw.config import (
     HTTPConfig,
     SMTPConfig,
     TLSConfig,
+    TrackingConfig,
 )
 from mailgw.content.links import LinkSigner
 from mailgw.errors import StartupError
@@ -350,6 +351,17 @@ class StartupErrorTests(unittest.TestCase):
             starttls_listeners=[LOOPBACK_PORT], implicit_tls_listeners=[],
             trusted_networks=["10.0.0.0/8"], trusted_account="relay"))
         await self.assertStartupError(config, "smtp.trusted_account", "relay")
+
+    async def test_geoip_database_missing_or_corrupt(self):
+        """Point 10 of issue 14: a clear start-up error, not a crash at the first hit."""
+        corrupt = self.mktemp()
+        with open(corrupt, "wb") as f:
+            f.write(b"not a MaxMind database" * 100)
+        for path, words in (("/nonexistent/GeoLite2-City.mmdb", "cannot open"),
+                            (corrupt, "not a MaxMind database")):
+            config = gateway_config(self, fresh_database(),
+                                    tracking=TrackingConfig(geoip_database=path))
+            await self.assertStartupError(config, "tracking.geoip_database", path, words)
 
     async def test_failed_start_leaves_no_port_open(self):
         config = gateway_config(self, fresh_database(), http=HTTPConfig(listener="bogus:80"))

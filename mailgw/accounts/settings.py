@@ -16,6 +16,16 @@ from mailgw.content.footer_texts import DEFAULT_LANGUAGE, LANGUAGES
 
 MULTIPART_MODES = ("generate", "strict")
 ATTACHMENT_MODES = ("keep", "links", "reject")
+# T-3: as X-Mailgw-Category takes them (content/message.py), without commas (the CLI
+# lists them comma-separated).
+CATEGORY_MAX_LENGTH = 64
+MAX_CATEGORIES = 50
+
+
+def category_name(value: Any) -> bool:
+    """Whether `value` can name one of an account's campaign categories."""
+    return (isinstance(value, str) and 0 < len(value) <= CATEGORY_MAX_LENGTH
+            and value.isprintable() and value == value.strip() and "," not in value)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,9 @@ class AccountSettings:
     # T-5: the account's tracking switches (a message can turn tracking off as well).
     track_opens: bool = True
     track_clicks: bool = True
+    # T-3: the campaign categories a recipient may unsubscribe from one by one on the
+    # unsubscribe page (Aldeamo's domain categories); none: the page offers the domain.
+    categories: tuple[str, ...] = ()
     # S-9: the language of the inserted texts when a message names none (an
     # X-Teenvio-Language id).
     language: int = DEFAULT_LANGUAGE
@@ -56,6 +69,7 @@ class AccountSettings:
                 default, name)
 
         links = stored.get("social_links")
+        categories = stored.get("categories")
         language = stored.get("language")
         return cls(
             multipart=choice("multipart", MULTIPART_MODES),
@@ -65,6 +79,9 @@ class AccountSettings:
             social_links={str(network): url for network, url in links.items()
                           if isinstance(url, str)} if isinstance(links, Mapping) else {},
             track_opens=switch("track_opens"), track_clicks=switch("track_clicks"),
+            # A name that is no category name is left out, and so is a repeated one.
+            categories=tuple(dict.fromkeys(c for c in categories if category_name(c)))
+            [:MAX_CATEGORIES] if isinstance(categories, list | tuple) else (),
             language=language if type(language) is int and language in LANGUAGES
             else default.language)
 
@@ -74,7 +91,9 @@ class AccountSettings:
         others, merged into an account's by AccountStore.update_account.  ValueError
         for a name that is no setting, or a value the setting does not take, which
         reading would take for the default."""
-        given = {name: value for name, value in values.items() if value is not None}
+        # JSON has lists where the settings have tuples.
+        given = {name: tuple(value) if isinstance(value, list) else value
+                 for name, value in values.items() if value is not None}
         unknown = given.keys() - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"not account settings: {', '.join(sorted(unknown))}")

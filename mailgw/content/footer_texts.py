@@ -6,7 +6,9 @@ Spanish, the default language of S-9.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_LANGUAGE = 3
 
@@ -50,3 +52,10 @@ LANGUAGES = frozenset(_TEXTS)
 def header_footer_texts(language: int) -> FooterTexts:
     """The texts for an S-9 language id; Spanish for an id mailgw does not know."""
     return _TEXTS.get(language) or _TEXTS[DEFAULT_LANGUAGE]
+
+
+def message_language(options: Mapping[str, Any], default: int = DEFAULT_LANGUAGE) -> int:
+    """A message's language id from its stored options (S-9); `default` (the account's
+    language) when it names none."""
+    language = options.get("language")
+    return language if isinstance(language, int) else default

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner, PendingSignature
-from mailgw.content.footer_texts import FooterTexts, header_footer_texts
+from mailgw.content.footer_texts import FooterTexts, header_footer_texts, message_language
 from mailgw.content.links import LinkSigner
 from mailgw.content.merge import merge
 from mailgw.content.message import Attachment, decode_header
@@ -537,10 +537,7 @@ class PreparedMessage:
         options = options or {}
         if sender.dkim is not None:
             sender.dkim._key  # noqa: B018 - a broken key fails here, once, not per recipient
-        language = options.get("language")
-        if not isinstance(language, int):  # none given: the account's default
-            language = sender.language
-        texts = header_footer_texts(language)
+        texts = header_footer_texts(message_language(options, sender.language))
         show_cab = bool(options.get("show_cab", True)) and sender.show_cab
         social = (_social_links(sender.social_links)
                   if options.get("social_links", False) else [])

@@ -26,10 +26,10 @@ from twisted.python.failure import Failure
 
 from mailgw.config import DeliveryConfig
 from mailgw.content.body import StoredBody
+from mailgw.content.contexts import bounce_domain, recipient_context, sender_context
 from mailgw.content.dkim import DKIMSigner
 from mailgw.content.links import LinkSigner
-from mailgw.content.merge import tag_fields
-from mailgw.content.render import PreparedMessage, RecipientContext, SenderContext
+from mailgw.content.render import PreparedMessage, RecipientContext
 from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
@@ -301,9 +301,8 @@ class QueueRunner:
             return Outcome(delivery.id, "bounced", f"5.1.2 {e}", bounce_type="hard")
         except TemporaryDNSFailure as e:
             return Outcome(delivery.id, "deferred", f"4.4.3 {e}")
-        recipient = RecipientContext(
-            delivery.id, delivery.recipient,
-            tag_fields(delivery.fields, message.global_variables), {})
+        recipient = recipient_context(delivery.id, delivery.recipient, delivery.fields,
+                                      message.global_variables)
         rendered: list[bytes] = []
         outgoing = OutgoingMessage(
             delivery.id, self.signer.bounce_address(delivery.id, message.bounce_domain),
@@ -345,19 +344,10 @@ class QueueRunner:
 
     def _prepare(self, context: MessageContext) -> _Ready:
         """The message prepared and cached; raises what its content makes fail."""
-        settings = context.account_settings
-        # Never the sender's own domain: a single verified address at a mail provider
-        # would get its bounces and unsubscribes there, out of mailgw's reach.
-        bounce_domain = context.return_path_domain or self.bounce_domain
+        returns_to = bounce_domain(context, self.bounce_domain)
         body = StoredBody.from_json(context.body)
-        sender = SenderContext(
-            from_address=context.from_address or context.sender, from_name=body.from_name,
-            hostname=self.hostname, bounce_domain=bounce_domain,
-            unsubscribe_mailto=f"unsubscribe@{bounce_domain}", dkim=self._dkim_signer(context),
-            reply_to=context.reply_to,
-            show_cab=settings.show_cab, social_links=settings.social_links,
-            track_opens=settings.track_opens, track_clicks=settings.track_clicks,
-            language=settings.language)
+        sender = sender_context(context, body, self.hostname, returns_to,
+                                self._dkim_signer(context))
         try:
             prepared = PreparedMessage(body, context.options, sender, self.signer)
         except Exception as e:
@@ -369,7 +359,7 @@ class QueueRunner:
                 body, context.options, dataclasses.replace(sender, dkim=None), self.signer)
             self.log.error("DKIM key of {domain} unusable ({error}); sending unsigned",
                            domain=context.dkim_domain, error=e)
-        ready = self._prepared[context.id] = _Ready(prepared, bounce_domain, context.archive,
+        ready = self._prepared[context.id] = _Ready(prepared, returns_to, context.archive,
                                                     context.global_variables)
         while len(self._prepared) > PREPARED_CACHE_SIZE:
             self._prepared.popitem(last=False)

@@ -82,12 +82,16 @@ def contact_event(event: LoggedEvent, tz: ZoneInfo) -> dict[str, Any]:
 
 def batch_event(event: LoggedEvent, tz: ZoneInfo) -> dict[str, Any]:
     """An event of `eeid/` and `ver_eventos/`: the contact's fields and whom, which batch,
-    and what the remote server replied (or why not sent, or the link clicked)."""
+    what the remote server replied (or why not sent, or the link clicked), and
+    `maquina: true` for a machine's open or click (T-6: privacy proxies, link
+    scanners), which tracking counts apart from people's."""
     answer = {**contact_event(event, tz), "email": event.recipient, "eeid": event.eeid}
     key = _DETAIL_KEYS.get(EventType(event.type))
     detail = event.details.get(key) if key else None
     if isinstance(detail, str):
         answer["detalle"] = detail
+    if event.machine:
+        answer["maquina"] = True
     return answer
 
 

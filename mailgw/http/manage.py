@@ -12,6 +12,10 @@ operations as the `mailgw` command.
 
 Lists are pages: `?limit=` (1 to 500, default 100) and the `next_cursor` of the
 previous page as `?cursor=`; `next_cursor` is null on the last page.
+
+`/v1/admin/queue/...` is the delivery queue (O-7), through the same QueueAdminStore as
+`mailgw queue`: an account's admin key sees and steers its own deliveries, the
+operator's key everyone's, and it alone suspends and resumes recipient domains.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ from mailgw.http.api import APIError, add_json_error_pages, json_endpoint, read_
 from mailgw.http.auth import MANAGE, KeyAuthenticator
 from mailgw.store import Stores
 from mailgw.store.accounts import KEY_KINDS, Account
+from mailgw.store.queue_admin import (
+    MAX_LISTED,
+    BadQueueRequest,
+    DeliveryDetails,
+    DeliverySummary,
+    QueueActionRefused,
+    QueueCount,
+    QueueFilter,
+    SuspendedDomain,
+)
 from mailgw.store.suppressions import SuppressionFilter
 from mailgw.store.templates import Template
 
@@ -46,6 +60,7 @@ BAD_REQUEST = "Bad_request"
 CONFLICT = "Already_exists"
 NOT_FOUND = "Not_found"
 FORBIDDEN = "Operator_only"
+QUEUE_REFUSED = "Queue_action_refused"
 MAX_PAGE = 500
 # A row id in a path: a bigint (a longer number is no row, not a database error).
 ROW_ID = f"<int(max={2**63 - 1})"
@@ -564,12 +579,152 @@ class ManagementApp:
             raise _bad("give address or domain")
         return 200, {"removed": await self.stores.suppressions.remove(account.id, which)}
 
+    # -- the delivery queue (O-7) ------------------------------------------------------
+    # An account's admin key sees and steers its own account's deliveries; the operator's
+    # key every account's, and alone suspends recipient domains or retries all of one
+    # (they concern every account's mail).
+
+    @app.route("/v1/admin/queue", methods=["GET"])
+    @json_endpoint
+    async def queue_counts(self, request) -> tuple[int, Any]:
+        """Deliveries counted by state, account and recipient domain."""
+        which = await self._queue_filter(request)
+        counts = await _queue_answer(self.stores.queue_admin.counts(which))
+        return 200, {"items": [_queue_count_json(count) for count in counts]}
+
+    @app.route("/v1/admin/queue/deliveries", methods=["GET"])
+    @json_endpoint
+    async def queue_deliveries(self, request) -> tuple[int, Any]:
+        which = await self._queue_filter(request)
+        limit = _argument(request, b"limit") or "100"
+        if not limit.isascii() or not limit.isdigit() or not 1 <= int(limit) <= MAX_LISTED:
+            raise _bad(f"limit must be a whole number from 1 to {MAX_LISTED}")
+        listed = await _queue_answer(self.stores.queue_admin.deliveries(which, int(limit)))
+        return 200, {"items": [_delivery_json(delivery) for delivery in listed]}
+
+    @app.route(f"/v1/admin/queue/deliveries/{ROW_ID}:delivery_id>", methods=["GET"])
+    @json_endpoint
+    async def queue_delivery(self, request, delivery_id: int) -> tuple[int, Any]:
+        """One delivery with its history: each attempt's outcome and remote reply."""
+        details = await self._own_delivery(request, delivery_id)
+        return 200, {
+            **_delivery_json(details.delivery), "send_id": details.send_id,
+            "message_id": details.message_id, "sender": details.sender,
+            "from_address": details.from_address, "subject": details.subject,
+            "first_attempt_at": _time(details.first_attempt_at),
+            "last_attempt_at": _time(details.last_attempt_at),
+            "events": [{"occurred_at": _time(event.occurred_at), "type": str(event.type),
+                        "details": event.details} for event in details.events]}
+
+    @app.route(f"/v1/admin/queue/deliveries/{ROW_ID}:delivery_id>/retry",
+               methods=["POST"])
+    @json_endpoint
+    async def queue_retry(self, request, delivery_id: int) -> tuple[int, Any]:
+        """A deferred delivery is due now."""
+        await self._own_delivery(request, delivery_id)
+        return 200, _delivery_json(
+            await _queue_answer(self.stores.queue_admin.retry(delivery_id)))
+
+    @app.route(f"/v1/admin/queue/deliveries/{ROW_ID}:delivery_id>/cancel",
+               methods=["POST"])
+    @json_endpoint
+    async def queue_cancel(self, request, delivery_id: int) -> tuple[int, Any]:
+        """A waiting delivery is not sent (`not_sent`, with the body's `reason`)."""
+        await self._own_delivery(request, delivery_id)
+        reason = _text(_object(request), "reason", required=False, default="")
+        return 200, _delivery_json(
+            await _queue_answer(self.stores.queue_admin.cancel(delivery_id, reason)))
+
+    @app.route("/v1/admin/queue/domains/<domain>/retry", methods=["POST"])
+    @json_endpoint
+    async def queue_retry_domain(self, request, domain: str) -> tuple[int, Any]:
+        """Every deferred delivery to a recipient domain is due now."""
+        await self._operator(request)
+        return 200, {"due": await _queue_answer(self.stores.queue_admin.retry_domain(domain))}
+
+    @app.route("/v1/admin/queue/suspended", methods=["GET"])
+    @json_endpoint
+    async def queue_suspended(self, request) -> tuple[int, Any]:
+        await self._operator(request)
+        return 200, {"items": [_suspended_json(held)
+                               for held in await self.stores.queue_admin.suspended()]}
+
+    @app.route("/v1/admin/queue/suspended/<domain>", methods=["PUT"])
+    @json_endpoint
+    async def queue_suspend(self, request, domain: str) -> tuple[int, Any]:
+        """Hold every delivery to a recipient domain, on every node, until resumed."""
+        await self._operator(request)
+        reason = _text(_object(request), "reason", required=False, default="")
+        return 200, _suspended_json(
+            await _queue_answer(self.stores.queue_admin.suspend(domain, reason)))
+
+    @app.route("/v1/admin/queue/suspended/<domain>", methods=["DELETE"])
+    @json_endpoint
+    async def queue_resume(self, request, domain: str) -> tuple[int, Any]:
+        """Resume a suspended domain: what it held is due at once."""
+        await self._operator(request)
+        return 200, {"due": await _queue_answer(self.stores.queue_admin.resume(domain))}
+
+    async def _queue_filter(self, request) -> QueueFilter:
+        """`?state=&account=&domain=`; an account's admin key sees only its account."""
+        caller = await self._caller(request)
+        account = _argument(request, b"account")
+        if not caller.key.operator:
+            if account is not None and account != caller.name:
+                raise APIError(404, NOT_FOUND, f"no account named {account!r}")
+            account = caller.name
+        try:
+            return QueueFilter(_argument(request, b"state"), account,
+                               _argument(request, b"domain")).checked()
+        except BadQueueRequest as bad:
+            raise _bad(str(bad)) from None
+
+    async def _own_delivery(self, request, delivery_id: int) -> DeliveryDetails:
+        """The delivery, if the caller's key may see it (404 if not, as if there were
+        none)."""
+        caller = await self._caller(request)
+        details = await _queue_answer(self.stores.queue_admin.show(delivery_id))
+        if not caller.key.operator and details.delivery.account != caller.name:
+            raise APIError(404, NOT_FOUND, f"no delivery {delivery_id}")
+        return details
+
 
 async def _found(pending):
     try:
         return await pending
     except NotFound as missing:
         raise APIError(404, NOT_FOUND, str(missing)) from None
+
+
+async def _queue_answer(pending):
+    """What a queue operation answers; its refusals as 404, 400 and 409."""
+    try:
+        return await pending
+    except NotFound as missing:
+        raise APIError(404, NOT_FOUND, str(missing)) from None
+    except BadQueueRequest as bad:
+        raise _bad(str(bad)) from None
+    except QueueActionRefused as refused:
+        raise APIError(409, QUEUE_REFUSED, str(refused)) from None
+
+
+def _queue_count_json(count: QueueCount) -> dict:
+    return {"state": count.state, "account": count.account, "domain": count.domain,
+            "deliveries": count.deliveries, "held": count.held,
+            "oldest": _time(count.oldest)}
+
+
+def _delivery_json(delivery: DeliverySummary) -> dict:
+    return {"id": delivery.id, "account": delivery.account, "recipient": delivery.recipient,
+            "state": delivery.state, "attempts": delivery.attempts,
+            "next_attempt_at": _time(delivery.next_attempt_at), "held": delivery.held,
+            "sending": delivery.sending, "last_reply": delivery.last_reply,
+            "created_at": _time(delivery.created_at)}
+
+
+def _suspended_json(held: SuspendedDomain) -> dict:
+    return {"domain": held.domain, "reason": held.reason,
+            "suspended_at": _time(held.suspended_at), "held": held.held}
 
 
 def _which(request) -> SuppressionFilter:

@@ -7,7 +7,8 @@ matches wins: with `("v1", "email")` and `("v1",)` mounted, `/v1/email` goes to
 the first app and `/v1/contacto/` to the second. Segments are compared as
 twisted.web gives them, percent-decoded (`/v%31` is `/v1`; `%2F` does not split a
 segment), and an empty segment is a segment of its own: `/v1` and `/v1/` match
-`("v1",)`, `//v1` does not. A path no prefix matches goes to the default app.
+`("v1",)`, `//v1` does not. A path no prefix matches goes to the default app. A path
+or host name that is not UTF-8 (`/t/%ff`) is a plain 400 here: the apps route on text.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from urllib.parse import unquote_to_bytes
 
 from twisted.web import server
-from twisted.web.resource import Resource
+from twisted.web.resource import ErrorPage, Resource
 
 from mailgw.http.api import BoundedSite
 from mailgw.metrics import Metrics
@@ -39,6 +40,11 @@ class HTTPRoot(Resource):
     def getChild(self, name: bytes, request) -> Resource:
         # Give the segment back, so that the app sees the full path.
         request.postpath.insert(0, request.prepath.pop())
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return _NOT_UTF8
         prefix = self._prefix(request.postpath)
         if prefix is None:
             request.mailgw_route = DEFAULT_ROUTE
@@ -59,7 +65,8 @@ class HTTPRoot(Resource):
         the metrics name it: for answers made before any app sees the request."""
         segments = unquote_to_bytes(path.partition(b"?")[0]).split(b"/")[1:]
         prefix = self._prefix(segments)
-        return DEFAULT_ROUTE if prefix is None else "/" + "/".join(s.decode() for s in prefix)
+        return DEFAULT_ROUTE if prefix is None else "/" + "/".join(
+            s.decode("utf-8", "replace") for s in prefix)
 
 
 class MeteredSite(server.Site):
@@ -76,6 +83,24 @@ class MeteredSite(server.Site):
         self.metrics.http_requests.labels(route, str(request.code)).inc()
 
 
-class ListenerSite(MeteredSite, BoundedSite):
-    """The HTTP listener's Site: requests counted (MeteredSite) and bounded in size and
-    time (BoundedSite)."""
+class QuietSite(server.Site):
+    """A Site that writes no access-log line for the paths under `quiet`: tracking hits
+    come by the thousand after a campaign goes out, and each one is an event already
+    (T-1, T-2); a log line each would flood the log and cost as much CPU as the hit's
+    own work."""
+
+    quiet: tuple[bytes, ...] = ()
+
+    def log(self, request) -> None:
+        if not request.path.startswith(self.quiet):
+            super().log(request)
+
+
+class ListenerSite(MeteredSite, QuietSite, BoundedSite):
+    """The HTTP listener's Site: requests counted (MeteredSite), tracking hits left out
+    of the access log (QuietSite), bounded in size and time (BoundedSite)."""
+
+    quiet = (b"/t/",)
+
+
+_NOT_UTF8 = ErrorPage(400, "Bad Request", "The path is not UTF-8.")

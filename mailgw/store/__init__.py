@@ -17,9 +17,11 @@ from mailgw.store.keys import KeyStore
 from mailgw.store.queue import QueueStore
 from mailgw.store.queue_admin import QueueAdminStore
 from mailgw.store.senders import SenderStore
+from mailgw.store.statistics import StatisticsStore
 from mailgw.store.submissions import SubmissionStore
 from mailgw.store.suppressions import SuppressionStore
 from mailgw.store.templates import TemplateStore
+from mailgw.store.tracking import TrackingStore
 from mailgw.store.webhooks import WebhookStore
 
 # Group-commit batches in flight at once: two, so that one batch is written while the
@@ -47,6 +49,8 @@ class Stores:
     events: EventStore
     keys: KeyStore
     auth_failures: AuthFailureStore
+    tracking: TrackingStore
+    statistics: StatisticsStore
     suppressions: SuppressionStore
     webhooks: WebhookStore
     # DMDS campaigns and their keys, the contact book, the event log as DMDS reads it (H-2).
@@ -66,5 +70,7 @@ class Stores:
                    events=EventStore(database, committer), keys=KeyStore(database),
                    auth_failures=AuthFailureStore(database),
                    suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
+                   tracking=TrackingStore(database, committer),
+                   statistics=StatisticsStore(database),
                    campaigns=CampaignStore(database), dmds=DMDSStore(database),
                    dmds_events=DMDSEventStore(database))

@@ -28,6 +28,8 @@ class LoggedEvent:
     recipient: str | None
     eeid: str | None
     campaign: str | None
+    # T-6: a mail privacy proxy's open or a link scanner's click, not a person's.
+    machine: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class TracedDelivery:
     eml_kept: bool
 
 
-_EVENTS = ("SELECT e.type, e.details, e.occurred_at, e.recipient, s.eeid::text, c.name"
+_EVENTS = ("SELECT e.type, e.details, e.occurred_at, e.recipient, s.eeid::text, c.name,"
+           " e.machine"
            " FROM events e LEFT JOIN sends s ON s.id = e.send_id"
            " LEFT JOIN campaigns c ON c.id = s.campaign_id")
 _ORDER = " ORDER BY e.occurred_at, e.id"

@@ -38,13 +38,26 @@ class EventType(StrEnum):
     # Not sent to a suppressed or invalid recipient, or a deleted message (D-6);
     # details: reason. SubmissionStore at submission, QueueStore at delivery.
     NOT_SENT = "not_sent"
-    # The open pixel was fetched (T-1). The tracking endpoints, through EventStore.
+    # The open pixel was fetched (T-1), or a person followed a link of a message whose
+    # pixel they had not fetched (images blocked). The tracking endpoints, through
+    # EventStore; `machine` set for privacy proxies and scanners (T-6). details: ip,
+    # user_agent, device_type, os, browser, city, region, country, country_code,
+    # latitude, longitude (mailgw/events/recorder.py), machine_reason when `machine`,
+    # implied_by: "click" for an open a click implied.
     OPEN = "open"
-    # A tracked link was followed (T-2). The tracking endpoints, through EventStore.
+    # A tracked link was followed (T-2). The tracking endpoints, through EventStore;
+    # details: url (the destination) and what an open's say.
     CLICK = "click"
-    # The recipient unsubscribed (T-3). The tracking endpoints, through EventStore.
+    # The recipient unsubscribed from the sender's domain, or changed which of the
+    # account's categories they receive (T-3). The tracking endpoints, through
+    # TrackingStore; details: subscription_type ("domain subscription cancelled" or
+    # "domain category update"), domain, reason, method ("one-click" or "page"),
+    # categories ({name: "cancelled" or "active"}, category updates only), and the
+    # client fields of opens.
     UNSUBSCRIBED = "unsubscribed"
-    # A contact was subscribed again (H-2). The APIs, through EventStore.
+    # A contact was subscribed again: from the unsubscribe page (T-3), through
+    # TrackingStore, with subscription_type "domain subscription reactivated", domain,
+    # method and client fields; or by the APIs (H-2), through EventStore.
     RESUBSCRIBED = "resubscribed"
     # A complaint (ARF) arrived (D-7). The inbound processing, through EventStore.
     COMPLAINT = "complaint"
@@ -73,6 +86,8 @@ class Event:
     recipient: str | None = None
     # None when writing: the time of the transaction that writes it.
     occurred_at: datetime | None = None
+    # T-6: a mail privacy proxy's open or a link scanner's click, not a person's.
+    machine: bool = False
 
 
 class EventStore:
@@ -99,6 +114,13 @@ class EventStore:
                                              _events_for_delivery_txn, delivery_id)
 
 
+async def insert_events(cursor, events: Sequence[Event]) -> list[int]:
+    """Write events in the caller's transaction, with the rows they are about (an
+    unsubscribe's suppressions): their ids, in order."""
+    [ids] = await _record_events_txn(cursor, [tuple(events)])
+    return ids
+
+
 # The ids are drawn first, so that each caller gets its own whatever order the rows
 # are inserted in.
 _RECORD_EVENTS = PreparedStatement(
@@ -107,14 +129,15 @@ _RECORD_EVENTS = PreparedStatement(
     "  SELECT nextval('events_id_seq') AS id, i.*"
     "  FROM unnest(%(accounts)s::bigint[], %(types)s::text[], %(sends)s::bigint[],"
     "   %(messages)s::bigint[], %(deliveries)s::bigint[], %(contacts)s::bigint[],"
-    "   %(recipients)s::text[], %(details)s::jsonb[], %(occurred)s::timestamptz[])"
+    "   %(recipients)s::text[], %(details)s::jsonb[], %(occurred)s::timestamptz[],"
+    "   %(machine)s::boolean[])"
     "  WITH ORDINALITY AS i(account_id, type, send_id, message_id, delivery_id,"
-    "   contact_id, recipient, details, occurred_at, n)),"
+    "   contact_id, recipient, details, occurred_at, machine, n)),"
     " event AS ("
     "  INSERT INTO events (id, account_id, type, send_id, message_id, delivery_id,"
-    "   contact_id, recipient, details, occurred_at) OVERRIDING SYSTEM VALUE"
+    "   contact_id, recipient, details, occurred_at, machine) OVERRIDING SYSTEM VALUE"
     "  SELECT id, account_id, type, send_id, message_id, delivery_id, contact_id,"
-    "   recipient, details, coalesce(occurred_at, now()) FROM input)"
+    "   recipient, details, coalesce(occurred_at, now()), machine FROM input)"
     " SELECT id FROM input ORDER BY n")
 
 
@@ -128,7 +151,8 @@ async def _record_events_txn(cursor, batches: list[tuple[Event, ...]]) -> list[l
         "contacts": [e.contact_id for e in events],
         "recipients": [e.recipient for e in events],
         "details": [Json(e.details) for e in events],
-        "occurred": [e.occurred_at for e in events]})
+        "occurred": [e.occurred_at for e in events],
+        "machine": [e.machine for e in events]})
     ids = iter(row[0] for row in cursor.fetchall())
     return [[next(ids) for _ in batch] for batch in batches]
 
@@ -136,6 +160,6 @@ async def _record_events_txn(cursor, batches: list[tuple[Event, ...]]) -> list[l
 async def _events_for_delivery_txn(cursor, delivery_id: int) -> list[Event]:
     await cursor.execute(
         "SELECT account_id, type, details, send_id, message_id, delivery_id, contact_id,"
-        " recipient, occurred_at FROM events WHERE delivery_id = %s ORDER BY id",
+        " recipient, occurred_at, machine FROM events WHERE delivery_id = %s ORDER BY id",
         (delivery_id,))
     return [Event(row[0], EventType(row[1]), *row[2:]) for row in cursor.fetchall()]

@@ -7,6 +7,7 @@ import treq
 from twisted.trial import unittest
 
 from mailgw import admin
+from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from tests.harness import QueriesDatabase, fresh_database, gateway_config, start_gateway
 
 
@@ -198,3 +199,81 @@ class ManagementTests(QueriesDatabase, unittest.TestCase):
             self.assertEqual((await self.call("POST", path, body))[0], 400, path)
         self.assertEqual((await self.call("PUT", f"/accounts/acme/templates/{long}",
                                           {"html": "<p>x</p>"}))[0], 400)
+
+
+class QueueTests(QueriesDatabase, unittest.TestCase):
+    """O-7 in the management API: the same operations as `mailgw queue`, each account's
+    admin key on its own deliveries, the operator's on every account's and on domains."""
+
+    async def setUp(self):
+        self.gateway = await start_gateway(self, gateway_config(self, fresh_database()))
+        self.database = self.gateway.database
+        stores = self.gateway.stores
+        acme = await stores.accounts.create_account("acme")
+        other = await stores.accounts.create_account("other")
+        _, self.admin_key = await admin.create_api_key(stores, acme.id, "a", "admin")
+        _, self.operator_key = await admin.create_api_key(stores, other.id, "op", "admin",
+                                                          operator=True)
+        self.ids = {}
+        for account, uid, recipient in ((acme, "a", "ana@example.net"),
+                                        (other, "b", "bea@example.net")):
+            await stores.submissions.store(SubmissionRecord(
+                account_id=account.id, origin="smtp", message_uid=uid * 32,
+                sender="news@example.org", subject="Ofertas", html=None, body={"text": "x"},
+                recipients=(QueuedRecipient(recipient, None),)))
+            [(self.ids[account.name],)] = await self.sql(
+                "SELECT id FROM deliveries WHERE recipient = %s", recipient)
+        self.base = f"http://127.0.0.1:{self.gateway.port_for('http.listener')}/v1/admin/queue"
+
+    async def call(self, method, path, body=None, key=None):
+        response = await treq.request(
+            method, self.base + path, headers={"Authorization": [key or self.admin_key]},
+            data=None if body is None else json.dumps(body).encode(), persistent=False)
+        return response.code, await response.json()
+
+    async def test_an_admin_key_sees_its_own_account(self):
+        code, counts = await self.call("GET", "")
+        self.assertEqual((code, [(c["state"], c["account"], c["domain"], c["deliveries"])
+                                 for c in counts["items"]]),
+                         (200, [("queued", "acme", "example.net", 1)]))
+        code, listed = await self.call("GET", "/deliveries?domain=example.net")
+        self.assertEqual([d["recipient"] for d in listed["items"]], ["ana@example.net"])
+        self.assertEqual((await self.call("GET", "?account=other"))[0], 404)
+        code, shown = await self.call("GET", f"/deliveries/{self.ids['acme']}")
+        self.assertEqual((code, shown["state"], [e["type"] for e in shown["events"]]),
+                         (200, "queued", ["queued"]))
+        for method, path in (("GET", ""), ("POST", "/retry"), ("POST", "/cancel")):
+            self.assertEqual((await self.call(method, f"/deliveries/{self.ids['other']}{path}",
+                                              {}))[0], 404, path)
+        code, counts = await self.call("GET", "", key=self.operator_key)
+        self.assertEqual([c["account"] for c in counts["items"]], ["acme", "other"])
+
+    async def test_retry_and_cancel(self):
+        delivery = f"/deliveries/{self.ids['acme']}"
+        code, retried = await self.call("POST", delivery + "/retry", {})
+        self.assertEqual((code, retried["state"]), (200, "queued"))
+        code, cancelled = await self.call("POST", delivery + "/cancel", {"reason": "typo"})
+        self.assertEqual((code, cancelled["state"]), (200, "not_sent"))
+        code, shown = await self.call("GET", delivery)
+        self.assertEqual(shown["events"][-1]["type"], "not_sent")
+        for action in ("/cancel", "/retry"):
+            code, refused = await self.call("POST", delivery + action, {})
+            self.assertEqual((code, refused["error"]), (409, "Queue_action_refused"), action)
+        self.assertEqual((await self.call("POST", "/deliveries/999999/retry", {}))[0], 404)
+
+    async def test_domains_are_the_operators(self):
+        self.assertEqual((await self.call("PUT", "/suspended/example.net", {}))[0], 403)
+        self.assertEqual((await self.call("POST", "/domains/example.net/retry", {}))[0], 403)
+        code, held = await self.call("PUT", "/suspended/example.net", {"reason": "blocklisted"},
+                                     key=self.operator_key)
+        self.assertEqual((code, held["domain"], held["held"]), (200, "example.net", 2))
+        self.assertEqual((await self.call("PUT", "/suspended/example.net", {},
+                                          key=self.operator_key))[0], 409)
+        code, listed = await self.call("GET", "/suspended", key=self.operator_key)
+        self.assertEqual([h["domain"] for h in listed["items"]], ["example.net"])
+        self.assertEqual((await self.call("PUT", "/suspended/not..a.domain", {},
+                                          key=self.operator_key))[0], 400)
+        code, resumed = await self.call("DELETE", "/suspended/example.net",
+                                        key=self.operator_key)
+        self.assertEqual((code, resumed), (200, {"due": 2}))
+        self.assertEqual((await self.call("GET", "/deliveries?state=nonsense"))[0], 400)

@@ -1,6 +1,8 @@
 """The HTTP root on a real Site over a StringTransport: which app answers a path, and
 what path that app sees."""
 
+import io
+
 from klein import Klein
 from klein.interfaces import IKleinRequest
 from twisted.internet import task
@@ -10,7 +12,7 @@ from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from mailgw.http.root import HTTPRoot, MeteredSite
+from mailgw.http.root import HTTPRoot, ListenerSite, MeteredSite
 from mailgw.metrics import Metrics
 
 
@@ -93,6 +95,38 @@ class HTTPRootTests(unittest.TestCase):
         for prefix in ((), ("",), ("v1", ""), ("v1/email",)):
             with self.assertRaises(ValueError):
                 HTTPRoot({prefix: echo_app("x")}, default=echo_app("operations"))
+
+    def test_paths_that_are_not_utf8(self):
+        """R-3: a plain 400 before any app (Klein would log each as an error)."""
+        for path in (b"/t/c/%ff", b"/%c3", b"/v1/email/%00%fe"):
+            status, body = get(self.root, path)
+            self.assertEqual(status, 400, path)
+            self.assertIn("not UTF-8", body)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class QuietSiteTests(unittest.TestCase):
+    def test_no_access_log_line_for_tracking_hits(self):
+        """Tracking hits (T-1, T-2) are events; they write no access-log line each, and
+        are counted in the metrics all the same."""
+        root = HTTPRoot({("t",): echo_app("tracking")}, default=echo_app("operations"))
+        metrics = Metrics()
+        site = ListenerSite(root, metrics, max_body_size=1000, request_timeout=10,
+                            idle_timeout=10, reactor=task.Clock())
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        lines = io.StringIO()
+        site.logFile = lines
+        for path in (b"/t/o/tok.gif", b"/t/c/tok", b"/healthz", b"/tracking"):
+            get(root, path, site)
+        logged = lines.getvalue()
+        self.assertNotIn("/t/", logged)
+        self.assertIn('"GET /healthz HTTP/1.0" 200', logged)
+        self.assertIn('"GET /tracking HTTP/1.0" 200', logged)
+        counted = {sample.labels["route"]: sample.value
+                   for family in metrics.registry.collect() for sample in family.samples
+                   if sample.name == "mailgw_http_requests_total"}
+        self.assertEqual(counted, {"/t": 2, "/": 2})
 
 
 class MeteredSiteTests(unittest.TestCase):

@@ -60,7 +60,8 @@ class EventStoreTests(DatabaseTestCase):
         batch = [self.event(EventType.OPEN, stored, first, "a@example.net",
                             details={"ip": "192.0.2.1"}),
                  self.event(EventType.CLICK, stored, first, "a@example.net",
-                            details={"url": "https://example.org/"}, occurred_at=clicked),
+                            details={"url": "https://example.org/"}, occurred_at=clicked,
+                            machine=True),
                  self.event(EventType.OPEN, stored, second, "b@example.net")]
         ids = await self.events.record_many(batch)
         self.assertEqual(len(set(ids)), 3)
@@ -73,8 +74,11 @@ class EventStoreTests(DatabaseTestCase):
         # The submission's own event first, written by its statement.
         self.assertEqual([e.type for e in read],
                          [EventType.QUEUED, EventType.OPEN, EventType.CLICK])
-        # Written as given; without a time, at the transaction's.
+        # Written as given (a machine's click too, T-6); without a time, at the
+        # transaction's.
         self.assertEqual(read[2], batch[1])
+        self.assertEqual(await self.sql("SELECT machine FROM events WHERE id = ANY(%s)"
+                                        " ORDER BY id", ids), [(False,), (True,), (False,)])
         self.assertEqual(read[1], dataclasses.replace(batch[0],
                                                       occurred_at=read[1].occurred_at))
         self.assertIsNotNone(read[1].occurred_at)
