@@ -17,6 +17,7 @@ slash.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formataddr
 from typing import Any
@@ -30,17 +31,10 @@ from mailgw.content.message import MessageOptions, ParsedMessage
 from mailgw.credentials import Sealer
 from mailgw.errors import AlreadyExists
 from mailgw.fetch import ContentFetcher, FetchRefused
+from mailgw.http import auth
 from mailgw.http import dmds_projection as projection
 from mailgw.http.api import APIError, Raw, add_json_error_pages, json_endpoint_with
-from mailgw.http.auth import (
-    READ,
-    SEND,
-    InactiveAccount,
-    InvalidAPIKey,
-    KeyAuthenticator,
-    KeyNotAuthorized,
-    authorize,
-)
+from mailgw.http.auth import READ, SEND, KeyAuthenticator
 from mailgw.http.dmds_input import (
     MAX_TEXT,
     SENDER_NOT_ALLOWED,
@@ -159,17 +153,17 @@ class DMDSApp:
         try:
             try:
                 return await self.authenticator.authorized(request, action, campaign_numid)
-            except KeyNotAuthorized:
+            except auth.KeyNotAuthorized:
                 if not own_campaign:
                     raise
                 account = await self.authenticator.account(request)
-                authorize(account, action, account.key.campaign_numid if account.key else None)
+                auth.authorize(account, action, account.key.campaign_numid if account.key else None)
                 return account
-        except InvalidAPIKey:
+        except auth.InvalidAPIKey:
             raise APIError(403, "Invalid_API_Key") from None
-        except InactiveAccount:
+        except auth.InactiveAccount:
             raise APIError(403, "Current_service_is_not_active") from None
-        except KeyNotAuthorized:
+        except auth.KeyNotAuthorized:
             raise APIError(403, "API_key_not_authorized") from None
 
     async def _read(self, request) -> tuple[SubmissionAccount, Params]:
@@ -292,8 +286,8 @@ class DMDSApp:
     async def whitelisted(self, request, email: str) -> tuple[int, Any]:
         caller = await self._caller(request)
         address = checked_email(email)
-        listed = await self.stores.dmds.whitelisted(caller.account_id, address)
-        return _ok(msg=f"{address} {'whitelisted' if listed else 'not whitelisted'}")
+        return _whitelist_answer(address, await self.stores.dmds.whitelisted(
+            caller.account_id, address))
 
     @_route(app, "/v1/whitelist/<email>", "POST", "PUT")
     @dmds_endpoint
@@ -313,7 +307,7 @@ class DMDSApp:
                                                    caller.max_contacts)
         except ContactLimitReached:
             raise bad("contact limit reached") from None
-        return _ok(msg=f"{address} {'whitelisted' if listed else 'not whitelisted'}")
+        return _whitelist_answer(address, listed)
 
     # -- groups, filters, global variables --------------------------------------------
 
@@ -332,18 +326,25 @@ class DMDSApp:
     @dmds_endpoint
     async def create_group(self, request) -> tuple[int, Any]:
         caller, params = await self._read(request)
-        name = params.text("nombre", required=True, max_length=200)
+        name = _object_name(params)
         group_id, created = await self.stores.dmds.create_group(caller.account_id, name)
         return _ok(id=group_id, nombre=name, msg="creado" if created else "ya existe")
 
     @_route(app, "/v1/grupo/", "DELETE")
     @dmds_endpoint
     async def delete_group(self, request) -> tuple[int, Any]:
+        """Its contacts stay."""
+        return await self._delete(request, "grupo", _object_name,
+                                  self.stores.dmds.delete_group)
+
+    async def _delete(self, request, kind: str, name_of: Callable[[Params], str],
+                      delete: Callable[[int, str], Awaitable[bool]]) -> tuple[int, Any]:
+        """Delete the account's object of `kind` that the params name (404 if none)."""
         caller, params = await self._read(request)
-        name = params.text("nombre", required=True, max_length=200)
-        if not await self.stores.dmds.delete_group(caller.account_id, name):
-            raise _not_found(f"grupo {name} not found")
-        return _ok(msg=f"grupo {name} borrado")
+        name = name_of(params)
+        if not await delete(caller.account_id, name):
+            raise _not_found(f"{kind} {name} not found")
+        return _ok(msg=f"{kind} {name} deleted")
 
     @_route(app, "/v1/filtros/", "GET")
     @dmds_endpoint
@@ -359,7 +360,7 @@ class DMDSApp:
     @dmds_endpoint
     async def put_filter(self, request) -> tuple[int, Any]:
         caller, params = await self._read(request)
-        name = params.text("nombre", required=True, max_length=200)
+        name = _object_name(params)
         try:
             filter_id = await self.stores.dmds.put_filter(
                 caller.account_id, name, names(params.get("grupos"), "grupos"),
@@ -371,11 +372,8 @@ class DMDSApp:
     @_route(app, "/v1/filtros/", "DELETE")
     @dmds_endpoint
     async def delete_filter(self, request) -> tuple[int, Any]:
-        caller, params = await self._read(request)
-        name = params.text("nombre", required=True, max_length=200)
-        if not await self.stores.dmds.delete_filter(caller.account_id, name):
-            raise _not_found(f"filtro {name} not found")
-        return _ok(msg=f"filtro {name} borrado")
+        return await self._delete(request, "filtro", _object_name,
+                                  self.stores.dmds.delete_filter)
 
     @_route(app, "/v1/variables/", "GET")
     @dmds_endpoint
@@ -401,11 +399,8 @@ class DMDSApp:
     @_route(app, "/v1/variables/", "DELETE")
     @dmds_endpoint
     async def delete_variable(self, request) -> tuple[int, Any]:
-        caller, params = await self._read(request)
-        name = _variable_name(params)
-        if not await self.stores.dmds.delete_variable(caller.account_id, name):
-            raise _not_found(f"variable {name} not found")
-        return _ok(msg=f"variable {name} borrada")
+        return await self._delete(request, "variable", _variable_name,
+                                  self.stores.dmds.delete_variable)
 
     # -- campaigns --------------------------------------------------------------------
 
@@ -428,7 +423,7 @@ class DMDSApp:
         """An api campaign (sender, subject and content URL required, replyto optional)
         with its key, or a normal one (completed elsewhere)."""
         caller, params = await self._read(request)
-        name = params.text("nombre", required=True, max_length=200)
+        name = _object_name(params)
         kind = params.text("tipo", required=True)
         if kind not in ("api", "normal"):
             raise bad("tipo must be api or normal")
@@ -852,6 +847,16 @@ def _campos(campos: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _operation(created: bool) -> str:
     return "Alta" if created else "Modificacion"
+
+
+def _whitelist_answer(address: str, listed: bool) -> tuple[int, Any]:
+    """The seed's messages: `<email> whitelisted`, `<email> not whitelisted`."""
+    return _ok(msg=f"{address} {'whitelisted' if listed else 'not whitelisted'}")
+
+
+def _object_name(params: Params) -> str:
+    """The `nombre` of a group or a filter."""
+    return params.text("nombre", required=True, max_length=200)
 
 
 def _variable_name(params: Params) -> str:

@@ -12,7 +12,7 @@ import treq
 from twisted.internet import protocol, reactor, utils
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
-from twisted.web import resource, server, static, util
+from twisted.web import resource, server, static
 
 from mailgw import admin, credentials
 from mailgw.config import DeliveryConfig, HTTPConfig, SMTPConfig
@@ -25,7 +25,7 @@ from tests.harness import (
     fresh_database,
     gateway_config,
     smtp_client,
-    start_gateway,
+    start_with_account,
 )
 
 SENDER = "news@dominio.com"
@@ -62,13 +62,7 @@ class DMDSTestCase(QueriesDatabase, unittest.TestCase):
                                                         dns_servers=[f"127.0.0.1:{dns_port}"]))
         if self.smtp_config is not None:
             config = config.replace(smtp=self.smtp_config)
-        self.gateway = await start_gateway(self, config)
-        self.database = self.gateway.database
-        self.stores = self.gateway.stores
-        self.account = await self.stores.accounts.create_account("acme")
-        await admin.add_domain(self.stores, self.account.id, "dominio.com", verified=True)
-        _, self.key = await admin.create_api_key(self.stores, self.account.id, "k")
-        self.base = f"http://127.0.0.1:{self.gateway.port_for('http.listener')}"
+        await start_with_account(self, config)
 
     async def call(self, method, path, body=None, key=None, raw=None):
         """(status, JSON answer) of a request with the account's key (bare, as the seed's
@@ -504,40 +498,38 @@ class CampaignTests(DMDSTestCase):
 
 
 class Pages(resource.Resource):
-    """Content for sends by URI: a page behind two redirects, and a subject that changes."""
+    """Content for sends by URI: a page behind a 301 and a 302, and a subject that
+    changes."""
 
     def __init__(self):
         super().__init__()
         self.subject = "Primero"
         self.putChild(b"pieza.html", static.Data("<p>Año XYZNOMBREXYZ</p>".encode(),
                                                  "text/html; charset=utf-8"))
-        self.putChild(b"moved", util.Redirect(b"/moved2"))
-        self.putChild(b"moved2", _Found(b"/pieza.html"))
-        self.putChild(b"asunto", _Dynamic(self))
+        self.putChild(b"moved", _Leaf(lambda request: _redirect(request, 301, b"/moved2")))
+        self.putChild(b"moved2", _Leaf(lambda request: _redirect(request, 302,
+                                                                 b"/pieza.html")))
+        self.putChild(b"asunto", _Leaf(
+            lambda request: f"\n  {self.subject}  \nsegunda línea".encode()))
 
 
-class _Found(resource.Resource):
+class _Leaf(resource.Resource):
+    """Answers GET with what `answer(request)` says."""
+
     isLeaf = True
 
-    def __init__(self, location):
+    def __init__(self, answer):
         super().__init__()
-        self.location = location
+        self.answer = answer
 
     def render_GET(self, request):  # noqa: N802 - twisted.web's name
-        request.setResponseCode(302)
-        request.setHeader(b"location", self.location)
-        return b""
+        return self.answer(request)
 
 
-class _Dynamic(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, pages):
-        super().__init__()
-        self.pages = pages
-
-    def render_GET(self, request):  # noqa: N802 - twisted.web's name
-        return f"\n  {self.pages.subject}  \nsegunda línea".encode()
+def _redirect(request, code, location):
+    request.setResponseCode(code)
+    request.setHeader(b"location", location)
+    return b""
 
 
 class SendTests(DMDSTestCase):

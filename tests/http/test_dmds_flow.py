@@ -14,7 +14,6 @@ from twisted.internet import reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server, static
 
-from mailgw import admin
 from mailgw.config import DeliveryConfig, HTTPConfig
 from tests.dns_server import LocalDNS
 from tests.harness import (
@@ -22,7 +21,7 @@ from tests.harness import (
     QueriesDatabase,
     fresh_database,
     gateway_config,
-    start_gateway,
+    start_with_account,
 )
 from tests.smtp_sink import SMTPSink
 
@@ -51,13 +50,7 @@ class DeliveredTestCase(QueriesDatabase, unittest.TestCase):
                                     remote_smtp_port=sink_port, poll_interval=0.05,
                                     connect_timeout=5, reply_timeout=10,
                                     hard_bounce_limit=1))
-        self.gateway = await start_gateway(self, config)
-        self.database = self.gateway.database
-        stores = self.gateway.stores
-        account = await stores.accounts.create_account("acme")
-        await admin.add_domain(stores, account.id, "dominio.com", verified=True)
-        _, self.key = await admin.create_api_key(stores, account.id, "k")
-        self.base = f"http://127.0.0.1:{self.gateway.port_for('http.listener')}"
+        await start_with_account(self, config)
 
     async def call(self, method, path, body=None, key=None):
         response = await treq.request(
