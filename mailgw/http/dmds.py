@@ -514,6 +514,8 @@ class DMDSApp:
         batch is committed."""
         caller, params, campaign = await self._send_caller(request)
         send = await self._send_request(caller, params, campaign, many, by_uri)
+        if not send.recipients:
+            raise bad("contactos holds no valid address")
         batch = await self._reused_batch(caller, send.reuse_eeid)
         html = send.html
         if html is None:

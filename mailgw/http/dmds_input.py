@@ -21,6 +21,7 @@ from mailgw.delivery.mx import MXResolver, NullMX, PermanentDNSFailure, Temporar
 from mailgw.http.aldeamo import header_text
 from mailgw.http.api import APIError, read_json
 from mailgw.submit.addresses import InvalidAddress, normalize_address
+from mailgw.text import one_line
 
 BAD_REQUEST = "Bad_request"
 INVALID_EMAIL = "Invalid_email"
@@ -252,10 +253,10 @@ def sender_domain_missing_error(domain: str) -> APIError:
 
 
 def first_line(data: bytes) -> str:
-    """A subject from fetched text: its first non-empty line (UTF-8, blanks collapsed)."""
+    """A subject from fetched text: its first non-empty line (UTF-8), on one line."""
     for line in data.decode("utf-8", "replace").splitlines():
-        if line.strip():
-            return " ".join(line.split())
+        if one_line(line):
+            return " ".join(one_line(line).split())
     return ""
 
 
