@@ -16,6 +16,7 @@ from mailgw.content.dkim import DNSRecord, domain_dns_records, generate_dkim_key
 from mailgw.content.message import CATEGORY_MAX_LENGTH
 from mailgw.store import Stores
 from mailgw.store.accounts import APIKeyInfo
+from mailgw.store.campaigns import Campaign, CampaignKey, NewCampaign
 from mailgw.store.senders import Sender, SenderDomain
 from mailgw.store.suppressions import Suppression
 from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES, WebhookEndpoint
@@ -49,6 +50,21 @@ async def create_api_key(stores: Stores, account_id: int, name: str, kind: str =
     except ValueError as refusal:
         raise AdminRefused(str(refusal)) from None
     return info, key
+
+
+def campaign_key(sealer: credentials.Sealer, key: str) -> CampaignKey:
+    """A campaign key as the stores keep it: digested for lookups, sealed to be shown."""
+    return CampaignKey(credentials.hash_api_key(key), credentials.api_key_prefix(key),
+                       sealer.seal(key))
+
+
+async def create_campaign(stores: Stores, sealer: credentials.Sealer, account_id: int,
+                          campaign: NewCampaign) -> tuple[Campaign, str | None]:
+    """A DMDS campaign, and its new key when it is of type api (H-2)."""
+    key = credentials.new_api_key() if campaign.type == "api" else None
+    created = await stores.campaigns.create(
+        account_id, campaign, campaign_key(sealer, key) if key is not None else None)
+    return created, key
 
 
 async def create_user(stores: Stores, account_id: int, username: str,

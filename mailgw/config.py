@@ -81,6 +81,9 @@ class HTTPConfig:
     fetch_timeout: float = 10.0
     fetch_max_bytes: int = 10 * 1024 * 1024
     fetch_allow_networks: list[str] = field(default_factory=list)
+    # Contacts one DMDS send_many_* call may name (413 past it); the message is stored in
+    # batches of smtp.max_recipients, all in the call's one eeid (H-2).
+    dmds_max_recipients: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ def _check_values(config: Config) -> None:
         "http.request_burst_per_key": config.http.request_burst_per_key,
         "http.fetch_timeout": config.http.fetch_timeout,
         "http.fetch_max_bytes": config.http.fetch_max_bytes,
+        "http.dmds_max_recipients": config.http.dmds_max_recipients,
         "smtp.tls_handshake_timeout": config.smtp.tls_handshake_timeout,
         "smtp.data_timeout": config.smtp.data_timeout,
         "smtp.max_commands_without_message": config.smtp.max_commands_without_message,

@@ -2,7 +2,9 @@
 
 Passwords are short and guessable, so they get scrypt (memory-hard, in the
 standard library).  API keys are 256-bit random strings: a single SHA-256 is
-enough and lets the key be found by an indexed lookup of its digest.
+enough and lets the key be found by an indexed lookup of its digest.  A DMDS
+campaign key must be shown again (H-2 `campania_apikey`), so besides its digest
+it is kept sealed (`Sealer`) under a secret of the installation.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import base64
 import hashlib
 import hmac
 import secrets
+
+from nacl import exceptions as nacl_exceptions
+from nacl import secret as nacl_secret
 
 # ~50 ms and 16 MiB per hash on this class of machine (OWASP's scrypt minimum is n=2**17
 # with r=8 for interactive logins at 128 MiB; 2**14 keeps SMTP AUTH bursts affordable).
@@ -65,3 +70,21 @@ def api_key_prefix(key: str) -> str:
     """The first characters of a key, kept in clear to tell keys apart (never enough to
     guess it: 4 of its 43 random characters)."""
     return key[:8]
+
+
+class Sealer:
+    """Secrets that must be read back, encrypted and authenticated (XSalsa20-Poly1305)
+    under a 32-byte key of the installation (KeyStore)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._box = nacl_secret.SecretBox(key[:nacl_secret.SecretBox.KEY_SIZE])
+
+    def seal(self, text: str) -> bytes:
+        return bytes(self._box.encrypt(text.encode("utf-8")))
+
+    def open(self, sealed: bytes) -> str:
+        """The text; ValueError when `sealed` was not sealed with this key."""
+        try:
+            return self._box.decrypt(sealed).decode("utf-8")
+        except (nacl_exceptions.CryptoError, UnicodeDecodeError):
+            raise ValueError("not sealed with this installation's key") from None

@@ -27,6 +27,7 @@ from mailgw.accounts.avatar import SubmissionRealm
 from mailgw.accounts.checkers import AccountCredentialsChecker, APIKeyChecker
 from mailgw.config import Config
 from mailgw.content.links import LinkSigner
+from mailgw.credentials import Sealer
 from mailgw.delivery.client import OutboundPool
 from mailgw.delivery.key_threads import KeyThreads
 from mailgw.delivery.mx import MXResolver, Smarthost
@@ -46,8 +47,10 @@ from mailgw.events.machine import MachineRules
 from mailgw.events.recorder import TrackingRecorder
 from mailgw.fetch import ContentFetcher
 from mailgw.http.aldeamo import AldeamoApp
-from mailgw.http.api import RateLimiter
+from mailgw.http.api import RateLimiter, error_body
 from mailgw.http.auth import KeyAuthenticator
+from mailgw.http.dmds import DMDSApp, dmds_error_body
+from mailgw.http.dmds_input import SenderDomains
 from mailgw.http.manage import ManagementApp
 from mailgw.http.openapi import OpenAPIApp
 from mailgw.http.ops import OperationsApp
@@ -74,6 +77,10 @@ _BACKLOG_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix")
 # long to commit: with the SMTP grace, the queue runner's bounded stop running side by
 # side, and the embedded PostgreSQL's shutdown, a stop stays within systemd's 90 s.
 COMMIT_GRACE_SECONDS = 15
+# The DMDS API's mount point: every /v1/ path the longer prefixes do not take (H-2).
+DMDS_MOUNT = ("v1",)
+# How long a DMDS sender's domain is looked up in DNS before it is taken as existing.
+SENDER_LOOKUP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,8 @@ class Gateway(service.MultiService):
         self.database: Database | None = None
         self.stores: Stores | None = None
         self.link_signer: LinkSigner | None = None
+        # Seals the DMDS campaign keys, which must be shown again (H-2).
+        self.campaign_sealer: Sealer | None = None
         # Shared by the doors: who an SMTP login or an HTTP API key is, and the one
         # submission path they both hand messages to.
         self.realm: SubmissionRealm | None = None
@@ -224,6 +233,7 @@ class Gateway(service.MultiService):
         # On every node, delivering or not: the tracking endpoints verify what it signs.
         self.link_signer = LinkSigner(await self.stores.keys.signing_key("links"),
                                       self.config.http.public_base_url)
+        self.campaign_sealer = Sealer(await self.stores.keys.signing_key("campaign_keys"))
         self.realm = SubmissionRealm(self.stores.accounts)
         self.portal = Portal(self.realm, [
             AccountCredentialsChecker(self.stores.accounts, self._run_in_thread),
@@ -243,7 +253,8 @@ class Gateway(service.MultiService):
         self.http_root = self._http_root()
         site = ListenerSite(self.http_root, self.metrics, max_body_size=http.max_body_size,
                             request_timeout=http.request_timeout,
-                            idle_timeout=http.idle_timeout, reactor=self.clock)
+                            idle_timeout=http.idle_timeout, reactor=self.clock,
+                            error_body=self._error_body)
         smtp_backlog = self.config.smtp.listen_backlog
         http_description, http_tls = http_listener(self.config.http.listener)
         wanted = (
@@ -287,8 +298,27 @@ class Gateway(service.MultiService):
                          ("t",): tracking,
                          ("v1", "stats"): StatsApp(self.key_authenticator,
                                                    self.stores.statistics,
-                                                   self.clock).app.resource()},
+                                                   self.clock).app.resource(),
+                         DMDS_MOUNT: self._dmds_app().app.resource()},
                         operations.app.resource())
+
+    def _dmds_app(self) -> DMDSApp:
+        """H-2: its sender domains looked up with the resolver of delivery.dns_servers."""
+        domains = SenderDomains(lambda: MXResolver(self.reactor, self.clock,
+                                                   self._dns_servers(),
+                                                   timeout=SENDER_LOOKUP_SECONDS))
+        return DMDSApp(self.key_authenticator, self.submission_service, self.stores,
+                       self.fetcher, self.campaign_sealer, domains,
+                       batch_size=self.config.smtp.max_recipients,
+                       max_contacts=self.config.http.dmds_max_recipients,
+                       max_message_size=self.config.smtp.max_message_size)
+
+    def _error_body(self, path: bytes, name: str, message: str) -> dict:
+        """The body of a request refused before any app sees it (413, 408), in the
+        dialect of the app its path goes to."""
+        if self.http_root.route_of(path) == "/" + "/".join(DMDS_MOUNT):
+            return dmds_error_body(name, message)
+        return error_body(name, message)
 
     def _dns_servers(self) -> list[tuple[str, int]]:
         """delivery.dns_servers as (address, port); empty: /etc/resolv.conf."""

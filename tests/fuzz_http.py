@@ -23,21 +23,24 @@ from mailgw.gateway import Gateway
 from mailgw.http.openapi import DOCUMENT
 from mailgw.store import Stores
 from mailgw.store.templates import Template
+from tests.dns_server import LocalDNS
 from tests.harness import new_cluster
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
-def fuzz_config(state_dir: str, dsn: str) -> Config:
+def fuzz_config(state_dir: str, dsn: str, dns_port: int) -> Config:
     """Loopback listeners, no delivery, no rate limit (the fuzzer is one key in a hurry),
-    and fetches that give up fast (generated URLs lead nowhere)."""
+    fetches that give up fast (generated URLs lead nowhere), and names (fetched URLs',
+    DMDS senders' domains) looked up in a local DNS server that knows none."""
     return Config(hostname="mx.fuzz.example", state_dir=state_dir,
                   smtp=SMTPConfig(starttls_listeners=[LOOPBACK], implicit_tls_listeners=[]),
                   http=HTTPConfig(listener=LOOPBACK, requests_per_second_per_key=1e6,
                                   request_burst_per_key=1_000_000, fetch_timeout=1.0),
                   database=DatabaseConfig(dsn=dsn, pool_size=2),
-                  delivery=DeliveryConfig(enabled=False))
+                  delivery=DeliveryConfig(enabled=False,
+                                          dns_servers=[f"127.0.0.1:{dns_port}"]))
 
 
 async def prepare(stores: Stores) -> str:
@@ -75,8 +78,9 @@ async def run_schemathesis(reactor, port: int, key: str, max_examples: int,
 
 async def _main(reactor, max_examples: int, seed: int | None) -> None:
     cluster = new_cluster("mailgw-fuzz-pg-")
-    gateway = Gateway(fuzz_config(tempfile.mkdtemp(prefix="mailgw-fuzz-"), cluster.dsn),
-                      reactor)
+    _, dns_port = LocalDNS().start(reactor)
+    gateway = Gateway(fuzz_config(tempfile.mkdtemp(prefix="mailgw-fuzz-"), cluster.dsn,
+                                  dns_port), reactor)
     gateway.startService()
     await gateway.ready
     try:

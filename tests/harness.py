@@ -27,6 +27,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from mailgw import admin
 from mailgw.config import Config, DatabaseConfig, DeliveryConfig, HTTPConfig, SMTPConfig
 from mailgw.embedded_pg import Cluster, RunAs
 from mailgw.gateway import Gateway
@@ -163,6 +164,19 @@ async def start_gateway(test: unittest.TestCase, config: Config, clock=None) -> 
     test.addCleanup(gateway.stopService)
     await gateway.ready
     return gateway
+
+
+async def start_with_account(test: unittest.TestCase, config: Config) -> None:
+    """A running Gateway (`test.gateway`, `.database`, `.stores`) with the account acme
+    (`test.account`), its verified domain dominio.com and an account API key
+    (`test.key`), for the HTTP API tests; `test.base` is the listener's URL."""
+    test.gateway = await start_gateway(test, config)
+    test.database = test.gateway.database
+    test.stores = test.gateway.stores
+    test.account = await test.stores.accounts.create_account("acme")
+    await admin.add_domain(test.stores, test.account.id, "dominio.com", verified=True)
+    _, test.key = await admin.create_api_key(test.stores, test.account.id, "k")
+    test.base = f"http://127.0.0.1:{test.gateway.port_for('http.listener')}"
 
 
 # -- clients and waiting, shared by the end-to-end tests ----------------------------------

@@ -92,6 +92,7 @@ class ErrorTests(unittest.TestCase):
     def test_bad_values(self):
         self.assertConfigError({"database": {"pool_size": 0}}, "database.pool_size")
         self.assertConfigError({"http": {"listen_backlog": 0}}, "http.listen_backlog")
+        self.assertConfigError({"http": {"dmds_max_recipients": 0}}, "http.dmds_max_recipients")
         for key in ("tls_handshake_timeout", "max_connections", "max_connections_per_address",
                     "data_timeout", "max_commands_without_message", "listen_backlog"):
             self.assertConfigError({"smtp": {key: 0}}, f"smtp.{key}")

@@ -2,14 +2,14 @@
 
 One checker takes both kinds of username and password: an account user with
 a password (Teenvio's `user.plan`), and a DMDS campaign credential
-`dmdsid-<numid>` whose password is the campaign's API key.  Another takes the
+`dmdsid-<numid>` whose password is a campaign key of that campaign (an API key of
+kind `campaign`).  Another takes the
 account API keys of the HTTP API and the tracking statistics.  Each answers an
 avatar id, (account id, username), for the realm (avatar.py).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +49,15 @@ class AccountCredentialsChecker:
             numid = username[len(CAMPAIGN_USER_PREFIX):]
             # ASCII digits only: int() reads "٣" as 3 and str.isdigit() takes "²", which
             # int() refuses.
-            found = (await self.accounts.campaign_key_hash(int(numid))
-                     if numid.isascii() and numid.isdigit() else None)
-            if found and hmac.compare_digest(found[1], hash_api_key(password)):
-                return found[0], username
+            if numid.isascii() and numid.isdigit():
+                # The password is one of the campaign's keys (H-2: its camp_apikey, or
+                # another campaign key of it), found by its digest like any API key.
+                found = await self.accounts.api_key(hash_api_key(password))
+                if found is not None:
+                    account, grant = found
+                    if (account.active and grant.kind == "campaign"
+                            and grant.campaign_numid == int(numid)):
+                        return account.id, username
             raise error.UnauthorizedLogin()
         found = await self.accounts.password_hash_for(username)
         stored = found[1] if found else _DUMMY_HASH  # same work for unknown users

@@ -12,6 +12,7 @@ from typing import Any
 
 from mailgw.content.body import StoredBody
 from mailgw.content.dkim import DKIMSigner
+from mailgw.content.merge import tag_fields
 from mailgw.content.render import RecipientContext, SenderContext
 from mailgw.store.queue import MessageContext
 
@@ -37,8 +38,9 @@ def sender_context(message: MessageContext, body: StoredBody, hostname: str,
         track_clicks=settings.track_clicks, language=settings.language)
 
 
-def recipient_context(delivery_id: int, email: str, fields: Mapping[str, Any]
-                      ) -> RecipientContext:
-    """One recipient, with their contact's fields as the merge tags' text."""
+def recipient_context(delivery_id: int, email: str, fields: Mapping[str, Any],
+                      global_variables: Mapping[str, str] | None = None) -> RecipientContext:
+    """One recipient, with their contact's fields, then its campos, then the account's
+    global variables (H-2) as the XYZ<NAME>XYZ tags' text."""
     return RecipientContext(delivery_id, email,
-                            {str(k): "" if v is None else str(v) for k, v in fields.items()}, {})
+                            tag_fields(fields, global_variables or {}), {})

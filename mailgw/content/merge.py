@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Mapping
+from typing import Any
 
 _TAG = re.compile(
     # {name} (Aldeamo): letters, digits, _, - and inner spaces, so CSS such as
@@ -45,3 +46,30 @@ def merge(text: str, variables: Mapping[str, str], fields: Mapping[str, str],
 def escape_for_html(values: Mapping[str, str]) -> dict[str, str]:
     """Values merged into HTML must not become markup."""
     return {name: html.escape(value) for name, value in values.items()}
+
+
+# Where a contact keeps its DMDS campos (H-2) among its fields: {name: value}.
+CAMPOS = "campos"
+
+
+def field_name(name: str) -> str:
+    """The name an XYZ<FIELD>XYZ tag finds a value by: case ignored, and a name written as
+    its tag (a DMDS campo `XYZDNIXYZ`) is the tag's inner name (`dni`)."""
+    lowered = name.lower()
+    if len(lowered) > 6 and lowered.startswith("xyz") and lowered.endswith("xyz"):
+        return lowered[3:-3]
+    return lowered
+
+
+def tag_fields(contact_fields: Mapping[str, Any], global_variables: Mapping[str, str]
+               ) -> dict[str, str]:
+    """The values of one recipient's XYZ<FIELD>XYZ tags: the contact's own fields
+    (nombre, apellido ...), then its campos, then the account's global variables (H-2),
+    the first that names a tag giving its value."""
+    campos = contact_fields.get(CAMPOS)
+    own = {name: value for name, value in contact_fields.items() if name != CAMPOS}
+    values: dict[str, str] = {}
+    for source in (global_variables, campos if isinstance(campos, dict) else {}, own):
+        for name, value in source.items():
+            values[field_name(str(name))] = "" if value is None else str(value)
+    return values

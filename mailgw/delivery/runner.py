@@ -17,7 +17,7 @@ import dataclasses
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer, task
@@ -69,10 +69,13 @@ class LeaseReleased(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class _Ready:
-    """A message prepared for personalisation, and the domain of its return path."""
+    """A message prepared for personalisation, the domain of its return path, whether
+    its copies are kept as sent (an archived send), and the account's global variables."""
 
     prepared: PreparedMessage
     bounce_domain: str
+    archive: bool
+    global_variables: Mapping[str, str]
 
 
 def node_name(hostname: str) -> str:
@@ -298,24 +301,32 @@ class QueueRunner:
             return Outcome(delivery.id, "bounced", f"5.1.2 {e}", bounce_type="hard")
         except TemporaryDNSFailure as e:
             return Outcome(delivery.id, "deferred", f"4.4.3 {e}")
-        recipient = recipient_context(delivery.id, delivery.recipient, delivery.fields)
+        recipient = recipient_context(delivery.id, delivery.recipient, delivery.fields,
+                                      message.global_variables)
+        rendered: list[bytes] = []
         outgoing = OutgoingMessage(
             delivery.id, self.signer.bounce_address(delivery.id, message.bounce_domain),
-            delivery.recipient, lambda: self._render(delivery.id, message.prepared, recipient))
-        return await self.pool.deliver(domain, servers, outgoing)
+            delivery.recipient,
+            lambda: self._render(delivery.id, message.prepared, recipient, rendered))
+        outcome = await self.pool.deliver(domain, servers, outgoing)
+        if message.archive and outcome.state == "sent" and rendered:
+            return dataclasses.replace(outcome, sent_eml=rendered[-1])
+        return outcome
 
     async def _render(self, delivery_id: int, prepared: PreparedMessage,
-                      recipient: RecipientContext) -> bytes:
-        """The recipient's copy, signed. The DKIM key operation (~1 ms for RSA-2048) runs
-        in a thread: the reactor that would sign also answers SMTP submissions. Called
-        when the server has taken the envelope: from then on a stop keeps the lease."""
+                      recipient: RecipientContext, rendered: list[bytes]) -> bytes:
+        """The recipient's copy, signed (and kept in `rendered`, for an archived send).
+        The DKIM key operation (~1 ms for RSA-2048) runs in a thread: the reactor that
+        would sign also answers SMTP submissions. Called when the server has taken the
+        envelope: from then on a stop keeps the lease."""
         if self._leases_released:
             raise LeaseReleased(f"delivery {delivery_id} was given back to the queue")
         self._sending.add(delivery_id)
         data, signature = prepared.render_unsigned(recipient)
-        if signature is None:
-            return data
-        return signature.header(await self.run_in_thread(signature.key_signature)) + data
+        if signature is not None:
+            data = signature.header(await self.run_in_thread(signature.key_signature)) + data
+        rendered.append(data)
+        return data
 
     async def _servers(self, domain: str) -> list[MailHost]:
         """The addresses of the domain's mail servers in preference order (D-3)."""
@@ -348,7 +359,8 @@ class QueueRunner:
                 body, context.options, dataclasses.replace(sender, dkim=None), self.signer)
             self.log.error("DKIM key of {domain} unusable ({error}); sending unsigned",
                            domain=context.dkim_domain, error=e)
-        ready = self._prepared[context.id] = _Ready(prepared, returns_to)
+        ready = self._prepared[context.id] = _Ready(prepared, returns_to, context.archive,
+                                                    context.global_variables)
         while len(self._prepared) > PREPARED_CACHE_SIZE:
             self._prepared.popitem(last=False)
         return ready

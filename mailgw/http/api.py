@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -79,6 +80,22 @@ def respond(request, status: int, body: Any) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class Raw:
+    """A successful answer that is not JSON (a message as sent): its bytes and type."""
+
+    data: bytes
+    content_type: bytes
+
+
+def respond_raw(request, status: int, body: Raw) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", body.content_type)
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Length", b"%d" % len(body.data))
+    return body.data
+
+
 def finished_anyway(work: defer.Deferred) -> defer.Deferred:
     """A Deferred with `work`'s result; cancelling it (Klein does when the client goes
     away) stops the waiting, not the work. A transaction cancelled half-way would cost
@@ -97,12 +114,27 @@ def finished_anyway(work: defer.Deferred) -> defer.Deferred:
     return waiting
 
 
+# Makes a dialect's error body from an error name, a message in words (or None) and
+# what else the refusal says: `error_body` (Aldeamo, the management API), or DMDS's.
+ErrorShape = Callable[..., dict[str, Any]]
+
+
 def json_endpoint(handler: Callable[..., Awaitable[tuple[int, Any]]]
                   ) -> Callable[..., Awaitable[bytes]]:
     """A Klein handler answering (status, JSON body), whose refusals become error bodies
-    in one place: APIError as it says, an unreachable database `503` (R-2), anything
-    else a logged `500` without a traceback (R-3)."""
+    of the Aldeamo dialect (`json_endpoint_with` for another dialect's)."""
+    return json_endpoint_with(error_body)(handler)
 
+
+def json_endpoint_with(shape: ErrorShape):
+    """A decorator for Klein handlers answering (status, JSON body), whose refusals become
+    `shape`'s error bodies in one place: APIError as it says, an unreachable database
+    `503` (R-2), anything else a logged `500` without a traceback (R-3)."""
+    return lambda handler: _answering(handler, shape)
+
+
+def _answering(handler: Callable[..., Awaitable[tuple[int, Any]]], shape: ErrorShape
+               ) -> Callable[..., Awaitable[bytes]]:
     @wraps(handler)
     async def answer(self, request, *args: Any, **kwargs: Any) -> bytes:
         try:
@@ -117,37 +149,39 @@ def json_endpoint(handler: Callable[..., Awaitable[tuple[int, Any]]]
             for name, value in refusal.headers.items():
                 request.setHeader(name, value)
             return respond(request, refusal.status,
-                           error_body(refusal.name, refusal.message, **refusal.extra))
+                           shape(refusal.name, refusal.message, **refusal.extra))
         except TransientDatabaseError as error:
             if not isinstance(error, DatabaseUnavailable):
                 log.warn("{path}: {error}", path=request.path, error=error)
             request.setHeader(b"Retry-After", b"1")
-            return respond(request, 503, error_body(
+            return respond(request, 503, shape(
                 SERVICE_UNAVAILABLE, "the database is unavailable, try again later"))
         except Exception:
             log.failure("{method} {path} failed", method=request.method, path=request.path)
-            return respond(request, 500, error_body(INTERNAL_ERROR))
+            return respond(request, 500, shape(INTERNAL_ERROR))
+        if isinstance(body, Raw):
+            return respond_raw(request, status, body)
         return respond(request, status, body)
 
     return answer
 
 
-def add_json_error_pages(app) -> None:
-    """Unknown paths and methods of a Klein app answer in JSON, not Klein's HTML page.
-    (Klein passes an app bound to an object that object first: the handlers take the
-    request and the failure last.)"""
+def add_json_error_pages(app, shape: ErrorShape = error_body) -> None:
+    """Unknown paths and methods of a Klein app answer in JSON (`shape`'s error bodies),
+    not Klein's HTML page. (Klein passes an app bound to an object that object first:
+    the handlers take the request and the failure last.)"""
 
     @app.handle_errors(NotFound)
     def not_found(*args: Any) -> bytes:
         request, _ = args[-2:]
-        return respond(request, 404, error_body(NOT_FOUND))
+        return respond(request, 404, shape(NOT_FOUND))
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(*args: Any) -> bytes:
         request, failure = args[-2:]
         allowed = failure.value.valid_methods or []
         request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
-        return respond(request, 405, error_body(METHOD_NOT_ALLOWED))
+        return respond(request, 405, shape(METHOD_NOT_ALLOWED))
 
 
 def read_json(request) -> Any:

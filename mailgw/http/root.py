@@ -14,6 +14,7 @@ or host name that is not UTF-8 (`/t/%ff`) is a plain 400 here: the apps route on
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import unquote_to_bytes
 
 from twisted.web import server
 from twisted.web.resource import ErrorPage, Resource
@@ -44,14 +45,28 @@ class HTTPRoot(Resource):
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
             return _NOT_UTF8
-        segments = tuple(request.postpath[:self.longest])
-        for length in range(len(segments), 0, -1):
-            app = self.apps.get(segments[:length])
-            if app is not None:
-                request.mailgw_route = "/" + "/".join(s.decode() for s in segments[:length])
-                return app
-        request.mailgw_route = DEFAULT_ROUTE
-        return self.default
+        prefix = self._prefix(request.postpath)
+        if prefix is None:
+            request.mailgw_route = DEFAULT_ROUTE
+            return self.default
+        request.mailgw_route = "/" + "/".join(s.decode() for s in prefix)
+        return self.apps[prefix]
+
+    def _prefix(self, segments: list[bytes]) -> tuple[bytes, ...] | None:
+        """The longest mounted prefix of the path's segments, None when none is."""
+        start = tuple(segments[:self.longest])
+        for length in range(len(start), 0, -1):
+            if start[:length] in self.apps:
+                return start[:length]
+        return None
+
+    def route_of(self, path: bytes) -> str:
+        """The route (mount point) a raw request path (query string and all) goes to, as
+        the metrics name it: for answers made before any app sees the request."""
+        segments = unquote_to_bytes(path.partition(b"?")[0]).split(b"/")[1:]
+        prefix = self._prefix(segments)
+        return DEFAULT_ROUTE if prefix is None else "/" + "/".join(
+            s.decode("utf-8", "replace") for s in prefix)
 
 
 class MeteredSite(server.Site):

@@ -163,7 +163,8 @@ class TrackingApp:
                                 bounce_domain(message, self.default_bounce_domain), None)
         fields = await self.tracking.contact_fields(delivery.contact_id)
         html = PreparedMessage(body, message.options, sender, self.signer).render_html(
-            recipient_context(delivery.id, delivery.recipient, fields))
+            recipient_context(delivery.id, delivery.recipient, fields,
+                              message.global_variables))
         if html is None:
             return _plain(request, 404, b"This message has no web version\n")
         _page_headers(request)

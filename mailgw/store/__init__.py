@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 from mailgw.store.accounts import AccountStore
 from mailgw.store.auth_failures import AuthFailureStore
+from mailgw.store.campaigns import CampaignStore
 from mailgw.store.contacts import ContactStore
 from mailgw.store.database import Database
+from mailgw.store.dmds import DMDSStore
+from mailgw.store.dmds_events import DMDSEventStore
 from mailgw.store.events import EventStore
 from mailgw.store.group_commit import GroupCommitter
 from mailgw.store.inbound import InboundStore
@@ -53,6 +56,10 @@ class Stores:
     webhooks: WebhookStore
     # Bounces and complaints that come back by mail (D-7).
     inbound: InboundStore
+    # DMDS campaigns and their keys, the contact book, the event log as DMDS reads it (H-2).
+    campaigns: CampaignStore
+    dmds: DMDSStore
+    dmds_events: DMDSEventStore
 
     @classmethod
     def on(cls, database: Database) -> Stores:
@@ -67,4 +74,6 @@ class Stores:
                    auth_failures=AuthFailureStore(database),
                    suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
                    tracking=TrackingStore(database, committer),
-                   statistics=StatisticsStore(database), inbound=InboundStore(database))
+                   statistics=StatisticsStore(database), inbound=InboundStore(database),
+                   campaigns=CampaignStore(database), dmds=DMDSStore(database),
+                   dmds_events=DMDSEventStore(database))

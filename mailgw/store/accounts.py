@@ -148,11 +148,6 @@ class AccountStore:
         return await self.db.run_interaction("password_hash_for", _select_user_hash_txn,
                                              username)
 
-    async def campaign_key_hash(self, numid: int) -> tuple[int, str] | None:
-        """(account id, API key digest) of a DMDS campaign, for `dmdsid-<numid>` logins."""
-        return await self.db.run_interaction("campaign_key_hash", _select_campaign_key_txn,
-                                             numid)
-
     async def profile(self, account_id: int) -> AccountProfile | None:
         """The account's profile, or None if there is no such account."""
         return await self.db.run_interaction("account_profile", _select_profile_txn,
@@ -312,15 +307,6 @@ async def _revoke_api_key_txn(cursor, account_id: int, key_id: int) -> bool:
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())"
         " WHERE account_id = %s AND id = %s RETURNING id", (account_id, key_id))
     return cursor.fetchone() is not None
-
-
-async def _select_campaign_key_txn(cursor, numid: int) -> tuple[int, str] | None:
-    await cursor.execute(
-        "SELECT c.account_id, c.api_key_hash FROM campaigns c"
-        " JOIN accounts a ON a.id = c.account_id"
-        " WHERE c.numid = %s AND c.api_key_hash IS NOT NULL AND a.active", (numid,))
-    row = cursor.fetchone()
-    return (row[0], row[1]) if row else None
 
 
 async def _select_profile_txn(cursor, account_id: int) -> AccountProfile | None:

@@ -143,17 +143,23 @@ async def _import_recipients_txn(cursor, requests: list[RecipientImport]
 
 async def _check_contact_limits(cursor, requests: list[RecipientImport]) -> None:
     """S-15: refuse the batch if it takes an account past its contact cap (its items are
-    then retried alone, so only the one that does not fit is refused). The account is
-    locked first, so that concurrent transactions count each other's contacts."""
+    then retried alone, so only the one that does not fit is refused)."""
     emails_by_account: dict[tuple[int, int], set[str]] = defaultdict(set)
     for r in requests:
         if r.max_contacts is not None:
             emails_by_account[r.account_id, r.max_contacts].add(r.email)
     for (account_id, limit), emails in sorted(emails_by_account.items()):
-        await lock_account(cursor, CONTACT_LIMIT_LOCK, account_id)
-        await cursor.execute(
-            "SELECT count(*), count(*) FILTER (WHERE email = ANY(%s)) FROM contacts"
-            " WHERE account_id = %s", (list(emails), account_id))
-        count, existing = cursor.fetchone()
-        if count + len(emails) - existing > limit:
-            raise ContactLimitReached()
+        await check_contact_limit(cursor, account_id, limit, emails)
+
+
+async def check_contact_limit(cursor, account_id: int, limit: int, emails: set[str]) -> None:
+    """ContactLimitReached if adding the contacts `emails` (those not there yet) takes the
+    account past `limit`; the account is locked first, so that concurrent transactions
+    count each other's contacts."""
+    await lock_account(cursor, CONTACT_LIMIT_LOCK, account_id)
+    await cursor.execute(
+        "SELECT count(*), count(*) FILTER (WHERE email = ANY(%s)) FROM contacts"
+        " WHERE account_id = %s", (list(emails), account_id))
+    count, existing = cursor.fetchone()
+    if count + len(emails) - existing > limit:
+        raise ContactLimitReached()

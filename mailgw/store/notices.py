@@ -4,7 +4,8 @@ When an account asks for it (`forward_feedback`), each bounce (synchronous or fr
 and each complaint of its mail is told to the envelope sender of the message (its MAIL
 FROM, never a Reply-To, as Aldeamo words it). A notice is a message of its own, queued in
 the transaction that records the bounce or complaint: a text-only message of the same
-account and send, from the original's sender (signed by its domain's key, so that it
+account, in a send of its own (so that no view of the original's send shows it), from
+the original's sender (signed by its domain's key, so that it
 reaches that mailbox), in one delivery of kind `notice`. The delivery engine sends it
 like any mail, retried and kept across restarts; but a notice writes no events (it is
 not the account's mail: no statistics, no webhooks), carries no tracking and no
@@ -52,11 +53,15 @@ _ORIGINALS = (
     " AND a.settings->'forward_feedback' = 'true'::jsonb")
 
 _QUEUE_NOTICE = (
-    "WITH message AS ("
+    "WITH send AS ("
+    "  INSERT INTO sends (account_id, origin, subject, sender)"
+    "  SELECT account_id, origin, %(subject)s, %(sender)s FROM sends WHERE id = %(send)s"
+    "  RETURNING id, account_id),"
+    " message AS ("
     "  INSERT INTO messages (account_id, send_id, message_uid, sender, from_address,"
     "   subject, body, options)"
-    "  VALUES (%(account)s, %(send)s, %(uid)s, %(sender)s, %(from_address)s, %(subject)s,"
-    "   %(body)s, %(options)s) RETURNING id, account_id)"
+    "  SELECT account_id, id, %(uid)s, %(sender)s, %(from_address)s, %(subject)s,"
+    "   %(body)s, %(options)s FROM send RETURNING id, account_id)"
     " INSERT INTO deliveries (message_id, account_id, recipient, kind)"
     f" SELECT id, account_id, %(sender)s, '{NOTICE}' FROM message")
 
@@ -73,12 +78,12 @@ async def queue_notices_txn(cursor, notices: Sequence[FeedbackNotice]) -> int:
         original = originals.get(notice.delivery_id)
         if original is None:
             continue
-        _, account_id, recipient, send_id, sender, from_address, subject, uid, domain = original
+        _, _, recipient, send_id, sender, from_address, subject, uid, domain = original
         title, text = _wording(notice, recipient, subject, uid, send_id, domain)
         body = {"subject": title, "from_name": _FROM_NAME, "html": None, "text": text,
                 "headers": [["Auto-Submitted", "auto-generated"]], "attachments": []}
         await cursor.execute(_QUEUE_NOTICE, {
-            "account": account_id, "send": send_id, "uid": random_hex(), "sender": sender,
+            "send": send_id, "uid": random_hex(), "sender": sender,
             "from_address": from_address, "subject": title,
             "body": json.dumps(body, separators=(",", ":")).encode("utf-8"),
             "options": Json(_OPTIONS)})

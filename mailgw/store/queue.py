@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg2.extras import Json
@@ -60,6 +60,10 @@ class MessageContext:
     dkim_algorithm: str | None
     dkim_private_key: str | None
     return_path_domain: str | None
+    # The send is archived (DMDS archive): each recipient's copy is kept as sent (H-2).
+    archive: bool = False
+    # The account's DMDS global variables, for XYZ<NAME>XYZ tags (H-2).
+    global_variables: Mapping[str, str] = field(default_factory=dict)
 
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
@@ -79,6 +83,8 @@ class Outcome:
     retry_in: float | None = None
     # "hard" or "soft" for bounces.
     bounce_type: str | None = None
+    # The message as sent (signed), kept for archived sends (H-2 eeid_eml).
+    sent_eml: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reply", _CONTROLS.sub(" ", self.reply))
@@ -163,8 +169,11 @@ async def _messages_txn(cursor, message_ids: list[int]) -> dict[int, MessageCont
     await cursor.execute(
         "SELECT m.id, m.account_id, m.sender, m.reply_to, m.body, m.options, a.settings,"
         " m.from_address, sd.domain,"
-        " sd.dkim_selector, sd.dkim_algorithm, sd.dkim_private_key, sd.return_path_domain"
+        " sd.dkim_selector, sd.dkim_algorithm, sd.dkim_private_key, sd.return_path_domain,"
+        " s.archive, (SELECT coalesce(jsonb_object_agg(g.name, g.value), '{}')"
+        "  FROM global_variables g WHERE g.account_id = m.account_id)"
         " FROM messages m JOIN accounts a ON a.id = m.account_id"
+        " JOIN sends s ON s.id = m.send_id"
         " LEFT JOIN LATERAL (SELECT * FROM sender_domains sd"
         "  WHERE sd.account_id = m.account_id AND sd.domain IN ("
         "   split_part(coalesce(m.from_address, m.sender), '@', -1),"
@@ -201,10 +210,11 @@ _RECORD_OUTCOMES = PreparedStatement(
     "WITH input AS ("
     "  SELECT * FROM unnest(%(ids)s::bigint[], %(owners)s::text[], %(states)s::text[],"
     "   %(replies)s::text[], %(retries)s::float8[], %(types)s::text[],"
-    "   %(details)s::jsonb[])"
-    "  AS i(id, owner, state, reply, retry, type, details)),"
+    "   %(details)s::jsonb[], %(emls)s::bytea[])"
+    "  AS i(id, owner, state, reply, retry, type, details, eml)),"
     " updated AS ("
     "  UPDATE deliveries d SET state = i.state, last_reply = i.reply,"
+    "   sent_eml = coalesce(i.eml, d.sent_eml),"
     "   next_attempt_at = CASE WHEN i.retry IS NULL THEN d.next_attempt_at"
     "    ELSE now() + make_interval(secs => i.retry) END,"
     "   lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
@@ -230,7 +240,8 @@ async def _record_outcomes_txn(cursor, recordings: list[_Recording]) -> list[boo
         "states": [o.state for o in outcomes], "replies": [o.reply[:1000] for o in outcomes],
         "retries": [o.retry_in for o in outcomes],
         "types": [EventType(o.state) for o in outcomes],
-        "details": [Json(_event_details(o)) for o in outcomes]})
+        "details": [Json(_event_details(o)) for o in outcomes],
+        "emls": [o.sent_eml for o in outcomes]})
     recorded = {row[0]: row[1:] for row in cursor.fetchall()}
     hard_bounces: dict[int, HardBounces] = {}
     notices = []

@@ -155,8 +155,7 @@ async def _send_txn(cursor, send_id: int, account_id: int | None) -> SendStatist
         extra[name] = cursor.fetchone()[0]
     await cursor.execute(
         "SELECT count(*) FROM deliveries d JOIN messages m ON m.id = d.message_id"
-        f" WHERE m.send_id = %s AND d.state = 'deferred' AND d.kind <> '{NOTICE}'",
-        (send_id,))
+        " WHERE m.send_id = %s AND d.state = 'deferred'", (send_id,))
     deferred = cursor.fetchone()[0]
     return SendStatistics(send_id, send[0], send[1],
                           _counters(tally, extra["not_queued"], extra["hard"], deferred))

@@ -78,6 +78,12 @@ class SubmissionRecord:
     from_address: str | None = None
     # Give each recipient's delivery a msgid (a UUID) of its own (H-1, W-1).
     msgids: bool = False
+    # The DMDS campaign the send is made under (H-2), or None.
+    campaign_id: int | None = None
+    # An existing send (of the same account) the message joins, and its eeid (H-2
+    # reuse_eeid); None: a new send, with a new eeid.
+    send_id: int | None = None
+    eeid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class StoredSubmission:
     not_sent: int
     # (recipient, msgid) of each recipient, in order, when the record asked for msgids.
     msgids: tuple[tuple[str, str], ...] = ()
+    # The send's DMDS batch id (sends.eeid).
+    eeid: str = ""
 
 
 class SubmissionStore:
@@ -123,11 +131,14 @@ def _queued(record: SubmissionRecord) -> int:
 # One statement for the whole batch, however many submissions and recipients: the
 # ids of content pieces, sends and messages are drawn first, so that each
 # submission's rows can refer to each other; then a queue row per recipient and
-# its first event (its type from EventType, written into the SQL once).
+# its first event (its type from EventType, written into the SQL once). A submission
+# that joins an existing send (DMDS reuse_eeid) draws no send id and makes its send
+# archived when it asks for archiving.
 _STORE_SUBMISSIONS = PreparedStatement(
     "store_submissions",
     "WITH input AS ("
-    "  SELECT i.*, nextval('sends_id_seq') AS send_id,"
+    "  SELECT i.*, CASE WHEN i.existing_send IS NULL THEN nextval('sends_id_seq')"
+    "    ELSE i.existing_send END AS send_id,"
     "   nextval('messages_id_seq') AS message_id,"
     "   CASE WHEN i.html IS NULL THEN NULL ELSE nextval('contents_id_seq') END"
     "    AS content_id"
@@ -136,19 +147,23 @@ _STORE_SUBMISSIONS = PreparedStatement(
     "   %(groups)s::bigint[], %(archive)s::boolean[], %(uids)s::text[],"
     "   %(reply_to)s::text[], %(headers)s::jsonb[], %(custom_headers)s::jsonb[],"
     "   %(options)s::jsonb[], %(client_ips)s::inet[], %(bodies)s::bytea[],"
-    "   %(raws)s::bytea[], %(sizes)s::integer[], %(from_addresses)s::text[])"
+    "   %(raws)s::bytea[], %(sizes)s::integer[], %(from_addresses)s::text[],"
+    "   %(campaigns)s::bigint[], %(existing_sends)s::bigint[], %(eeids)s::uuid[])"
     "  WITH ORDINALITY AS i(account_id, origin, html, content_name, subject, sender,"
     "   group_id, archive, uid, reply_to, headers, custom_headers, options, client_ip,"
-    "   body, raw, size, from_address, n)),"
+    "   body, raw, size, from_address, campaign_id, existing_send, eeid, n)),"
     " content AS ("
     "  INSERT INTO contents (id, account_id, name, html) OVERRIDING SYSTEM VALUE"
     "  SELECT content_id, account_id, content_name, html FROM input"
     "  WHERE content_id IS NOT NULL),"
     " send AS ("
     "  INSERT INTO sends (id, account_id, origin, subject, sender, group_id, content_id,"
-    "   archive) OVERRIDING SYSTEM VALUE"
-    "  SELECT send_id, account_id, origin, subject, sender, group_id, content_id, archive"
-    "  FROM input),"
+    "   archive, campaign_id, eeid) OVERRIDING SYSTEM VALUE"
+    "  SELECT send_id, account_id, origin, subject, sender, group_id, content_id, archive,"
+    "   campaign_id, eeid FROM input WHERE existing_send IS NULL),"
+    " archived AS ("
+    "  UPDATE sends s SET archive = true FROM input i"
+    "  WHERE s.id = i.existing_send AND i.archive AND NOT s.archive),"
     " message AS ("
     "  INSERT INTO messages (id, account_id, send_id, message_uid, sender, reply_to,"
     "   subject, headers, custom_headers, options, client_ip, body, raw, size, from_address)"
@@ -180,6 +195,8 @@ _STORE_SUBMISSIONS = PreparedStatement(
 async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
                                  ) -> list[StoredSubmission]:
     await _check_send_quotas(cursor, records)
+    records = [record if record.eeid else dataclasses.replace(record, eeid=random_uuid())
+               for record in records]
     recipients = [(n, r) for n, record in enumerate(records, 1) for r in record.recipients]
     msgids = [random_uuid() if records[n - 1].msgids else None for n, _ in recipients]
     await _STORE_SUBMISSIONS.execute(cursor, {
@@ -198,6 +215,8 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
         "raws": [r.raw if r.archive else None for r in records],
         "sizes": [r.size for r in records],
         "from_addresses": [r.from_address for r in records],
+        "campaigns": [r.campaign_id for r in records],
+        "existing_sends": [r.send_id for r in records], "eeids": [r.eeid for r in records],
         "rcpt_n": [n for n, _ in recipients], "emails": [r.email for _, r in recipients],
         "contacts": [r.contact_id for _, r in recipients],
         "kinds": [r.kind for _, r in recipients],
@@ -216,7 +235,7 @@ async def _store_submissions_txn(cursor, records: list[SubmissionRecord]
         stored.append(StoredSubmission(
             send_id, message_id, record.message_uid, queued, len(record.recipients) - queued,
             tuple(zip((r.email for r in record.recipients), ids, strict=True))
-            if record.msgids else ()))
+            if record.msgids else (), record.eeid))
     return stored
 
 

@@ -65,6 +65,15 @@ class Submission:
     variables: Mapping[str, str] = field(default_factory=dict)
     # Give each recipient a msgid of its own, which the door answers (H-1).
     msgids: bool = False
+    # DMDS (H-2): the campaign the send is made under; an existing send of the account to
+    # join (its id and eeid: reuse_eeid, or the next batch of a long send_many); the
+    # group the recipients join (several submissions of one call share it; None: one
+    # made for this submission); archiving asked by the door (None: the account's).
+    campaign_id: int | None = None
+    send_id: int | None = None
+    eeid: str | None = None
+    group_name: str | None = None
+    archive: bool | None = None
 
     @classmethod
     def from_mime(cls, account: SubmissionAccount, origin: str, sender: str, raw: bytes,
@@ -186,11 +195,15 @@ class SubmissionService:
             client_ip=submission.client_ip,
             raw=submission.raw,
             size=len(submission.raw or b""),
-            archive=account.settings.archive,
+            archive=(account.settings.archive if submission.archive is None
+                     else submission.archive),
             sends_per_month=account.sends_per_month,
             attachments=attachments,
             from_address=from_address,
             msgids=submission.msgids,
+            campaign_id=submission.campaign_id,
+            send_id=submission.send_id,
+            eeid=submission.eeid,
         )
         with lower_refusals_translated():
             return await self._store(record, submission)
@@ -220,9 +233,10 @@ class SubmissionService:
         as contacts of a group made for it (S-7)."""
         imports = submission.imports
         if imports is None:
-            request = self._import_request(submission.account,
-                                           submission_group_name(submission.origin),
-                                           submission.origin, submission.sender)
+            request = self._import_request(
+                submission.account,
+                submission.group_name or submission_group_name(submission.origin),
+                submission.origin, submission.sender)
             return await self.stores.submissions.store(
                 record, [request(recipient) for recipient in submission.recipients])
         held = imports.take()

@@ -499,6 +499,45 @@ class RunnerTests(DatabaseTestCase):
         rows = await self.sql("SELECT hard_bounces, invalid FROM contacts")
         self.assertEqual(rows, [(1, True)])
 
+    async def test_copies_of_an_archived_send_are_kept_as_sent(self):
+        """H-2 eeid_eml: the copy sent (signed) is kept with its delivery when its send is
+        archived, and only once it is sent; nothing is kept for other sends."""
+        key = generate_dkim_key("ed25519")
+        await self.stores.senders.add_domain(self.account_id, "example.org", "mg1", "ed25519",
+                                             key.private_key_pem, key.public_key,
+                                             "bounces.example.org")
+        archived = await self.submit("a@example.net", "b@example.net")
+        await self.sql("UPDATE sends SET archive = true WHERE id = %s", archived.send_id)
+        await self.submit("c@example.net")
+        await self.start()
+        copies = {}
+        for message in self.pool.held:
+            copies[message.recipient] = await message.render()
+        for message in self.pool.held:
+            state = "deferred" if message.recipient == "b@example.net" else "sent"
+            message.done.callback(Outcome(message.delivery_id, state, "250 ok"))
+        await self.queue.settle()
+        kept = dict(await self.sql("SELECT recipient, sent_eml FROM deliveries"))
+        self.assertEqual(bytes(kept["a@example.net"]), copies["a@example.net"])
+        self.assertTrue(copies["a@example.net"].startswith(b"DKIM-Signature: "))
+        self.assertEqual((kept["b@example.net"], kept["c@example.net"]), (None, None))
+
+    async def test_tags_take_contact_fields_campos_then_global_variables(self):
+        """H-2: XYZ<NAME>XYZ takes the contact's own field first, then its campo (stored
+        as DMDS writes it, XYZDNIXYZ), then the account's global variable."""
+        body = {**BODY, "html": "<p>XYZNOMBREXYZ XYZDNIXYZ XYZEMPRESAXYZ XYZotroXYZ</p>"}
+        await self.submit("a@example.net", body=body)
+        await self.sql("UPDATE contacts SET fields = %s", Json({
+            "nombre": "Ana", "campos": {"XYZDNIXYZ": "21232421", "XYZNOMBREXYZ": "campo"}}))
+        await self.sql("INSERT INTO global_variables (account_id, name, value) VALUES"
+                       " (%s, 'XYZEMPRESAXYZ', 'Planisys'), (%s, 'DNI', 'global')",
+                       self.account_id, self.account_id)
+        await self.start()
+        (message,) = self.pool.held
+        rendered = email.message_from_bytes(await message.render(), policy=email.policy.default)
+        self.assertIn("<p>Ana 21232421 Planisys XYZotroXYZ</p>",
+                      rendered.get_body(("html",)).get_content())
+
     async def test_dkim_key_operation_runs_in_a_thread(self):
         key = generate_dkim_key("rsa")
         await self.stores.senders.add_domain(self.account_id, "example.org", "mg1", "rsa",

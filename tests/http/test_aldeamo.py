@@ -26,6 +26,7 @@ from tests.harness import (
     fresh_database,
     gateway_config,
     start_gateway,
+    start_with_account,
 )
 from tests.smtp_sink import SMTPSink
 
@@ -58,13 +59,7 @@ class AldeamoTestCase(QueriesDatabase, unittest.TestCase):
         config = gateway_config(self, self.dsn, http=self.http_config)
         if self.delivery is not None:
             config = config.replace(delivery=self.delivery)
-        self.gateway = await start_gateway(self, config)
-        self.database = self.gateway.database
-        self.stores = self.gateway.stores
-        self.account = await self.stores.accounts.create_account("acme")
-        await admin.add_domain(self.stores, self.account.id, "dominio.com", verified=True)
-        _, self.key = await admin.create_api_key(self.stores, self.account.id, "k")
-        self.base = f"http://127.0.0.1:{self.gateway.port_for('http.listener')}"
+        await start_with_account(self, config)
 
     async def post(self, body, key=None, raw=None, authorization=None):
         headers = {"Content-Type": ["application/json"]}

@@ -10,6 +10,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from mailgw.http.openapi import DOCUMENT
+from tests.dns_server import LocalDNS
 from tests.fuzz_http import fuzz_config, prepare, run_schemathesis
 from tests.harness import fresh_database, gateway_config, start_gateway
 
@@ -62,7 +63,11 @@ class FuzzTests(unittest.TestCase):
 
     async def test_schemathesis_finds_no_500(self):
         """A smaller run than `make fuzz-http`: a few cases per operation and phase."""
-        gateway = await start_gateway(self, fuzz_config(self.mktemp(), fresh_database()))
+        dns = LocalDNS()
+        _, dns_port = dns.start(reactor)
+        self.addCleanup(dns.stop)
+        gateway = await start_gateway(self, fuzz_config(self.mktemp(), fresh_database(),
+                                                        dns_port))
         key = await prepare(gateway.stores)
         status, output = await run_schemathesis(reactor, gateway.port_for("http.listener"),
                                                 key, max_examples=3, seed=1)

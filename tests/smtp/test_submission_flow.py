@@ -12,11 +12,12 @@ from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailgw import credentials
+from mailgw import admin, credentials
 from mailgw.config import DatabaseConfig
 from mailgw.smtp import protocol as smtp_protocol
 from mailgw.smtp.auth import SHARED_REFRESH_SECONDS, AuthThrottle
 from mailgw.store.auth_failures import AuthFailureStore
+from mailgw.store.campaigns import NewCampaign
 from mailgw.store.templates import Template
 from tests.harness import (
     PASSWORD,
@@ -512,28 +513,35 @@ class SubmissionFlowTests(QueriesDatabase, unittest.TestCase):
         (row,) = await self.sql("SELECT filename, data FROM attachments")
         self.assertEqual((row[0], bytes(row[1])), ("a.pdf", data))
 
+    async def campaign(self):
+        """An api campaign of the account (H-2) and its key."""
+        return await admin.create_campaign(self.gateway.stores, self.gateway.campaign_sealer,
+                                           self.account.id, NewCampaign("api", "c"))
+
     async def test_campaign_credential(self):
-        key = credentials.new_api_key()
-        (row,) = await self.sql("INSERT INTO campaigns (account_id, type, name,"
-                             " api_key_hash) VALUES (%s, 'api', 'c', %s) RETURNING numid",
-                             self.account.id, credentials.hash_api_key(key))
+        """dmdsid-<numid> with the campaign's key, or with another campaign key of that
+        campaign; not with another campaign's key, nor with the account's."""
+        campaign, key = await self.campaign()
+        other, other_key = await self.campaign()
+        _, second_key = await admin.create_api_key(self.gateway.stores, self.account.id, "k2",
+                                                   "campaign", campaign.numid)
+        _, account_key = await admin.create_api_key(self.gateway.stores, self.account.id, "a")
         port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
-        await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
-                            user=f"dmdsid-{row[0]}", password=key)
-        self.assertEqual(await self.sql("SELECT count(*) FROM messages"), [(1,)])
-        with self.assertRaises(smtplib.SMTPAuthenticationError):
+        for password in (key, second_key):
             await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
-                                user=f"dmdsid-{row[0]}", password="wrong")
+                                user=f"dmdsid-{campaign.numid}", password=password)
+        self.assertEqual(await self.sql("SELECT count(*) FROM messages"), [(2,)])
+        for password in ("wrong", other_key, account_key):
+            with self.assertRaises(smtplib.SMTPAuthenticationError):
+                await deferToThread(_sendmail, port, True, SIMPLE, ["a@example.net"],
+                                    user=f"dmdsid-{campaign.numid}", password=password)
 
     async def test_campaign_ids_are_ascii_digits(self):
         """A Unicode digit is no campaign id: "²" (which int() refuses) and the campaign's
         id in Arabic-Indic digits (which int() reads as the id) are wrong credentials,
         counted by the throttle like any other."""
-        key = credentials.new_api_key()
-        (row,) = await self.sql("INSERT INTO campaigns (account_id, type, name,"
-                             " api_key_hash) VALUES (%s, 'api', 'c', %s) RETURNING numid",
-                             self.account.id, credentials.hash_api_key(key))
-        arabic_indic = str(row[0]).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+        campaign, key = await self.campaign()
+        arabic_indic = str(campaign.numid).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
         users = ["dmdsid-\u00b2", f"dmdsid-{arabic_indic}"]
         port = self.gateway.port_for("smtp.implicit_tls_listeners[0]")
 

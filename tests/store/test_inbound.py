@@ -1,6 +1,6 @@
 """Asynchronous bounces, complaints and feedback notices in the database (D-7)."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mailgw.store.inbound import (
     ALREADY,
@@ -99,7 +99,13 @@ class InboundStoreTests(QueueTestCase):
                          OF_A_NOTICE)
         self.assertEqual(await self.sql("SELECT count(*) FROM deliveries WHERE kind = 'notice'"),
                          [(1,)])
-        # H-4: a deferred notice is no deferred delivery of the send.
+        # A send of its own (no view of the original's shows it), and H-4: a deferred
+        # notice is no deferred delivery of the account.
+        [(original_send,)] = await self.sql("SELECT send_id FROM events WHERE delivery_id"
+                                            " = %s LIMIT 1", other)
+        self.assertNotEqual(send_id, original_send)
         await self.sql("UPDATE deliveries SET state = 'deferred' WHERE id = %s", notice_id)
-        stats = await self.stores.statistics.send(send_id)
-        self.assertEqual(stats.counters.deferred, 0)
+        now = datetime.now(UTC)
+        stats = await self.stores.statistics.account(
+            self.account.id, now - timedelta(days=1), now + timedelta(days=1), "UTC")
+        self.assertEqual(stats.totals.deferred, 0)

@@ -7,12 +7,13 @@ from twisted.trial import unittest
 
 from mailgw.store.database import Database
 from mailgw.store.migrations import available_migrations, migrate_txn
-from tests.harness import empty_database
+from tests.harness import empty_database, run_sql
 
 DATA_MODEL = {
     "accounts", "users", "api_keys", "sender_domains", "senders", "contacts", "groups",
     "group_members", "campaigns", "templates", "contents", "sends", "messages", "deliveries",
     "events", "suppressions", "webhook_endpoints", "webhook_deliveries", "global_variables",
+    "filters",
 }
 
 
@@ -73,6 +74,21 @@ class MigrateTests(unittest.TestCase):
         (directory / "999_extra.sql").write_text("CREATE TABLE extra (id integer);")
         applied = await self.migrate(available_migrations(directory))
         self.assertEqual([(m.version, m.name) for m in applied], [(999, "extra")])
+
+    async def test_campaign_digests_become_campaign_keys(self):
+        """009: a campaign's key digest kept before moves to api_keys as a key of kind
+        campaign of that campaign, so that its dmdsid-<numid> login keeps working."""
+        before = [m for m in available_migrations() if m.version < 9]
+        await self.migrate(before)
+        digest = "ab" * 32
+        await run_sql(self.database, "INSERT INTO accounts (name) VALUES ('a')")
+        await run_sql(self.database, "INSERT INTO campaigns (account_id, type, numid,"
+                      " api_key_hash) SELECT id, 'api', 41, %s FROM accounts", digest)
+        await self.migrate()
+        self.assertEqual(await run_sql(
+            self.database, "SELECT k.kind, k.key_hash, c.numid, c.api_key_id = k.id"
+            " FROM api_keys k JOIN campaigns c ON c.id = k.campaign_id"),
+            [("campaign", digest, 41, True)])
 
     async def test_queue_claim_uses_an_index(self):
         await self.migrate()

@@ -206,3 +206,29 @@ class RecipientKindTests(ServiceTestCase):
         self.assertEqual(smtp.msgids, ())
         self.assertEqual(await self.sql("SELECT msgid FROM deliveries WHERE recipient ="
                                         " 'c@example.net'"), [(None,)])
+
+
+class DMDSBatchTests(ServiceTestCase):
+    """What the DMDS door asks of a submission (H-2): its campaign, a send (eeid) it
+    joins, one group for several submissions, and archiving whatever the account says."""
+
+    async def test_a_second_submission_joins_the_first_ones_send_and_group(self):
+        (campaign_id,) = (await self.sql(
+            "INSERT INTO campaigns (account_id, type) VALUES (%s, 'api') RETURNING id",
+            self.account.account_id))[0]
+        first = await self.service.submit(Submission(
+            self.account, "dmds", "a@example.org", (Recipient("a@example.net"),),
+            parse_message(PLAIN), campaign_id=campaign_id, group_name="DMDS call 1"))
+        [(send_id, eeid, archive)] = await self.sql(
+            "SELECT id, eeid::text, archive FROM sends WHERE campaign_id = %s", campaign_id)
+        self.assertEqual((first.eeid, archive), (eeid, False))
+        second = await self.service.submit(Submission(
+            self.account, "dmds", "a@example.org", (Recipient("b@example.net"),),
+            parse_message(PLAIN), campaign_id=campaign_id, group_name="DMDS call 1",
+            send_id=send_id, eeid=eeid, archive=True))
+        self.assertEqual((second.send_id, second.eeid), (send_id, eeid))
+        self.assertEqual(await self.sql("SELECT count(*), bool_and(archive) FROM sends"),
+                         [(1, True)])
+        self.assertEqual(await self.sql(
+            "SELECT g.name, count(*) FROM groups g JOIN group_members m ON m.group_id = g.id"
+            " GROUP BY g.name"), [("DMDS call 1", 2)])
