@@ -76,14 +76,9 @@ class InboundSession(SMTPSession):
         self.reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:
-        if self._sender is None or not self._recipients:
-            self._error(replies.NEED_MAIL_RCPT)
-            return
-        if rest:
-            self._error(replies.BAD_ARGUMENTS)
-            return
-        self._start_data(DataCollector(self.factory.max_message_size, self._bare_lf,
-                                       keep_head=True))
+        if self._data_allowed(rest, len(self._recipients)):
+            self._start_data(DataCollector(self.factory.max_message_size, self._bare_lf,
+                                           keep_head=True))
 
     async def _end_of_data(self, collector: DataCollector) -> None:
         envelope = Envelope(self.peer_ip, self._sender, tuple(self._recipients),

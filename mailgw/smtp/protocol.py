@@ -269,13 +269,8 @@ class SubmissionProtocol(SMTPSession):
         if self.account is None:
             self._error(replies.AUTH_REQUIRED)
             return
-        if self._sender is None or not self._imports:
-            self._error(replies.NEED_MAIL_RCPT)
-            return
-        if rest:
-            self._error(replies.BAD_ARGUMENTS)
-            return
-        self._start_data(DataCollector(self.factory.max_message_size, self._bare_lf))
+        if self._data_allowed(rest, len(self._imports or ())):
+            self._start_data(DataCollector(self.factory.max_message_size, self._bare_lf))
 
     async def _end_of_data(self, collector: DataCollector) -> None:
         sender, imports = self._sender, self._imports

@@ -421,10 +421,7 @@ class SMTPSession(basic.LineReceiver, smtp.ESMTP):
         if self._sender is not None:
             self._error(replies.SENDER_ALREADY_GIVEN)
             return None
-        parsed = parse_path(rest, b"FROM")
-        if parsed is None:
-            self._error(replies.BAD_ARGUMENTS)
-        return parsed
+        return self._path(rest, b"FROM")
 
     def _rcpt_path(self, rest: bytes, recipients: int) -> str | None:
         """RCPT's forward-path, or None once refused: no MAIL before it, a malformed
@@ -432,9 +429,8 @@ class SMTPSession(basic.LineReceiver, smtp.ESMTP):
         if self._sender is None:
             self._error(replies.NEED_MAIL)
             return None
-        parsed = parse_path(rest, b"TO")
+        parsed = self._path(rest, b"TO")
         if parsed is None:
-            self._error(replies.BAD_ARGUMENTS)
             return None
         address, params = parsed
         if params:
@@ -444,6 +440,24 @@ class SMTPSession(basic.LineReceiver, smtp.ESMTP):
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return None
         return address
+
+    def _path(self, rest: bytes, verb: bytes) -> tuple[str, list[tuple[bytes, bytes]]] | None:
+        """MAIL's or RCPT's path and parameters, or None once refused as malformed."""
+        parsed = parse_path(rest, verb)
+        if parsed is None:
+            self._error(replies.BAD_ARGUMENTS)
+        return parsed
+
+    def _data_allowed(self, rest: bytes, recipients: int) -> bool:
+        """Whether DATA may start: after MAIL and `recipients` accepted RCPTs, with no
+        argument."""
+        if self._sender is None or not recipients:
+            self._error(replies.NEED_MAIL_RCPT)
+            return False
+        if rest:
+            self._error(replies.BAD_ARGUMENTS)
+            return False
+        return True
 
     def _start_data(self, collector: DataCollector) -> None:
         """DATA accepted: the text is read into `collector`, within `data_timeout`."""

@@ -74,6 +74,18 @@ def local_delivery(test: unittest.TestCase) -> tuple[SMTPSink, LocalDNS, Deliver
                                      connect_timeout=5, reply_timeout=10)
 
 
+async def sending_account(stores):
+    """The account acme, its SMTP user, and example.org verified with a DKIM key (the
+    key returned) and bounces.example.org as return-path domain."""
+    account = await stores.accounts.create_account("acme")
+    await stores.accounts.create_user(account.id, USER, credentials.hash_password(PASSWORD))
+    key = generate_dkim_key("rsa")
+    await stores.senders.add_domain(account.id, "example.org", "mg1", "rsa",
+                                    key.private_key_pem, key.public_key, "bounces.example.org")
+    await stores.senders.verify_domain(account.id, "example.org")
+    return account, key
+
+
 class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
     async def setUp(self):
         self.sink, self.dns, self.delivery = local_delivery(self)
@@ -81,15 +93,7 @@ class DeliveryFlowTests(QueriesDatabase, unittest.TestCase):
         self.gateway = await start_gateway(self, gateway_config(self, self.dsn,
                                                                 delivery=self.delivery))
         self.database = self.gateway.database
-        stores = self.gateway.stores
-        self.account = await stores.accounts.create_account("acme")
-        await stores.accounts.create_user(self.account.id, USER,
-                                          credentials.hash_password(PASSWORD))
-        self.key = generate_dkim_key("rsa")
-        await stores.senders.add_domain(self.account.id, "example.org", "mg1", "rsa",
-                                        self.key.private_key_pem, self.key.public_key,
-                                        "bounces.example.org")
-        await stores.senders.verify_domain(self.account.id, "example.org")
+        self.account, self.key = await sending_account(self.gateway.stores)
 
     async def test_message_arrives_signed_with_tracking_and_unsubscribe(self):
         port = self.gateway.port_for("smtp.starttls_listeners[0]")

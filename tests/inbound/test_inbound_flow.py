@@ -10,15 +10,16 @@ import smtplib
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mailgw import credentials
 from mailgw.config import InboundConfig
-from mailgw.content.dkim import generate_dkim_key
 from mailgw.store.events import EventType
-from tests.delivery.test_delivery_flow import _send, _settled, local_delivery
+from tests.delivery.test_delivery_flow import (
+    _send,
+    _settled,
+    local_delivery,
+    sending_account,
+)
 from tests.harness import (
     LOOPBACK_PORT,
-    PASSWORD,
-    USER,
     QueriesDatabase,
     fresh_database,
     gateway_config,
@@ -53,15 +54,7 @@ class InboundFlowTests(QueriesDatabase, unittest.TestCase):
             inbound=InboundConfig(listeners=[LOOPBACK_PORT])))
         self.database = self.gateway.database
         self.inbound_port = self.gateway.port_for("inbound.listeners[0]")
-        stores = self.gateway.stores
-        self.account = await stores.accounts.create_account("acme")
-        await stores.accounts.create_user(self.account.id, USER,
-                                          credentials.hash_password(PASSWORD))
-        key = generate_dkim_key("rsa")
-        await stores.senders.add_domain(self.account.id, "example.org", "mg1", "rsa",
-                                        key.private_key_pem, key.public_key,
-                                        "bounces.example.org")
-        await stores.senders.verify_domain(self.account.id, "example.org")
+        self.account, _ = await sending_account(self.gateway.stores)
 
     async def deliver(self, recipient: str = "ana@example.net", count: int = 1):
         """Submit and deliver one message; the copy the receiver got."""
