@@ -154,16 +154,16 @@ class ContentFetcher:
                                               unbuffered=True,
                                               headers={"User-Agent": ["mailgw"]})
             except Exception as error:
-                raise FetchRefused(f"{parts.hostname}: {_reason(error)}") from None
+                raise FetchRefused(f"{parts.hostname}: {error_reason(error)}") from None
             if response.code in _REDIRECTS:
                 location = response.headers.getRawHeaders(b"location", [b""])[0]
-                await _discard(response)
+                await discard_body(response)
                 if not location:
                     raise FetchRefused(f"redirect without a Location from {parts.hostname}")
                 url = urljoin(url, location.decode("latin-1"))
                 continue
             if response.code != 200:
-                await _discard(response)
+                await discard_body(response)
                 raise FetchRefused(f"{parts.hostname} answered {response.code}")
             data = await self._body(response)
             content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
@@ -195,7 +195,7 @@ class ContentFetcher:
             except (dns_error.DomainError, dns_error.DNSNameError):
                 continue
             except Exception as error:
-                raise FetchRefused(f"{host} could not be resolved: {_reason(error)}") from None
+                raise FetchRefused(f"{host} could not be resolved: {error_reason(error)}") from None
             found.extend(ipaddress.ip_address(answer.payload.dottedQuad()
                                               if record_type == dns.A
                                               else _ipv6(answer.payload.address))
@@ -207,7 +207,7 @@ class ContentFetcher:
     async def _body(self, response) -> bytes:
         declared = response.headers.getRawHeaders(b"content-length", [b""])[0]
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await _discard(response)
+            await discard_body(response)
             raise FetchRefused(f"larger than {self.max_bytes} bytes")
         chunks: list[bytes] = []
         received = 0
@@ -224,7 +224,7 @@ class ContentFetcher:
         except FetchRefused:
             raise
         except Exception as error:
-            raise FetchRefused(f"the download broke off: {_reason(error)}") from None
+            raise FetchRefused(f"the download broke off: {error_reason(error)}") from None
         return b"".join(chunks)
 
 
@@ -241,7 +241,7 @@ def _checked_url(url: str):
     return parts
 
 
-async def _discard(response) -> None:
+async def discard_body(response) -> None:
     """Let the connection go without reading a body mailgw does not want."""
     response.deliverBody(_Discard())
 
@@ -261,9 +261,9 @@ def _ipv6(packed: bytes) -> str:
     return str(ipaddress.IPv6Address(packed))
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
     """The error in words; twisted.web's client errors hold the failures that made them."""
     reasons = getattr(error, "reasons", None)
     if reasons:
-        return "; ".join(_reason(reason.value) for reason in reasons)
+        return "; ".join(error_reason(reason.value) for reason in reasons)
     return str(error) or type(error).__name__

@@ -33,7 +33,7 @@ from mailgw.content.render import PreparedMessage, RecipientContext
 from mailgw.delivery.client import MailHost, OutboundPool, OutgoingMessage
 from mailgw.delivery.mx import NullMX, PermanentDNSFailure, TemporaryDNSFailure
 from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
-from mailgw.idle import IdleWaiters
+from mailgw.idle import IdleWaiters, Nap
 from mailgw.metrics import Metrics
 from mailgw.store.queue import ClaimedDelivery, MessageContext, Outcome, QueueStore
 
@@ -106,7 +106,7 @@ class QueueRunner:
         self.max_in_flight = 2 * config.batch_size
         self.running = False
         self._loop_done: defer.Deferred[None] | None = None
-        self._wakeup: defer.Deferred[None] | None = None
+        self._nap = Nap(clock)
         self._drained = IdleWaiters()
         # Deliveries started and not finished: their leases are renewed.
         self._working: set[int] = set()
@@ -139,7 +139,7 @@ class QueueRunner:
         finish, then those not being sent yet are given up and their leases freed; then
         the pool's connections QUIT without waiting out their idle time."""
         self.running = False
-        self._wake()
+        self._nap.wake()
         if self._loop_done is not None:
             await self._loop_done
         try:
@@ -162,23 +162,10 @@ class QueueRunner:
         except defer.TimeoutError:
             self.log.warn("stopping with outbound connections still open")
 
-    def _wake(self) -> None:
-        wakeup, self._wakeup = self._wakeup, None
-        if wakeup is not None:
-            wakeup.callback(None)
-
-    async def _pause(self, seconds: float | None) -> None:
-        """Wait until `seconds` pass (None: until a delivery finishes) or stop() is called."""
-        self._wakeup = defer.Deferred()
-        if seconds is not None:
-            call = self.clock.callLater(seconds, self._wake)
-            self._wakeup.addBoth(lambda r: call.cancel() if call.active() else None)
-        await self._wakeup
-
     async def _loop(self) -> None:
         while self.running:
             if self.in_flight >= self.max_in_flight:
-                await self._pause(None)
+                await self._nap.take(None)
                 continue
             try:
                 claimed = await self.queue.claim(
@@ -196,7 +183,7 @@ class QueueRunner:
                 self.log.failure("claiming deliveries failed", Failure(), LogLevel.error)
                 claimed = []
             if not claimed:
-                await self._pause(self.config.poll_interval)
+                await self._nap.take(self.config.poll_interval)
                 continue
             for delivery in claimed:
                 self._working.add(delivery.id)
@@ -208,7 +195,7 @@ class QueueRunner:
     def _finished(self, _: object, delivery_id: int) -> None:
         self._working.discard(delivery_id)
         self._sending.discard(delivery_id)
-        self._wake()
+        self._nap.wake()
         if not self._working:
             self._drained.fire()
 
