@@ -23,6 +23,7 @@ from mailgw.store.submissions import SubmissionStore
 from mailgw.store.suppressions import SuppressionStore
 from mailgw.store.templates import TemplateStore
 from mailgw.store.tracking import TrackingStore
+from mailgw.store.webhook_queue import WebhookQueueStore
 from mailgw.store.webhooks import WebhookStore
 
 # Group-commit batches in flight at once: two, so that one batch is written while the
@@ -54,6 +55,8 @@ class Stores:
     statistics: StatisticsStore
     suppressions: SuppressionStore
     webhooks: WebhookStore
+    # Events on their way to the webhook endpoints (W-2).
+    webhook_queue: WebhookQueueStore
     # Bounces and complaints that come back by mail (D-7).
     inbound: InboundStore
     # DMDS campaigns and their keys, the contact book, the event log as DMDS reads it (H-2).
@@ -73,6 +76,7 @@ class Stores:
                    events=EventStore(database, committer), keys=KeyStore(database),
                    auth_failures=AuthFailureStore(database),
                    suppressions=SuppressionStore(database), webhooks=WebhookStore(database),
+                   webhook_queue=WebhookQueueStore(database, committer),
                    tracking=TrackingStore(database, committer),
                    statistics=StatisticsStore(database), inbound=InboundStore(database),
                    campaigns=CampaignStore(database), dmds=DMDSStore(database),
