@@ -169,9 +169,19 @@ class InboundConfig:
 
 @dataclass(frozen=True)
 class WebhookConfig:
+    """Webhook delivery (W-2, mailgw/events/webhooks/dispatcher.py)."""
+
+    # False: this node neither feeds nor posts webhooks (another node sharing the
+    # database does; with none, events wait in webhook_outbox).
+    enabled: bool = True
     timeout_seconds: int = 5
     max_queue_per_endpoint: int = 10000
     max_retry_seconds: int = 24 * 3600
+    # Posts under way on this node at once, and of any one endpoint (its connections).
+    max_in_flight: int = 100
+    connections_per_endpoint: int = 10
+    # How often new events and due retries are looked for when there is nothing to do.
+    poll_interval: float = 1.0
     # Hosts that may receive webhooks over plain http (W-2).
     allow_http_hosts: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
 
@@ -338,6 +348,9 @@ def _check_values(config: Config) -> None:
         "webhooks.timeout_seconds": config.webhooks.timeout_seconds,
         "webhooks.max_queue_per_endpoint": config.webhooks.max_queue_per_endpoint,
         "webhooks.max_retry_seconds": config.webhooks.max_retry_seconds,
+        "webhooks.max_in_flight": config.webhooks.max_in_flight,
+        "webhooks.connections_per_endpoint": config.webhooks.connections_per_endpoint,
+        "webhooks.poll_interval": config.webhooks.poll_interval,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -45,6 +45,9 @@ from mailgw.events.client import networks
 from mailgw.events.geo import GeoLocator
 from mailgw.events.machine import MachineRules
 from mailgw.events.recorder import TrackingRecorder
+from mailgw.events.webhooks.dispatcher import WebhookDispatcher
+from mailgw.events.webhooks.payloads import payload_for
+from mailgw.events.webhooks.poster import WebhookPoster
 from mailgw.fetch import ContentFetcher
 from mailgw.http.aldeamo import AldeamoApp
 from mailgw.http.api import RateLimiter, error_body
@@ -202,6 +205,8 @@ class Gateway(service.MultiService):
         self.inbound_factory: InboundFactory | None = None
         self.runner: QueueRunner | None = None
         self.key_threads: KeyThreads | None = None
+        # Posts the accounts' events to their webhook endpoints (W-2).
+        self.webhooks: WebhookDispatcher | None = None
         self.ready: defer.Deferred[Gateway] = defer.Deferred()
         # Fires if mailgw must stop after start-up: twistd then exits 1 (tap.py).
         self.failed: defer.Deferred[None] = defer.Deferred()
@@ -275,6 +280,9 @@ class Gateway(service.MultiService):
             self.key_threads.start()
             self.runner = self._queue_runner()
             self.runner.start()
+        if self.config.webhooks.enabled:
+            self.webhooks = self._webhook_dispatcher()
+            self.webhooks.start()
         for problem in public_url_warnings(self.config):  # ("warning" is a Python warning's key)
             self.log.warn("{problem}", problem=problem)
         self.log.info("mailgw ready: {listeners}", listeners=", ".join(
@@ -367,6 +375,15 @@ class Gateway(service.MultiService):
                            node_name(self.config.hostname), self.key_threads.run,
                            metrics=self.metrics)
 
+    def _webhook_dispatcher(self) -> WebhookDispatcher:
+        webhooks = self.config.webhooks
+        poster = WebhookPoster(self.reactor, self.clock, webhooks.timeout_seconds,
+                               webhooks.connections_per_endpoint, webhooks.allow_http_hosts)
+        dispatcher = WebhookDispatcher(self.stores.webhook_queue, poster, payload_for,
+                                       self.clock, webhooks, self.metrics)
+        self.metrics.webhook_posts_in_flight.set_function(lambda: dispatcher.in_flight)
+        return dispatcher
+
     async def _check_trusted_account(self) -> None:
         name = self.config.smtp.trusted_account
         if self.config.smtp.trusted_networks:
@@ -450,10 +467,10 @@ class Gateway(service.MultiService):
         stopping = [defer.ensureDeferred(factory.shutdown(SHUTDOWN_GRACE_SECONDS))
                     for factory in (self.smtp_factory, self.inbound_factory)
                     if factory is not None]
-        if self.runner is not None:
-            stopping.append(defer.ensureDeferred(self.runner.stop()))
+        stopping += [defer.ensureDeferred(worker.stop())
+                     for worker in (self.runner, self.webhooks) if worker is not None]
         await defer.gatherResults(stopping, consumeErrors=True)
-        self.smtp_factory = self.inbound_factory = self.runner = None
+        self.smtp_factory = self.inbound_factory = self.runner = self.webhooks = None
         if self.key_threads is not None:
             self.key_threads.stop()
             self.key_threads = None

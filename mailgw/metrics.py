@@ -55,6 +55,8 @@ class QueueDepth:
     # Seconds since the earliest due delivery became due (0 when none is due): how far
     # behind the queue runners are.
     oldest_due_seconds: float
+    # Webhook posts waiting (W-2): queued, to be retried, or being posted.
+    webhooks_pending: int = 0
 
 
 class Metrics:
@@ -127,6 +129,18 @@ class Metrics:
         self.tracking_events_lost = counter("mailgw_tracking_events_lost",
                                             "Tracking events (opens, clicks) not recorded: "
                                             "the database was out of reach")
+        # Webhooks (W-2).
+        self.webhook_posts = counter("mailgw_webhook_posts", "Webhook post attempts by "
+                                     "outcome: delivered (2xx), failed (to be retried), "
+                                     "given_up (failed past webhooks.max_retry_seconds)",
+                                     ("outcome",))
+        for outcome in ("delivered", "failed", "given_up"):
+            self.webhook_posts.labels(outcome)
+        self.webhooks_dropped = counter("mailgw_webhooks_dropped", "Webhook posts dropped "
+                                        "unsent: the oldest of an endpoint past "
+                                        "webhooks.max_queue_per_endpoint")
+        self.webhook_posts_in_flight = gauge("mailgw_webhook_posts_in_flight",
+                                             "Webhook posts under way on this node")
         # Read at scrape time (QueueDepthProbe), shown while it is set.
         self._queue_depth: QueueDepth | None = None
         registry.register(_QueueCollector(self))
@@ -161,6 +175,9 @@ class _QueueCollector:
         yield GaugeMetricFamily("mailgw_queue_oldest_due_seconds",
                                 "Seconds since the earliest due delivery became due (0: "
                                 "none is due)", value=depth.oldest_due_seconds)
+        yield GaugeMetricFamily("mailgw_webhook_queue_pending", "Webhook posts waiting: "
+                                "queued, to be retried or being posted",
+                                value=depth.webhooks_pending)
 
 
 class QueueDepthProbe:

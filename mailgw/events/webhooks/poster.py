@@ -1,0 +1,98 @@
+"""One webhook post with treq (W-2): bounded in time, in connections and in what is read.
+
+A post succeeds on a 2xx answer and nothing else. A redirect is not followed (the
+signature was made for the endpoint's URL, and a redirect could lead the post
+anywhere); a plain-http URL is posted to only while its host is in
+`webhooks.allow_http_hosts`, checked again at each post, since the list may have
+changed since the endpoint was added. The one time limit covers the connection,
+TLS, the request and the answer, so a receiver that never accepts, never answers or
+answers forever costs at most `timeout` seconds per attempt. The answer's body is
+read up to a small bound, so that the connection can be used again, and abandoned
+past it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
+
+import treq
+from twisted.internet import defer, ssl
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from mailgw.fetch import discard_body, error_reason
+
+# An answer's body is read up to this; a receiver has nothing to say to mailgw.
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+class PostFailed(Exception):
+    """The post was not accepted; str() says why, for the log and `last_error`."""
+
+
+class _TooLong(Exception):
+    pass
+
+
+class WebhookPoster:
+    def __init__(self, reactor, clock, timeout: float, connections_per_host: int,
+                 allow_http_hosts: Sequence[str], trust_root=None) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.allow_http_hosts = frozenset(allow_http_hosts)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = connections_per_host
+        self.agent = Agent(reactor, BrowserLikePolicyForHTTPS(trust_root or ssl.platformTrust()),
+                           connectTimeout=timeout, pool=pool)
+        self.pool = pool
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> None:
+        """Post `body` as JSON to `url`; PostFailed says why it was not accepted."""
+        parts = urlsplit(url)
+        if parts.scheme == "http" and parts.hostname not in self.allow_http_hosts:
+            raise PostFailed(f"plain http to {parts.hostname} is not allowed "
+                             "(webhooks.allow_http_hosts)")
+        timed_out = []
+        d = defer.ensureDeferred(self._post(url, body, headers))
+        d.addTimeout(self.timeout, self.clock,
+                     onTimeoutCancel=lambda result, _: timed_out.append(True) or result)
+        try:
+            await d
+        except PostFailed:
+            raise
+        except Exception as error:
+            if timed_out:
+                raise PostFailed(f"no answer within {self.timeout:g} s") from None
+            raise PostFailed(error_reason(error)) from None
+
+    async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> None:
+        response = await treq.request(
+            "POST", url, data=body, agent=self.agent, allow_redirects=False, unbuffered=True,
+            headers={"Content-Type": ["application/json"], "User-Agent": ["mailgw-webhooks"],
+                     **{name: [value] for name, value in headers.items()}})
+        if 300 <= response.code < 400:
+            await discard_body(response)
+            location = response.headers.getRawHeaders(b"location", [b""])[0]
+            raise PostFailed(f"answered {response.code}, a redirect to "
+                             f"{location[:100].decode('latin-1')!a} (not followed)")
+        await _read_bounded(response)
+        if not 200 <= response.code < 300:
+            raise PostFailed(f"answered {response.code}")
+
+    async def close(self) -> None:
+        await self.pool.closeCachedConnections()
+
+
+async def _read_bounded(response) -> None:
+    """Read the answer (to keep the connection) unless it is longer than anyone needs."""
+    received = 0
+
+    def count(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received > MAX_ANSWER_BYTES:
+            raise _TooLong
+
+    with contextlib.suppress(_TooLong):  # the connection is closed; the status decides
+        await treq.collect(response, count)
