@@ -219,8 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url")
     add.add_argument("--events", default="sent,click,complaint,open,unsubscribed,bounce",
                      help="comma-separated event types (default: every W-1 type)")
-    listing = webhook.add_parser("list", help="list an account's endpoints")
+    listing = webhook.add_parser("list", help="list an account's endpoints: id, URL, event "
+                                 "types, posts dropped past the queue cap")
     listing.add_argument("account")
+    remove = webhook.add_parser("remove", help="remove an endpoint and its queued posts")
+    remove.add_argument("account")
+    remove.add_argument("endpoint_id", type=int)
 
     suppression = commands.add_parser("suppression", help="the suppression list"
                                       ).add_subparsers(dest="action", required=True,
@@ -467,7 +471,14 @@ async def _webhook_add(stores, args, config, out, stdin) -> None:
 async def _webhook_list(stores, args, config, out, stdin) -> None:
     account = await stores.accounts.get_account(args.account)
     for endpoint in await stores.webhooks.list(account.id, limit=None):
-        print(f"{endpoint.id}\t{endpoint.url}\t{','.join(endpoint.event_types)}", file=out)
+        print(f"{endpoint.id}\t{endpoint.url}\t{','.join(endpoint.event_types)}"
+              f"\tdropped {endpoint.dropped_count}", file=out)
+
+
+async def _webhook_remove(stores, args, config, out, stdin) -> None:
+    account = await stores.accounts.get_account(args.account)
+    await stores.webhooks.delete(account.id, args.endpoint_id)
+    print(f"webhook endpoint {args.endpoint_id} removed", file=out)
 
 
 async def _suppression_add(stores, args, config, out, stdin) -> None:
@@ -658,6 +669,7 @@ COMMANDS = {
     ("apikey", "revoke"): _apikey_revoke,
     ("webhook", "add"): _webhook_add,
     ("webhook", "list"): _webhook_list,
+    ("webhook", "remove"): _webhook_remove,
     ("suppression", "add"): _suppression_add,
     ("suppression", "list"): _suppression_list,
     ("suppression", "remove"): _suppression_remove,
@@ -698,7 +710,7 @@ async def _create_demo(stores: Stores, config: Config, out: TextIO) -> None:
     except AlreadyExists:
         await stores.senders.verify_sender(account.id, DEMO_SENDER)
     _, api_key = await admin.create_api_key(stores, account.id, "demo")
-    demo = {"user": DEMO_USER, "password": password, "sender": DEMO_SENDER,
+    demo = {"account": DEMO_ACCOUNT, "user": DEMO_USER, "password": password, "sender": DEMO_SENDER,
             "api_key": api_key}
     demo_file.write_text(json.dumps(demo, indent=2) + "\n")
     demo_file.chmod(0o600)

@@ -60,7 +60,8 @@ class CommandTests(CommandTestCase):
     async def test_init_demo_writes_demo_json_once(self):
         output = await self.command("init", "--demo")
         demo = json.loads((self.config.state_path / "demo.json").read_text())
-        self.assertEqual(set(demo), {"user", "password", "sender", "api_key"})
+        self.assertEqual(set(demo), {"account", "user", "password", "sender", "api_key"})
+        self.assertEqual(demo["account"], "demo")
         for value in demo.values():
             self.assertIn(value, output)
         self.assertIn("swaks --server localhost:58700 --tls --auth LOGIN", output)
@@ -237,9 +238,15 @@ class CommandTests(CommandTestCase):
         await self.command("account", "create", "acme")
         output = await self.command("webhook", "add", "acme", "https://hooks.example/in",
                                     "--events", "sent,open")
-        self.assertEqual(len(output.splitlines()[-1]), 43)
-        self.assertIn("https://hooks.example/in\tsent,open",
+        secret = output.splitlines()[-1]
+        self.assertEqual(len(secret), 43)
+        [(endpoint_id, stored)] = await self.sql("SELECT id, secret FROM webhook_endpoints")
+        self.assertEqual(secret, stored)  # the one the posts are signed with
+        self.assertIn(f"{endpoint_id}\thttps://hooks.example/in\tsent,open\tdropped 0",
                       await self.command("webhook", "list", "acme"))
+        self.assertIn("removed", await self.command("webhook", "remove", "acme",
+                                                    str(endpoint_id)))
+        self.assertEqual(await self.command("webhook", "list", "acme"), "")
         with self.assertRaises(CommandError):
             await self.command("webhook", "add", "acme", "http://hooks.example/in")
         await self.command("suppression", "add", "acme", "Ana@Example.net")
