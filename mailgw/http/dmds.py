@@ -53,6 +53,7 @@ from mailgw.store.campaigns import Campaign, NewCampaign
 from mailgw.store.contacts import ContactLimitReached
 from mailgw.store.dmds import NAME_FIELDS, ContactChange, UnknownGroups, Validity
 from mailgw.store.dmds_events import Batch
+from mailgw.store.statistics import account_zone
 from mailgw.submit.errors import (
     ContactQuotaExhausted,
     ContentNotAccepted,
@@ -173,7 +174,7 @@ class DMDSApp:
 
     async def _zone(self, caller: SubmissionAccount):
         account = await self.stores.accounts.get_account(caller.name)
-        return projection.zone(account.timezone)
+        return account_zone(account.timezone)
 
     # -- version ----------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from mailgw.store.dmds_events import LoggedEvent
 from mailgw.store.events import EventType
@@ -57,14 +57,6 @@ def event_name(event: LoggedEvent) -> str:
     if event.type == EventType.BOUNCED:
         return _BOUNCES.get(event.details.get("type"), "rebote_soft")
     return _NAMES[EventType(event.type)]
-
-
-def zone(name: str) -> ZoneInfo:
-    """The account's time zone (UTC for a name this system does not know)."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
 
 
 def local_time(moment: datetime | None, tz: ZoneInfo) -> str | None:

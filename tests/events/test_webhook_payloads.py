@@ -12,6 +12,8 @@ from typing import Any
 from twisted.trial import unittest
 
 from mailgw.events.webhooks.payloads import WEBHOOK_NAMES, EventFacts, payload_for
+from mailgw.http.tracking import ONE_CLICK_REASON
+from mailgw.inbound.processor import MAILTO_REASON
 from mailgw.store.events import EventType
 from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES
 
@@ -270,13 +272,14 @@ class ValueTests(unittest.TestCase):
         self.assertEqual((payload["contactid"], payload["to"]), ("", ""))
 
     def test_fixed_unsubscribe_reasons(self):
-        for method, reason in (("one-click", "Cancelación de suscripción en un clic"),
-                               ("mailto", "Cancelación por correo electrónico"),
+        """The reasons the tracking endpoints and the inbound listener record are the
+        seed's, and posted as recorded."""
+        self.assertEqual(ONE_CLICK_REASON, "Cancelación de suscripción en un clic")
+        self.assertEqual(MAILTO_REASON, "Cancelación por correo electrónico")
+        for method, reason in (("one-click", ONE_CLICK_REASON), ("mailto", MAILTO_REASON),
                                ("complaint", "Queja por correo no deseado")):
             details = {"subscription_type": "domain subscription cancelled",
-                       "domain": "testdomain.com", "method": method}
-            if method == "complaint":
-                details["reason"] = reason
+                       "domain": "testdomain.com", "method": method, "reason": reason}
             payload = payload_for(facts(EventType.UNSUBSCRIBED, details), ["unsubscribed"])
             self.assertEqual(payload["reason"], reason, method)
 

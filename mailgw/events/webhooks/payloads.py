@@ -42,10 +42,6 @@ from mailgw.store.webhook_queue import EventFacts
 WEBHOOK_NAMES = ("sent", "bounce", "click", "complaint", "open", "unsubscribed")
 
 MARKETING, SMTP = "Email marketing", "SMTP"
-# The seed's reasons for the unsubscribes whose reason is fixed (8.6 and 8.11), by the
-# unsubscribed event's details["method"]; the page's is what the recipient wrote.
-REASONS = {"one-click": "Cancelación de suscripción en un clic",
-           "mailto": "Cancelación por correo electrónico"}
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 _W1_NAMES = {EventType.SENT: "sent", EventType.OPEN: "open", EventType.CLICK: "click",
@@ -164,12 +160,12 @@ def _subscription_type(event: EventFacts, name: str) -> str:
 
 
 def _reason(event: EventFacts, name: str) -> object:
-    """The fixed reasons of one-click and mail unsubscribes, else the recipient's (or a
-    complaint's); a reactivation has none."""
+    """As recorded: the seed's fixed reasons of one-click and mail unsubscribes (the
+    tracking endpoints and the inbound listener write them), the recipient's words
+    from the page, a complaint's; a reactivation has none."""
     if _subscription_type(event, name) == DOMAIN_REACTIVATED:
         return _ABSENT
-    method = event.details.get("method")
-    return REASONS[method] if method in REASONS else _text(event.details.get("reason"))
+    return _text(event.details.get("reason"))
 
 
 def _categories(event: EventFacts, name: str) -> object:
