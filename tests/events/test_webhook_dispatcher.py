@@ -11,7 +11,12 @@ from twisted.internet import defer, task
 
 from mailgw import admin
 from mailgw.config import WebhookConfig
-from mailgw.events.webhooks.dispatcher import WebhookDispatcher, retry_delay
+from mailgw.events.webhooks.dispatcher import (
+    LEASE_MARGIN_SECONDS,
+    STOP_SECONDS,
+    WebhookDispatcher,
+    retry_delay,
+)
 from mailgw.events.webhooks.poster import PostFailed
 from mailgw.events.webhooks.signing import SIGNATURE_HEADER, verify
 from mailgw.metrics import Metrics
@@ -191,3 +196,26 @@ class DispatcherTests(DatabaseTestCase):
         self.assertEqual((pending, dropped), (5, 3))
         self.assertEqual(self.metrics.webhooks_dropped._value.get(), 3)
         self.assertTrue(any("3 oldest posts dropped" in line for line in self.lines))
+
+    async def test_a_post_under_way_at_a_stop_is_posted_after_a_restart(self):
+        """The queue is the database: a post whose node stopped (or died) in the middle
+        is posted by the next dispatcher once its lease runs out, and only then."""
+        url = "https://slow.example/hook"
+        await self.endpoint(url)
+        first = self.start({url: "hang"})
+        await self.sent()
+        self.poke()
+        await until(lambda: self.dispatcher.in_flight == 1, "the post under way")
+        stopping = defer.ensureDeferred(self.dispatcher.stop())
+        self.clock.advance(STOP_SECONDS)
+        await stopping
+        second = self.start({url: "ok"})
+        lease = WebhookConfig().timeout_seconds + LEASE_MARGIN_SECONDS
+        self.clock.advance(lease - STOP_SECONDS - 1)
+        await self.idle()
+        self.assertEqual(second.posts, [])
+        self.clock.advance(1)
+        await until(lambda: second.posts, "the post, by the second dispatcher")
+        await self.idle()
+        self.assertEqual(len(first.posts) + len(second.posts), 2)
+        self.assertEqual(await self.sql("SELECT count(*) FROM webhook_deliveries"), [(0,)])
