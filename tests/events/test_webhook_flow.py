@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import json
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -127,3 +128,18 @@ class WebhookFlowTests(QueriesDatabase, unittest.TestCase):
         self.assertEqual((await self.sql("SELECT state FROM deliveries ORDER BY id"))[-1],
                          ("not_sent",))
         self.assertEqual(await self.sql("SELECT count(*) FROM webhook_deliveries"), [(0,)])
+
+    async def test_http_send_posts_the_msgid_the_api_answered(self):
+        _, key = await admin.create_api_key(self.gateway.stores, self.account.id, "app")
+        response = await treq.post(
+            f"http://127.0.0.1:{self.gateway.port_for('http.listener')}/v1/email",
+            json={"to": [{"email": "cid@example.net"}], "subject": "Hola",
+                  "from": {"email": "news@example.org", "name": "News"},
+                  "body": "<p>Hola</p>"},
+            headers={"Authorization": [f"Bearer {key}"]}, persistent=False)
+        answer = json.loads(await response.content())
+        self.assertEqual(response.code, 200, answer)
+        await until(lambda: self.receiver.posts, "the sent webhook", seconds=30)
+        sent = self.receiver.payload("sent")
+        self.assertEqual((sent["to"], sent["msgid"], sent["origin"], sent["ip"]),
+                         ("cid@example.net", answer["to"][0]["msgid"], "API", "127.0.0.1"))
