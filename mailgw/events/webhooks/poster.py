@@ -25,6 +25,10 @@ from mailgw.fetch import discard_body, error_reason
 
 # An answer's body is read up to this; a receiver has nothing to say to mailgw.
 MAX_ANSWER_BYTES = 64 * 1024
+# An idle kept-alive connection is closed after this: before the receiver's own idle
+# limit (Node's default is 5 s), so that a post is not sent on a connection the
+# receiver is closing (a POST is not retried by the pool: it would wait for its retry).
+IDLE_CONNECTION_SECONDS = 4
 
 
 class PostFailed(Exception):
@@ -43,6 +47,7 @@ class WebhookPoster:
         self.allow_http_hosts = frozenset(allow_http_hosts)
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = connections_per_host
+        pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
         self.agent = Agent(reactor, BrowserLikePolicyForHTTPS(trust_root or ssl.platformTrust()),
                            connectTimeout=timeout, pool=pool)
         self.pool = pool
