@@ -63,10 +63,14 @@ async def _record_txn(cursor, keys: list[bytes], now: float,
         {"keys": keys, "now": now, "expired": now - forget_after})
     counts = [_count(row) for row in cursor.fetchall()]
     # SKIP LOCKED: rows another failure is counting are left alone, never waited for.
+    # MATERIALIZED: the rows are picked once, whatever the plan (as IN (... LIMIT), a
+    # plan may run the subquery again for every row of the table).
     await cursor.execute(
-        "DELETE FROM auth_failures WHERE key IN ("
+        "WITH expired AS MATERIALIZED ("
         " SELECT key FROM auth_failures WHERE last_failure < to_timestamp(%s)"
-        " LIMIT %s FOR UPDATE SKIP LOCKED)", (now - forget_after, _EXPIRED_PER_FAILURE))
+        " LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " DELETE FROM auth_failures f USING expired e WHERE f.key = e.key",
+        (now - forget_after, _EXPIRED_PER_FAILURE))
     return counts
 
 

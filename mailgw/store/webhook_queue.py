@@ -122,13 +122,18 @@ class WebhookQueueStore:
         return await self.db.run_interaction("pending_webhooks", _pending_txn, endpoint_id)
 
 
-_TAKE_OUTBOX = PreparedStatement(
-    "take_webhook_outbox",
-    "WITH taken AS ("
-    "  DELETE FROM webhook_outbox WHERE event_id IN ("
-    "   SELECT event_id FROM webhook_outbox ORDER BY event_id LIMIT %(limit)s::integer"
-    "   FOR UPDATE SKIP LOCKED)"
-    "  RETURNING event_id)"
+# The statements that read the queue's tables are planned at each run, never prepared:
+# the outbox and the queue go from empty to tens of thousands of rows within seconds,
+# and a plan cached while they were empty reads every row (a semi-join that runs the
+# LIMIT ... SKIP LOCKED subquery once per outbox row took 30 s for 20,000 events).
+# MATERIALIZED: the rows picked are picked once, at most `limit` of them, whatever plan.
+_TAKE_OUTBOX = (
+    "WITH picked AS MATERIALIZED ("
+    "  SELECT event_id FROM webhook_outbox ORDER BY event_id LIMIT %(limit)s"
+    "  FOR UPDATE SKIP LOCKED),"
+    " taken AS ("
+    "  DELETE FROM webhook_outbox o USING picked p WHERE o.event_id = p.event_id"
+    "  RETURNING o.event_id)"
     " SELECT e.id, e.type, e.details, e.occurred_at, e.account_id, a.timezone,"
     "  e.recipient, e.contact_id, s.origin, m.message_uid, d.msgid::text,"
     "  coalesce(m.subject, s.subject), m.sender, host(m.client_ip), m.custom_headers,"
@@ -149,14 +154,21 @@ _QUEUE_POSTS = PreparedStatement(
     "  AS i(endpoint_id, event_id, payload)")
 
 # The cap: for each endpoint that just got posts, its pending rows older than its
-# newest `cap` are deleted and counted in dropped_count.
-_DROP_PAST_CAP = PreparedStatement(
-    "drop_webhooks_past_cap",
-    "WITH edge AS ("
-    "  SELECT e.id AS endpoint_id, (SELECT w.id FROM webhook_deliveries w"
-    "   WHERE w.endpoint_id = e.id AND w.state = 'pending'"
-    "   ORDER BY w.id DESC OFFSET %(cap)s::integer LIMIT 1) AS newest_dropped"
-    "  FROM unnest(%(endpoints)s::bigint[]) AS e(id)),"
+# newest `cap` are deleted and counted in dropped_count. Only an endpoint whose pending
+# ids span more than `cap` can hold more than `cap` (two index probes): the others,
+# every endpoint that keeps up, cost no scan of their rows.
+_DROP_PAST_CAP = (
+    "WITH spread AS ("
+    "  SELECT e.id AS endpoint_id FROM unnest(%(endpoints)s::bigint[]) AS e(id)"
+    "  WHERE (SELECT max(w.id) FROM webhook_deliveries w"
+    "         WHERE w.endpoint_id = e.id AND w.state = 'pending')"
+    "      - (SELECT min(w.id) FROM webhook_deliveries w"
+    "         WHERE w.endpoint_id = e.id AND w.state = 'pending') >= %(cap)s),"
+    " edge AS ("
+    "  SELECT s.endpoint_id, (SELECT w.id FROM webhook_deliveries w"
+    "   WHERE w.endpoint_id = s.endpoint_id AND w.state = 'pending'"
+    "   ORDER BY w.id DESC OFFSET %(cap)s LIMIT 1) AS newest_dropped"
+    "  FROM spread s),"
     " gone AS ("
     "  DELETE FROM webhook_deliveries w USING edge"
     "  WHERE w.endpoint_id = edge.endpoint_id AND w.state = 'pending'"
@@ -169,7 +181,7 @@ _DROP_PAST_CAP = PreparedStatement(
 
 async def _feed_txn(cursor, limit: int, project: Projection, now: datetime,
                     cap: int) -> Fed:
-    await _TAKE_OUTBOX.execute(cursor, {"limit": limit})
+    await cursor.execute(_TAKE_OUTBOX, {"limit": limit})
     rows = cursor.fetchall()
     if not rows:
         return Fed(0, 0, {})
@@ -190,7 +202,7 @@ async def _feed_txn(cursor, limit: int, project: Projection, now: datetime,
     await _QUEUE_POSTS.execute(cursor, {
         "now": now, "endpoints": [p[0] for p in posts], "events": [p[1] for p in posts],
         "payloads": [Json(p[2]) for p in posts]})
-    await _DROP_PAST_CAP.execute(cursor, {"cap": cap,
+    await cursor.execute(_DROP_PAST_CAP, {"cap": cap,
                                           "endpoints": sorted({p[0] for p in posts})})
     return Fed(len(events), len(posts), dict(cursor.fetchall()))
 
@@ -205,29 +217,31 @@ def _facts(row: Sequence[Any]) -> EventFacts:
                       campaign_subject, machine)
 
 
-# Each active endpoint's due posts, oldest due first, as many as it has room for here.
-_CLAIM_POSTS = PreparedStatement(
-    "claim_webhook_posts",
-    "WITH due AS ("
+# Each active endpoint's due posts, oldest due first, as many as it has room for here;
+# the rows updated by primary key (an UPDATE ... FROM the picked rows may be planned as
+# a scan of the whole queue).
+_CLAIM_POSTS = (
+    "WITH due AS MATERIALIZED ("
     "  SELECT w.id FROM webhook_endpoints e"
     "  LEFT JOIN unnest(%(busy)s::bigint[], %(room)s::integer[]) AS b(id, room)"
     "   ON b.id = e.id"
     "  CROSS JOIN LATERAL ("
     "   SELECT w.id FROM webhook_deliveries w"
     "   WHERE w.endpoint_id = e.id AND w.state = 'pending'"
-    "    AND w.next_attempt_at <= %(now)s::timestamptz"
+    "    AND w.next_attempt_at <= %(now)s"
     "   ORDER BY w.next_attempt_at"
-    "   LIMIT coalesce(b.room, %(per_endpoint)s::integer) FOR UPDATE SKIP LOCKED) w"
-    "  WHERE e.active LIMIT %(limit)s::integer)"
+    "   LIMIT coalesce(b.room, %(per_endpoint)s) FOR UPDATE SKIP LOCKED) w"
+    "  WHERE e.active LIMIT %(limit)s)"
     " UPDATE webhook_deliveries w SET attempts = w.attempts + 1,"
-    "  next_attempt_at = %(lease_until)s::timestamptz, last_attempt_at = %(now)s::timestamptz"
-    " FROM due, webhook_endpoints e WHERE w.id = due.id AND e.id = w.endpoint_id"
+    "  next_attempt_at = %(lease_until)s, last_attempt_at = %(now)s"
+    " FROM webhook_endpoints e"
+    " WHERE w.id = ANY(ARRAY(SELECT id FROM due)) AND e.id = w.endpoint_id"
     " RETURNING w.id, w.endpoint_id, e.url, e.secret, w.payload, w.attempts, w.created_at")
 
 
 async def _claim_txn(cursor, now: datetime, lease_until: datetime, limit: int,
                      per_endpoint: int, room: dict[int, int]) -> list[ClaimedPost]:
-    await _CLAIM_POSTS.execute(cursor, {
+    await cursor.execute(_CLAIM_POSTS, {
         "now": now, "lease_until": lease_until, "limit": limit,
         "per_endpoint": per_endpoint, "busy": list(room), "room": list(room.values())})
     return sorted((ClaimedPost(*row) for row in cursor.fetchall()), key=lambda p: p.id)

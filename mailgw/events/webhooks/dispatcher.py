@@ -162,6 +162,8 @@ class WebhookDispatcher:
             except Exception:
                 self.log.failure("claiming webhook posts failed", Failure(), LogLevel.error)
                 claimed = []
+            if not self.running:
+                break  # a stop came during the claim: its posts wait out their lease
             if not claimed:
                 await self._post_nap.take(self.config.poll_interval)
                 continue
@@ -169,17 +171,26 @@ class WebhookDispatcher:
                 self._in_flight[post.endpoint_id] = self._in_flight.get(post.endpoint_id, 0) + 1
                 d = defer.ensureDeferred(self._attempt(post))
                 d.addErrback(lambda f: self.log.failure("webhook post failed unexpectedly", f))
-                d.addBoth(self._finished, post.endpoint_id)
+            if len(claimed) < room:
+                # Nothing more is due, or the endpoints with posts due are at their
+                # limit: wait for a slot to free (or new posts, or retries due).
+                await self._post_nap.take(self.config.poll_interval)
 
-    def _finished(self, _: object, endpoint_id: int) -> None:
+    def _slot_freed(self, endpoint_id: int) -> None:
+        """A post has its answer. The loop claims again once half an endpoint's slots,
+        or half the node's, are free: one claim for several posts, not one each."""
         count = self._in_flight.pop(endpoint_id) - 1
         if count:
             self._in_flight[endpoint_id] = count
-        self._post_nap.wake()
+        if (count <= self.config.connections_per_endpoint // 2
+                or self.in_flight <= self.config.max_in_flight // 2):
+            self._post_nap.wake()
         if not self._in_flight:
             self._drained.fire()
 
     async def _attempt(self, post: ClaimedPost) -> None:
+        """Post, free the slot as soon as the answer is in (the lease keeps the row from
+        other claims until the outcome is written), then write the outcome."""
         body = body_of(post.payload)
         headers = {SIGNATURE_HEADER: sign(post.secret, int(self.clock.seconds()), body),
                    "X-Mailgw-Webhook-Id": str(post.id)}
@@ -187,10 +198,15 @@ class WebhookDispatcher:
             await self.poster.post(post.url, body, headers)
         except PostFailed as failure:
             outcome = self._failed(post, str(failure))
+        except BaseException:
+            self._slot_freed(post.endpoint_id)
+            raise
         else:
             outcome = PostOutcome(post.id, post.attempt, "delivered")
             self.metrics.webhook_posts.labels("delivered").inc()
-        await self._record(outcome)
+        recording = defer.ensureDeferred(self._record(outcome))
+        self._slot_freed(post.endpoint_id)
+        await recording
 
     def _failed(self, post: ClaimedPost, error: str) -> PostOutcome:
         """The outcome of a failed attempt, logged once."""
