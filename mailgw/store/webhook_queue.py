@@ -77,7 +77,9 @@ class ClaimedPost:
     endpoint_id: int
     url: str
     secret: str
-    payload: dict[str, Any]
+    # The JSON body to post, as PostgreSQL writes the stored payload: what is signed
+    # and sent, without parsing it into Python and writing it again.
+    body: str
     # This attempt's number, from 1.
     attempt: int
     created_at: datetime
@@ -236,7 +238,8 @@ _CLAIM_POSTS = (
     "  next_attempt_at = %(lease_until)s, last_attempt_at = %(now)s"
     " FROM webhook_endpoints e"
     " WHERE w.id = ANY(ARRAY(SELECT id FROM due)) AND e.id = w.endpoint_id"
-    " RETURNING w.id, w.endpoint_id, e.url, e.secret, w.payload, w.attempts, w.created_at")
+    " RETURNING w.id, w.endpoint_id, e.url, e.secret, w.payload::text, w.attempts,"
+    "  w.created_at")
 
 
 async def _claim_txn(cursor, now: datetime, lease_until: datetime, limit: int,

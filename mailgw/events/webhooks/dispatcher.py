@@ -20,7 +20,6 @@ up (`failed`, with its last error). An endpoint's pending posts beyond
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -62,10 +61,6 @@ def next_try(queued_at: datetime, attempt: int, now: datetime,
     if at > queued_at + timedelta(seconds=max_retry_seconds):
         return None
     return at
-
-
-def body_of(payload: dict) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class WebhookDispatcher:
@@ -191,7 +186,7 @@ class WebhookDispatcher:
     async def _attempt(self, post: ClaimedPost) -> None:
         """Post, free the slot as soon as the answer is in (the lease keeps the row from
         other claims until the outcome is written), then write the outcome."""
-        body = body_of(post.payload)
+        body = post.body.encode()
         headers = {SIGNATURE_HEADER: sign(post.secret, int(self.clock.seconds()), body),
                    "X-Mailgw-Webhook-Id": str(post.id)}
         try:
