@@ -9,7 +9,8 @@ TRIAL_ARGS ?=
 # twistd finds twisted/plugins/mailgw_plugin.py on this path.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-http fuzz-http bench-tracking
+.PHONY: run test lint postgres venv clean bench-smtp bench-delivery bench-http fuzz-http bench-tracking \
+	bench-webhooks
 
 run: venv postgres
 	$(VENV)/bin/mailgw --config $(CONFIG) init --demo
@@ -44,6 +45,11 @@ fuzz-http: venv postgres
 # bare twisted.web tracker with one INSERT per hit; see bench/README.md.
 bench-tracking: venv postgres
 	$(VENV)/bin/python bench/tracking.py
+
+# Webhook benchmark: signed posts per second from mailgw's PostgreSQL queue to a local
+# receiver, against a bare treq client posting the same bodies; see bench/README.md.
+bench-webhooks: venv postgres
+	$(VENV)/bin/python bench/webhooks.py
 
 venv: $(VENV)/.installed
 

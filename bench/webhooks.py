@@ -14,12 +14,13 @@ One run, on loopback only:
    then `mailgw webhook add demo http://127.0.0.1:<port>/hook --events sent`, the
    secret from its last line. With SQL: one SMTP send of `--events` (20,000)
    deliveries (tracking.new_send), its message given a client address and two custom
-   headers, so that the `sent` payloads are full-sized.
+   headers, so that the `sent` payloads are full-sized; then VACUUM ANALYZE and a
+   CHECKPOINT, so that no background work on these rows lands in a phase.
 3. mailgw phase: `--events` `sent` events, one per delivery, inserted with one
    statement (one transaction); the trigger of migration 010 notes them in
    webhook_outbox. The clock runs from that commit until the receiver has counted as
    many posts; then webhook_outbox and webhook_deliveries must both be empty (every
-   outcome recorded).
+   outcome recorded). Posts sent twice (the same webhook id) are reported.
 4. treq phase: a bare treq client (this script with --serve-peer, same Python, same
    machine, no database) posts the bodies the receiver kept from the last mailgw
    phase, `--connections` (10, mailgw's `connections_per_endpoint`) at a time, each
@@ -51,7 +52,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,15 +79,16 @@ from common import (  # noqa: E402
 )
 from common import run_sql as sql  # noqa: E402
 from delivery import stop_process as stop_helper  # noqa: E402
-from tracking import cluster_cpu, new_send  # noqa: E402
+from tracking import cluster_cpu, http_port, new_send  # noqa: E402
 
 TARGET_RATIO = 0.5
 HOOK_PATH = "/hook"
 # Every how many posts the receiver checks a signature (HMAC over the body: cheap, but
 # not free, and the receiver must not be what is measured).
 VERIFY_EVERY = 50
-# A phase fails when the receiver counts no new post for this long.
-STALL_SECONDS = 30.0
+# A phase fails when the receiver counts no new post for this long (mailgw's feed has
+# been seen to take 30-50 s over one transaction: see bench/README.md).
+STALL_SECONDS = 90.0
 # After the last post, how long the outcomes may take to be written.
 DRAIN_SECONDS = 30.0
 USER_AGENT = "mailgw-webhooks"
@@ -118,6 +120,9 @@ class Tally:
     """What the receiver has seen since the last reset."""
 
     def __init__(self) -> None:
+        from mailgw.events.webhooks.signing import verify
+
+        self.verify = verify
         self.reset({})
 
     def reset(self, settings: dict) -> None:
@@ -130,8 +135,6 @@ class Tally:
         self.verified = self.bad_signatures = self.unframed = 0
 
     def post(self, head: bytes, body: bytes) -> None:
-        from mailgw.events.webhooks.signing import verify
-
         self.last = time.monotonic()
         if not self.posts:
             self.first = self.last
@@ -142,7 +145,7 @@ class Tally:
             self.bodies.append(body)
         if self.secret and self.posts % VERIFY_EVERY == 1:
             signature = _SIGNATURE.search(head)
-            if signature and verify(self.secret, signature[1].decode(), body, time.time()):
+            if signature and self.verify(self.secret, signature[1].decode(), body, time.time()):
                 self.verified += 1
             else:
                 self.bad_signatures += 1
@@ -181,7 +184,7 @@ class _ReceiverProtocol(asyncio.Protocol):
             self.transport.write(self.answer(head, body))
 
     def answer(self, head: bytes, body: bytes) -> bytes:
-        method, path = head.split(b" ", 2)[:2]
+        path = head.split(b" ", 2)[1]
         if path == HOOK_PATH.encode():
             self.tally.post(head, body)
             return _OK
@@ -212,6 +215,11 @@ def serve_receiver(port: int) -> None:
         stopped = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, stopped.set_result, None)
         print("receiver ready", flush=True)
+        # Nobody reads the pipe from now on: a flood of error lines must not fill it and
+        # stop the receiver (missing posts show in its counts).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         async with server:
             await stopped
 
@@ -302,22 +310,38 @@ def helper(name: str, *argv: str) -> Iterator[subprocess.Popen]:
     try:
         said = read_line(process, 60)
         if said != f"{name} ready":
-            raise BenchError(f"the {name} did not start: {said!r}, "
-                             f"{process.stdout.read().decode(errors='replace')[-2000:]}"
-                             if process.poll() is not None else
-                             f"the {name} did not start: {said!r}")
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+            if process.poll() is not None:  # it died: what it said
+                rest = _unread.pop(process.pid, b"") + process.stdout.read()
+                said += "\n" + rest.decode(errors="replace")[-2000:]
+            raise BenchError(f"the {name} did not start: {said}")
         yield process
     finally:
         with Interrupts.shield():
             stop_helper(process)
 
 
+_unread: dict[int, bytes] = {}  # what a helper printed past the last line read, by pid
+
+
 def read_line(process: subprocess.Popen, timeout: float) -> str:
-    """The next line the process prints, waiting at most `timeout` seconds."""
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    if not ready:
-        raise BenchError(f"no answer from pid {process.pid} within {timeout:.0f} s")
-    return process.stdout.readline().decode(errors="replace").strip()
+    """The next line the process prints ("" at its end), waiting at most `timeout`
+    seconds; read from the pipe directly, so that no line waits in a buffer that
+    select() does not see."""
+    deadline = time.monotonic() + timeout
+    pending = _unread.pop(process.pid, b"")
+    while b"\n" not in pending:
+        ready, _, _ = select.select([process.stdout], [], [],
+                                    max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise BenchError(f"no answer from pid {process.pid} within {timeout:.0f} s")
+        chunk = os.read(process.stdout.fileno(), 65536)
+        if not chunk:
+            return pending.decode(errors="replace").strip()
+        pending += chunk
+    line, _unread[process.pid] = pending.split(b"\n", 1)
+    return line.decode(errors="replace").strip()
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -344,6 +368,18 @@ ORDER BY d.id LIMIT %(n)s"""
 QUEUE_LEFT = "SELECT (SELECT count(*) FROM webhook_outbox), (SELECT count(*) FROM " \
              "webhook_deliveries)"
 COMMITS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+# mailgw's /metrics (O-5): the group commits of webhook outcomes, their items and time.
+OUTCOME_COMMITS = re.compile(r'^mailgw_group_commit_(batch_size_count|batch_size_sum|'
+                             r'seconds_sum)\{batch="record_webhook_outcomes"\} (\S+)$', re.M)
+
+
+def outcome_commits(server: Server) -> dict[str, float]:
+    """mailgw's counts so far: outcome commits (batch_size_count), outcomes written
+    (batch_size_sum) and seconds spent in those transactions (seconds_sum)."""
+    url = f"http://{LOOPBACK}:{http_port(server)}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return {name: float(value) for name, value in OUTCOME_COMMITS.findall(text)}
 
 
 def add_endpoint(server: Server, url: str) -> str:
@@ -370,6 +406,8 @@ class Phase:
     receiver_cpu: float
     distinct_ids: int = 0  # mailgw: webhook ids counted (fewer than posts: some posted twice)
     commits: int = 0  # mailgw: PostgreSQL transactions committed over the phase
+    outcome_commits: int = 0  # mailgw: group commits of outcomes over the phase
+    outcome_seconds: float = 0.0  # mailgw: the time those transactions took, summed
     peak_rss_kb: int = 0
     errors: str = ""
 
@@ -409,7 +447,7 @@ async def mailgw_phase(name: str, server: Server, receiver: Receiver, secret: st
     sampler = MemorySampler(server.pid)
     sampler.start()
     database_cpu, receiver_cpu = cluster_cpu(server.pid), receiver.cpu
-    commits = sql(dsn, COMMITS)[0][0]
+    commits, outcomes = sql(dsn, COMMITS)[0][0], outcome_commits(server)
     sql(dsn, SENT_EVENTS, {"send": send_id, "n": events, "round": str(number)})
     started = time.monotonic()
     stats = await wait_for_posts(receiver, events, started, timeout)
@@ -422,17 +460,21 @@ async def mailgw_phase(name: str, server: Server, receiver: Receiver, secret: st
     receiver_cpu = receiver.cpu - receiver_cpu
     await asyncio.sleep(1.1)  # pg_stat_database is updated at most once a second
     commits = sql(dsn, COMMITS)[0][0] - commits
+    outcomes = {name: value - outcomes.get(name, 0.0)
+                for name, value in outcome_commits(server).items()}
     errors = []
     if stats["posts"] < events:
         errors.append(f"only {stats['posts']} of {events} posts arrived")
     if any(left):
         errors.append(f"left in webhook_outbox / webhook_deliveries: {left[0]} / {left[1]}")
-    if stats["bad_signatures"]:
-        errors.append(f"{stats['bad_signatures']} bad signatures")
+    if stats["bad_signatures"] or stats["unframed"]:
+        errors.append(f"{stats['bad_signatures']} bad signatures, {stats['unframed']} posts "
+                      "without Content-Length")
     phase = Phase(name, stats["posts"], events, stats["last"] - started,
                   stats["first"] - started if stats["posts"] else 0.0, peaks.root_cpu_seconds,
-                  database_cpu, receiver_cpu, stats["distinct_ids"], commits, peaks.root_hwm,
-                  "; ".join(errors))
+                  database_cpu, receiver_cpu, stats["distinct_ids"], commits,
+                  int(outcomes.get("batch_size_count", 0)), outcomes.get("seconds_sum", 0.0),
+                  peaks.root_hwm, "; ".join(errors))
     report_phase(phase, stats)
     return phase
 
@@ -470,9 +512,18 @@ def report_phase(phase: Phase, stats: dict) -> None:
            + (f" + PostgreSQL {phase.per_post(phase.database_cpu):.3f} ms"
               if phase.database_cpu else "")
            + f", receiver {phase.per_post(phase.receiver_cpu):.3f} ms")
-    extra = (f", {phase.commits / phase.posts:.2f} commits per post, "
-             f"{phase.distinct_ids} distinct webhook ids" if phase.commits and phase.posts
-             else "")
+    extra = ""
+    if phase.commits and phase.posts:
+        extra = f", {phase.commits / phase.posts:.2f} commits per post"
+    if phase.outcome_commits:
+        extra += (f" (outcomes: {phase.posts / phase.outcome_commits:.1f} a commit, "
+                  f"{phase.outcome_seconds / phase.outcome_commits * 1000:.1f} ms a "
+                  "transaction)")
+    if phase.distinct_ids and phase.distinct_ids < phase.posts:
+        extra += f", {phase.posts - phase.distinct_ids} posted twice"
+    if phase.first_post > 5:
+        extra += (f"; NOTE: nothing posted for {phase.first_post:.0f} s after the commit (the "
+                  "feed's first transaction: see bench/README.md)")
     log(f"{phase.name}: {phase.posts} posts in {phase.seconds:.2f} s = {phase.rate:.0f} "
         f"posts/s (first after {phase.first_post:.2f} s); {cpu}{extra}; signatures checked "
         f"{stats['verified']}" + (f"; PROBLEM: {phase.errors}" if phase.errors else ""))
@@ -481,31 +532,33 @@ def report_phase(phase: Phase, stats: dict) -> None:
 async def run_rounds(args: argparse.Namespace, work: Path) -> tuple[list[Phase], Rounds]:
     phases: list[Phase] = []
     rounds = Rounds("treq")
-    bodies = work / "bodies.jsonl"
+    bodies = work / "bodies.jsonl"  # the last mailgw phase's, for the treq client
     timeout = args.phase_timeout
     with helper("receiver", "--serve-receiver", str(free_port())) as receiver_process:
-        port = int(receiver_process.args[-1])
-        receiver = Receiver(receiver_process, port)
+        receiver = Receiver(receiver_process, int(receiver_process.args[-1]))
         log(f"receiver on {receiver.url} (pid {receiver_process.pid})")
         with mailgw_server(webhooks_toml(args.events)) as server:
             dsn = embedded_dsn(server)
             secret = add_endpoint(server, receiver.url)
             send_id, deliveries = new_send(dsn, "webhooks bench", args.events)
             sql(dsn, SMTP_MESSAGE, {"send": send_id, "subject": "Spring sale: 20% off"})
+            # Autovacuum of these rows (and the first checkpoint) would land in a phase.
+            sql(dsn, "VACUUM ANALYZE sends, messages, deliveries")
+            sql(dsn, "CHECKPOINT")
             log(f"an SMTP send of {len(deliveries)} deliveries")
             warmup = await mailgw_phase("warm-up", server, receiver, secret, send_id,
                                         args.warmup_events, 0, timeout)
             if warmup.errors:
                 raise BenchError(f"the warm-up failed: {warmup.errors}")
-            sample = json.loads(receiver.control("stats") and _first_body(receiver, bodies))
-            log(f"a body of {len(json.dumps(sample, ensure_ascii=False, separators=(',', ':')))}"
-                f" bytes: {json.dumps(sample, ensure_ascii=False)}")
+            receiver.control("dump", path=str(bodies))
+            sample = bodies.read_bytes().split(b"\n", 1)[0]
+            log(f"a body ({len(sample)} bytes): {sample.decode()}")
             for number in range(1, args.rounds + 1):
-                log(f"round {number} of {args.rounds}")
-                pair: dict[str, Phase] = {}
+                # mailgw first in odd rounds; the treq client posts the bodies of the
+                # mailgw phase before it (this round's or the last round's).
                 order = ("mailgw", "treq") if number % 2 else ("treq", "mailgw")
-                if number == 1 or order[0] == "mailgw":
-                    pass
+                log(f"round {number} of {args.rounds}: {' then '.join(order)}")
+                pair: dict[str, Phase] = {}
                 for which in order:
                     if which == "mailgw":
                         pair[which] = await mailgw_phase("mailgw", server, receiver, secret,
@@ -514,12 +567,88 @@ async def run_rounds(args: argparse.Namespace, work: Path) -> tuple[list[Phase],
                     else:
                         pair[which] = await treq_phase(receiver, secret, bodies,
                                                        args.connections, timeout)
-                phases.extend(pair[w] for w in order)
+                phases.extend(pair[which] for which in order)
                 rounds.add(pair["treq"].rate, pair["mailgw"].rate, pair["treq"].ceiling,
                            pair["mailgw"].ceiling)
     return phases, rounds
 
 
-def _first_body(receiver: Receiver, path: Path) -> bytes:
-    receiver.control("dump", path=str(path))
-    return path.read_bytes().split(b"\n", 1)[0]
+def report(phases: list[Phase], rounds: Rounds) -> None:
+    print("\nper phase: posts, seconds, posts/s, seconds to the first post, CPU ms per post "
+          "(sender: twistd's main process or the treq client; PostgreSQL; receiver), "
+          "PostgreSQL commits per post, twistd's peak RSS")
+    for phase in phases:
+        commits = f"{phase.commits / phase.posts:5.2f}" if phase.commits and phase.posts \
+            else "    -"
+        rss = mib(phase.peak_rss_kb) if phase.peak_rss_kb else "-"
+        print(f"  {phase.name:7} {phase.posts:6} {phase.seconds:7.2f} {phase.rate:7.0f} "
+              f"{phase.first_post:5.2f}  {phase.per_post(phase.sender_cpu):6.3f} "
+              f"{phase.per_post(phase.database_cpu):6.3f} {phase.per_post(phase.receiver_cpu):6.3f}"
+              f"  {commits}  {rss}" + (f"  PROBLEM: {phase.errors}" if phase.errors else ""))
+    posts = sum(p.posts for p in phases)
+    receiver = sum(p.receiver_cpu for p in phases) / posts if posts else 0.0
+    if receiver:
+        print(f"\nthe receiver: {receiver * 1000:.3f} ms of CPU a post over all phases, so "
+              f"about {1 / receiver:.0f} posts/s on one core")
+    rounds.print("posts/s")
+    print("  (here the load generator is the receiver, and the server the sender: twistd "
+          "with PostgreSQL, or the treq client)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20000,
+                        help="sent events (posts) per phase (20000)")
+    parser.add_argument("--warmup-events", type=int, default=500,
+                        help="events of the warm-up phase, mailgw only (500)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (3)")
+    parser.add_argument("--connections", type=int, default=10,
+                        help="the treq client's concurrent posts: mailgw's "
+                        "webhooks.connections_per_endpoint (10)")
+    parser.add_argument("--phase-timeout", type=float, default=180.0,
+                        help="seconds a phase may take at most (180)")
+    parser.add_argument("--serve-receiver", metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-peer", nargs=4, metavar=("URL", "SECRET", "CONNECTIONS",
+                                                          "BODIES"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_receiver:
+        serve_receiver(int(args.serve_receiver))
+        return 0
+    if args.serve_peer:
+        url, secret, connections, bodies = args.serve_peer
+        serve_peer(url, secret, int(connections), bodies)
+        return 0
+    if os.geteuid() != 0:
+        print("webhooks: run as root (the embedded PostgreSQL runs as the mailgw user)",
+              file=sys.stderr)
+        return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, Interrupts.handler)
+    started = time.monotonic()
+    work = make_temp_dir("mailgw-bench-webhooks-")
+    try:
+        phases, rounds = asyncio.run(run_rounds(args, work))
+    except BenchError as e:
+        print(f"webhooks: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("webhooks: interrupted; processes stopped and temporary files removed",
+              file=sys.stderr)
+        return 130
+    finally:
+        with Interrupts.shield():
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"whole run: {time.monotonic() - started:.0f} s")
+    report(phases, rounds)
+    print()
+    print(f"RESULT webhooks: {rounds.mailgw:.0f} posts/s, ratio {rounds.ratio:.2f} vs treq "
+          f"(target {TARGET_RATIO})")
+    return 1 if any(p.errors for p in phases) or not rounds.pairs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
