@@ -7,6 +7,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from mailgw.events.webhooks import poster
 from mailgw.events.webhooks.poster import MAX_ANSWER_BYTES, PostFailed, WebhookPoster
 from tests.harness import until
 
@@ -93,8 +94,32 @@ class PosterTests(unittest.TestCase):
         self.assertEqual(reason, "plain http to hooks.example.org is not allowed "
                                  "(webhooks.allow_http_hosts)")
 
-    async def test_long_answer_is_not_read_whole(self):
-        receiver = Receiver(answer=b"x" * (20 * MAX_ANSWER_BYTES))
-        await self.post(self.serve(receiver))  # accepted: the status decides
-        receiver.code = 500
-        self.assertEqual(await self.refused(self.serve(receiver)), "answered 500")
+    async def test_endless_answer_is_not_read_whole(self):
+        """A 200 whose body never ends: accepted once past the bound, connection closed."""
+        receiver = Receiver(hang=True)
+        d = defer.ensureDeferred(self.post(self.serve(receiver)))
+        await until(lambda: receiver.waiting, "the request to arrive")
+        [request] = receiver.waiting
+        for _ in range(MAX_ANSWER_BYTES // 4096 + 2):
+            request.write(b"x" * 4096)
+        await d  # accepted: the status decides
+        await until(lambda: request.channel is None or request.channel.transport is None
+                    or request.channel.transport.disconnected, "the connection to close")
+
+    async def test_answer_trickling_past_the_time_limit_closes_the_connection(self):
+        """A 200 whose body comes a byte at a time: refused at the time limit, and the
+        socket closed then, not kept for as long as the receiver likes."""
+        reading = []
+        read = poster._read_bounded
+        self.patch(poster, "_read_bounded", lambda response: reading.append(1) or read(response))
+        receiver = Receiver(hang=True)
+        d = defer.ensureDeferred(self.refused(self.serve(receiver)))
+        await until(lambda: receiver.waiting, "the request to arrive")
+        [request] = receiver.waiting
+        request.write(b"x")
+        lost = defer.Deferred()
+        request.notifyFinish().addBoth(lambda _: lost.callback(None))
+        await until(lambda: reading, "the answer's body to be read")
+        self.clock.advance(5)
+        self.assertEqual(await d, "no answer within 5 s")
+        await until(lambda: lost.called, "the server to see the connection go")

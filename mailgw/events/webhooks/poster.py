@@ -13,12 +13,11 @@ past it.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import treq
-from twisted.internet import defer, ssl
+from twisted.internet import defer, protocol, ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from mailgw.fetch import discard_body, error_reason
@@ -33,10 +32,6 @@ IDLE_CONNECTION_SECONDS = 4
 
 class PostFailed(Exception):
     """The post was not accepted; str() says why, for the log and `last_error`."""
-
-
-class _TooLong(Exception):
-    pass
 
 
 class WebhookPoster:
@@ -90,14 +85,29 @@ class WebhookPoster:
 
 
 async def _read_bounded(response) -> None:
-    """Read the answer (to keep the connection) unless it is longer than anyone needs."""
-    received = 0
+    """Read the answer (to keep the connection) unless it is longer than anyone needs.
+    A time limit that cancels the read closes the connection: a receiver that sends
+    its answer a byte at a time keeps no socket past the attempt."""
+    reader = _BoundedReader()
+    response.deliverBody(reader)
+    await reader.done
 
-    def count(data: bytes) -> None:
-        nonlocal received
-        received += len(data)
-        if received > MAX_ANSWER_BYTES:
-            raise _TooLong
 
-    with contextlib.suppress(_TooLong):  # the connection is closed; the status decides
-        await treq.collect(response, count)
+class _BoundedReader(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = 0
+        self.done: defer.Deferred[None] = defer.Deferred(canceller=self._abort)
+
+    def _abort(self, _: defer.Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        self.received += len(data)
+        if self.received > MAX_ANSWER_BYTES and not self.done.called:
+            self.transport.stopProducing()  # the connection is closed; the status decides
+            self.done.callback(None)
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802 - Twisted's name
+        if not self.done.called:
+            self.done.callback(None)
