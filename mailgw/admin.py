@@ -23,6 +23,9 @@ from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES, WebhookEndpoint
 from mailgw.submit.addresses import InvalidAddress, normalize_address
 
 USERNAME_MAX_LENGTH = 128
+# Each endpoint gets its own posts, queue and connections (W-2): an account with
+# thousands would make every event thousands of posts.
+MAX_WEBHOOKS_PER_ACCOUNT = 20
 
 
 class AdminRefused(Exception):
@@ -130,6 +133,9 @@ async def add_webhook(stores: Stores, account_id: int, url: str, event_types: li
     unknown = sorted(set(event_types) - set(WEBHOOK_EVENT_TYPES))
     if not event_types or unknown:
         raise AdminRefused(f"event types must be some of {', '.join(WEBHOOK_EVENT_TYPES)}")
+    if len(await stores.webhooks.list(account_id, limit=None)) >= MAX_WEBHOOKS_PER_ACCOUNT:
+        raise AdminRefused(f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhook "
+                           "endpoints; remove one first")
     secret = secrets.token_urlsafe(32)
     return await stores.webhooks.create(account_id, url, secret, event_types), secret
 

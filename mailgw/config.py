@@ -182,8 +182,9 @@ class WebhookConfig:
     connections_per_endpoint: int = 10
     # How often new events and due retries are looked for when there is nothing to do.
     poll_interval: float = 1.0
-    # Hosts that may receive webhooks over plain http (W-2).
-    allow_http_hosts: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+    # Hosts that may receive webhooks over plain http (W-2). None by default: with
+    # loopback allowed, an account could make mailgw post to any local service.
+    allow_http_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

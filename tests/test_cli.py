@@ -17,6 +17,7 @@ from twisted.trial import unittest
 
 from mailgw import credentials
 from mailgw.accounts.settings import AccountSettings
+from mailgw.admin import MAX_WEBHOOKS_PER_ACCOUNT
 from mailgw.cli import CommandError, build_parser, run_command
 from mailgw.config import Config, DatabaseConfig
 from mailgw.errors import AlreadyExists, NotFound
@@ -247,8 +248,13 @@ class CommandTests(CommandTestCase):
         self.assertIn("removed", await self.command("webhook", "remove", "acme",
                                                     str(endpoint_id)))
         self.assertEqual(await self.command("webhook", "list", "acme"), "")
+        for _ in range(MAX_WEBHOOKS_PER_ACCOUNT):
+            await self.command("webhook", "add", "acme", "https://hooks.example/in")
         with self.assertRaises(CommandError):
-            await self.command("webhook", "add", "acme", "http://hooks.example/in")
+            await self.command("webhook", "add", "acme", "https://hooks.example/in")
+        for refused in ("http://hooks.example/in", "http://127.0.0.1:9000/in"):
+            with self.assertRaises(CommandError):  # http only to allow_http_hosts: none
+                await self.command("webhook", "add", "acme", refused)
         await self.command("suppression", "add", "acme", "Ana@Example.net")
         self.assertIn("ana@example.net\t*\t*\tmanual",
                       await self.command("suppression", "list", "acme", "--domain",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg2.extras import Json
@@ -110,7 +110,8 @@ class WebhookQueueStore:
     async def claim(self, now: datetime, lease_until: datetime, limit: int,
                     per_endpoint: int, room: dict[int, int]) -> list[ClaimedPost]:
         """Due posts of active endpoints, at most `per_endpoint` of each (`room[id]` for an
-        endpoint with posts already running here), leased until `lease_until`."""
+        endpoint with posts already running here, or failing), leased until
+        `lease_until`."""
         return await self.db.run_interaction("claim_webhooks", _claim_txn, now, lease_until,
                                              limit, per_endpoint, room)
 
@@ -123,6 +124,15 @@ class WebhookQueueStore:
     async def pending(self, endpoint_id: int) -> int:
         return await self.db.run_interaction("pending_webhooks", _pending_txn, endpoint_id)
 
+
+# Posts given up are kept this long (their last error, for the operator), then
+# deleted a batch at a time by the feed.
+FAILED_KEPT = timedelta(days=7)
+_FORGET_FAILED = (
+    "WITH old AS MATERIALIZED ("
+    "  SELECT id FROM webhook_deliveries WHERE state = 'failed'"
+    "  AND last_attempt_at < %(before)s LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " DELETE FROM webhook_deliveries w USING old WHERE w.id = old.id")
 
 # The statements that read the queue's tables are planned at each run, never prepared:
 # the outbox and the queue go from empty to tens of thousands of rows within seconds,
@@ -183,6 +193,7 @@ _DROP_PAST_CAP = (
 
 async def _feed_txn(cursor, limit: int, project: Projection, now: datetime,
                     cap: int) -> Fed:
+    await cursor.execute(_FORGET_FAILED, {"before": now - FAILED_KEPT, "limit": limit})
     await cursor.execute(_TAKE_OUTBOX, {"limit": limit})
     rows = cursor.fetchall()
     if not rows:
@@ -220,20 +231,24 @@ def _facts(row: Sequence[Any]) -> EventFacts:
 
 
 # Each active endpoint's due posts, oldest due first, as many as it has room for here;
-# the rows updated by primary key (an UPDATE ... FROM the picked rows may be planned as
-# a scan of the whole queue).
+# the endpoints with nothing under way here first, in a random order, so that no
+# endpoint is always the last served when the node's room runs out. The rows updated
+# by primary key (an UPDATE ... FROM the picked rows may be planned as a scan of the
+# whole queue).
 _CLAIM_POSTS = (
     "WITH due AS MATERIALIZED ("
-    "  SELECT w.id FROM webhook_endpoints e"
-    "  LEFT JOIN unnest(%(busy)s::bigint[], %(room)s::integer[]) AS b(id, room)"
-    "   ON b.id = e.id"
+    "  SELECT w.id FROM ("
+    "   SELECT e.id, b.room FROM webhook_endpoints e"
+    "   LEFT JOIN unnest(%(busy)s::bigint[], %(room)s::integer[]) AS b(id, room)"
+    "    ON b.id = e.id"
+    "   WHERE e.active ORDER BY b.id IS NOT NULL, random()) e"
     "  CROSS JOIN LATERAL ("
     "   SELECT w.id FROM webhook_deliveries w"
     "   WHERE w.endpoint_id = e.id AND w.state = 'pending'"
     "    AND w.next_attempt_at <= %(now)s"
     "   ORDER BY w.next_attempt_at"
-    "   LIMIT coalesce(b.room, %(per_endpoint)s) FOR UPDATE SKIP LOCKED) w"
-    "  WHERE e.active LIMIT %(limit)s)"
+    "   LIMIT coalesce(e.room, %(per_endpoint)s) FOR UPDATE SKIP LOCKED) w"
+    "  LIMIT %(limit)s)"
     " UPDATE webhook_deliveries w SET attempts = w.attempts + 1,"
     "  next_attempt_at = %(lease_until)s, last_attempt_at = %(now)s"
     " FROM webhook_endpoints e"

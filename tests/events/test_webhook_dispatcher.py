@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from itertools import pairwise
 
 from twisted.internet import defer, task
 
 from mailgw import admin
 from mailgw.config import WebhookConfig
 from mailgw.events.webhooks.dispatcher import (
+    FAILING_AFTER,
     LEASE_MARGIN_SECONDS,
     STOP_SECONDS,
     WebhookDispatcher,
-    retry_delay,
 )
 from mailgw.events.webhooks.poster import PostFailed
 from mailgw.events.webhooks.signing import SIGNATURE_HEADER, verify
@@ -81,16 +82,17 @@ class DispatcherTests(DatabaseTestCase):
                                                    [])
         return endpoint.id, secret
 
-    def start(self, behaviour: dict[str, str], **config) -> ScriptedPoster:
+    def start(self, behaviour: dict[str, str], projection=project,
+              **config) -> ScriptedPoster:
         poster = ScriptedPoster(self.clock, behaviour)
-        self.dispatcher = WebhookDispatcher(
-            self.stores.webhook_queue, poster, project, self.clock,
+        dispatcher = self.dispatcher = WebhookDispatcher(
+            self.stores.webhook_queue, poster, projection, self.clock,
             WebhookConfig(**config), self.metrics)
-        self.dispatcher.start()
+        dispatcher.start()
 
         async def stop():
             poster.release()
-            await self.dispatcher.stop()
+            await dispatcher.stop()
 
         self.addCleanup(lambda: defer.ensureDeferred(stop()))
         return poster
@@ -138,30 +140,30 @@ class DispatcherTests(DatabaseTestCase):
         poster = self.start({url: "fail"})
         await self.sent()
         self.poke()
-        attempt = 1
-        while True:
+        # From its queueing: 10 s, then three times as long each time, at most 6 h
+        # apart, and a last try at 24 h.
+        expected = [0, 10, 40, 130, 400, 1210, 3640, 10930, 32530, 54130, 75730, DAY]
+        for attempt, (at, following) in enumerate(pairwise(expected), start=1):
             await until(lambda: len(poster.posts) == attempt, f"attempt {attempt}")  # noqa: B023
             await self.idle()
-            if self.clock.seconds() + retry_delay(attempt) > NOW + 1 + DAY:
-                break
-            self.clock.advance(retry_delay(attempt) - 1)
+            self.clock.advance(following - at - 1)
             await self.idle()
             self.assertEqual(len(poster.posts), attempt, "tried before its time")
             self.clock.advance(1)
-            attempt += 1
+        await until(lambda: len(poster.posts) == len(expected), "the last attempt")
+        await self.idle()
         times = [when - NOW - 1 for when, *_ in poster.posts]
-        self.assertEqual(times, [0, 10, 40, 130, 400, 1210, 3640, 10930, 32530, 54130,
-                                 75730])
+        self.assertEqual(times, expected)
         [(state, error)] = await self.sql("SELECT state, last_error FROM webhook_deliveries")
         self.assertEqual((state, error), ("failed", "answered 500"))
         self.clock.advance(DAY)
         await self.idle()
-        self.assertEqual(len(poster.posts), 11)
+        self.assertEqual(len(poster.posts), 12)
         failures = [line for line in self.lines if "failed, attempt" in line]
-        self.assertEqual(len(failures), 11)
+        self.assertEqual(len(failures), 12)
         self.assertIn("answered 500; next try in 10 s", failures[0])
         self.assertIn("given up", failures[-1])
-        self.assertEqual(self.metrics.webhook_posts.labels("failed")._value.get(), 10)
+        self.assertEqual(self.metrics.webhook_posts.labels("failed")._value.get(), 11)
         self.assertEqual(self.metrics.webhook_posts.labels("given_up")._value.get(), 1)
 
     async def test_a_hanging_endpoint_holds_only_its_own_connections(self):
@@ -219,3 +221,49 @@ class DispatcherTests(DatabaseTestCase):
         await self.idle()
         self.assertEqual(len(first.posts) + len(second.posts), 2)
         self.assertEqual(await self.sql("SELECT count(*) FROM webhook_deliveries"), [(0,)])
+
+    async def test_an_endpoint_that_keeps_failing_gets_one_connection(self):
+        """Receivers down at once must not hold every slot of the node: after
+        FAILING_AFTER failures in a row an endpoint gets one connection, until a post
+        to it succeeds."""
+        url = "https://flaky.example/hook"
+        await self.endpoint(url)
+        poster = self.start({url: "fail"}, connections_per_endpoint=5)
+        await self.sent(FAILING_AFTER)
+        self.poke()
+        await until(lambda: len(poster.posts) == FAILING_AFTER, "the failures")
+        await self.idle()
+        poster.behaviour[url] = "hang"
+        await self.sent(10)
+        self.poke()
+        await until(lambda: self.dispatcher.in_flight == 1, "one post under way")
+        await self.idle_but_posting()
+        self.assertEqual(self.dispatcher.in_flight, 1)
+        poster.behaviour[url] = "ok"
+        poster.release()  # that one fails (no answer); the next ones succeed
+        await until(lambda: self.dispatcher.in_flight == 0 and len(poster.posts) == 13,
+                    "the other posts")
+
+    async def idle_but_posting(self) -> None:
+        """Until both loops wait (posts may be under way)."""
+        await until(lambda: self.dispatcher._feed_nap.napping
+                    and self.dispatcher._post_nap.napping, "the loops to wait")
+
+    async def test_an_event_whose_payload_fails_is_skipped_not_retried_for_ever(self):
+        def breaks_on_r1(facts, wanted):
+            if facts.recipient == "r1@example.net":
+                raise ValueError("a field the projection does not know")
+            return project(facts, wanted)
+
+        url = "https://a.example/hook"
+        await self.endpoint(url)
+        poster = self.start({url: "ok"}, projection=breaks_on_r1)
+        await self.sent(3)
+        self.poke()
+        await until(lambda: len(poster.posts) == 2, "the other events' posts")
+        await self.idle()
+        self.assertEqual(sorted(json.loads(body)["email"] for _, _, body, _ in poster.posts),
+                         ["r0@example.net", "r2@example.net"])
+        self.assertEqual(await self.sql("SELECT count(*) FROM webhook_outbox"), [(0,)])
+        self.assertTrue(any("not made; skipped" in line for line in self.lines))
+        self.flushLoggedErrors(ValueError)

@@ -63,7 +63,7 @@ class WebhookFlowTests(QueriesDatabase, unittest.TestCase):
         self.gateway = await start_gateway(self, gateway_config(
             self, fresh_database(), delivery=delivery,
             inbound=InboundConfig(listeners=[LOOPBACK_PORT]),
-            webhooks=WebhookConfig(poll_interval=0.05)))
+            webhooks=WebhookConfig(poll_interval=0.05, allow_http_hosts=["127.0.0.1"])))
         self.database = self.gateway.database
         stores = self.gateway.stores
         self.account, _ = await sending_account(stores)

@@ -12,7 +12,7 @@ from mailgw import admin
 from mailgw.store.database import Database
 from mailgw.store.events import Event, EventType
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
-from mailgw.store.webhook_queue import EventFacts, PostOutcome
+from mailgw.store.webhook_queue import FAILED_KEPT, EventFacts, PostOutcome
 from tests.harness import DatabaseTestCase
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
@@ -169,3 +169,14 @@ class WebhookQueueTests(DatabaseTestCase):
                               " FROM webhook_deliveries ORDER BY id")
         self.assertEqual(rows, [(retried.id, "pending", LATER, "answered 500"),
                                 (given_up.id, "failed", NOW, "refused")])
+
+    async def test_given_up_posts_are_kept_a_week(self):
+        await self.endpoint("sent")
+        await self.record(EventType.SENT)
+        await self.queue.feed(100, echo, NOW, 100)
+        [post] = await self.queue.claim(NOW, LATER, 100, 10, {})
+        await self.queue.record(PostOutcome(post.id, 1, "failed", None, "refused"))
+        await self.queue.feed(100, echo, NOW + FAILED_KEPT, 100)
+        self.assertEqual(await self.sql("SELECT state FROM webhook_deliveries"), [("failed",)])
+        await self.queue.feed(100, echo, NOW + FAILED_KEPT + timedelta(seconds=1), 100)
+        self.assertEqual(await self.sql("SELECT state FROM webhook_deliveries"), [])

@@ -20,7 +20,9 @@ up (`failed`, with its last error). An endpoint's pending posts beyond
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -28,12 +30,18 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailgw.config import WebhookConfig
-from mailgw.errors import DatabaseUnavailable
+from mailgw.errors import DatabaseUnavailable, TransientDatabaseError
 from mailgw.events.webhooks.poster import PostFailed, WebhookPoster
 from mailgw.events.webhooks.signing import SIGNATURE_HEADER, sign
 from mailgw.idle import IdleWaiters, Nap
 from mailgw.metrics import Metrics
-from mailgw.store.webhook_queue import ClaimedPost, PostOutcome, Projection, WebhookQueueStore
+from mailgw.store.webhook_queue import (
+    ClaimedPost,
+    EventFacts,
+    PostOutcome,
+    Projection,
+    WebhookQueueStore,
+)
 
 FIRST_RETRY_SECONDS = 10.0
 RETRY_FACTOR = 3
@@ -47,20 +55,26 @@ LEASE_MARGIN_SECONDS = 60
 STOP_SECONDS = 5.0
 # How many times an outcome the database could not take is written again.
 RECORD_TRIES = 3
+# An endpoint whose last attempts on this node all failed, this many or more, gets one
+# connection until a post succeeds: many receivers down at once hold one slot each,
+# not ten, and the node's other slots stay free for the endpoints that answer.
+FAILING_AFTER = 3
 
 
 def retry_delay(attempt: int) -> float:
     """Seconds before the try after failed attempt number `attempt` (from 1)."""
-    return min(FIRST_RETRY_SECONDS * RETRY_FACTOR ** (attempt - 1), MAX_RETRY_INTERVAL)
+    return min(FIRST_RETRY_SECONDS * RETRY_FACTOR ** min(attempt - 1, 20),
+               MAX_RETRY_INTERVAL)
 
 
 def next_try(queued_at: datetime, attempt: int, now: datetime,
              max_retry_seconds: float) -> datetime | None:
-    """When to try again after failed attempt `attempt`, or None: given up."""
-    at = now + timedelta(seconds=retry_delay(attempt))
-    if at > queued_at + timedelta(seconds=max_retry_seconds):
+    """When to try again after failed attempt `attempt`, or None: given up. The last
+    try is at the end of the `max_retry_seconds` after the post was queued."""
+    deadline = queued_at + timedelta(seconds=max_retry_seconds)
+    if now >= deadline:
         return None
-    return at
+    return min(now + timedelta(seconds=retry_delay(attempt)), deadline)
 
 
 class WebhookDispatcher:
@@ -80,6 +94,10 @@ class WebhookDispatcher:
         self._loops: list[defer.Deferred[None]] = []
         # Posts under way here, by endpoint id.
         self._in_flight: dict[int, int] = {}
+        # Failed attempts in a row here, by endpoint id (none since its last success).
+        self._failing: dict[int, int] = {}
+        # Outcomes being written.
+        self._recording: set[defer.Deferred[None]] = set()
         self._drained = IdleWaiters()
 
     @property
@@ -90,7 +108,8 @@ class WebhookDispatcher:
     def resting(self) -> bool:
         """Both loops wait for their time and no post is under way: nothing happens
         until the clock moves or work is handed in (the tests' moment to move it)."""
-        return self._feed_nap.napping and self._post_nap.napping and not self._in_flight
+        return (self._feed_nap.napping and self._post_nap.napping and not self._in_flight
+                and not self._recording)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
@@ -111,16 +130,29 @@ class WebhookDispatcher:
         await defer.gatherResults(self._loops, consumeErrors=True)
         try:
             await self._drained.wait(not self._in_flight).addTimeout(STOP_SECONDS, self.clock)
+            await defer.DeferredList(list(self._recording)).addTimeout(STOP_SECONDS,
+                                                                       self.clock)
         except defer.TimeoutError:
             self.log.warn("stopping with {count} webhook posts under way; they are posted "
                           "again once their lease runs out", count=self.in_flight)
         await self.poster.close()
 
+    def _project(self, facts: EventFacts, wanted: Collection[str]) -> dict[str, Any] | None:
+        """The projection, kept from stopping the feed: an event whose payload cannot be
+        made is logged and skipped, never retried for ever with its batch."""
+        try:
+            return self.project(facts, wanted)
+        except Exception:
+            self.log.failure("webhook payload of a {type} event of account {account} not "
+                             "made; skipped", Failure(), LogLevel.error, type=facts.type,
+                             account=facts.account_id)
+            return None
+
     async def _feed_loop(self) -> None:
         while self.running:
             full = False
             try:
-                fed = await self.queue.feed(FEED_BATCH, self.project, self._now(),
+                fed = await self.queue.feed(FEED_BATCH, self._project, self._now(),
                                             self.config.max_queue_per_endpoint)
             except DatabaseUnavailable:
                 pass  # the pool logs it; the next round tries again
@@ -148,10 +180,8 @@ class WebhookDispatcher:
             per_endpoint = self.config.connections_per_endpoint
             lease = timedelta(seconds=self.config.timeout_seconds + LEASE_MARGIN_SECONDS)
             try:
-                claimed = await self.queue.claim(
-                    now, now + lease, room, per_endpoint,
-                    {endpoint: per_endpoint - count
-                     for endpoint, count in self._in_flight.items()})
+                claimed = await self.queue.claim(now, now + lease, room, per_endpoint,
+                                                 self._room())
             except DatabaseUnavailable:
                 claimed = []
             except Exception:
@@ -171,6 +201,16 @@ class WebhookDispatcher:
                 # limit: wait for a slot to free (or new posts, or retries due).
                 await self._post_nap.take(self.config.poll_interval)
 
+    def _room(self) -> dict[int, int]:
+        """The room of the endpoints that have posts under way here or keep failing
+        (the others have connections_per_endpoint)."""
+        room = {}
+        for endpoint in self._in_flight.keys() | self._failing.keys():
+            failing = self._failing.get(endpoint, 0) >= FAILING_AFTER
+            limit = 1 if failing else self.config.connections_per_endpoint
+            room[endpoint] = max(0, limit - self._in_flight.get(endpoint, 0))
+        return room
+
     def _slot_freed(self, endpoint_id: int) -> None:
         """A post has its answer. The loop claims again once half an endpoint's slots,
         or half the node's, are free: one claim for several posts, not one each."""
@@ -186,22 +226,30 @@ class WebhookDispatcher:
     async def _attempt(self, post: ClaimedPost) -> None:
         """Post, free the slot as soon as the answer is in (the lease keeps the row from
         other claims until the outcome is written), then write the outcome."""
+        try:
+            recording = defer.ensureDeferred(self._record(await self._post(post)))
+            self._recording.add(recording)
+            recording.addBoth(self._recorded, recording)
+        finally:
+            self._slot_freed(post.endpoint_id)
+        await recording
+
+    def _recorded(self, result: object, recording: defer.Deferred[None]) -> object:
+        self._recording.discard(recording)
+        return result
+
+    async def _post(self, post: ClaimedPost) -> PostOutcome:
         body = post.body.encode()
         headers = {SIGNATURE_HEADER: sign(post.secret, int(self.clock.seconds()), body),
                    "X-Mailgw-Webhook-Id": str(post.id)}
         try:
             await self.poster.post(post.url, body, headers)
         except PostFailed as failure:
-            outcome = self._failed(post, str(failure))
-        except BaseException:
-            self._slot_freed(post.endpoint_id)
-            raise
-        else:
-            outcome = PostOutcome(post.id, post.attempt, "delivered")
-            self.metrics.webhook_posts.labels("delivered").inc()
-        recording = defer.ensureDeferred(self._record(outcome))
-        self._slot_freed(post.endpoint_id)
-        await recording
+            self._failing[post.endpoint_id] = self._failing.get(post.endpoint_id, 0) + 1
+            return self._failed(post, str(failure))
+        self._failing.pop(post.endpoint_id, None)
+        self.metrics.webhook_posts.labels("delivered").inc()
+        return PostOutcome(post.id, post.attempt, "delivered")
 
     def _failed(self, post: ClaimedPost, error: str) -> PostOutcome:
         """The outcome of a failed attempt, logged once."""
@@ -222,13 +270,14 @@ class WebhookDispatcher:
         return PostOutcome(post.id, post.attempt, "pending", again, error)
 
     async def _record(self, outcome: PostOutcome) -> None:
-        """Write the outcome; if the database cannot take it, the lease runs out and the
-        post is tried again (a receiver may then see it twice: the webhook id says so)."""
+        """Write the outcome, again after a second if the database could not take it
+        (out of reach, a deadlock); if it still cannot, the lease runs out and the post
+        is tried again (a receiver may then see it twice: the webhook id says so)."""
         for _ in range(RECORD_TRIES):
             try:
                 await self.queue.record(outcome)
                 return
-            except DatabaseUnavailable:
+            except TransientDatabaseError:
                 await Nap(self.clock).take(1.0)
             except Exception:
                 self.log.failure("webhook outcome not recorded", Failure(), LogLevel.error)

@@ -43,3 +43,7 @@ CREATE TRIGGER events_webhook_outbox AFTER INSERT ON events
 -- down, by id.
 CREATE INDEX webhook_deliveries_pending_id_idx ON webhook_deliveries (endpoint_id, id)
     WHERE state = 'pending';
+
+-- Posts given up are kept a week for the operator (their last error), then deleted.
+CREATE INDEX webhook_deliveries_failed_idx ON webhook_deliveries (last_attempt_at)
+    WHERE state = 'failed';
