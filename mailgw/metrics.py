@@ -55,7 +55,8 @@ class QueueDepth:
     # Seconds since the earliest due delivery became due (0 when none is due): how far
     # behind the queue runners are.
     oldest_due_seconds: float
-    # Webhook posts waiting (W-2): queued, to be retried, or being posted.
+    # Webhook posts waiting (W-2): events not yet fed (webhook_outbox), posts queued,
+    # to be retried, or being posted.
     webhooks_pending: int = 0
 
 
@@ -176,7 +177,8 @@ class _QueueCollector:
                                 "Seconds since the earliest due delivery became due (0: "
                                 "none is due)", value=depth.oldest_due_seconds)
         yield GaugeMetricFamily("mailgw_webhook_queue_pending", "Webhook posts waiting: "
-                                "queued, to be retried or being posted",
+                                "events not yet fed, posts queued, to be retried or being "
+                                "posted",
                                 value=depth.webhooks_pending)
 
 

@@ -422,6 +422,7 @@ async def _depth_txn(cursor) -> QueueDepth:
         "  coalesce(lease_expires_at > now(), false) AS sending FROM deliveries"
         "  WHERE state IN ('queued', 'deferred')) d")
     sending, held, queued, deferred, oldest = cursor.fetchone()
-    await cursor.execute("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+    await cursor.execute("SELECT (SELECT count(*) FROM webhook_deliveries"
+                         "  WHERE state = 'pending') + (SELECT count(*) FROM webhook_outbox)")
     return QueueDepth({"queued": queued, "deferred": deferred, "sending": sending,
                        "held": held}, oldest, cursor.fetchone()[0])

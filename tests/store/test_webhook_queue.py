@@ -180,3 +180,16 @@ class WebhookQueueTests(DatabaseTestCase):
         self.assertEqual(await self.sql("SELECT state FROM webhook_deliveries"), [("failed",)])
         await self.queue.feed(100, echo, NOW + FAILED_KEPT + timedelta(seconds=1), 100)
         self.assertEqual(await self.sql("SELECT state FROM webhook_deliveries"), [])
+
+    async def test_depth_counts_events_not_yet_fed_and_posts_waiting(self):
+        """/metrics' mailgw_webhook_queue_pending: a backlog shows before the feed runs
+        (no node with webhooks enabled), and until each post is answered."""
+        await self.endpoint("sent")
+        for _ in range(2):
+            await self.record(EventType.SENT)
+        self.assertEqual((await self.stores.queue_admin.depth()).webhooks_pending, 2)
+        await self.queue.feed(100, echo, NOW, 100)
+        self.assertEqual((await self.stores.queue_admin.depth()).webhooks_pending, 2)
+        first, _ = await self.queue.claim(NOW, LATER, 100, 10, {})
+        await self.queue.record(PostOutcome(first.id, 1, "delivered"))
+        self.assertEqual((await self.stores.queue_admin.depth()).webhooks_pending, 1)
