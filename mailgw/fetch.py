@@ -20,15 +20,17 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import treq
 from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.protocol import connectionDone
 from twisted.names import dns
 from twisted.names import error as dns_error
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -41,6 +43,7 @@ _MIME_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}"
 _DATA_URI = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
+T = TypeVar("T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -125,22 +128,10 @@ class ContentFetcher:
         """The content at `url`; FetchRefused says why not."""
         if url[:5].lower() == "data:":
             return decode_data_uri(url, self.max_bytes)
-        timed_out = []
-
-        def cancelled(result, timeout):
-            timed_out.append(timeout)
-            return result
-
-        d = defer.ensureDeferred(self._fetch(url))
-        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=cancelled)
         try:
-            return await d
-        except Exception:
-            # Cancelled wherever it was (a lookup, a connection, the body), and said so
-            # by whichever layer that was: the time limit is the reason.
-            if timed_out:
-                raise FetchRefused(f"no answer within {self.timeout:g} s") from None
-            raise
+            return await within(self._fetch(url), self.timeout, self.reactor)
+        except TimedOut:
+            raise FetchRefused(f"no answer within {self.timeout:g} s") from None
 
     async def _fetch(self, url: str) -> Fetched:
         for _ in range(MAX_REDIRECTS + 1):
@@ -209,23 +200,12 @@ class ContentFetcher:
         if declared.isdigit() and int(declared) > self.max_bytes:
             await discard_body(response)
             raise FetchRefused(f"larger than {self.max_bytes} bytes")
-        chunks: list[bytes] = []
-        received = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal received
-            received += len(data)
-            if received > self.max_bytes:
-                raise FetchRefused(f"larger than {self.max_bytes} bytes")
-            chunks.append(data)
-
         try:
-            await treq.collect(response, collect)
-        except FetchRefused:
-            raise
+            return await read_body(response, self.max_bytes)
+        except BodyTooLarge:
+            raise FetchRefused(f"larger than {self.max_bytes} bytes") from None
         except Exception as error:
             raise FetchRefused(f"the download broke off: {error_reason(error)}") from None
-        return b"".join(chunks)
 
 
 def _checked_url(url: str):
@@ -239,6 +219,70 @@ def _checked_url(url: str):
     if not parts.hostname:
         raise FetchRefused(f"no host in {url[:80]!a}")
     return parts
+
+
+class TimedOut(Exception):
+    """`within`'s time limit passed."""
+
+
+async def within(work: Coroutine[Any, Any, T], seconds: float, clock) -> T:
+    """`work`'s result, or TimedOut once `seconds` pass: the work is cancelled wherever
+    it is (a lookup, a connection, a body being read), and whichever layer that was
+    says so in its own words; the time limit is the reason, and TimedOut says it."""
+    timed_out = []
+    d = defer.ensureDeferred(work)
+    d.addTimeout(seconds, clock,
+                 onTimeoutCancel=lambda result, _: timed_out.append(True) or result)
+    try:
+        return await d
+    except Exception:
+        if timed_out:
+            raise TimedOut(seconds) from None
+        raise
+
+
+class BodyTooLarge(Exception):
+    """The body went past the bound `read_body` was given; its connection is closed."""
+
+
+async def read_body(response, max_bytes: int) -> bytes:
+    """A response's body, at most `max_bytes` of it (BodyTooLarge past that). Cancelling
+    the read (a time limit) closes the connection, so a server that sends its body a
+    byte at a time keeps no socket past the limit (treq.collect's read cannot be
+    cancelled)."""
+    reader = _BoundedBody(max_bytes)
+    response.deliverBody(reader)
+    return await reader.done
+
+
+class _BoundedBody(protocol.Protocol):
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.done: defer.Deferred[bytes] = defer.Deferred(canceller=self._close)
+
+    def _close(self, _: defer.Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.done.called:
+            return
+        self.received += len(data)
+        if self.received > self.max_bytes:
+            self.transport.stopProducing()
+            self.done.errback(BodyTooLarge(self.max_bytes))
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason=connectionDone) -> None:  # noqa: N802 - Twisted's name
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
 
 
 async def discard_body(response) -> None:

@@ -8,13 +8,15 @@ from twisted.web import resource, server
 
 from mailgw.fetch import MAX_REDIRECTS, ContentFetcher, FetchRefused, decode_data_uri
 from tests.dns_server import LocalDNS
+from tests.harness import until
 
 GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01"
 
 
 class Files(resource.Resource):
     """/file.gif, /big (declared length), /stream (chunked, no length), /hop/<n> (a chain
-    of n redirects to /file.gif), /hang (never answers), /missing (404)."""
+    of n redirects to /file.gif), /hang (never answers), /trickle (one byte of a body,
+    then nothing), /missing (404)."""
 
     isLeaf = True
 
@@ -47,6 +49,10 @@ class Files(resource.Resource):
             request.setHeader(b"location", self.away)
             return b""
         if path == b"/hang":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        if path == b"/trickle":  # a body begun and never finished
+            request.write(b"y")
             self.hanging.append(request)
             return server.NOT_DONE_YET
         request.setResponseCode(404)
@@ -123,6 +129,16 @@ class FetcherTests(unittest.TestCase):
                          "no answer within 0.2 s")
         for request in self.files.hanging:
             request.finish()
+
+    async def test_time_limit_in_the_body_closes_the_connection(self):
+        """A server that sends its body a byte at a time keeps no socket past the limit."""
+        fetcher = self.fetcher(["127.0.0.0/8"], 53, timeout=0.2)
+        self.assertEqual(await self.refused(fetcher, self.url("/trickle", "127.0.0.1")),
+                         "no answer within 0.2 s")
+        [request] = self.files.hanging
+        lost = []
+        request.notifyFinish().addBoth(lost.append)
+        await until(lambda: lost, "the server to see the connection go")
 
     async def test_schemes_names_and_answers(self):
         for url in ("ftp://files.example/x", "file:///etc/passwd", "gopher://x", "http:///x",

@@ -110,8 +110,9 @@ class PosterTests(unittest.TestCase):
         """A 200 whose body comes a byte at a time: refused at the time limit, and the
         socket closed then, not kept for as long as the receiver likes."""
         reading = []
-        read = poster._read_bounded
-        self.patch(poster, "_read_bounded", lambda response: reading.append(1) or read(response))
+        read = poster.read_body
+        self.patch(poster, "read_body",
+                   lambda response, limit: reading.append(1) or read(response, limit))
         receiver = Receiver(hang=True)
         d = defer.ensureDeferred(self.refused(self.serve(receiver)))
         await until(lambda: receiver.waiting, "the request to arrive")

@@ -17,10 +17,16 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import treq
-from twisted.internet import defer, protocol, ssl
+from twisted.internet import defer, ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from mailgw.fetch import discard_body, error_reason
+from mailgw.fetch import (
+    TimedOut,
+    discard_body,
+    error_reason,
+    read_body,
+    within,
+)
 
 # An answer's body is read up to this; a receiver has nothing to say to mailgw.
 MAX_ANSWER_BYTES = 64 * 1024
@@ -53,17 +59,13 @@ class WebhookPoster:
         if parts.scheme == "http" and parts.hostname not in self.allow_http_hosts:
             raise PostFailed(f"plain http to {parts.hostname} is not allowed "
                              "(webhooks.allow_http_hosts)")
-        timed_out = []
-        d = defer.ensureDeferred(self._post(url, body, headers))
-        d.addTimeout(self.timeout, self.clock,
-                     onTimeoutCancel=lambda result, _: timed_out.append(True) or result)
         try:
-            await d
+            await within(self._post(url, body, headers), self.timeout, self.clock)
+        except TimedOut:
+            raise PostFailed(f"no answer within {self.timeout:g} s") from None
         except PostFailed:
             raise
         except Exception as error:
-            if timed_out:
-                raise PostFailed(f"no answer within {self.timeout:g} s") from None
             raise PostFailed(error_reason(error)) from None
 
     async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> None:
@@ -76,38 +78,15 @@ class WebhookPoster:
             location = response.headers.getRawHeaders(b"location", [b""])[0]
             raise PostFailed(f"answered {response.code}, a redirect to "
                              f"{location[:100].decode('latin-1')!a} (not followed)")
-        await _read_bounded(response)
+        # Read to keep the connection, unless longer than anyone needs.
+        try:
+            await read_body(response, MAX_ANSWER_BYTES)
+        except defer.CancelledError:
+            raise  # the time limit
+        except Exception:
+            pass  # too long, or cut off: the connection is gone, and the status decides
         if not 200 <= response.code < 300:
             raise PostFailed(f"answered {response.code}")
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
-
-
-async def _read_bounded(response) -> None:
-    """Read the answer (to keep the connection) unless it is longer than anyone needs.
-    A time limit that cancels the read closes the connection: a receiver that sends
-    its answer a byte at a time keeps no socket past the attempt."""
-    reader = _BoundedReader()
-    response.deliverBody(reader)
-    await reader.done
-
-
-class _BoundedReader(protocol.Protocol):
-    def __init__(self) -> None:
-        self.received = 0
-        self.done: defer.Deferred[None] = defer.Deferred(canceller=self._abort)
-
-    def _abort(self, _: defer.Deferred) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
-        self.received += len(data)
-        if self.received > MAX_ANSWER_BYTES and not self.done.called:
-            self.transport.stopProducing()  # the connection is closed; the status decides
-            self.done.callback(None)
-
-    def connectionLost(self, reason=None) -> None:  # noqa: N802 - Twisted's name
-        if not self.done.called:
-            self.done.callback(None)
