@@ -47,6 +47,7 @@ from mailgw.store.queue_admin import (
 from mailgw.store.statistics import COUNTERS, account_zone, time_range
 from mailgw.store.suppressions import SuppressionFilter
 from mailgw.store.templates import Template
+from mailgw.store.webhooks import WEBHOOK_NAMES
 from mailgw.tlscert import ensure_self_signed
 
 DEMO_ACCOUNT = "demo"
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = webhook.add_parser("add", help="add an endpoint (its signing secret shown once)")
     add.add_argument("account")
     add.add_argument("url")
-    add.add_argument("--events", default="sent,click,complaint,open,unsubscribed,bounce",
+    add.add_argument("--events", default=",".join(WEBHOOK_NAMES),
                      help="comma-separated event types (default: every W-1 type)")
     listing = webhook.add_parser("list", help="list an account's endpoints: id, URL, event "
                                  "types, posts dropped past the queue cap")

@@ -14,7 +14,7 @@ stays, `failed`, with its last error. Times come from the caller's clock (the te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -121,9 +121,6 @@ class WebhookQueueStore:
         after the lease ran out."""
         return await self.committer.run("record_webhook_outcomes", _record_txn, outcome)
 
-    async def pending(self, endpoint_id: int) -> int:
-        return await self.db.run_interaction("pending_webhooks", _pending_txn, endpoint_id)
-
 
 # Posts given up are kept this long (their last error, for the operator), then
 # deleted a batch at a time by the feed.
@@ -148,7 +145,8 @@ _TAKE_OUTBOX = (
     "  RETURNING o.event_id)"
     " SELECT e.id, e.type, e.details, e.occurred_at, e.account_id, a.timezone,"
     "  e.recipient, e.contact_id, s.origin, m.message_uid, d.msgid::text,"
-    "  coalesce(m.subject, s.subject), m.sender, host(m.client_ip), m.custom_headers,"
+    "  coalesce(m.subject, s.subject), m.sender, host(m.client_ip),"
+    "  coalesce(m.custom_headers, '{}'),"
     "  c.numid, c.name, c.subject, e.machine"
     " FROM taken t JOIN events e ON e.id = t.event_id JOIN accounts a ON a.id = e.account_id"
     " LEFT JOIN deliveries d ON d.id = e.delivery_id"
@@ -198,7 +196,8 @@ async def _feed_txn(cursor, limit: int, project: Projection, now: datetime,
     rows = cursor.fetchall()
     if not rows:
         return Fed(0, 0, {})
-    events = [(row[0], _facts(row[1:])) for row in rows]
+    # The columns are EventFacts' fields, in order.
+    events = [(row[0], EventFacts(EventType(row[1]), *row[2:])) for row in rows]
     await cursor.execute(
         "SELECT id, account_id, event_types FROM webhook_endpoints"
         " WHERE active AND account_id = ANY(%s) ORDER BY id",
@@ -218,16 +217,6 @@ async def _feed_txn(cursor, limit: int, project: Projection, now: datetime,
     await cursor.execute(_DROP_PAST_CAP, {"cap": cap,
                                           "endpoints": sorted({p[0] for p in posts})})
     return Fed(len(events), len(posts), dict(cursor.fetchall()))
-
-
-def _facts(row: Sequence[Any]) -> EventFacts:
-    (type_, details, occurred_at, account_id, timezone, recipient, contact_id, origin,
-     message_uid, api_msgid, subject, sender, client_ip, custom_headers, campaign_numid,
-     campaign_name, campaign_subject, machine) = row
-    return EventFacts(EventType(type_), details, occurred_at, account_id, timezone,
-                      recipient, contact_id, origin, message_uid, api_msgid, subject, sender,
-                      client_ip, custom_headers or {}, campaign_numid, campaign_name,
-                      campaign_subject, machine)
 
 
 # Each active endpoint's due posts, oldest due first, as many as it has room for here;
@@ -290,8 +279,3 @@ async def _record_txn(cursor, outcomes: list[PostOutcome]) -> list[bool]:
     written = {row[0] for row in cursor.fetchall()}
     return [o.id in written for o in outcomes]
 
-
-async def _pending_txn(cursor, endpoint_id: int) -> int:
-    await cursor.execute("SELECT count(*) FROM webhook_deliveries"
-                         " WHERE endpoint_id = %s AND state = 'pending'", (endpoint_id,))
-    return cursor.fetchone()[0]

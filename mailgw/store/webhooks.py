@@ -9,11 +9,12 @@ from datetime import datetime
 from mailgw.errors import NotFound
 from mailgw.store.database import Database
 
+# The webhooks an endpoint can ask for (W-1, the seed's "Enviar notificación en").
+WEBHOOK_NAMES = ("sent", "click", "complaint", "open", "unsubscribed", "bounce")
 # The event types an endpoint may ask for: W-1's names, and E-1's for mailgw's own use
 # (the CHECK of webhook_endpoints.event_types lists the same).
-WEBHOOK_EVENT_TYPES = ("sent", "click", "complaint", "open", "unsubscribed", "bounce",
-                       "queued", "deferred", "bounced", "not_sent", "resubscribed",
-                       "invalidated", "revalidated")
+WEBHOOK_EVENT_TYPES = (*WEBHOOK_NAMES, "queued", "deferred", "bounced", "not_sent",
+                       "resubscribed", "invalidated", "revalidated")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from mailgw.events.webhooks.payloads import WEBHOOK_NAMES, EventFacts, payload_for
+from mailgw.events.webhooks.payloads import EventFacts, payload_for
 from mailgw.http.tracking import ONE_CLICK_REASON
 from mailgw.inbound.processor import MAILTO_REASON
 from mailgw.store.events import EventType
-from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES
+from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES, WEBHOOK_NAMES
 
 # 2020-10-02 23:03:16 UTC, 18:03:16 in Bogota (GMT-5), as the seed's complaint example.
 MOMENT = datetime(2020, 10, 2, 23, 3, 16, tzinfo=UTC)

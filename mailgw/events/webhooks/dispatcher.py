@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -278,7 +278,7 @@ class WebhookDispatcher:
                 await self.queue.record(outcome)
                 return
             except TransientDatabaseError:
-                await Nap(self.clock).take(1.0)
+                await task.deferLater(self.clock, 1.0, lambda: None)
             except Exception:
                 self.log.failure("webhook outcome not recorded", Failure(), LogLevel.error)
                 return

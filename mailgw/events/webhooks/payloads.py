@@ -37,9 +37,7 @@ from mailgw.store.events import EventType
 from mailgw.store.statistics import account_zone
 from mailgw.store.tracking import CATEGORY_UPDATE, DOMAIN_CANCELLED, DOMAIN_REACTIVATED
 from mailgw.store.webhook_queue import EventFacts
-
-# The webhooks an endpoint can ask for (W-1, the seed's "Enviar notificación en").
-WEBHOOK_NAMES = ("sent", "bounce", "click", "complaint", "open", "unsubscribed")
+from mailgw.store.webhooks import WEBHOOK_NAMES
 
 MARKETING, SMTP = "Email marketing", "SMTP"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
