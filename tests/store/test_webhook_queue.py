@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 from twisted.internet import defer
 
 from mailgw import admin
+from mailgw.events.webhooks.payloads import payload_for
 from mailgw.store.database import Database
 from mailgw.store.events import Event, EventType
 from mailgw.store.submissions import QueuedRecipient, SubmissionRecord
 from mailgw.store.webhook_queue import FAILED_KEPT, EventFacts, PostOutcome
+from mailgw.store.webhooks import WEBHOOK_EVENT_TYPES
 from tests.harness import DatabaseTestCase
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
@@ -193,3 +195,25 @@ class WebhookQueueTests(DatabaseTestCase):
         first, _ = await self.queue.claim(NOW, LATER, 100, 10, {})
         await self.queue.record(PostOutcome(first.id, 1, "delivered"))
         self.assertEqual((await self.stores.queue_admin.depth()).webhooks_pending, 1)
+
+    async def test_the_trigger_notes_every_event_the_projection_posts(self):
+        """The trigger's filter (SQL) and payload_for (Python) each say which events an
+        endpoint wants: whatever event types an endpoint asks for, no event that the
+        projection would post is left out of the outbox. (Only opens and clicks are
+        ever a machine's, T-6.)"""
+        cases = [(EventType.BOUNCED, {"type": "hard"}, False),
+                 (EventType.BOUNCED, {"type": "soft"}, False),
+                 *((type_, {}, False) for type_ in EventType if type_ != EventType.BOUNCED),
+                 (EventType.OPEN, {}, True), (EventType.CLICK, {}, True)]
+        for wanted in WEBHOOK_EVENT_TYPES:
+            account = (await self.stores.accounts.create_account(f"wants-{wanted}")).id
+            await self.endpoint(wanted, account=account)
+            events = [Event(account, type_, details, machine=machine)
+                      for type_, details, machine in cases]
+            ids = await self.stores.events.record_many(events)
+            noted = set(await self.outbox())
+            for event_id, event in zip(ids, events, strict=True):
+                facts = EventFacts(event.type, event.details, NOW, account, "America/Bogota",
+                                   machine=event.machine)
+                if payload_for(facts, [wanted]) is not None:
+                    self.assertIn(event_id, noted, (wanted, event))

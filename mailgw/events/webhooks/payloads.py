@@ -90,8 +90,6 @@ def own_payload(event: EventFacts) -> dict[str, Any]:
         payload["campid"] = str(event.campaign_numid)
     payload.update(msgid=message_id(event), email=event.recipient,
                    timestamp=timestamp(event))
-    if event.machine:
-        payload["machine"] = True
     payload["details"] = dict(event.details)
     return payload
 
